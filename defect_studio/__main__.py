@@ -1,0 +1,3 @@
+from defect_studio.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,28 @@
+"""`defect-studio bench [classifier|cams|full]`: benchmarks that print a table and save JSON + markdown."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from pathlib import Path
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    module = importlib.import_module(f"defect_studio.bench.{args.which}")
+    return int(module.main(args) or 0)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "bench", help="benchmarks on a dataset in the README layout",
+        description="classifier: candidate architectures; cams: every CAM method and ablation; "
+        "full (default): the whole weak loop against full supervision.",
+    )
+    parser.add_argument("which", nargs="?", choices=["classifier", "cams", "full"], default="full")
+    parser.add_argument("--dataset", type=Path, required=True, help="dataset folder (images/, labels.csv, ...)")
+    parser.add_argument("--quick", action="store_true", help="a small subset and few epochs (minutes)")
+    parser.add_argument("--out", type=Path, help="where to write the JSON and markdown tables")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--classifier", type=Path, help="reuse this classifier checkpoint instead of training one")
+    parser.add_argument("--json", action="store_true", help="print progress events as JSON lines")
+    parser.set_defaults(handler=run_bench)

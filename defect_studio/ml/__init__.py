@@ -1,0 +1,1 @@
+"""Machine learning: preprocessing, models, training, CAMs, pseudo-labels, metrics, export (no Qt)."""

@@ -1,0 +1,23 @@
+"""The project store (no Qt, no torch): SQLite state, images, tags, rounds, masks, training runs."""
+
+from defect_studio.project.store import (
+    LOCKED_STATES,
+    MASK_STATES,
+    TAGS,
+    ImageRecord,
+    MaskRecord,
+    Project,
+    RoundRecord,
+    TrainingRun,
+)
+
+__all__ = [
+    "LOCKED_STATES",
+    "MASK_STATES",
+    "TAGS",
+    "ImageRecord",
+    "MaskRecord",
+    "Project",
+    "RoundRecord",
+    "TrainingRun",
+]

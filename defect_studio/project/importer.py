@@ -1,0 +1,145 @@
+"""Importing an image folder into a project: recursive, every common format, tags from folder
+names or a CSV, duplicates counted once, unreadable files listed (never fatal), re-import safe."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Generator
+
+from defect_studio.dataset_layout import normalise_label, read_label_csv
+from defect_studio.errors import BadImageError, DataError
+from defect_studio.imageio import IMAGE_EXTENSIONS, decode_image, file_sha256, is_image_file
+from defect_studio.jobs import CancelToken, EtaClock, Progress
+from defect_studio.project.store import Project
+
+COMMIT_EVERY = 64  # images per transaction: a kill loses at most one batch, and re-import picks it up
+
+
+@dataclass
+class ImportReport:
+    found: int = 0
+    added: int = 0
+    already_known: int = 0
+    duplicates: list[tuple[str, str]] = field(default_factory=list)  # (file, same content as)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, reason)
+    tagged: dict[str, int] = field(default_factory=lambda: {"folder": 0, "csv": 0})
+    retagged_untagged: int = 0
+
+    def lines(self) -> list[str]:
+        out = [
+            f"{self.found} image files found: {self.added} added, {self.already_known} already in the project, "
+            f"{len(self.duplicates)} duplicates, {len(self.skipped)} skipped.",
+            f"tags taken from folder names: {self.tagged['folder']}, from the CSV: {self.tagged['csv']}.",
+        ]
+        for path, same_as in self.duplicates[:20]:
+            out.append(f"  duplicate: {path} (same content as {same_as})")
+        for path, reason in self.skipped:
+            out.append(f"  skipped: {path}: {reason}")
+        return out
+
+
+def find_image_files(root: Path, exclude: Path | None = None) -> list[Path]:
+    """Image files under root, sorted; hidden folders, the project folder and symlinked folders
+    (which could loop) are not entered."""
+    files: list[Path] = []
+    exclude_resolved = exclude.resolve() if exclude is not None else None
+    for folder, subfolders, names in os.walk(root, followlinks=False):
+        here = Path(folder)
+        subfolders[:] = sorted(
+            name for name in subfolders
+            if not name.startswith(".") and (exclude_resolved is None or (here / name).resolve() != exclude_resolved)
+        )
+        files.extend(here / name for name in sorted(names) if not name.startswith(".") and is_image_file(name))
+    return files
+
+
+def tag_from_folders(rel_path: Path) -> str | None:
+    """The nearest enclosing folder named like a tag (good/ok/normal, defect/ng/bad...) decides."""
+    for part in reversed(rel_path.parts[:-1]):
+        label = normalise_label(part)
+        if label is not None:
+            return label
+    return None
+
+
+def read_import_labels(labels_csv: Path, stems: set[str]) -> dict[str, str]:
+    """The CSV's tags, checked: unknown labels or stems that match no image are refused up front."""
+    labels, problems = read_label_csv(labels_csv)
+    unknown_stems = sorted(set(labels) - stems)
+    if unknown_stems:
+        problems.append(
+            f"{len(unknown_stems)} stems match no image in the folder, e.g. {', '.join(unknown_stems[:5])}"
+        )
+    if problems:
+        raise DataError(f"{labels_csv}: " + "; ".join(problems[:8]) + ". Nothing was imported.")
+    return labels
+
+
+def import_job(project: Project, images_dir: str | os.PathLike[str], labels_csv: str | os.PathLike[str] | None,
+               cancel: CancelToken) -> Generator[Progress, None, ImportReport]:
+    root = Path(images_dir)
+    if not root.is_dir():
+        raise DataError(f"{root}: no such folder.")
+    if root.resolve() != project.image_root.resolve():
+        raise DataError(f"this project's images are in {project.image_root}, not {root}.")
+    yield Progress("scan", 0, None, f"looking for images in {root}")
+    files = find_image_files(root, exclude=project.path)
+    if not files:
+        raise DataError(
+            f"{root}: no images found (looked for {', '.join(sorted(IMAGE_EXTENSIONS))} in all sub-folders)."
+        )
+    labels = read_import_labels(Path(labels_csv), {f.stem for f in files}) if labels_csv else {}
+    report = ImportReport(found=len(files))
+    clock = EtaClock(len(files))
+    pending: list[dict] = []
+    pending_hashes: dict[str, str] = {}
+    retag: dict[str, list[int]] = {"good": [], "defect": []}
+    retag_source: dict[str, str] = {}
+    untagged_ids = {record.rel_path: record.id for record in project.images("untagged")}
+
+    def flush() -> None:
+        if pending:
+            project.add_images(pending)
+            report.added += len(pending)
+            pending.clear()
+            pending_hashes.clear()
+
+    for done, path in enumerate(files, start=1):
+        cancel.raise_if_cancelled()
+        rel_path = path.relative_to(root).as_posix()
+        tag, source = (labels.get(path.stem), "csv") if path.stem in labels else (tag_from_folders(Path(rel_path)), "folder")
+        if project.has_image_path(rel_path):
+            report.already_known += 1
+            if tag and rel_path in untagged_ids:  # re-import keeps tags; only untagged images get one
+                retag[tag].append(untagged_ids[rel_path])
+                retag_source[tag] = source
+                report.retagged_untagged += 1
+        else:
+            try:
+                _, info = decode_image(path)
+                sha256 = file_sha256(path)
+            except (BadImageError, OSError) as error:
+                report.skipped.append((rel_path, str(error).split(": ", 1)[-1]))
+            else:
+                known_id = project.image_id_by_hash(sha256)
+                if known_id is not None:
+                    report.duplicates.append((rel_path, project.image(known_id).rel_path))
+                elif sha256 in pending_hashes:
+                    report.duplicates.append((rel_path, pending_hashes[sha256]))
+                else:
+                    pending_hashes[sha256] = rel_path
+                    pending.append({"rel_path": rel_path, "sha256": sha256, "width": info.width, "height": info.height,
+                                    "channels": info.channels, "bit_depth": info.bit_depth, "tag": tag, "tag_source": source})
+                    if tag:
+                        report.tagged[source] += 1
+        if len(pending) >= COMMIT_EVERY:
+            flush()
+        if done % 16 == 0 or done == len(files):
+            yield clock.progress("import", done, rel_path, {"added": report.added + len(pending), "skipped": len(report.skipped)})
+    flush()
+    for tag, ids in retag.items():
+        if ids:
+            project.set_tags(ids, tag, source=retag_source[tag])
+    return report

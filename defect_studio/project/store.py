@@ -1,0 +1,642 @@
+"""The project store: one folder with `project.sqlite` (WAL) and plain files beside it.
+
+    <project>/project.sqlite          images, tags, rounds, masks, training runs (schema.py)
+    <project>/project.lock            who has the project open (lock.py)
+    <project>/masks/round-<k>/<stem>.png            the round's mask, 0 background / 255 defect
+    <project>/masks/round-<k>/proposed/<stem>.png   the proposal as made, kept for "revert"
+    <project>/models/                 state_dict checkpoints
+    <project>/cache/                  derived data that can always be recomputed (CAMs, thumbnails)
+
+Every file is written atomically before the database row that points at it is committed, so a
+row never points at a half-written file. A mask the user accepted or edited is never replaced.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+import threading
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+
+from defect_studio.atomic import remove_stale_temporaries
+from defect_studio.errors import ProjectError
+from defect_studio.imageio import file_sha256, read_mask, write_mask
+from defect_studio.project.lock import ProjectLock
+from defect_studio.project.schema import LATEST_VERSION, migrate
+
+log = logging.getLogger(__name__)
+
+DB_NAME = "project.sqlite"
+TAGS = ("good", "defect", "untagged")
+TAG_SOURCES = ("user", "folder", "csv", "import")
+MASK_STATES = ("proposed", "accepted", "rejected", "edited")
+LOCKED_STATES = ("accepted", "edited")  # the user's word is final: never overwritten by a later round
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    id: int
+    rel_path: str
+    stem: str
+    path: Path  # absolute
+    sha256: str
+    width: int
+    height: int
+    channels: int
+    bit_depth: int
+    tag: str
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    index: int
+    created_at: str
+    status: str
+    config: dict
+    metrics: dict
+
+
+@dataclass(frozen=True)
+class MaskRecord:
+    image_id: int
+    round_index: int
+    path: Path  # absolute
+    state: str
+    source: str
+    params: dict
+    flagged: bool
+    sha256: str
+    updated_at: str
+
+
+@dataclass(frozen=True)
+class TrainingRun:
+    id: int
+    kind: str
+    created_at: str
+    config: dict
+    seed: int
+    metrics: dict
+    checkpoint_path: Path  # absolute
+    checkpoint_sha256: str
+    round_index: int | None
+    dataset_hashes: tuple[str, ...]
+
+
+class Project:
+    """An open project. Thread-safe: the GUI thread and one worker thread may share it."""
+
+    def __init__(self, path: Path, connection: sqlite3.Connection, lock: ProjectLock) -> None:
+        self.path = path
+        self._db = connection
+        self._lock = lock
+        self._mutex = threading.RLock()
+        self.took_over_stale_lock = lock.took_over_from
+        self.image_root = self._resolve_image_root()
+
+    # ----------------------------------------------------------------- opening and closing
+    @classmethod
+    def create(cls, project_dir: str | os.PathLike[str], image_root: str | os.PathLike[str]) -> "Project":
+        project_dir = Path(project_dir).absolute()
+        image_root = Path(image_root).absolute()
+        if not image_root.is_dir():
+            raise ProjectError(f"{image_root}: no such image folder.")
+        if (project_dir / DB_NAME).exists():
+            raise ProjectError(f"{project_dir} already holds a project; open it instead.")
+        try:
+            project_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise ProjectError(f"{project_dir}: cannot create the project folder ({error.strerror or error}).") from error
+        project = cls._open(project_dir, creating=True)
+        try:
+            relative = os.path.relpath(image_root, project_dir)
+        except ValueError:  # different drives on Windows
+            relative = str(image_root)
+        with project._transaction() as db:
+            db.execute("INSERT INTO meta(key, value) VALUES ('image_root', ?)", (relative,))
+            db.execute("INSERT INTO meta(key, value) VALUES ('created_at', ?)", (utc_now(),))
+        project.image_root = project._resolve_image_root()
+        return project
+
+    @classmethod
+    def open(cls, project_dir: str | os.PathLike[str]) -> "Project":
+        project_dir = Path(project_dir).absolute()
+        if not (project_dir / DB_NAME).is_file():
+            raise ProjectError(f"{project_dir}: not a defect-studio project (no {DB_NAME}).")
+        return cls._open(project_dir, creating=False)
+
+    @classmethod
+    def open_or_create(cls, project_dir: str | os.PathLike[str], image_root: str | os.PathLike[str]) -> "Project":
+        if (Path(project_dir) / DB_NAME).is_file():
+            project = cls.open(project_dir)
+            if project.image_root.resolve() != Path(image_root).resolve():
+                project.close()
+                raise ProjectError(
+                    f"{project_dir} is a project of the images in {project.image_root}, not {image_root}."
+                )
+            return project
+        return cls.create(project_dir, image_root)
+
+    @classmethod
+    def _open(cls, project_dir: Path, creating: bool) -> "Project":
+        lock = ProjectLock(project_dir)
+        lock.acquire()
+        try:
+            connection = sqlite3.connect(
+                project_dir / DB_NAME, isolation_level=None, check_same_thread=False, timeout=10.0
+            )
+            try:
+                connection.execute("PRAGMA journal_mode=WAL")
+                connection.execute("PRAGMA synchronous=FULL")
+                connection.execute("PRAGMA foreign_keys=ON")
+                if not creating:
+                    status = connection.execute("PRAGMA quick_check").fetchone()[0]
+                    if status != "ok":
+                        raise ProjectError(f"{project_dir / DB_NAME} is damaged ({status}).")
+                migrate(connection)
+            except sqlite3.DatabaseError as error:
+                connection.close()
+                raise ProjectError(f"{project_dir / DB_NAME}: cannot open the project database ({error}).") from error
+            except BaseException:
+                connection.close()
+                raise
+        except BaseException:
+            lock.release()
+            raise
+        if lock.took_over_from:
+            log.warning("took over the lock of %s, which had stopped without closing the project", lock.took_over_from)
+        for folder in ("masks", "models", "cache"):
+            remove_stale_temporaries(project_dir / folder)
+        return cls(project_dir, connection, lock)
+
+    def close(self) -> None:
+        with self._mutex:
+            if self._db is None:
+                return
+            try:
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error:
+                pass
+            self._db.close()
+            self._db = None  # type: ignore[assignment]
+            self._lock.release()
+
+    @property
+    def closed(self) -> bool:
+        return self._db is None
+
+    def __enter__(self) -> "Project":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Project({str(self.path)!r})"
+
+    # ----------------------------------------------------------------- plumbing
+    class _Transaction:
+        def __init__(self, project: "Project") -> None:
+            self.project = project
+
+        def __enter__(self) -> sqlite3.Connection:
+            self.project._mutex.acquire()
+            if self.project._db is None:
+                self.project._mutex.release()
+                raise ProjectError("the project is closed.")
+            self.project._db.execute("BEGIN IMMEDIATE")
+            return self.project._db
+
+        def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+            try:
+                self.project._db.execute("COMMIT" if exc_type is None else "ROLLBACK")
+            finally:
+                self.project._mutex.release()
+
+    def _transaction(self) -> "_Transaction":
+        return Project._Transaction(self)
+
+    def _query(self, sql: str, parameters: Iterable[Any] = ()) -> list[sqlite3.Row]:
+        with self._mutex:
+            if self._db is None:
+                raise ProjectError("the project is closed.")
+            cursor = self._db.execute(sql, tuple(parameters))
+            return cursor.fetchall()
+
+    def _resolve_image_root(self) -> Path:
+        rows = self._query("SELECT value FROM meta WHERE key='image_root'")
+        if not rows:
+            return self.path
+        root = Path(rows[0][0])
+        return (root if root.is_absolute() else self.path / root).resolve()
+
+    @property
+    def models_dir(self) -> Path:
+        return self.path / "models"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.path / "cache"
+
+    @property
+    def masks_dir(self) -> Path:
+        return self.path / "masks"
+
+    def round_dir(self, round_index: int) -> Path:
+        return self.masks_dir / f"round-{round_index}"
+
+    @property
+    def schema_version(self) -> int:
+        return int(self._query("SELECT value FROM meta WHERE key='schema_version'")[0][0])
+
+    # ----------------------------------------------------------------- settings
+    def get_setting(self, key: str, default: Any = None) -> Any:
+        rows = self._query("SELECT value FROM settings WHERE key=?", (key,))
+        return json.loads(rows[0][0]) if rows else default
+
+    def set_setting(self, key: str, value: Any) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO settings(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                (key, json.dumps(value)),
+            )
+
+    # ----------------------------------------------------------------- images and tags
+    _IMAGE_COLUMNS = "id, rel_path, stem, sha256, width, height, channels, bit_depth, tag"
+
+    def _image(self, row: sqlite3.Row) -> ImageRecord:
+        image_id, rel_path, stem, sha256, width, height, channels, bit_depth, tag = row
+        return ImageRecord(image_id, rel_path, stem, self.image_root / rel_path, sha256, width, height, channels, bit_depth, tag)
+
+    def images(self, tag: str | None = None) -> list[ImageRecord]:
+        if tag is not None and tag not in TAGS:
+            raise ValueError(f"tag must be one of {TAGS}, got {tag!r}")
+        if tag is None:
+            rows = self._query(f"SELECT {self._IMAGE_COLUMNS} FROM images ORDER BY rel_path")
+        else:
+            rows = self._query(f"SELECT {self._IMAGE_COLUMNS} FROM images WHERE tag=? ORDER BY rel_path", (tag,))
+        return [self._image(row) for row in rows]
+
+    def image(self, image_id: int) -> ImageRecord:
+        rows = self._query(f"SELECT {self._IMAGE_COLUMNS} FROM images WHERE id=?", (image_id,))
+        if not rows:
+            raise ProjectError(f"no image with id {image_id} in this project.")
+        return self._image(rows[0])
+
+    def find_images(self, names: Iterable[str]) -> list[ImageRecord]:
+        """Images by id, stem or relative path; a clear error lists the names that match nothing."""
+        by_key: dict[str, ImageRecord] = {}
+        for record in self.images():
+            by_key[str(record.id)] = record
+            by_key[record.stem] = record
+            by_key[record.rel_path] = record
+        found, unknown = [], []
+        for name in names:
+            record = by_key.get(str(name).strip())
+            (found.append(record) if record else unknown.append(str(name)))
+        if unknown:
+            raise ProjectError(f"no such image in this project: {', '.join(unknown[:10])}" + (" ..." if len(unknown) > 10 else ""))
+        return found
+
+    def has_image_path(self, rel_path: str) -> bool:
+        return bool(self._query("SELECT 1 FROM images WHERE rel_path=?", (rel_path,)))
+
+    def image_id_by_hash(self, sha256: str) -> int | None:
+        rows = self._query("SELECT id FROM images WHERE sha256=?", (sha256,))
+        return int(rows[0][0]) if rows else None
+
+    def add_images(self, entries: Iterable[dict]) -> list[int]:
+        """Insert new images in one transaction. Each entry: rel_path, sha256, width, height,
+        channels, bit_depth, and optionally tag + tag_source. Stems are made unique here."""
+        ids = []
+        with self._transaction() as db:
+            taken = {row[0] for row in db.execute("SELECT stem FROM images")}
+            for entry in entries:
+                stem = _unique_stem(entry["rel_path"], taken)
+                taken.add(stem)
+                tag = entry.get("tag") or "untagged"
+                now = utc_now()
+                cursor = db.execute(
+                    "INSERT INTO images(rel_path, stem, sha256, width, height, channels, bit_depth, added_at, tag, tag_source, tagged_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (entry["rel_path"], stem, entry["sha256"], entry["width"], entry["height"], entry["channels"],
+                     entry["bit_depth"], now, tag, entry.get("tag_source") if tag != "untagged" else None,
+                     now if tag != "untagged" else None),
+                )
+                image_id = int(cursor.lastrowid)
+                ids.append(image_id)
+                if tag != "untagged":
+                    db.execute("INSERT INTO tag_events(image_id, tag, source, at) VALUES (?, ?, ?, ?)",
+                               (image_id, tag, entry.get("tag_source") or "import", now))
+        return ids
+
+    def set_tags(self, image_ids: Iterable[int], tag: str, source: str = "user") -> int:
+        """Tag images in one transaction (all or none); returns how many changed."""
+        if tag not in TAGS:
+            raise ValueError(f"tag must be one of {TAGS}, got {tag!r}")
+        if source not in TAG_SOURCES:
+            raise ValueError(f"source must be one of {TAG_SOURCES}, got {source!r}")
+        changed = 0
+        now = utc_now()
+        with self._transaction() as db:
+            for image_id in image_ids:
+                cursor = db.execute(
+                    "UPDATE images SET tag=?, tag_source=?, tagged_at=? WHERE id=? AND tag<>?",
+                    (tag, source, now, int(image_id), tag),
+                )
+                if cursor.rowcount:
+                    changed += 1
+                    db.execute("INSERT INTO tag_events(image_id, tag, source, at) VALUES (?, ?, ?, ?)",
+                               (int(image_id), tag, source, now))
+        return changed
+
+    def tag_history(self, image_id: int) -> list[tuple[str, str, str]]:
+        """(tag, source, time) oldest first."""
+        rows = self._query("SELECT tag, source, at FROM tag_events WHERE image_id=? ORDER BY id", (image_id,))
+        return [tuple(row) for row in rows]  # type: ignore[misc]
+
+    def tag_counts(self) -> dict[str, int]:
+        counts = {tag: 0 for tag in TAGS}
+        for tag, count in self._query("SELECT tag, COUNT(*) FROM images GROUP BY tag"):
+            counts[tag] = int(count)
+        return counts
+
+    # ----------------------------------------------------------------- rounds
+    def _round(self, row: sqlite3.Row) -> RoundRecord:
+        return RoundRecord(int(row[0]), row[1], row[2], json.loads(row[3]), json.loads(row[4]))
+
+    def rounds(self) -> list[RoundRecord]:
+        return [self._round(r) for r in self._query("SELECT idx, created_at, status, config, metrics FROM rounds ORDER BY idx")]
+
+    def round(self, index: int) -> RoundRecord:
+        rows = self._query("SELECT idx, created_at, status, config, metrics FROM rounds WHERE idx=?", (index,))
+        if not rows:
+            raise ProjectError(f"this project has no round {index}.")
+        return self._round(rows[0])
+
+    def create_round(self, config: dict | None = None) -> RoundRecord:
+        with self._transaction() as db:
+            (last,) = db.execute("SELECT MAX(idx) FROM rounds").fetchone()
+            index = 0 if last is None else int(last) + 1
+            db.execute("INSERT INTO rounds(idx, created_at, status, config) VALUES (?, ?, 'proposing', ?)",
+                       (index, utc_now(), json.dumps(config or {})))
+        return self.round(index)
+
+    def update_round(self, index: int, status: str | None = None, metrics: dict | None = None) -> RoundRecord:
+        """Set the status and/or merge `metrics` into the round's metrics."""
+        with self._transaction() as db:
+            row = db.execute("SELECT metrics FROM rounds WHERE idx=?", (index,)).fetchone()
+            if row is None:
+                raise ProjectError(f"this project has no round {index}.")
+            merged = {**json.loads(row[0]), **(metrics or {})}
+            db.execute("UPDATE rounds SET metrics=? WHERE idx=?", (json.dumps(merged, default=float), index))
+            if status is not None:
+                db.execute("UPDATE rounds SET status=? WHERE idx=?", (status, index))
+        return self.round(index)
+
+    # ----------------------------------------------------------------- masks
+    _MASK_COLUMNS = "image_id, round_idx, path, state, source, params, flagged, sha256, updated_at"
+
+    def _mask(self, row: sqlite3.Row) -> MaskRecord:
+        image_id, round_idx, path, state, source, params, flagged, sha256, updated_at = row
+        return MaskRecord(int(image_id), int(round_idx), self.path / path, state, source, json.loads(params),
+                          bool(flagged), sha256, updated_at)
+
+    def mask_record(self, image_id: int, round_index: int) -> MaskRecord | None:
+        rows = self._query(f"SELECT {self._MASK_COLUMNS} FROM masks WHERE image_id=? AND round_idx=?", (image_id, round_index))
+        return self._mask(rows[0]) if rows else None
+
+    def mask_records(self, round_index: int | None = None, state: str | None = None) -> list[MaskRecord]:
+        clauses, parameters = [], []
+        if round_index is not None:
+            clauses.append("round_idx=?")
+            parameters.append(round_index)
+        if state is not None:
+            clauses.append("state=?")
+            parameters.append(state)
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        rows = self._query(f"SELECT {self._MASK_COLUMNS} FROM masks {where} ORDER BY round_idx, image_id", parameters)
+        return [self._mask(row) for row in rows]
+
+    def locked_mask_before(self, image_id: int, round_index: int) -> MaskRecord | None:
+        """The latest accepted or edited mask of this image in an earlier round."""
+        rows = self._query(
+            f"SELECT {self._MASK_COLUMNS} FROM masks WHERE image_id=? AND round_idx<? AND state IN ('accepted','edited') "
+            "ORDER BY round_idx DESC LIMIT 1",
+            (image_id, round_index),
+        )
+        return self._mask(rows[0]) if rows else None
+
+    def mask_paths(self, image: ImageRecord, round_index: int) -> tuple[Path, Path]:
+        """(the round's mask, the proposal as made)."""
+        folder = self.round_dir(round_index)
+        return folder / f"{image.stem}.png", folder / "proposed" / f"{image.stem}.png"
+
+    def load_mask(self, record: MaskRecord) -> np.ndarray:
+        image = self.image(record.image_id)
+        return read_mask(record.path, (image.height, image.width))
+
+    def load_proposal(self, image_id: int, round_index: int) -> np.ndarray | None:
+        image = self.image(image_id)
+        _, proposal = self.mask_paths(image, round_index)
+        return read_mask(proposal, (image.height, image.width)) if proposal.is_file() else None
+
+    def _check_mask_shape(self, image: ImageRecord, mask: np.ndarray) -> np.ndarray:
+        mask = np.asarray(mask)
+        if mask.shape != (image.height, image.width):
+            raise ProjectError(
+                f"{image.stem}: the mask is {mask.shape[1] if mask.ndim > 1 else '?'} × {mask.shape[0]} "
+                f"but the image is {image.width} × {image.height}."
+            )
+        return mask > 0
+
+    def _write_mask_row(self, db: sqlite3.Connection, image_id: int, round_index: int, path: Path, state: str,
+                        source: str, params: dict, flagged: bool, sha256: str) -> None:
+        now = utc_now()
+        db.execute(
+            f"INSERT INTO masks({self._MASK_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT(image_id, round_idx) DO UPDATE SET path=excluded.path, state=excluded.state, "
+            "source=excluded.source, params=excluded.params, flagged=excluded.flagged, sha256=excluded.sha256, "
+            "updated_at=excluded.updated_at",
+            (image_id, round_index, str(path.relative_to(self.path)), state, source, json.dumps(params, default=float),
+             int(flagged), sha256, now),
+        )
+        db.execute("INSERT INTO mask_events(image_id, round_idx, state, source, sha256, at) VALUES (?, ?, ?, ?, ?, ?)",
+                   (image_id, round_index, state, source, sha256, now))
+
+    def save_mask_proposal(self, image_id: int, round_index: int, mask: np.ndarray, source: str,
+                           params: dict | None = None, flagged: bool = False) -> MaskRecord:
+        """Store a proposed mask for a round. The user's decisions are final: an image whose mask
+        was accepted or edited in an earlier round gets that mask carried forward, and one already
+        accepted or edited in this round keeps it; in both cases `mask` is ignored."""
+        self.round(round_index)
+        image = self.image(image_id)
+        existing = self.mask_record(image_id, round_index)
+        if existing is not None and existing.state in LOCKED_STATES:
+            return existing
+        target, proposal_path = self.mask_paths(image, round_index)
+        carried = self.locked_mask_before(image_id, round_index)
+        if carried is not None:
+            data = write_mask(target, self.load_mask(carried))
+            with self._transaction() as db:
+                self._write_mask_row(db, image_id, round_index, target, carried.state, carried.source,
+                                     {**carried.params, "carried_from_round": carried.round_index}, False,
+                                     _sha256_bytes(data))
+            return self.mask_record(image_id, round_index)  # type: ignore[return-value]
+        binary = self._check_mask_shape(image, mask)
+        write_mask(proposal_path, binary)
+        data = write_mask(target, binary)
+        with self._transaction() as db:
+            self._write_mask_row(db, image_id, round_index, target, "proposed", source, params or {}, flagged,
+                                 _sha256_bytes(data))
+        return self.mask_record(image_id, round_index)  # type: ignore[return-value]
+
+    def save_edited_mask(self, image_id: int, round_index: int, mask: np.ndarray) -> MaskRecord:
+        """The user's edit becomes the round's mask (state 'edited'); the proposal stays for revert."""
+        self.round(round_index)
+        image = self.image(image_id)
+        binary = self._check_mask_shape(image, mask)
+        target, _ = self.mask_paths(image, round_index)
+        previous = self.mask_record(image_id, round_index)
+        data = write_mask(target, binary)
+        params = dict(previous.params) if previous else {}
+        params["edited_from"] = previous.source if previous else None
+        with self._transaction() as db:
+            self._write_mask_row(db, image_id, round_index, target, "edited", "human-edit", params,
+                                 False, _sha256_bytes(data))
+        return self.mask_record(image_id, round_index)  # type: ignore[return-value]
+
+    def revert_to_proposal(self, image_id: int, round_index: int) -> MaskRecord:
+        """Undo a human edit: the proposal becomes the round's mask again, state 'proposed'."""
+        image = self.image(image_id)
+        record = self.mask_record(image_id, round_index)
+        proposal = self.load_proposal(image_id, round_index)
+        if record is None or proposal is None:
+            raise ProjectError(f"{image.stem} has no proposal in round {round_index} to revert to.")
+        target, _ = self.mask_paths(image, round_index)
+        data = write_mask(target, proposal)
+        source = record.params.get("edited_from") or record.source
+        params = {k: v for k, v in record.params.items() if k != "edited_from"}
+        with self._transaction() as db:
+            self._write_mask_row(db, image_id, round_index, target, "proposed", source, params, record.flagged,
+                                 _sha256_bytes(data))
+        return self.mask_record(image_id, round_index)  # type: ignore[return-value]
+
+    def review_mask(self, image_id: int, round_index: int, state: str) -> MaskRecord:
+        """Accept, reject, or put back to 'proposed' the round's mask of one image."""
+        if state not in ("accepted", "rejected", "proposed"):
+            raise ValueError(f"review state must be accepted, rejected or proposed, got {state!r}")
+        record = self.mask_record(image_id, round_index)
+        if record is None:
+            raise ProjectError(f"{self.image(image_id).stem} has no mask in round {round_index} to review.")
+        with self._transaction() as db:
+            self._write_mask_row(db, image_id, round_index, record.path, state, record.source, record.params,
+                                 record.flagged, record.sha256)
+        return self.mask_record(image_id, round_index)  # type: ignore[return-value]
+
+    def mask_history(self, image_id: int, round_index: int | None = None) -> list[tuple[int, str, str, str, str]]:
+        """(round, state, source, sha256, time) oldest first."""
+        sql = "SELECT round_idx, state, source, sha256, at FROM mask_events WHERE image_id=?"
+        parameters: list[Any] = [image_id]
+        if round_index is not None:
+            sql += " AND round_idx=?"
+            parameters.append(round_index)
+        return [tuple(row) for row in self._query(sql + " ORDER BY id", parameters)]  # type: ignore[misc]
+
+    def mask_state_counts(self) -> dict[int, dict[str, int]]:
+        counts: dict[int, dict[str, int]] = {}
+        for round_idx, state, count in self._query("SELECT round_idx, state, COUNT(*) FROM masks GROUP BY round_idx, state"):
+            counts.setdefault(int(round_idx), {s: 0 for s in MASK_STATES})[state] = int(count)
+        for round_idx, count in self._query("SELECT round_idx, COUNT(*) FROM masks WHERE flagged=1 GROUP BY round_idx"):
+            counts.setdefault(int(round_idx), {s: 0 for s in MASK_STATES})["flagged"] = int(count)
+        return counts
+
+    # ----------------------------------------------------------------- training runs
+    def _run(self, row: sqlite3.Row) -> TrainingRun:
+        run_id, kind, created_at, config, seed, metrics, checkpoint, checkpoint_sha, hashes, round_idx = row
+        return TrainingRun(int(run_id), kind, created_at, json.loads(config), int(seed), json.loads(metrics),
+                           self.path / checkpoint, checkpoint_sha, None if round_idx is None else int(round_idx),
+                           tuple(json.loads(hashes)))
+
+    _RUN_COLUMNS = "id, kind, created_at, config, seed, metrics, checkpoint_path, checkpoint_sha256, dataset_hashes, round_idx"
+
+    def record_training_run(self, kind: str, config: dict, seed: int, metrics: dict, checkpoint_path: str | os.PathLike[str],
+                            dataset_hashes: Iterable[str], round_index: int | None = None) -> TrainingRun:
+        checkpoint_path = Path(checkpoint_path).absolute()
+        try:
+            relative = checkpoint_path.relative_to(self.path)
+        except ValueError as error:
+            raise ProjectError(f"{checkpoint_path}: checkpoints must be inside the project folder.") from error
+        checkpoint_sha = file_sha256(checkpoint_path)
+        with self._transaction() as db:
+            cursor = db.execute(
+                f"INSERT INTO training_runs({self._RUN_COLUMNS.replace('id, ', '', 1)}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (kind, utc_now(), json.dumps(config, default=str), int(seed), json.dumps(metrics, default=float),
+                 str(relative), checkpoint_sha, json.dumps(sorted(dataset_hashes)), round_index),
+            )
+            run_id = int(cursor.lastrowid)
+        return self.training_run(run_id)
+
+    def training_run(self, run_id: int) -> TrainingRun:
+        rows = self._query(f"SELECT {self._RUN_COLUMNS} FROM training_runs WHERE id=?", (run_id,))
+        if not rows:
+            raise ProjectError(f"no training run {run_id} in this project.")
+        return self._run(rows[0])
+
+    def training_runs(self, kind: str | None = None) -> list[TrainingRun]:
+        if kind is None:
+            rows = self._query(f"SELECT {self._RUN_COLUMNS} FROM training_runs ORDER BY id")
+        else:
+            rows = self._query(f"SELECT {self._RUN_COLUMNS} FROM training_runs WHERE kind=? ORDER BY id", (kind,))
+        return [self._run(row) for row in rows]
+
+    def latest_run(self, kind: str) -> TrainingRun | None:
+        runs = self.training_runs(kind)
+        return runs[-1] if runs else None
+
+    # ----------------------------------------------------------------- summary
+    def summary(self) -> dict[str, Any]:
+        return {
+            "project": str(self.path),
+            "image_root": str(self.image_root),
+            "images": sum(self.tag_counts().values()),
+            "tags": self.tag_counts(),
+            "rounds": {str(k): v for k, v in self.mask_state_counts().items()},
+            "training_runs": {kind: len(self.training_runs(kind)) for kind in ("classifier", "segmenter")},
+        }
+
+
+def _sha256_bytes(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+def _unique_stem(rel_path: str, taken: set[str]) -> str:
+    """The file's stem, or its folder-qualified name when another image already has that stem."""
+    path = Path(rel_path)
+    stem = path.stem
+    if stem not in taken:
+        return stem
+    qualified = "__".join(path.with_suffix("").parts)
+    candidate, counter = qualified, 2
+    while candidate in taken:
+        candidate = f"{qualified}__{counter}"
+        counter += 1
+    return candidate
+
+
+def iter_chunks(items: list, size: int) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
