@@ -1,0 +1,35 @@
+"""Shared fixtures: the real Magnetic Tile dataset (skipped where absent) and the synthetic demo."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MT_DATASET = REPO_ROOT.parent / "shared" / "datasets" / "magnetic-tile"
+requires_mt = pytest.mark.skipif(not (MT_DATASET / "labels.csv").is_file(), reason="Magnetic Tile dataset not present")
+
+
+@pytest.fixture(scope="session")
+def demo_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small synthetic dataset in the README layout, made once per test session (read-only use)."""
+    from defect_studio.demo import make_demo_dataset
+
+    return make_demo_dataset(tmp_path_factory.mktemp("demo") / "dataset", count=80, size=96, seed=0)
+
+
+@pytest.fixture()
+def demo_project(tmp_path: Path, demo_dataset: Path) -> Path:
+    """A fresh project (closed) with the demo images imported and tagged from labels.csv."""
+    from defect_studio.jobs import CancelToken, run_job
+    from defect_studio.project import Project
+    from defect_studio.project.importer import import_job
+
+    project_dir = tmp_path / "project"
+    with Project.create(project_dir, demo_dataset / "images") as project:
+        run_job(import_job(project, demo_dataset / "images", demo_dataset / "labels.csv", CancelToken()))
+    return project_dir
