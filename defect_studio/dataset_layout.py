@@ -61,7 +61,11 @@ def read_label_csv(path: str | Path) -> tuple[dict[str, str], list[str]]:
     try:
         with open(path, newline="", encoding="utf-8-sig") as handle:
             rows = list(csv.reader(handle))
-    except (OSError, UnicodeDecodeError, csv.Error) as error:
+    except UnicodeDecodeError as error:
+        raise DataError(
+            f"{path}: cannot read the label file (it is not UTF-8 text: {error.reason} at byte {error.start})."
+        ) from error
+    except (OSError, csv.Error) as error:
         raise DataError(f"{path}: cannot read the label file ({error}).") from error
     for line_number, row in enumerate(rows, start=1):
         if not row or not "".join(row).strip():

@@ -48,3 +48,17 @@ def write_png_header_only(path: Path, width: int, height: int) -> Path:
     data = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
     path.write_bytes(data)
     return path
+
+
+def write_tiff_header_only(path: Path, width: int, height: int) -> Path:
+    """An uncompressed 8-bit gray TIFF that claims width × height but holds no pixel data."""
+    tags = [  # (tag, type 3=SHORT 4=LONG, value)
+        (256, 4, width), (257, 4, height), (258, 3, 8), (259, 3, 1), (262, 3, 1),
+        (273, 4, 8), (277, 3, 1), (278, 4, height), (279, 4, width * height),
+    ]
+    ifd = struct.pack("<H", len(tags))
+    for tag, kind, value in tags:
+        ifd += struct.pack("<HHI", tag, kind, 1) + (struct.pack("<HH", value, 0) if kind == 3 else struct.pack("<I", value))
+    ifd += struct.pack("<I", 0)
+    path.write_bytes(b"II*\x00" + struct.pack("<I", 8) + ifd)
+    return path

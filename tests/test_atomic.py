@@ -39,3 +39,27 @@ def test_a_killed_writer_leaves_the_old_file_and_a_temporary_that_is_cleaned(tmp
     assert len(leftovers) == 1
     assert remove_stale_temporaries(tmp_path) == 1
     assert sorted(os.listdir(tmp_path)) == ["mask.png"]
+
+
+def test_stale_staging_folders_are_removed_too(tmp_path: Path):
+    staging = tmp_path / "exports" / ".model.abc123.partial"
+    (staging / "inner").mkdir(parents=True)
+    (staging / "inner" / ".x.partial").write_bytes(b"half")
+    (tmp_path / "exports" / "model.onnx").write_bytes(b"kept")
+    assert remove_stale_temporaries(tmp_path) >= 1
+    assert [p.name for p in (tmp_path / "exports").iterdir()] == ["model.onnx"]
+
+
+def test_a_write_error_is_both_an_oserror_and_a_user_message(tmp_path: Path):
+    from defect_studio.atomic import WriteError, configure_faults
+    from defect_studio.errors import DefectStudioError
+
+    configure_faults("enospc:1")
+    try:
+        with pytest.raises(WriteError) as raised:
+            atomic_write_bytes(tmp_path / "a.bin", b"data")
+    finally:
+        configure_faults(None)
+    assert isinstance(raised.value, OSError) and isinstance(raised.value, DefectStudioError)
+    assert raised.value.errno == 28 and "a.bin: No space left on device" in str(raised.value)
+    assert list(tmp_path.iterdir()) == []

@@ -166,3 +166,30 @@ def test_duplicate_stems_in_subfolders_get_distinct_mask_names(tmp_path: Path):
             for p in ("good/a.png", "defect/a.png")
         )
         assert sorted(i.stem for i in project.images()) == ["a", "defect__a"]
+
+
+def test_a_background_proposal_cannot_overwrite_an_edit_saved_meanwhile(tmp_path: Path, monkeypatch):
+    """The GUI thread saves an edit while a worker proposes the same mask: the edit must win."""
+    import threading
+
+    with make_project(tmp_path) as project:
+        image = project.images()[0]
+        project.create_round({})
+        drawn = np.zeros((4, 6), bool)
+        drawn[1, 2] = True
+        real_check = Project._check_mask_shape
+        edit_thread: list[threading.Thread] = []
+
+        def check_then_let_the_user_edit(self, image_record, mask):  # type: ignore[no-untyped-def]
+            # The worker has decided "not edited, so propose"; now the user's edit arrives.
+            if not edit_thread:
+                edit_thread.append(threading.Thread(target=project.save_edited_mask, args=(image.id, 0, drawn)))
+                edit_thread[0].start()
+                edit_thread[0].join(timeout=0.5)  # blocked on the project's lock, as it must be
+            return real_check(self, image_record, mask)
+
+        monkeypatch.setattr(Project, "_check_mask_shape", check_then_let_the_user_edit)
+        project.save_mask_proposal(image.id, 0, np.ones((4, 6), bool), "cam", {})
+        edit_thread[0].join()
+        record = project.mask_record(image.id, 0)
+        assert record.state == "edited" and np.array_equal(project.load_mask(record), drawn)

@@ -22,8 +22,7 @@ def run_import(args: argparse.Namespace) -> int:
     images = Path(args.images)
     project_dir = Path(args.project) if args.project else default_project_dir(images)
     with Project.open_or_create(project_dir, images) as project:
-        if project.took_over_stale_lock:
-            print(f"note: took over a stale lock ({project.took_over_stale_lock}).")
+        # A stale lock taken over is reported by the store's log warning, for every command alike.
         cancel = CancelToken()
         report = drive(import_job(project, images, args.labels, cancel), args, cancel)
         for line in report.lines():

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from defect_studio.dataset_layout import read_label_csv
 from defect_studio.demo import make_demo_dataset
 from defect_studio.jobs import CancelToken, run_job
 from defect_studio.project.importer import import_job
-from defect_studio.project.store import DB_NAME, Project
+from defect_studio.project.store import Project
 
 
 def default_demo_dir() -> Path:
@@ -19,11 +20,13 @@ def make_demo_project(out_dir: str | Path | None = None, count: int = 240, seed:
     returns the project folder. Running it again changes nothing."""
     out = Path(out_dir) if out_dir is not None else default_demo_dir()
     dataset = out / "dataset"
-    if not (dataset / "labels.csv").is_file():
-        make_demo_dataset(dataset, count=count, seed=seed)
+    if not all((dataset / name).is_file() for name in ("labels.csv", "split.csv", "metadata.csv")):
+        make_demo_dataset(dataset, count=count, seed=seed)  # absent, or its writing was interrupted
     project_dir = out / "project"
-    if (project_dir / DB_NAME).is_file():
-        return project_dir
-    with Project.create(project_dir, dataset / "images") as project:
-        run_job(import_job(project, dataset / "images", dataset / "labels.csv", CancelToken()))
+    # A demo whose preparation was killed midway is completed (import only adds what is missing);
+    # a complete one is left exactly as the user left it.
+    with Project.open_or_create(project_dir, dataset / "images") as project:
+        expected = len(read_label_csv(dataset / "labels.csv")[0])
+        if len(project.images()) < expected:
+            run_job(import_job(project, dataset / "images", dataset / "labels.csv", CancelToken()))
     return project_dir

@@ -66,7 +66,10 @@ def tag_from_folders(rel_path: Path) -> str | None:
 
 def read_import_labels(labels_csv: Path, stems: set[str]) -> dict[str, str]:
     """The CSV's tags, checked: unknown labels or stems that match no image are refused up front."""
-    labels, problems = read_label_csv(labels_csv)
+    try:
+        labels, problems = read_label_csv(labels_csv)
+    except DataError as error:
+        raise DataError(f"{error} Nothing was imported.") from error
     unknown_stems = sorted(set(labels) - stems)
     if unknown_stems:
         problems.append(

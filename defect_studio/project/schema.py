@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sqlite3
 
+from defect_studio.atomic import fault_point
 from defect_studio.errors import ProjectError
 
 MIGRATIONS: list[str] = [
@@ -116,8 +117,11 @@ def migrate(connection: sqlite3.Connection, target: int = LATEST_VERSION) -> int
                 "ON CONFLICT(key) DO UPDATE SET value=excluded.value",
                 (str(version),),
             )
+            fault_point("commit migration", disk_write=True)
             connection.execute("COMMIT")
         except BaseException:
-            connection.execute("ROLLBACK")
+            if connection.in_transaction:
+                connection.execute("ROLLBACK")
             raise
+        fault_point("committed migration")
     return before

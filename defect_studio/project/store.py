@@ -13,6 +13,7 @@ row never points at a half-written file. A mask the user accepted or edited is n
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -21,13 +22,20 @@ import threading
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
-from defect_studio.atomic import remove_stale_temporaries
+from defect_studio.atomic import (
+    STAGED_SUFFIX,
+    fault_point,
+    parse_staged_name,
+    promote_staged,
+    remove_stale_temporaries,
+    stage_bytes,
+)
 from defect_studio.errors import ProjectError
-from defect_studio.imageio import file_sha256, read_mask, write_mask
+from defect_studio.imageio import encode_mask_png, file_sha256, read_mask
 from defect_studio.project.lock import ProjectLock
 from defect_studio.project.schema import LATEST_VERSION, migrate
 
@@ -103,6 +111,7 @@ class Project:
         self._lock = lock
         self._mutex = threading.RLock()
         self.took_over_stale_lock = lock.took_over_from
+        self.recovered_files = 0  # mask files whose interrupted save was finished on open
         self.image_root = self._resolve_image_root()
 
     # ----------------------------------------------------------------- opening and closing
@@ -112,34 +121,54 @@ class Project:
         image_root = Path(image_root).absolute()
         if not image_root.is_dir():
             raise ProjectError(f"{image_root}: no such image folder.")
-        if (project_dir / DB_NAME).exists():
-            raise ProjectError(f"{project_dir} already holds a project; open it instead.")
         try:
             project_dir.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise ProjectError(f"{project_dir}: cannot create the project folder ({error.strerror or error}).") from error
+        # A creation that a crash interrupted (database there, image folder never recorded) is finished.
         project = cls._open(project_dir, creating=True)
+        if project._creation_finished():
+            project.close()
+            raise ProjectError(f"{project_dir} already holds a project; open it instead.")
         try:
             relative = os.path.relpath(image_root, project_dir)
         except ValueError:  # different drives on Windows
             relative = str(image_root)
-        with project._transaction() as db:
-            db.execute("INSERT INTO meta(key, value) VALUES ('image_root', ?)", (relative,))
-            db.execute("INSERT INTO meta(key, value) VALUES ('created_at', ?)", (utc_now(),))
+        try:
+            with project._transaction() as db:
+                db.execute("INSERT INTO meta(key, value) VALUES ('image_root', ?)", (relative,))
+                db.execute("INSERT INTO meta(key, value) VALUES ('created_at', ?) "
+                           "ON CONFLICT(key) DO UPDATE SET value=excluded.value", (utc_now(),))
+        except BaseException:
+            project.close()
+            raise
         project.image_root = project._resolve_image_root()
         return project
+
+    def _creation_finished(self) -> bool:
+        return bool(self._query("SELECT 1 FROM meta WHERE key='image_root'"))
 
     @classmethod
     def open(cls, project_dir: str | os.PathLike[str]) -> "Project":
         project_dir = Path(project_dir).absolute()
         if not (project_dir / DB_NAME).is_file():
             raise ProjectError(f"{project_dir}: not a defect-studio project (no {DB_NAME}).")
-        return cls._open(project_dir, creating=False)
+        project = cls._open(project_dir, creating=False)
+        if not project._creation_finished():
+            project.close()
+            raise ProjectError(
+                f"{project_dir}: creating this project was interrupted before it was finished; "
+                "run `defect-studio import` on it again to finish it."
+            )
+        return project
 
     @classmethod
     def open_or_create(cls, project_dir: str | os.PathLike[str], image_root: str | os.PathLike[str]) -> "Project":
         if (Path(project_dir) / DB_NAME).is_file():
-            project = cls.open(project_dir)
+            project = cls._open(Path(project_dir).absolute(), creating=False)
+            if not project._creation_finished():  # a creation that a crash interrupted: finish it
+                project.close()
+                return cls.create(project_dir, image_root)
             if project.image_root.resolve() != Path(image_root).resolve():
                 project.close()
                 raise ProjectError(
@@ -153,9 +182,12 @@ class Project:
         lock = ProjectLock(project_dir)
         lock.acquire()
         try:
-            connection = sqlite3.connect(
-                project_dir / DB_NAME, isolation_level=None, check_same_thread=False, timeout=10.0
-            )
+            try:
+                connection = sqlite3.connect(
+                    project_dir / DB_NAME, isolation_level=None, check_same_thread=False, timeout=10.0
+                )
+            except sqlite3.Error as error:
+                raise ProjectError(f"{project_dir / DB_NAME}: cannot open the project database ({error}).") from error
             try:
                 connection.execute("PRAGMA journal_mode=WAL")
                 connection.execute("PRAGMA synchronous=FULL")
@@ -168,6 +200,9 @@ class Project:
             except sqlite3.DatabaseError as error:
                 connection.close()
                 raise ProjectError(f"{project_dir / DB_NAME}: cannot open the project database ({error}).") from error
+            except OSError as error:  # e.g. the disk filled up while an old project was upgraded
+                connection.close()
+                raise ProjectError(f"{project_dir / DB_NAME}: cannot upgrade the project database ({error}).") from error
             except BaseException:
                 connection.close()
                 raise
@@ -176,9 +211,39 @@ class Project:
             raise
         if lock.took_over_from:
             log.warning("took over the lock of %s, which had stopped without closing the project", lock.took_over_from)
-        for folder in ("masks", "models", "cache"):
-            remove_stale_temporaries(project_dir / folder)
-        return cls(project_dir, connection, lock)
+        project = cls(project_dir, connection, lock)
+        try:
+            project.recovered_files = project._recover_staged_files()
+            for folder in ("masks", "models", "cache"):
+                remove_stale_temporaries(project_dir / folder)
+        except BaseException:
+            project.close()
+            raise
+        return project
+
+    def _recover_staged_files(self) -> int:
+        """Finish the mask promotions a crash interrupted after their commit; discard the others
+        (their commit never happened, so the old file and row are the saved state)."""
+        if not self.masks_dir.is_dir():
+            return 0
+        finished = 0
+        for staged in sorted(self.masks_dir.rglob(f".*{STAGED_SUFFIX}")):
+            parsed = parse_staged_name(staged)
+            if parsed is None:
+                continue
+            target, sha_prefix = parsed
+            # A proposal `round-k/proposed/<stem>.png` is committed together with `round-k/<stem>.png`.
+            row_file = target.parent.parent / target.name if target.parent.name == "proposed" else target
+            rows = self._query("SELECT sha256 FROM masks WHERE path=?", (str(row_file.relative_to(self.path)),))
+            if rows and str(rows[0][0]).startswith(sha_prefix):
+                promote_staged(staged, target)
+                finished += 1
+            else:
+                with contextlib.suppress(OSError):
+                    staged.unlink()
+        if finished:
+            log.warning("finished saving %d mask file(s) that an interrupted session had committed", finished)
+        return finished
 
     def close(self) -> None:
         with self._mutex:
@@ -215,12 +280,38 @@ class Project:
             if self.project._db is None:
                 self.project._mutex.release()
                 raise ProjectError("the project is closed.")
-            self.project._db.execute("BEGIN IMMEDIATE")
+            try:
+                self.project._db.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as error:  # read-only database, disk I/O error, locked by a foreign tool
+                self.project._mutex.release()
+                raise ProjectError(f"{self.project.path}: the project cannot be changed now ({error}).") from error
             return self.project._db
 
         def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+            db = self.project._db
             try:
-                self.project._db.execute("COMMIT" if exc_type is None else "ROLLBACK")
+                if exc_type is not None:
+                    if db.in_transaction:  # SQLite may already have rolled back (disk full, I/O error)
+                        db.execute("ROLLBACK")
+                    if isinstance(exc, sqlite3.DatabaseError):  # disk full or damage found mid-statement
+                        raise ProjectError(
+                            f"{self.project.path}: the change could not be saved ({exc}); "
+                            "the project is as it was before it."
+                        ) from exc
+                    return
+                try:
+                    fault_point("commit", disk_write=True)
+                    db.execute("COMMIT")
+                except BaseException as error:
+                    if db.in_transaction:
+                        db.execute("ROLLBACK")
+                    if isinstance(error, (OSError, sqlite3.OperationalError)):
+                        raise ProjectError(
+                            f"{self.project.path}: the change could not be saved ({error}); "
+                            "the project is as it was before it."
+                        ) from error
+                    raise
+                fault_point("committed")
             finally:
                 self.project._mutex.release()
 
@@ -231,8 +322,10 @@ class Project:
         with self._mutex:
             if self._db is None:
                 raise ProjectError("the project is closed.")
-            cursor = self._db.execute(sql, tuple(parameters))
-            return cursor.fetchall()
+            try:
+                return self._db.execute(sql, tuple(parameters)).fetchall()
+            except sqlite3.DatabaseError as error:  # damaged on disk since it was opened, I/O error
+                raise ProjectError(f"{self.path / DB_NAME}: cannot read the project database ({error}).") from error
 
     def _resolve_image_root(self) -> Path:
         rows = self._query("SELECT value FROM meta WHERE key='image_root'")
@@ -475,75 +568,90 @@ class Project:
         db.execute("INSERT INTO mask_events(image_id, round_idx, state, source, sha256, at) VALUES (?, ?, ?, ?, ?, ?)",
                    (image_id, round_index, state, source, sha256, now))
 
+    def _save_mask_files(self, files: list[tuple[Path, bytes]], write_rows: Callable[[sqlite3.Connection], None]) -> None:
+        """Write mask files and their rows as one unit: staged files, then the commit, then the
+        promotion (see atomic.stage_bytes). A crash anywhere leaves the old files with the old
+        rows, or (after the commit) new rows whose files are promoted on the next open."""
+        staged: list[tuple[Path, Path]] = []
+        try:
+            for target, data in files:
+                staged.append((stage_bytes(target, data, _sha256_bytes(data)), target))
+            with self._transaction() as db:
+                write_rows(db)
+        except BaseException:
+            for path, _ in staged:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+            raise
+        for path, target in staged:
+            promote_staged(path, target)
+
     def save_mask_proposal(self, image_id: int, round_index: int, mask: np.ndarray, source: str,
                            params: dict | None = None, flagged: bool = False) -> MaskRecord:
         """Store a proposed mask for a round. The user's decisions are final: an image whose mask
         was accepted or edited in an earlier round gets that mask carried forward, and one already
         accepted or edited in this round keeps it; in both cases `mask` is ignored."""
-        self.round(round_index)
-        image = self.image(image_id)
-        existing = self.mask_record(image_id, round_index)
-        if existing is not None and existing.state in LOCKED_STATES:
-            return existing
-        target, proposal_path = self.mask_paths(image, round_index)
-        carried = self.locked_mask_before(image_id, round_index)
-        if carried is not None:
-            data = write_mask(target, self.load_mask(carried))
-            with self._transaction() as db:
-                self._write_mask_row(db, image_id, round_index, target, carried.state, carried.source,
-                                     {**carried.params, "carried_from_round": carried.round_index}, False,
-                                     _sha256_bytes(data))
+        with self._mutex:  # the check and the write are one step: a user edit cannot slip between
+            self.round(round_index)
+            image = self.image(image_id)
+            existing = self.mask_record(image_id, round_index)
+            if existing is not None and existing.state in LOCKED_STATES:
+                return existing
+            target, proposal_path = self.mask_paths(image, round_index)
+            carried = self.locked_mask_before(image_id, round_index)
+            if carried is not None:
+                data = encode_mask_png(self.load_mask(carried))
+                self._save_mask_files([(target, data)], lambda db: self._write_mask_row(
+                    db, image_id, round_index, target, carried.state, carried.source,
+                    {**carried.params, "carried_from_round": carried.round_index}, False, _sha256_bytes(data)))
+                return self.mask_record(image_id, round_index)  # type: ignore[return-value]
+            data = encode_mask_png(self._check_mask_shape(image, mask))
+            self._save_mask_files([(proposal_path, data), (target, data)], lambda db: self._write_mask_row(
+                db, image_id, round_index, target, "proposed", source, params or {}, flagged, _sha256_bytes(data)))
             return self.mask_record(image_id, round_index)  # type: ignore[return-value]
-        binary = self._check_mask_shape(image, mask)
-        write_mask(proposal_path, binary)
-        data = write_mask(target, binary)
-        with self._transaction() as db:
-            self._write_mask_row(db, image_id, round_index, target, "proposed", source, params or {}, flagged,
-                                 _sha256_bytes(data))
-        return self.mask_record(image_id, round_index)  # type: ignore[return-value]
 
     def save_edited_mask(self, image_id: int, round_index: int, mask: np.ndarray) -> MaskRecord:
         """The user's edit becomes the round's mask (state 'edited'); the proposal stays for revert."""
-        self.round(round_index)
-        image = self.image(image_id)
-        binary = self._check_mask_shape(image, mask)
-        target, _ = self.mask_paths(image, round_index)
-        previous = self.mask_record(image_id, round_index)
-        data = write_mask(target, binary)
-        params = dict(previous.params) if previous else {}
-        params["edited_from"] = previous.source if previous else None
-        with self._transaction() as db:
-            self._write_mask_row(db, image_id, round_index, target, "edited", "human-edit", params,
-                                 False, _sha256_bytes(data))
-        return self.mask_record(image_id, round_index)  # type: ignore[return-value]
+        with self._mutex:
+            self.round(round_index)
+            image = self.image(image_id)
+            data = encode_mask_png(self._check_mask_shape(image, mask))
+            target, _ = self.mask_paths(image, round_index)
+            previous = self.mask_record(image_id, round_index)
+            params = dict(previous.params) if previous else {}
+            params["edited_from"] = previous.source if previous else None
+            self._save_mask_files([(target, data)], lambda db: self._write_mask_row(
+                db, image_id, round_index, target, "edited", "human-edit", params, False, _sha256_bytes(data)))
+            return self.mask_record(image_id, round_index)  # type: ignore[return-value]
 
     def revert_to_proposal(self, image_id: int, round_index: int) -> MaskRecord:
         """Undo a human edit: the proposal becomes the round's mask again, state 'proposed'."""
-        image = self.image(image_id)
-        record = self.mask_record(image_id, round_index)
-        proposal = self.load_proposal(image_id, round_index)
-        if record is None or proposal is None:
-            raise ProjectError(f"{image.stem} has no proposal in round {round_index} to revert to.")
-        target, _ = self.mask_paths(image, round_index)
-        data = write_mask(target, proposal)
-        source = record.params.get("edited_from") or record.source
-        params = {k: v for k, v in record.params.items() if k != "edited_from"}
-        with self._transaction() as db:
-            self._write_mask_row(db, image_id, round_index, target, "proposed", source, params, record.flagged,
-                                 _sha256_bytes(data))
-        return self.mask_record(image_id, round_index)  # type: ignore[return-value]
+        with self._mutex:
+            image = self.image(image_id)
+            record = self.mask_record(image_id, round_index)
+            proposal = self.load_proposal(image_id, round_index)
+            if record is None or proposal is None:
+                raise ProjectError(f"{image.stem} has no proposal in round {round_index} to revert to.")
+            target, _ = self.mask_paths(image, round_index)
+            data = encode_mask_png(proposal)
+            source = record.params.get("edited_from") or record.source
+            params = {k: v for k, v in record.params.items() if k != "edited_from"}
+            self._save_mask_files([(target, data)], lambda db: self._write_mask_row(
+                db, image_id, round_index, target, "proposed", source, params, record.flagged, _sha256_bytes(data)))
+            return self.mask_record(image_id, round_index)  # type: ignore[return-value]
 
     def review_mask(self, image_id: int, round_index: int, state: str) -> MaskRecord:
         """Accept, reject, or put back to 'proposed' the round's mask of one image."""
         if state not in ("accepted", "rejected", "proposed"):
             raise ValueError(f"review state must be accepted, rejected or proposed, got {state!r}")
-        record = self.mask_record(image_id, round_index)
-        if record is None:
-            raise ProjectError(f"{self.image(image_id).stem} has no mask in round {round_index} to review.")
-        with self._transaction() as db:
-            self._write_mask_row(db, image_id, round_index, record.path, state, record.source, record.params,
-                                 record.flagged, record.sha256)
-        return self.mask_record(image_id, round_index)  # type: ignore[return-value]
+        with self._mutex:
+            record = self.mask_record(image_id, round_index)
+            if record is None:
+                raise ProjectError(f"{self.image(image_id).stem} has no mask in round {round_index} to review.")
+            with self._transaction() as db:
+                self._write_mask_row(db, image_id, round_index, record.path, state, record.source, record.params,
+                                     record.flagged, record.sha256)
+            return self.mask_record(image_id, round_index)  # type: ignore[return-value]
 
     def mask_history(self, image_id: int, round_index: int | None = None) -> list[tuple[int, str, str, str, str]]:
         """(round, state, source, sha256, time) oldest first."""

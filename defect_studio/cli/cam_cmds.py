@@ -1,0 +1,73 @@
+"""`defect-studio cam PROJECT --method NAME [--set key=value ...]`: CAM maps for a project's images."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from defect_studio.cli.progress import add_progress_arguments, drive
+from defect_studio.jobs import CancelToken
+from defect_studio.ml.cams import CAM_METHODS, CamSettingsError, SETTING_SPECS
+
+
+def parse_settings(pairs: list[str] | None) -> dict[str, str]:
+    """['q=0.8', 'stages=2,3,4'] -> {'q': '0.8', 'stages': '2,3,4'}; values are coerced by the CAM module."""
+    settings: dict[str, str] = {}
+    for pair in pairs or []:
+        name, sep, value = pair.partition("=")
+        if not sep or not name.strip():
+            raise CamSettingsError(f"--set expects key=value, got {pair!r}.")
+        settings[name.strip()] = value.strip()
+    return settings
+
+
+def run_cam(args: argparse.Namespace) -> int:
+    from defect_studio.ml.cam_cache import cam_job
+    from defect_studio.project import Project
+
+    settings = parse_settings(args.set)
+    with Project.open(args.project) as project:
+        cancel = CancelToken()
+        result = drive(
+            cam_job(project, args.method, settings, cancel, classifier_path=args.classifier, write_png_dir=args.png_dir),
+            args,
+            cancel,
+        )
+    if args.json:
+        print(json.dumps({"result": result}, default=str))
+    else:
+        print(
+            f"{result['method']}: {result['images']} maps ({result['computed']} computed, {result['cached']} from the cache) "
+            f"in {result['seconds']:.1f} s with {Path(result['classifier']).name}"
+        )
+        print("settings: " + json.dumps(result["settings"], sort_keys=True))
+        if result["png_dir"]:
+            print(f"16-bit PNG heatmaps: {result['png_dir']}")
+    return 0
+
+
+def _settings_help() -> str:
+    lines = []
+    for method in CAM_METHODS:
+        specs = ", ".join(f"{spec.name}={json.dumps(spec.default)}" for spec in SETTING_SPECS[method])
+        lines.append(f"  {method}: {specs}")
+    return "settings (--set key=value) and their defaults:\n" + "\n".join(lines)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "cam",
+        help="compute class activation maps for a project's images (cached)",
+        description="Compute CAM heatmaps with the project's latest classifier (or --classifier) for every "
+        "image; maps are cached so the app shows them at once, and can be written as 16-bit PNGs.",
+        epilog=_settings_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("project", type=Path, help="project folder")
+    parser.add_argument("--method", required=True, choices=CAM_METHODS)
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="a method setting; repeatable")
+    parser.add_argument("--classifier", type=Path, help="classifier checkpoint (default: the project's latest)")
+    parser.add_argument("--png-dir", type=Path, help="also write each map as a 16-bit PNG <stem>.png here")
+    add_progress_arguments(parser)
+    parser.set_defaults(handler=run_cam)

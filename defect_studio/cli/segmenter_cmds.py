@@ -1,0 +1,263 @@
+"""Commands of the segmentation loop: pseudo, review, refine, evaluate, export, predict."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from defect_studio.cli.progress import add_progress_arguments, drive
+from defect_studio.errors import DataError, ModelError
+from defect_studio.jobs import CancelToken
+
+DEFAULT_METHOD = "region-aware"
+
+
+def _print_json_or(args: argparse.Namespace, payload: Any, lines: list[str]) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(payload, indent=2, default=float))
+    else:
+        for line in lines:
+            print(line)
+
+
+def _pseudo_settings(args: argparse.Namespace) -> dict[str, Any]:
+    names = ("mode", "high", "low", "high_percentile", "low_percentile", "min_area", "segmenter_weight")
+    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+
+
+def _add_pseudo_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--method", default=DEFAULT_METHOD, help=f"CAM method (default {DEFAULT_METHOD})")
+    parser.add_argument("--mode", choices=["fixed", "percentile", "otsu"], help="threshold mode (default fixed)")
+    parser.add_argument("--high", type=float, help="fixed mode: defect where the score >= HIGH")
+    parser.add_argument("--low", type=float, help="fixed mode: background where the score <= LOW; ignored between")
+    parser.add_argument("--high-percentile", type=float, help="percentile mode: HIGH as a percentile of the image's map")
+    parser.add_argument("--low-percentile", type=float, help="percentile mode: LOW as a percentile")
+    parser.add_argument("--min-area", type=int, help="drop defect components smaller than this many pixels")
+    parser.add_argument("--segmenter-weight", type=float, help="round >= 1: weight of the segmenter vs the CAM")
+    parser.add_argument("--classifier", type=Path, help="classifier checkpoint (default: the project's latest)")
+
+
+# ------------------------------------------------------------------------------------------ pseudo
+def run_pseudo(args: argparse.Namespace) -> int:
+    from defect_studio.ml.pseudo import PseudoLabelSettings, pseudo_job, segmenter_checkpoint_for_round
+    from defect_studio.project import Project
+
+    settings = PseudoLabelSettings.from_dict(_pseudo_settings(args)).to_dict()  # refuse bad values first
+    with Project.open(args.project) as project:
+        if args.round is None:
+            rounds = project.rounds()
+            segmenter_checkpoint_for_round(project, rounds[-1].index + 1 if rounds else 0)  # refuse before creating
+            round_index = project.create_round({"method": args.method, "pseudo": settings}).index
+        else:
+            round_index = project.round(args.round).index
+        cancel = CancelToken()
+        summary = drive(pseudo_job(project, round_index, args.method, settings, cancel, None, args.classifier), args, cancel)
+    _print_json_or(
+        args,
+        summary,
+        [
+            f"round {round_index}: {summary['proposed']} proposal(s) from {summary['source']}, "
+            f"{summary['carried_forward']} accepted/edited mask(s) carried forward, "
+            f"{summary['flagged_empty']} defect image(s) flagged with an empty proposal."
+        ],
+    )
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ review
+def run_review(args: argparse.Namespace) -> int:
+    from defect_studio.project import Project
+    from defect_studio.project import review
+
+    with Project.open(args.project) as project:
+        if args.accept_all:
+            result, verb = review.accept_all(project, args.round), "accepted"
+        elif args.accept:
+            result, verb = review.accept(project, _split_ids(args.accept), args.round), "accepted"
+        elif args.reject:
+            result, verb = review.reject(project, _split_ids(args.reject), args.round), "rejected"
+        else:
+            result, verb = review.import_masks(project, args.import_masks, args.round), "replaced by imported masks"
+    _print_json_or(args, result.__dict__, [result.summary(verb)])
+    return 0
+
+
+def _split_ids(values: list[str]) -> list[str]:
+    return [part for value in values for part in value.split(",") if part.strip()]
+
+
+# ------------------------------------------------------------------------------------------ refine
+def run_refine(args: argparse.Namespace) -> int:
+    from defect_studio.ml.refine import RefineConfig, refine_job
+    from defect_studio.project import Project
+
+    segmenter = {k: v for k, v in {"epochs": args.epochs, "steps_per_epoch": args.steps_per_epoch, "seed": args.seed,
+                                   "device": args.device}.items() if v is not None}
+    config = RefineConfig(method=args.method, pseudo=_pseudo_settings(args), segmenter=segmenter,
+                          stop_change=args.stop_change)
+    with Project.open(args.project) as project:
+        cancel = CancelToken()
+        summary = drive(refine_job(project, args.rounds, cancel, None, args.gt, config, args.classifier), args, cancel)
+    lines = []
+    for entry in summary["rounds"]:
+        line = f"round {entry['round']}: mask change {entry['mask_change'] if entry['mask_change'] is not None else '–'}"
+        if "segmenter" in entry:
+            line += f", segmenter val defect IoU {entry['segmenter'].get('best_val_defect_iou', float('nan')):.3f}"
+        if entry.get("ground_truth"):
+            line += f", masks vs ground truth defect IoU {entry['ground_truth'].get('defect_iou', float('nan')):.3f}"
+        if entry.get("stopped"):
+            line += f" — stopped: {entry['stopped']}"
+        lines.append(line)
+    _print_json_or(args, summary, lines)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ evaluate
+def run_evaluate(args: argparse.Namespace) -> int:
+    from defect_studio.bench.report import markdown_table
+    from defect_studio.imageio import read_image
+    from defect_studio.ml.evaluate import (
+        SUMMARY_COLUMNS, evaluate_pairs, iterate_against_truth, load_ground_truth, per_type_rows, summary_row,
+    )
+    from defect_studio.project import Project
+
+    truth = load_ground_truth(args.gt)
+    stems = truth.stems(args.split)
+    with Project.open(args.project) as project:
+        images = {image.stem: image for image in project.images()}
+        if args.segmenter or args.round is None:
+            from defect_studio.ml.segmenter import load_segmenter
+
+            path = args.segmenter_path or _latest_segmenter(project)
+            model = load_segmenter(path)
+            what = f"segmenter {Path(path).name}"
+
+            def image_path(stem: str) -> Path | None:
+                return images[stem].path if stem in images else truth.image_paths.get(stem)
+
+            stems = [s for s in stems if image_path(s) is not None]
+            metrics = evaluate_pairs(iterate_against_truth(truth, stems, lambda stem, shape: model.mask(read_image(image_path(stem)))))
+        else:
+            records = {project.image(r.image_id).stem: r for r in project.mask_records(round_index=args.round)}
+            if not records:
+                raise DataError(f"round {args.round} has no masks.")
+            stems = [s for s in stems if s in records]
+            what = f"round {args.round} masks"
+            metrics = evaluate_pairs(iterate_against_truth(truth, stems, lambda stem, shape: project.load_mask(records[stem])))
+    metrics["what"] = what
+    if args.json:
+        print(json.dumps(metrics, indent=2, default=float))
+    else:
+        print(markdown_table([summary_row(what, metrics)], SUMMARY_COLUMNS))
+        print()
+        print(markdown_table(per_type_rows(metrics), ["type", "defect IoU", "Dice", "images"]))
+    return 0
+
+
+def _latest_segmenter(project: Any) -> Path:
+    run = project.latest_run("segmenter")
+    if run is None:
+        raise ModelError("this project has no trained segmenter yet; run defect-studio refine first.")
+    return Path(run.checkpoint_path)
+
+
+# ------------------------------------------------------------------------------------------ export
+def run_export(args: argparse.Namespace) -> int:
+    from defect_studio.imageio import read_image
+    from defect_studio.ml.export import export_segmenter
+    from defect_studio.ml.segmenter import load_segmenter
+    from defect_studio.project import Project
+
+    with Project.open(args.project) as project:
+        path = args.segmenter or _latest_segmenter(project)
+        loaded = load_segmenter(path, device="cpu")
+        images = {image.stem: image for image in project.images()}
+        held_out = [s for s in loaded.meta.get("validation_images", []) if s in images]
+        others = [s for s in images if s not in held_out]
+        stems = (held_out + others)[: args.parity_images]
+        parity_images = [read_image(images[s].path) for s in stems]
+        rounds = [{"round": r.index, "status": r.status, "metrics": r.metrics} for r in project.rounds()]
+        run = next((r for r in project.training_runs("segmenter") if Path(r.checkpoint_path) == Path(path)), None)
+        extra = {"rounds": rounds, "training_run": {"id": run.id, "metrics": run.metrics, "created_at": run.created_at} if run else None}
+        out, parity = export_segmenter(loaded, args.out, parity_images, extra)
+    _print_json_or(
+        args,
+        {"out": str(out), "parity": parity.as_dict()},
+        [
+            f"exported to {out}: model.onnx, model.torchscript.pt, model-card.json",
+            f"parity on {parity.images} held-out image(s): ONNX max |Δp| {parity.onnx_max_abs_diff:.2g}, "
+            f"mask IoU {parity.onnx_min_mask_iou:.4f}; TorchScript max |Δp| {parity.torchscript_max_abs_diff:.2g}, "
+            f"mask IoU {parity.torchscript_min_mask_iou:.4f}",
+        ],
+    )
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ predict
+def run_predict(args: argparse.Namespace) -> int:
+    from defect_studio.predict import predict_images
+
+    written = predict_images(args.model_dir, args.images, args.out)
+    _print_json_or(args, [str(p) for p in written], [f"{len(written)} mask(s) written to {args.out}"])
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("pseudo", help="propose round masks from CAMs (or the last segmenter + CAMs)")
+    parser.add_argument("project", type=Path)
+    parser.add_argument("--round", type=int, help="re-propose this existing round (default: start a new round)")
+    _add_pseudo_arguments(parser)
+    add_progress_arguments(parser)
+    parser.set_defaults(handler=run_pseudo)
+
+    parser = subparsers.add_parser("review", help="accept, reject or replace a round's masks")
+    parser.add_argument("project", type=Path)
+    action = parser.add_mutually_exclusive_group(required=True)
+    action.add_argument("--accept-all", action="store_true", help="accept every proposed mask")
+    action.add_argument("--accept", nargs="+", metavar="IDS", help="image ids, stems or paths (comma or space separated)")
+    action.add_argument("--reject", nargs="+", metavar="IDS", help="image ids, stems or paths to leave out of training")
+    action.add_argument("--import-masks", type=Path, metavar="DIR", help="<stem>.png masks that replace the proposals")
+    parser.add_argument("--round", type=int, help="the round (default: the latest)")
+    parser.add_argument("--json", action="store_true")
+    parser.set_defaults(handler=run_review)
+
+    parser = subparsers.add_parser("refine", help="proposal -> review -> segmenter rounds")
+    parser.add_argument("project", type=Path)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--gt", type=Path, help="ground truth (dataset folder or masks folder) for per-round metrics")
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--steps-per-epoch", type=int)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--stop-change", type=float, default=0.02, help="stop when fewer defect pixels change (fraction)")
+    _add_pseudo_arguments(parser)
+    add_progress_arguments(parser)
+    parser.set_defaults(handler=run_refine)
+
+    parser = subparsers.add_parser("evaluate", help="score a round's masks or the segmenter against ground truth")
+    parser.add_argument("project", type=Path)
+    parser.add_argument("--gt", type=Path, required=True, help="dataset folder (with masks/) or a masks folder")
+    parser.add_argument("--split", help="only images of this split (split.csv beside the ground truth)")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--round", type=int, help="score this round's masks")
+    which.add_argument("--segmenter", action="store_true", help="score the latest segmenter's predictions (default)")
+    parser.add_argument("--segmenter-path", type=Path, help="score this segmenter checkpoint instead")
+    parser.add_argument("--json", action="store_true")
+    parser.set_defaults(handler=run_evaluate)
+
+    parser = subparsers.add_parser("export", help="ONNX + TorchScript + model card, checked against the app")
+    parser.add_argument("project", type=Path)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--segmenter", type=Path, help="checkpoint to export (default: the project's latest)")
+    parser.add_argument("--parity-images", type=int, default=8, help="held-out images for the parity check")
+    parser.add_argument("--json", action="store_true")
+    parser.set_defaults(handler=run_export)
+
+    parser = subparsers.add_parser("predict", help="run an exported model (onnxruntime only) and write PNG masks")
+    parser.add_argument("model_dir", type=Path)
+    parser.add_argument("images", type=Path, nargs="+")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--json", action="store_true")
+    parser.set_defaults(handler=run_predict)

@@ -1,0 +1,122 @@
+"""Starting the desktop app: `run_app()` is what `defect-studio` (no subcommand) and `defect-studio demo` call."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import traceback
+from pathlib import Path
+from types import TracebackType
+
+from PySide6.QtCore import QCoreApplication, QSettings, Qt, QTimer
+from PySide6.QtGui import QColor, QIcon, QPalette
+from PySide6.QtWidgets import QApplication, QMessageBox
+
+from defect_studio.gui.dialogs import install_log_file, report_error
+
+log = logging.getLogger(__name__)
+
+ORGANISATION = "defect-studio"
+APPLICATION = "defect-studio"
+RESOURCES = Path(__file__).resolve().parents[2] / "resources"
+
+
+def dark_palette() -> QPalette:
+    palette = QPalette()
+    colours = {
+        QPalette.ColorRole.Window: "#0d1117",
+        QPalette.ColorRole.WindowText: "#c9d1d9",
+        QPalette.ColorRole.Base: "#0d1117",
+        QPalette.ColorRole.AlternateBase: "#161b22",
+        QPalette.ColorRole.ToolTipBase: "#161b22",
+        QPalette.ColorRole.ToolTipText: "#e6edf3",
+        QPalette.ColorRole.Text: "#c9d1d9",
+        QPalette.ColorRole.Button: "#21262d",
+        QPalette.ColorRole.ButtonText: "#c9d1d9",
+        QPalette.ColorRole.BrightText: "#ffffff",
+        QPalette.ColorRole.Highlight: "#1f6feb",
+        QPalette.ColorRole.HighlightedText: "#ffffff",
+        QPalette.ColorRole.Link: "#58a6ff",
+        QPalette.ColorRole.PlaceholderText: "#6e7681",
+    }
+    for role, colour in colours.items():
+        palette.setColor(role, QColor(colour))
+    for role in (QPalette.ColorRole.WindowText, QPalette.ColorRole.Text, QPalette.ColorRole.ButtonText):
+        palette.setColor(QPalette.ColorGroup.Disabled, role, QColor("#484f58"))
+    return palette
+
+
+def configure_application(app: QApplication) -> None:
+    """Names (for QSettings), theme, icon. Idempotent, so tests can call it on their QApplication."""
+    # Jobs run in Python threads: hand the GIL back to the GUI thread every 2 ms (default 5 ms),
+    # which keeps brush repaints under a frame while a job runs Python code between torch calls.
+    sys.setswitchinterval(0.002)
+    QCoreApplication.setOrganizationName(ORGANISATION)
+    QCoreApplication.setApplicationName(APPLICATION)
+    if app.style().name().lower() != "fusion":
+        app.setStyle("Fusion")
+        app.setPalette(dark_palette())
+    style = RESOURCES / "style.qss"
+    if style.is_file():
+        sheet = style.read_text(encoding="utf-8")
+        if app.styleSheet() != sheet:  # re-applying repolishes every widget: skip when unchanged
+            app.setStyleSheet(sheet)
+    icon = RESOURCES / "icons" / "app.svg"
+    if icon.is_file():
+        app.setWindowIcon(QIcon(str(icon)))
+
+
+def _excepthook(kind: type[BaseException], error: BaseException, tb: TracebackType | None) -> None:
+    """An exception escaping a slot: log the traceback, show a dialog, keep the app running."""
+    details = "".join(traceback.format_exception(kind, error, tb))
+    log.error("uncaught exception:\n%s", details)
+    if QApplication.instance() is not None and not isinstance(error, KeyboardInterrupt):
+        report_error(QApplication.activeWindow(), "Unexpected error", error, details)
+
+
+def offer_demo(window: "MainWindow") -> None:  # noqa: F821
+    box = QMessageBox(window)
+    box.setWindowTitle("Welcome to defect-studio")
+    box.setText("<b>No project is open.</b><br><br>Open a folder of images to start a project, "
+                "or try the app on a small synthetic demo project.")
+    demo = box.addButton("Create the demo project", QMessageBox.ButtonRole.AcceptRole)
+    folder = box.addButton("Open a folder…", QMessageBox.ButtonRole.ActionRole)
+    box.addButton("Later", QMessageBox.ButtonRole.RejectRole)
+    box.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
+
+    def chosen(button: object) -> None:
+        if button is demo:
+            window.open_demo_project()
+        elif button is folder:
+            window.open_project_dialog()
+
+    box.buttonClicked.connect(chosen)
+    box.open()
+
+
+def run_app(project_path: Path | None = None) -> int:
+    """Open the main window (on `project_path` if given, else the last project) and run until it closes."""
+    from defect_studio.gui.main_window import MainWindow
+
+    app = QApplication.instance() or QApplication(sys.argv[:1])
+    assert isinstance(app, QApplication)
+    configure_application(app)
+    log_path = install_log_file()
+    log.info("defect-studio starting; log file %s", log_path)
+    previous_hook = sys.excepthook
+    sys.excepthook = _excepthook
+    try:
+        window = MainWindow(QSettings())
+        window.show()
+        if project_path is not None:
+            QTimer.singleShot(0, lambda: window.open_path(Path(project_path)))
+        else:
+            last = window.settings.value("project/last")
+            if last and Path(str(last)).is_dir() and not os.environ.get("DEFECT_STUDIO_NO_REOPEN"):
+                QTimer.singleShot(0, lambda: window.open_path(Path(str(last))))
+            else:
+                QTimer.singleShot(0, lambda: offer_demo(window))
+        return int(app.exec())
+    finally:
+        sys.excepthook = previous_hook

@@ -1,0 +1,866 @@
+"""The main window: gallery (left), viewer (centre), one panel per stage (right), status bar.
+
+It owns the open `Project`, the current image and the current round, and hands them to the
+panels; panels call the core directly or through a `JobRunner` made by `make_runner`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from PySide6.QtCore import (
+    QByteArray,
+    QItemSelectionModel,
+    QModelIndex,
+    QObject,
+    QRunnable,
+    QSettings,
+    Qt,
+    QThreadPool,
+    QTimer,
+    Signal,
+)
+from PySide6.QtGui import QAction, QCloseEvent, QKeySequence, QUndoCommand, QUndoStack
+from PySide6.QtWidgets import (
+    QComboBox,
+    QDialog,
+    QDialogButtonBox,
+    QDockWidget,
+    QFileDialog,
+    QFrame,
+    QLabel,
+    QMainWindow,
+    QMessageBox,
+    QProgressBar,
+    QPushButton,
+    QScrollArea,
+    QStackedWidget,
+    QTabWidget,
+    QTextBrowser,
+    QVBoxLayout,
+    QWidget,
+)
+
+from defect_studio.errors import DefectStudioError
+from defect_studio.gui.dialogs import log_file, report_error
+from defect_studio.gui.gallery import FILTERS, GalleryItem, GalleryModel, GalleryView, ThumbnailCache, IMAGE_ID_ROLE
+from defect_studio.gui.mask_editor import MaskEditor
+from defect_studio.gui.shortcuts import SHORTCUTS, html_sheet
+from defect_studio.gui.viewer import ImageViewer
+from defect_studio.gui.workers import JobRunner
+from defect_studio.imageio import decode_image
+from defect_studio.jobs import Progress
+from defect_studio.project import Project
+from defect_studio.project.store import DB_NAME
+
+log = logging.getLogger(__name__)
+
+PROJECT_SUBFOLDER = ".defect-studio"  # default project folder inside an image folder
+SYNC_DECODE_PIXELS = 2_000_000  # larger images are decoded off the GUI thread
+
+
+class _ImageTask(QRunnable):
+    def __init__(self, loader: "ImageLoader", image_id: int, path: Path) -> None:
+        super().__init__()
+        self._loader, self._image_id, self._path = loader, image_id, path
+
+    def run(self) -> None:
+        try:
+            pixels, _ = decode_image(self._path)
+        except Exception as error:  # reported in the status bar, never a crash
+            self._loader.failed.emit(self._image_id, str(error))
+        else:
+            self._loader._ready.emit(self._image_id, pixels)
+
+
+class ImageLoader(QObject):
+    """Decoded images by id: a small LRU cache, filled on the GUI thread or by one background thread."""
+
+    loaded = Signal(int, object)
+    failed = Signal(int, str)
+    _ready = Signal(int, object)
+
+    def __init__(self, parent: QObject | None = None, capacity: int = 6) -> None:
+        super().__init__(parent)
+        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._pending: set[int] = set()
+        self._capacity = capacity
+        self._pool = QThreadPool(self)
+        self._pool.setMaxThreadCount(1)
+        self._ready.connect(self._store)
+
+    def cached(self, image_id: int) -> np.ndarray | None:
+        pixels = self._cache.get(image_id)
+        if pixels is not None:
+            self._cache.move_to_end(image_id)
+        return pixels
+
+    def load_now(self, image_id: int, path: Path) -> np.ndarray:
+        pixels, _ = decode_image(path)
+        self._remember(image_id, pixels)
+        return pixels
+
+    def request(self, image_id: int, path: Path) -> None:
+        if image_id in self._cache or image_id in self._pending:
+            return
+        self._pending.add(image_id)
+        self._pool.start(_ImageTask(self, image_id, path))
+
+    def clear(self) -> None:
+        self._pool.clear()
+        self._pool.waitForDone()
+        self._cache.clear()
+        self._pending.clear()
+
+    def shutdown(self) -> None:
+        self.clear()
+
+    def _remember(self, image_id: int, pixels: np.ndarray) -> None:
+        self._cache[image_id] = pixels
+        while len(self._cache) > self._capacity:
+            self._cache.popitem(last=False)
+
+    def _store(self, image_id: int, pixels: object) -> None:
+        self._pending.discard(image_id)
+        assert isinstance(pixels, np.ndarray)
+        self._remember(image_id, pixels)
+        self.loaded.emit(image_id, pixels)
+
+
+def format_eta(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    seconds = int(round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+    if seconds >= 60:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds} s"
+
+
+class TagCommand(QUndoCommand):
+    """One tag change of one or more images; undo restores each image's previous tag."""
+
+    def __init__(self, window: "MainWindow", image_ids: list[int], new_tag: str, old_tags: dict[int, str]) -> None:
+        super().__init__(f"Tag {len(image_ids)} image(s) {new_tag}")
+        self._window = window
+        self._ids = image_ids
+        self._new = new_tag
+        self._old = old_tags
+
+    def redo(self) -> None:
+        self._window._write_tags(self._ids, self._new)
+
+    def undo(self) -> None:
+        by_tag: dict[str, list[int]] = {}
+        for image_id in self._ids:
+            by_tag.setdefault(self._old[image_id], []).append(image_id)
+        for tag, ids in by_tag.items():
+            self._window._write_tags(ids, tag)
+
+
+class StageTabs(QTabWidget):
+    """Tabs whose pages are scroll areas; `currentWidget()` and `setCurrentWidget()` speak of the panels."""
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.panel_of_page: dict[QWidget, QWidget] = {}
+
+    def currentWidget(self) -> QWidget:  # noqa: N802
+        page = super().currentWidget()
+        return self.panel_of_page.get(page, page)
+
+    def widget(self, index: int) -> QWidget:
+        page = super().widget(index)
+        return self.panel_of_page.get(page, page)
+
+    def setCurrentWidget(self, widget: QWidget) -> None:  # noqa: N802
+        for page, panel in self.panel_of_page.items():
+            if panel is widget:
+                super().setCurrentWidget(page)
+                return
+        super().setCurrentWidget(widget)
+
+
+class MainWindow(QMainWindow):
+    project_changed = Signal()
+    current_image_changed = Signal(object)  # image id or None
+    image_loaded = Signal(int)  # the current image's pixels are in the viewer
+    masks_changed = Signal()  # rounds or mask states changed
+    tags_changed = Signal()
+
+    def __init__(self, settings: QSettings | None = None) -> None:
+        super().__init__()
+        self.setObjectName("mainWindow")
+        self.setWindowTitle("defect-studio")
+        self.settings = settings or QSettings()
+        self.project: Project | None = None
+        self.current_image_id: int | None = None
+        self.current_pixels: np.ndarray | None = None
+        self.runners: list[JobRunner] = []
+        self.thumbnails: ThumbnailCache | None = None
+        self.tag_stack = QUndoStack(self)
+        self._actions: dict[str, QAction] = {}
+        self.image_loader = ImageLoader(self)
+        self.image_loader.loaded.connect(self._display_pixels)
+        self.image_loader.failed.connect(self._image_failed)
+
+        self._build_central()
+        self._build_gallery_dock()
+        self.editor = MaskEditor(self.viewer, self)
+        self.editor.mask_saved.connect(self._on_mask_saved)
+        self._build_stage_dock()
+        self._build_status_bar()
+        self._build_actions_and_menus()
+        self.import_runner = self.make_runner("Import")
+        self.import_runner.succeeded.connect(self._on_import_done)
+        self._restore_window_state()
+        self._update_title()
+        self._update_counts()
+        self.stage_tabs.currentChanged.connect(self._on_stage_changed)
+
+    # ================================================================= building
+    def _build_central(self) -> None:
+        self.viewer = ImageViewer(self)
+        self.center_stack = QStackedWidget(self)
+        self.center_stack.setObjectName("centerStack")
+        self.center_stack.addWidget(self.viewer)
+        self.empty_hint = QLabel(
+            "<h2>No project open</h2><p>File ▸ Open folder… (Ctrl+O) opens a project, or makes one from a folder of images."
+            "<br>File ▸ Open the demo project makes a small synthetic one to try the app on.</p>"
+        )
+        self.empty_hint.setObjectName("emptyHint")
+        self.empty_hint.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        self.empty_hint.setWordWrap(True)
+        self.center_stack.addWidget(self.empty_hint)
+        self.center_stack.setCurrentWidget(self.empty_hint)
+        self.setCentralWidget(self.center_stack)
+
+    def _build_gallery_dock(self) -> None:
+        dock = QDockWidget("Images", self)
+        dock.setObjectName("galleryDock")
+        dock.setFeatures(QDockWidget.DockWidgetFeature.DockWidgetMovable | QDockWidget.DockWidgetFeature.DockWidgetFloatable)
+        container = QWidget(dock)
+        layout = QVBoxLayout(container)
+        layout.setContentsMargins(6, 6, 6, 6)
+        self.filter_combo = QComboBox(container)
+        self.filter_combo.setObjectName("filterCombo")
+        self.filter_combo.setToolTip("Show only some images: untagged, good, defect, masks to review, flagged masks")
+        for key, label in FILTERS.items():
+            self.filter_combo.addItem(label, key)
+        self.filter_combo.currentIndexChanged.connect(lambda _: self.set_filter(self.filter_combo.currentData()))
+        self.gallery_model = GalleryModel(self)
+        self.gallery = GalleryView(container)
+        self.gallery.setModel(self.gallery_model)
+        self.gallery.selectionModel().currentChanged.connect(self._on_gallery_current)
+        self.gallery_count_label = QLabel(container)
+        self.gallery_count_label.setObjectName("galleryCount")
+        layout.addWidget(self.filter_combo)
+        layout.addWidget(self.gallery, 1)
+        layout.addWidget(self.gallery_count_label)
+        dock.setWidget(container)
+        dock.setMinimumWidth(300)
+        self._initial_dock_width = 430
+        self.addDockWidget(Qt.DockWidgetArea.LeftDockWidgetArea, dock)
+        self.gallery_dock = dock
+
+    def _build_stage_dock(self) -> None:
+        from defect_studio.gui.panels.cam_panel import CamPanel
+        from defect_studio.gui.panels.review_panel import ReviewPanel
+        from defect_studio.gui.panels.rounds_panel import RoundsPanel
+        from defect_studio.gui.panels.tag_panel import TagPanel
+        from defect_studio.gui.panels.train_panel import TrainPanel
+
+        dock = QDockWidget("Stages", self)
+        dock.setObjectName("stageDock")
+        dock.setFeatures(QDockWidget.DockWidgetFeature.DockWidgetMovable | QDockWidget.DockWidgetFeature.DockWidgetFloatable)
+        self.stage_tabs = StageTabs(dock)
+        self.stage_tabs.setObjectName("stageTabs")
+        self._panel_of_page = self.stage_tabs.panel_of_page
+        self.tag_panel = TagPanel(self)
+        self.train_panel = TrainPanel(self)
+        self.cam_panel = CamPanel(self)
+        self.review_panel = ReviewPanel(self)
+        self.rounds_panel = RoundsPanel(self)
+        for panel, title, tip in (
+            (self.tag_panel, "Tag", "Tag images good or defect (G / D / U)"),
+            (self.train_panel, "Train", "Train the good/defect classifier"),
+            (self.cam_panel, "CAMs", "Class activation maps: where the classifier sees the defect"),
+            (self.review_panel, "Review", "Review and edit the proposed masks (A / R / B / E)"),
+            (self.rounds_panel, "Rounds", "Refinement rounds, segmenter training and export"),
+        ):
+            # Scrollable, so the window fits small screens (1366 × 768 laptops) whatever a panel holds.
+            scroller = QScrollArea(self.stage_tabs)
+            scroller.setObjectName(f"{panel.objectName()}Scroll")
+            scroller.setWidgetResizable(True)
+            scroller.setFrameShape(QFrame.Shape.NoFrame)
+            scroller.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+            scroller.setWidget(panel)
+            scroller.viewport().setObjectName("stageViewport")
+            panel.setAttribute(Qt.WidgetAttribute.WA_StyledBackground, True)
+            panel.setProperty("stagePanel", True)
+            panel.setMinimumHeight(panel.minimumSizeHint().height())
+            self._panel_of_page[scroller] = panel
+            index = self.stage_tabs.addTab(scroller, title)
+            self.stage_tabs.setTabToolTip(index, tip)
+        dock.setWidget(self.stage_tabs)
+        dock.setMinimumWidth(360)
+        self.addDockWidget(Qt.DockWidgetArea.RightDockWidgetArea, dock)
+        self.stage_dock = dock
+
+    def _build_status_bar(self) -> None:
+        bar = self.statusBar()
+        self.device_label = QLabel(self)
+        self.device_label.setObjectName("deviceLabel")
+        self.device_label.setText(_device_text())
+        self.job_label = QLabel("", self)
+        self.job_label.setObjectName("jobLabel")
+        self.job_progress = QProgressBar(self)
+        self.job_progress.setObjectName("jobProgress")
+        self.job_progress.setMaximumWidth(180)
+        self.job_progress.setMaximumHeight(14)
+        self.job_progress.setTextVisible(False)
+        self.job_progress.setVisible(False)
+        self.job_cancel = QPushButton("Cancel", self)
+        self.job_cancel.setObjectName("statusCancel")
+        self.job_cancel.setToolTip("Cancel the running job; the previous results stay as they were")
+        self.job_cancel.setVisible(False)
+        self.job_cancel.clicked.connect(self._cancel_visible_job)
+        self.counts_label = QLabel(self)
+        self.counts_label.setObjectName("countsLabel")
+        bar.addWidget(self.device_label)
+        bar.addWidget(self.job_label, 1)
+        bar.addPermanentWidget(self.job_progress)
+        bar.addPermanentWidget(self.job_cancel)
+        bar.addPermanentWidget(self.counts_label)
+
+    def _action(self, name: str, text: str, slot: Callable[[], object], checkable: bool = False) -> QAction:
+        action = QAction(text, self)
+        action.setObjectName(f"action_{name}")
+        try:
+            entry = next(s for s in SHORTCUTS if s.action == name)
+        except StopIteration:
+            entry = None
+        if entry is not None:
+            action.setShortcuts([QKeySequence(key) for key in entry.keys])
+            action.setToolTip(f"{entry.description} ({entry.keys[0]})")
+            action.setStatusTip(entry.description)
+        action.setShortcutContext(Qt.ShortcutContext.WindowShortcut)
+        action.setCheckable(checkable)
+        action.triggered.connect(lambda *_: slot())
+        self.addAction(action)  # shortcuts work even while the menu bar is hidden
+        self._actions[name] = action
+        return action
+
+    def action(self, name: str) -> QAction:
+        return self._actions[name]
+
+    def _build_actions_and_menus(self) -> None:
+        menu = self.menuBar()
+        file_menu = menu.addMenu("&File")
+        file_menu.addAction(self._action("open_project", "&Open folder…", self.open_project_dialog))
+        file_menu.addAction(self._action("open_demo", "Open the &demo project", self.open_demo_project))
+        file_menu.addSeparator()
+        file_menu.addAction(self._action("export", "&Export segmenter…", lambda: self.rounds_panel.open_export_dialog()))
+        file_menu.addSeparator()
+        file_menu.addAction(self._action("quit", "&Quit", self.close))
+
+        edit_menu = menu.addMenu("&Edit")
+        edit_menu.addAction(self._action("undo", "&Undo", self.undo))
+        edit_menu.addAction(self._action("redo", "&Redo", self.redo))
+
+        tag_menu = menu.addMenu("&Tag")
+        tag_menu.addAction(self._action("tag_good", "Tag &good", lambda: self.tag_selected("good")))
+        tag_menu.addAction(self._action("tag_defect", "Tag &defect", lambda: self.tag_selected("defect")))
+        tag_menu.addAction(self._action("untag", "&Untag", lambda: self.tag_selected("untagged")))
+        tag_menu.addSeparator()
+        tag_menu.addAction(self._action("next_image", "&Next image", lambda: self.step_image(+1)))
+        tag_menu.addAction(self._action("previous_image", "&Previous image", lambda: self.step_image(-1)))
+
+        review_menu = menu.addMenu("&Review")
+        review_menu.addAction(self._action("accept_mask", "&Accept mask", lambda: self.review_panel.accept_current()))
+        review_menu.addAction(self._action("reject_mask", "&Reject mask", lambda: self.review_panel.reject_current()))
+        review_menu.addSeparator()
+        review_menu.addAction(self._action("brush", "&Brush", lambda: self.review_panel.choose_tool("brush")))
+        review_menu.addAction(self._action("eraser", "&Eraser", lambda: self.review_panel.choose_tool("eraser")))
+        review_menu.addAction(self._action("pan_tool", "&Pan / zoom", lambda: self.review_panel.choose_tool("")))
+        review_menu.addAction(self._action("brush_smaller", "Smaller brush", lambda: self.editor.set_brush_size(self.editor.brush_size - max(1, self.editor.brush_size // 6))))
+        review_menu.addAction(self._action("brush_larger", "Larger brush", lambda: self.editor.set_brush_size(self.editor.brush_size + max(1, self.editor.brush_size // 6))))
+        review_menu.addAction(self._action("fill_holes", "&Fill holes", lambda: self.review_panel.fill_holes()))
+
+        view_menu = menu.addMenu("&View")
+        view_menu.addAction(self._action("fit_view", "&Fit image", self.viewer.fit))
+        view_menu.addAction(self._action("toggle_overlay", "Show &overlays", self.toggle_overlays))
+        view_menu.addSeparator()
+        view_menu.addAction(self.gallery_dock.toggleViewAction())
+        view_menu.addAction(self.stage_dock.toggleViewAction())
+
+        help_menu = menu.addMenu("&Help")
+        help_menu.addAction(self._action("shortcut_sheet", "&Keyboard shortcuts", self.show_shortcut_sheet))
+        help_menu.addAction(self._action("show_log", "Where is the &log file?", self._show_log_location))
+        help_menu.addAction(self._action("about", "&About defect-studio", self._show_about))
+
+    # ================================================================= window state
+    def _restore_window_state(self) -> None:
+        geometry = self.settings.value("window/geometry")
+        state = self.settings.value("window/state")
+        if isinstance(geometry, QByteArray) and not geometry.isEmpty():
+            self.restoreGeometry(geometry)
+        else:
+            self.resize(1480, 900)
+            self.resizeDocks([self.gallery_dock, self.stage_dock], [self._initial_dock_width, 420], Qt.Orientation.Horizontal)
+        if isinstance(state, QByteArray) and not state.isEmpty():
+            self.restoreState(state)
+        tab = self.settings.value("window/stageTab", 0, type=int)
+        self.stage_tabs.setCurrentIndex(int(tab))
+
+    def _save_window_state(self) -> None:
+        self.settings.setValue("window/geometry", self.saveGeometry())
+        self.settings.setValue("window/state", self.saveState())
+        self.settings.setValue("window/stageTab", self.stage_tabs.currentIndex())
+        if self.project is not None:
+            self.settings.setValue("project/last", str(self.project.path))
+        self.settings.sync()
+
+    def closeEvent(self, event: QCloseEvent) -> None:  # noqa: N802
+        self._save_window_state()
+        self.shutdown()
+        super().closeEvent(event)
+
+    def shutdown(self) -> None:
+        """Save edits, stop and join every thread, close the project. Safe to call twice."""
+        try:
+            self.editor.flush()
+        except DefectStudioError as error:
+            log.warning("could not save the last edit: %s", error)
+        for runner in self.runners:
+            runner.shutdown()
+        self.cam_panel.shutdown()
+        self.image_loader.shutdown()
+        if self.thumbnails is not None:
+            self.thumbnails.shutdown()
+        self._close_project()
+
+    # ================================================================= jobs
+    def make_runner(self, title: str) -> JobRunner:
+        """A JobRunner whose progress shows in the status bar; joined when the window closes."""
+        runner = JobRunner(title, self)
+        runner.started.connect(lambda _title, r=runner: self._on_job_started(r))
+        runner.progress.connect(lambda event, r=runner: self._on_job_progress(r, event))
+        runner.finished.connect(lambda outcome, r=runner: self._on_job_finished(r, outcome))
+        runner.failed.connect(lambda error, details, r=runner: report_error(self, f"{r.title} failed", error, details))
+        self.runners.append(runner)
+        return runner
+
+    def busy_runners(self) -> list[JobRunner]:
+        return [runner for runner in self.runners if runner.busy]
+
+    def _on_job_started(self, runner: JobRunner) -> None:
+        self.job_label.setText(f"{runner.title}…")
+        self.job_progress.setRange(0, 0)
+        self.job_progress.setVisible(True)
+        self.job_cancel.setVisible(True)
+
+    def _on_job_progress(self, runner: JobRunner, event: Progress) -> None:
+        text = f"{runner.title}: {event.message or event.stage}"
+        if event.total:
+            self.job_progress.setRange(0, 1000)
+            self.job_progress.setValue(int(1000 * (event.fraction or 0)))
+            text += f"  ({event.step}/{event.total})"
+        if event.eta_s is not None:
+            text += f"  · {format_eta(event.eta_s)} left"
+        self.job_label.setText(text)
+
+    def _on_job_finished(self, runner: JobRunner, outcome: str) -> None:
+        still_running = self.busy_runners()
+        if still_running:
+            self.job_label.setText(f"{still_running[0].title}…")
+            return
+        self.job_progress.setVisible(False)
+        self.job_cancel.setVisible(False)
+        messages = {"succeeded": "finished", "cancelled": "cancelled; previous results kept", "failed": "failed"}
+        self.job_label.setText(f"{runner.title} {messages.get(outcome, outcome)}")
+
+    def _cancel_visible_job(self) -> None:
+        for runner in self.busy_runners():
+            runner.cancel()
+
+    # ================================================================= projects
+    def open_project_dialog(self) -> None:
+        start = self.settings.value("project/lastFolder", str(Path.home()))
+        folder = QFileDialog.getExistingDirectory(self, "Open a project, or a folder of images to make one from", str(start))
+        if folder:
+            self.settings.setValue("project/lastFolder", folder)
+            self.open_path(Path(folder))
+
+    def open_path(self, folder: Path) -> bool:
+        """Open the project at `folder` (or in `folder/.defect-studio`), else create one there and import."""
+        folder = Path(folder)
+        try:
+            if (folder / DB_NAME).is_file():
+                self.set_project(Project.open(folder))
+            elif (folder / PROJECT_SUBFOLDER / DB_NAME).is_file():
+                self.set_project(Project.open(folder / PROJECT_SUBFOLDER))
+            else:
+                return self.create_project(folder)
+        except DefectStudioError as error:
+            report_error(self, "Cannot open the project", error)
+            return False
+        return True
+
+    def create_project(self, image_dir: Path, project_dir: Path | None = None, labels_csv: Path | None = None) -> bool:
+        """Make a project of the images in `image_dir` and import them in the background."""
+        from defect_studio.project.importer import import_job
+
+        project_dir = project_dir or image_dir / PROJECT_SUBFOLDER
+        try:
+            project = Project.create(project_dir, image_dir)
+        except DefectStudioError as error:
+            report_error(self, "Cannot create the project", error)
+            return False
+        self.set_project(project)
+        self.import_runner.start(lambda cancel: import_job(project, image_dir, labels_csv, cancel), "Import images")
+        return True
+
+    def rescan_images(self) -> None:
+        """Import images added to the folder since (re-import is safe: known images are skipped)."""
+        from defect_studio.project.importer import import_job
+
+        project = self.project
+        if project is None:
+            return
+        self.import_runner.start(lambda cancel: import_job(project, project.image_root, None, cancel), "Import images")
+
+    def _on_import_done(self, report: object) -> None:
+        if isinstance(report, Path):  # the demo job returns the project folder to open
+            QTimer.singleShot(0, lambda: self.open_path(report))
+            return
+        self.refresh_gallery()
+        lines = getattr(report, "lines", None)
+        if callable(lines):
+            summary = lines()
+            self.statusBar().showMessage(summary[0], 8000)
+            if getattr(report, "skipped", None):
+                box = QMessageBox(QMessageBox.Icon.Information, "Import finished", "\n".join(summary[:30]), parent=self)
+                box.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
+                box.open()
+
+    def open_demo_project(self) -> None:
+        """Make (once) and open the synthetic demo project, in the background."""
+        from defect_studio.project.demo_project import default_demo_dir, make_demo_project
+
+        out_dir = default_demo_dir()
+        if (out_dir / "project" / DB_NAME).is_file():
+            self.open_path(out_dir / "project")
+            return
+
+        def demo_job(cancel):  # type: ignore[no-untyped-def]
+            yield Progress("demo", 0, 1, f"writing the demo images into {out_dir}")
+            path = make_demo_project(out_dir)
+            cancel.raise_if_cancelled()
+            yield Progress("demo", 1, 1, "done")
+            return path
+
+        runner = self.import_runner
+        runner.start(demo_job, "Make the demo project")
+
+    def set_project(self, project: Project | None) -> None:
+        """Show `project` (the window owns it from now on and closes it)."""
+        self._close_project()
+        self.project = project
+        self.tag_stack.clear()
+        self.editor.set_project(project)
+        if project is not None:
+            self.thumbnails = ThumbnailCache(project.cache_dir / "thumbs", parent=self)
+            self.center_stack.setCurrentWidget(self.viewer)
+            self.settings.setValue("project/last", str(project.path))
+        self.refresh_gallery()
+        self._update_title()
+        self.project_changed.emit()
+        if project is not None and self.gallery_model.rowCount() > 0:
+            self.select_row(0)
+
+    def _close_project(self) -> None:
+        if self.project is None:
+            return
+        try:
+            self.editor.flush()
+        except DefectStudioError as error:
+            log.warning("could not save the last edit: %s", error)
+        self.editor.set_project(None)
+        for runner in self.runners:
+            runner.shutdown()  # a job must not outlive the project it writes to
+        self.cam_panel.shutdown()
+        self.image_loader.shutdown()
+        if self.thumbnails is not None:
+            self.thumbnails.shutdown()
+            self.thumbnails.deleteLater()
+            self.thumbnails = None
+        self.project.close()
+        self.project = None
+        self.current_image_id = None
+        self.current_pixels = None
+        self.viewer.set_image(None)
+        self.center_stack.setCurrentWidget(self.empty_hint)
+
+    def _update_title(self) -> None:
+        if self.project is None:
+            self.setWindowTitle("defect-studio")
+        else:
+            self.setWindowTitle(f"{self.project.image_root.name} — defect-studio  [{self.project.path}]")
+
+    # ================================================================= rounds
+    @property
+    def current_round(self) -> int | None:
+        if self.project is None:
+            return None
+        rounds = self.project.rounds()
+        return rounds[-1].index if rounds else None
+
+    # ================================================================= gallery
+    def refresh_gallery(self) -> None:
+        """Reload records from the project (keeps the current image when it is still listed)."""
+        keep = self.current_image_id
+        if self.project is None:
+            self.gallery_model.set_items([], None)
+            self._update_counts()
+            return
+        round_index = self.current_round
+        states = {}
+        if round_index is not None:
+            states = {record.image_id: record for record in self.project.mask_records(round_index)}
+        items = []
+        for image in self.project.images():
+            record = states.get(image.id)
+            if record is not None and record.state == "proposed" and image.tag != "defect":
+                record = None  # a good image's empty mask needs no review: no badge, not in "to review"
+            items.append(GalleryItem(image.id, image.stem, image.path, image.sha256, image.tag,
+                                     record.state if record else None, bool(record.flagged) if record else False))
+        self.gallery_model.set_items(items, self.thumbnails)
+        self._update_counts()
+        if keep is not None and self.gallery_model.row_of(keep) is not None:
+            self.gallery.setCurrentIndex(self.gallery_model.index(self.gallery_model.row_of(keep)))
+
+    def set_filter(self, name: str) -> None:
+        if self.filter_combo.currentData() != name:
+            self.filter_combo.setCurrentIndex(self.filter_combo.findData(name))
+            return
+        keep = self.current_image_id
+        self.gallery_model.set_filter(name)
+        self._update_counts()
+        row = self.gallery_model.row_of(keep) if keep is not None else None
+        if row is not None:
+            self.select_row(row)
+        elif self.gallery_model.rowCount() > 0:
+            self.select_row(0)
+
+    def select_row(self, row: int) -> None:
+        index = self.gallery_model.index(row)
+        self.gallery.selectionModel().setCurrentIndex(index, QItemSelectionModel.SelectionFlag.ClearAndSelect)
+        self.gallery.scrollTo(index)
+
+    def select_image(self, image_id: int) -> bool:
+        row = self.gallery_model.row_of(image_id)
+        if row is None:
+            self.set_filter("all")
+            row = self.gallery_model.row_of(image_id)
+        if row is None:
+            return False
+        self.select_row(row)
+        return True
+
+    def step_image(self, step: int) -> None:
+        count = self.gallery_model.rowCount()
+        if count == 0:
+            return
+        current = self.gallery.currentIndex().row()
+        row = 0 if current < 0 else min(count - 1, max(0, current + step))
+        self.select_row(row)
+
+    def selected_image_ids(self) -> list[int]:
+        rows = sorted(index.row() for index in self.gallery.selectionModel().selectedIndexes())
+        ids = [self.gallery_model.item(row).image_id for row in rows]
+        if not ids and self.current_image_id is not None:
+            ids = [self.current_image_id]
+        return ids
+
+    def _on_gallery_current(self, current: QModelIndex, previous: QModelIndex) -> None:
+        image_id = current.data(IMAGE_ID_ROLE) if current.isValid() else None
+        self.show_image(image_id)
+
+    def show_image(self, image_id: int | None) -> None:
+        if image_id == self.current_image_id:
+            return
+        try:
+            self.editor.flush()  # leaving an image never loses its edit
+        except DefectStudioError as error:
+            report_error(self, "Cannot save the mask", error)
+        self.current_image_id = image_id
+        self.current_pixels = None
+        if image_id is None or self.project is None:
+            self.viewer.set_image(None)
+        else:
+            image = self.project.image(image_id)
+            cached = self.image_loader.cached(image_id)
+            if cached is not None:
+                self._display_pixels(image_id, cached)
+            elif image.width * image.height <= SYNC_DECODE_PIXELS:
+                # Small images decode in a few milliseconds: show them at once (and keep keyboard flow exact).
+                try:
+                    self._display_pixels(image_id, self.image_loader.load_now(image_id, image.path))
+                except DefectStudioError as error:
+                    self._image_failed(image_id, str(error))
+            else:  # a large image decodes in the background; the viewer shows it when it is ready
+                self.viewer.set_image(None)
+                self.image_loader.request(image_id, image.path)
+            self.viewer.set_title(f" {image.stem} · {image.width}×{image.height} · {image.tag} ")
+            self._prefetch_neighbour()
+        self.current_image_changed.emit(image_id)
+
+    def _display_pixels(self, image_id: int, pixels: np.ndarray) -> None:
+        if image_id != self.current_image_id:
+            return  # the user has moved on
+        self.current_pixels = pixels
+        self.viewer.set_image(pixels, fit=False)
+        self.image_loaded.emit(image_id)
+
+    def _image_failed(self, image_id: int, message: str) -> None:
+        if image_id == self.current_image_id:
+            self.viewer.set_image(None)
+            self.statusBar().showMessage(message, 8000)
+
+    def _prefetch_neighbour(self) -> None:
+        """Decode the next image in the gallery in the background, so J / → shows it at once."""
+        row = self.gallery.currentIndex().row()
+        if self.project is None or row < 0 or row + 1 >= self.gallery_model.rowCount():
+            return
+        item = self.gallery_model.item(row + 1)
+        self.image_loader.request(item.image_id, item.path)
+
+    # ================================================================= tagging
+    def tag_selected(self, tag: str) -> None:
+        if self.project is None:
+            return
+        ids = self.selected_image_ids()
+        if not ids:
+            return
+        old = {image_id: self.gallery_model.item_by_id(image_id).tag for image_id in ids}  # type: ignore[union-attr]
+        if all(value == tag for value in old.values()):
+            return
+        self.tag_stack.push(TagCommand(self, ids, tag, old))
+        if len(ids) == 1 and self.stage_tabs.currentWidget() is self.tag_panel:
+            self.step_image(+1)  # keyboard flow: tag, next, tag, next...
+
+    def _write_tags(self, ids: list[int], tag: str) -> None:
+        assert self.project is not None
+        try:
+            self.project.set_tags(ids, tag, source="user")
+        except DefectStudioError as error:
+            report_error(self, "Cannot save the tags", error)
+            return
+        self.gallery_model.update_tags(ids, tag)
+        if self.current_image_id in ids and self.project is not None:
+            image = self.project.image(self.current_image_id)
+            self.viewer.set_title(f" {image.stem} · {image.width}×{image.height} · {image.tag} ")
+        self._update_counts()
+        self.tags_changed.emit()
+
+    # ================================================================= undo / redo
+    def _undo_target(self) -> QUndoStack | None:
+        """In the Review tab undo goes to the image's mask strokes; elsewhere to the tag changes."""
+        if self.stage_tabs.currentWidget() is self.review_panel and self.editor.undo_stack is not None:
+            return self.editor.undo_stack
+        return self.tag_stack
+
+    def undo(self) -> None:
+        stack = self._undo_target()
+        if stack is not None and stack.canUndo():
+            stack.undo()
+
+    def redo(self) -> None:
+        stack = self._undo_target()
+        if stack is not None and stack.canRedo():
+            stack.redo()
+
+    # ================================================================= masks
+    def _on_mask_saved(self, image_id: int, round_index: int, state: str) -> None:
+        if round_index == self.current_round:
+            self.gallery_model.update_mask_state(image_id, state)
+        self._update_counts()
+
+    def notify_masks_changed(self) -> None:
+        """Rounds or mask records changed (new proposals, a new round): refresh everything."""
+        self.refresh_gallery()
+        self.masks_changed.emit()
+
+    def toggle_overlays(self) -> None:
+        visible = not self.viewer.mask_layer.isVisible()
+        for item in (self.viewer.mask_layer, self.viewer.heat_item, self.viewer.outline_item):
+            item.setVisible(visible if item is not self.viewer.heat_item else visible and self.viewer.heatmap is not None)
+
+    def _on_stage_changed(self, index: int) -> None:
+        widget = self.stage_tabs.widget(index)
+        for panel in (self.tag_panel, self.train_panel, self.cam_panel, self.review_panel, self.rounds_panel):
+            active = panel is widget
+            handler = getattr(panel, "stage_activated", None)
+            if active and handler is not None:
+                handler()
+            deactivate = getattr(panel, "stage_deactivated", None)
+            if not active and deactivate is not None:
+                deactivate()
+
+    def _update_counts(self) -> None:
+        counts = self.gallery_model.counts()
+        text = (f"{counts['images']} images · {counts.get('good', 0)} good · {counts.get('defect', 0)} defect · "
+                f"{counts.get('untagged', 0)} untagged")
+        round_index = self.current_round if self.project is not None else None
+        if round_index is not None:
+            text += f" · round {round_index}: {counts['to_review']} to review"
+        self.counts_label.setText(text)
+        self.gallery_count_label.setText(f"{self.gallery_model.rowCount()} shown of {counts['images']}")
+
+    # ================================================================= help
+    def show_shortcut_sheet(self) -> None:
+        dialog = QDialog(self)
+        dialog.setObjectName("shortcutSheet")
+        dialog.setWindowTitle("Keyboard shortcuts")
+        layout = QVBoxLayout(dialog)
+        text = QTextBrowser(dialog)
+        text.setHtml(html_sheet())
+        text.setMinimumSize(560, 560)
+        layout.addWidget(text)
+        buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Close, dialog)
+        buttons.rejected.connect(dialog.close)
+        layout.addWidget(buttons)
+        dialog.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
+        dialog.open()
+        self.shortcut_dialog = dialog
+
+    def _show_log_location(self) -> None:
+        box = QMessageBox(QMessageBox.Icon.Information, "Log file", f"Details of errors are written to\n{log_file()}", parent=self)
+        box.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
+        box.open()
+
+    def _show_about(self) -> None:
+        from defect_studio import __version__
+
+        box = QMessageBox(QMessageBox.Icon.Information, "About defect-studio",
+                          f"defect-studio {__version__}\nFrom images tagged good/defect to a pixel-level defect segmenter.",
+                          parent=self)
+        box.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
+        box.open()
+
+
+def _device_text() -> str:
+    try:
+        from defect_studio.ml.device import describe_device
+
+        return f"Device: {describe_device()}"
+    except Exception as error:  # torch missing or broken: the app still tags and reviews
+        log.warning("no device description: %s", error)
+        return "Device: unavailable"
+

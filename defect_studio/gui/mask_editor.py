@@ -1,0 +1,314 @@
+"""The mask editor: brush and eraser strokes, fill holes, clear, revert, with one undo step per stroke.
+
+Each image gets its own `QUndoStack` (gathered in a `QUndoGroup`, whose active stack follows the
+image on screen). A stroke's undo command keeps only its bounding box and the pixels that were
+there before; undo and redo swap those pixels with the mask's, so no second copy is stored.
+Edits are written through `project.save_edited_mask` (atomic) shortly after each change and at
+once when the user leaves the image, accepts, or closes the window.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+from PySide6.QtCore import QObject, QTimer, Signal
+from PySide6.QtGui import QUndoCommand, QUndoGroup, QUndoStack
+from scipy import ndimage
+
+from defect_studio.gui.viewer import ImageViewer
+from defect_studio.project import Project
+
+log = logging.getLogger(__name__)
+
+MIN_BRUSH, MAX_BRUSH = 1, 256
+AUTOSAVE_DELAY_MS = 400
+
+
+@dataclass
+class MaskEditSession:
+    """The editable mask of one image in one round (uint8 0/1 so OpenCV can draw on it)."""
+
+    image_id: int
+    round_index: int
+    mask: np.ndarray
+    stack: QUndoStack
+    unsaved: bool = False
+    stroke_count: int = field(default=0)
+    scratch: bool = False  # never saved (benchmarks, previews)
+
+
+class RegionSwapCommand(QUndoCommand):
+    """Undo/redo by swapping a rectangle of the mask with the stored pixels.
+
+    Created after the change was applied, holding the *old* pixels; the first redo (done by
+    QUndoStack.push) is therefore skipped.
+    """
+
+    def __init__(self, editor: "MaskEditor", session: MaskEditSession, box: tuple[int, int, int, int],
+                 old_pixels: np.ndarray, text: str) -> None:
+        super().__init__(text)
+        self._editor = editor
+        self._session = session
+        self._box = box
+        self._stored = old_pixels
+        self._applied = True
+
+    def _swap(self) -> None:
+        x0, y0, x1, y1 = self._box
+        region = self._session.mask[y0:y1, x0:x1]
+        current = region.copy()
+        region[...] = self._stored
+        self._stored = current
+        self._editor._changed(self._session, self._box)
+
+    def redo(self) -> None:
+        if self._applied:
+            self._applied = False
+            return
+        self._swap()
+
+    def undo(self) -> None:
+        self._swap()
+
+    @property
+    def stored_bytes(self) -> int:
+        return int(self._stored.nbytes)
+
+
+class MaskEditor(QObject):
+    """Edits the mask of the image shown in `viewer`; one session per (image, round)."""
+
+    tool_changed = Signal(str)  # "brush", "eraser" or "" (pan)
+    brush_size_changed = Signal(int)
+    mask_saved = Signal(int, int, str)  # image id, round, state
+    mask_changed = Signal()
+
+    def __init__(self, viewer: ImageViewer, parent: QObject | None = None) -> None:
+        super().__init__(parent)
+        self.viewer = viewer
+        self.project: Project | None = None
+        self.undo_group = QUndoGroup(self)
+        self.session: MaskEditSession | None = None
+        self._sessions: dict[tuple[int, int], MaskEditSession] = {}
+        self.tool = ""
+        self.brush_size = 15
+        self._stroke_snapshot: np.ndarray | None = None
+        self._stroke_box: list[int] | None = None
+        self._last_point: tuple[int, int] | None = None
+        self._hover: tuple[float, float] | None = None
+        self._autosave = QTimer(self)
+        self._autosave.setSingleShot(True)
+        self._autosave.setInterval(AUTOSAVE_DELAY_MS)
+        self._autosave.timeout.connect(self.flush)
+        layer = viewer.mask_layer
+        layer.on_press = self._press
+        layer.on_move = self._move
+        layer.on_release = self._release
+        layer.on_hover = self._hovered
+        viewer.ctrl_wheel.connect(lambda steps: self.set_brush_size(self.brush_size + steps * max(1, self.brush_size // 8)))
+
+    # --- sessions ------------------------------------------------------------------------------
+    def set_project(self, project: Project | None) -> None:
+        self.flush()
+        self.close_session()
+        for session in self._sessions.values():
+            self.undo_group.removeStack(session.stack)
+            session.stack.deleteLater()
+        self._sessions.clear()
+        self.project = project
+
+    def open(self, image_id: int, round_index: int, mask: np.ndarray, scratch: bool = False) -> MaskEditSession:
+        """Edit `mask` (the round's current mask) of an image; an earlier session keeps its undo history.
+
+        A `scratch` session is never written to the project."""
+        self.flush()
+        key = (image_id, round_index)
+        session = self._sessions.get(key)
+        if session is None or session.mask.shape != mask.shape:
+            stack = QUndoStack(self)
+            self.undo_group.addStack(stack)
+            session = MaskEditSession(image_id, round_index, (mask > 0).astype(np.uint8), stack, scratch=scratch)
+            self._sessions[key] = session
+        self.session = session
+        self.undo_group.setActiveStack(session.stack)
+        self.viewer.mask_layer.set_mask(session.mask)
+        self.viewer.mask_layer.set_tool_active(bool(self.tool))
+        return session
+
+    def close_session(self) -> None:
+        self.flush()
+        self.session = None
+        self.undo_group.setActiveStack(None)
+        self.viewer.mask_layer.set_mask(None)
+        self.viewer.show_cursor(None, 0)
+
+    def forget(self, image_id: int, round_index: int) -> None:
+        """Drop the session (after an outside change such as revert); its undo history goes with it."""
+        session = self._sessions.pop((image_id, round_index), None)
+        if session is not None:
+            if session is self.session:
+                self.session = None
+                self.undo_group.setActiveStack(None)
+            self.undo_group.removeStack(session.stack)
+            session.stack.deleteLater()
+
+    @property
+    def undo_stack(self) -> QUndoStack | None:
+        return self.session.stack if self.session is not None else None
+
+    # --- tools -----------------------------------------------------------------------------------
+    def set_tool(self, tool: str) -> None:
+        if tool not in ("", "brush", "eraser"):
+            raise ValueError(tool)
+        self.tool = tool
+        self.viewer.mask_layer.set_tool_active(bool(tool) and self.session is not None)
+        self.viewer.view_box.setMouseEnabled(x=True, y=True)
+        self._update_cursor()
+        self.tool_changed.emit(tool)
+
+    def set_brush_size(self, size: int) -> None:
+        self.brush_size = int(min(MAX_BRUSH, max(MIN_BRUSH, size)))
+        self._update_cursor()
+        self.brush_size_changed.emit(self.brush_size)
+
+    def _update_cursor(self) -> None:
+        position = self._hover if (self.tool and self.session is not None) else None
+        self.viewer.show_cursor(position, self.brush_size)
+
+    def _hovered(self, position: tuple[float, float] | None) -> None:
+        self._hover = position
+        self._update_cursor()
+
+    # --- strokes ---------------------------------------------------------------------------------
+    def _press(self, x: float, y: float) -> None:
+        if self.session is None or not self.tool:
+            return
+        self._stroke_snapshot = self.session.mask.copy()
+        point = (int(round(x - 0.5)), int(round(y - 0.5)))
+        self._stroke_box = [point[0], point[1], point[0] + 1, point[1] + 1]
+        self._last_point = point
+        self._paint_segment(point, point)
+
+    def _move(self, x: float, y: float) -> None:
+        if self._last_point is None:
+            return
+        point = (int(round(x - 0.5)), int(round(y - 0.5)))
+        if point != self._last_point:
+            self._paint_segment(self._last_point, point)
+            self._last_point = point
+
+    def _release(self, x: float, y: float) -> None:
+        if self._last_point is None:
+            return
+        self._move(x, y)
+        self.end_stroke()
+
+    def _paint_segment(self, start: tuple[int, int], end: tuple[int, int]) -> None:
+        """Draw a round-capped line of the brush's width from start to end; repaint only its box."""
+        assert self.session is not None and self._stroke_box is not None
+        mask = self.session.mask
+        height, width = mask.shape
+        value = 1 if self.tool == "brush" else 0
+        radius = self.brush_size / 2.0
+        reach = int(np.ceil(radius)) + 1
+        x0 = max(0, min(start[0], end[0]) - reach)
+        y0 = max(0, min(start[1], end[1]) - reach)
+        x1 = min(width, max(start[0], end[0]) + reach + 1)
+        y1 = min(height, max(start[1], end[1]) + reach + 1)
+        if x1 <= x0 or y1 <= y0:
+            return
+        # Draw on the sub-array only: OpenCV then touches (and we recolour) just this rectangle.
+        region = mask[y0:y1, x0:x1]
+        local_start = (start[0] - x0, start[1] - y0)
+        local_end = (end[0] - x0, end[1] - y0)
+        if self.brush_size <= 1:
+            cv2.line(region, local_start, local_end, value, 1, cv2.LINE_8)
+        else:
+            draw_radius = max(0, int(round(radius - 0.5)))
+            cv2.circle(region, local_end, draw_radius, value, -1, cv2.LINE_8)
+            if local_start != local_end:
+                cv2.circle(region, local_start, draw_radius, value, -1, cv2.LINE_8)
+                cv2.line(region, local_start, local_end, value, 2 * draw_radius + 1, cv2.LINE_8)
+        box = self._stroke_box
+        box[0], box[1], box[2], box[3] = min(box[0], x0), min(box[1], y0), max(box[2], x1), max(box[3], y1)
+        self.viewer.mask_layer.refresh(x0, y0, x1, y1)
+
+    def end_stroke(self) -> None:
+        session, snapshot, box = self.session, self._stroke_snapshot, self._stroke_box
+        self._stroke_snapshot = self._stroke_box = self._last_point = None
+        if session is None or snapshot is None or box is None:
+            return
+        height, width = session.mask.shape
+        x0, y0, x1, y1 = max(0, box[0]), max(0, box[1]), min(width, box[2]), min(height, box[3])
+        old = snapshot[y0:y1, x0:x1].copy()
+        if np.array_equal(old, session.mask[y0:y1, x0:x1]):
+            return  # nothing changed: no undo step, nothing to save
+        session.stroke_count += 1
+        label = "Brush stroke" if self.tool == "brush" else "Eraser stroke"
+        session.stack.push(RegionSwapCommand(self, session, (x0, y0, x1, y1), old, label))
+        self._changed(session, (x0, y0, x1, y1), refresh=False)
+
+    # --- whole-mask operations ------------------------------------------------------------------
+    def _replace_all(self, new_mask: np.ndarray, text: str) -> bool:
+        session = self.session
+        if session is None:
+            return False
+        new_mask = (new_mask > 0).astype(np.uint8)
+        if np.array_equal(new_mask, session.mask):
+            return False
+        old = session.mask.copy()
+        session.mask[...] = new_mask
+        height, width = session.mask.shape
+        box = (0, 0, width, height)
+        session.stack.push(RegionSwapCommand(self, session, box, old, text))
+        self._changed(session, box)
+        return True
+
+    def fill_holes(self) -> bool:
+        if self.session is None:
+            return False
+        return self._replace_all(ndimage.binary_fill_holes(self.session.mask > 0), "Fill holes")
+
+    def clear(self) -> bool:
+        if self.session is None:
+            return False
+        return self._replace_all(np.zeros_like(self.session.mask), "Clear mask")
+
+    def replace_with(self, mask: np.ndarray, text: str = "Revert to proposal") -> bool:
+        return self._replace_all(mask, text)
+
+    # --- saving --------------------------------------------------------------------------------
+    def _changed(self, session: MaskEditSession, box: tuple[int, int, int, int], refresh: bool = True) -> None:
+        session.unsaved = True
+        if refresh and session is self.session:
+            self.viewer.mask_layer.refresh(*box)
+        self._autosave.start()
+        self.mask_changed.emit()
+
+    def flush(self) -> None:
+        """Save every unsaved edit now (atomic PNG + database row through the project)."""
+        self._autosave.stop()
+        if self.project is None:
+            return
+        for session in self._sessions.values():
+            if session.unsaved and not session.scratch:
+                record = self.project.save_edited_mask(session.image_id, session.round_index, session.mask > 0)
+                session.unsaved = False
+                self.mask_saved.emit(session.image_id, session.round_index, record.state)
+
+    def current_mask(self) -> np.ndarray | None:
+        return None if self.session is None else self.session.mask > 0
+
+    def undo_bytes(self) -> int:
+        """Memory held by the current image's undo history (for tests and the status bar)."""
+        if self.session is None:
+            return 0
+        stack = self.session.stack
+        total = 0
+        for i in range(stack.count()):
+            command = stack.command(i)
+            total += getattr(command, "stored_bytes", 0)
+        return total

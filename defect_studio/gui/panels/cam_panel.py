@@ -1,0 +1,473 @@
+"""CAM stage: the selected method's heatmap over the image, opacity, live threshold outline, and a
+side-by-side comparison of all methods with linked zoom/pan. Maps come from the CAM cache, or
+are computed for the shown image in the background (then cached by the core's `cam_job`)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from PySide6.QtCore import Qt, Signal
+from PySide6.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QDoubleSpinBox,
+    QLineEdit,
+    QSpinBox,
+    QFormLayout,
+    QGridLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QPushButton,
+    QSlider,
+    QVBoxLayout,
+    QWidget,
+)
+
+from defect_studio.gui.panels.common import JobRow, not_available_text, optional_module
+from defect_studio.gui.viewer import HEATMAP_COLORMAPS, ImageViewer
+
+if TYPE_CHECKING:
+    from defect_studio.gui.main_window import MainWindow
+
+METHOD_NAMES = {
+    "gradcam": "Grad-CAM",
+    "gradcampp": "Grad-CAM++",
+    "layercam": "LayerCAM",
+    "fgbp": "FGBP",
+    "region-aware": "Region-aware",
+}
+
+
+class CompareView(QWidget):
+    """One viewer per method, zoom and pan linked to the first."""
+
+    def __init__(self, methods: list[str], parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.setObjectName("compareView")
+        grid = QGridLayout(self)
+        grid.setContentsMargins(0, 0, 0, 0)
+        grid.setSpacing(2)
+        self.viewers: dict[str, ImageViewer] = {}
+        columns = 3 if len(methods) > 4 else 2
+        for position, method in enumerate(methods):
+            viewer = ImageViewer(self, title=f" {METHOD_NAMES.get(method, method)} ")
+            viewer.setObjectName(f"compare_{method}")
+            if self.viewers:
+                viewer.link_to(next(iter(self.viewers.values())))
+            self.viewers[method] = viewer
+            grid.addWidget(viewer, position // columns, position % columns)
+
+
+class CamSettingsForm(QWidget):
+    """The chosen method's settings (names, defaults and help from the core's SETTING_SPECS)."""
+
+    changed = Signal()
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.layout_ = QFormLayout(self)
+        self.layout_.setContentsMargins(0, 0, 0, 0)
+        self._getters: dict[str, Any] = {}
+        self._defaults: dict[str, Any] = {}
+
+    def show_method(self, specs: Any, values: dict[str, Any]) -> None:
+        while self.layout_.rowCount():
+            self.layout_.removeRow(0)
+        self._getters.clear()
+        self._defaults = {spec.name: spec.default for spec in specs}
+        for spec in specs:
+            value = values.get(spec.name, spec.default)
+            label = spec.name.replace("_", " ")
+            if isinstance(spec.default, bool):
+                widget: QWidget = QCheckBox(self)
+                widget.setChecked(bool(value))
+                widget.toggled.connect(lambda _=False: self.changed.emit())
+                self._getters[spec.name] = widget.isChecked
+            elif isinstance(spec.default, int):
+                widget = QSpinBox(self)
+                widget.setRange(1, 4 if spec.name == "stage" else 10_000)
+                widget.setValue(int(value))
+                widget.editingFinished.connect(self.changed.emit)
+                self._getters[spec.name] = widget.value
+            elif isinstance(spec.default, float):
+                widget = QDoubleSpinBox(self)
+                widget.setDecimals(3)
+                widget.setRange(0.0, 100.0)
+                widget.setSingleStep(0.05)
+                widget.setValue(float(value))
+                widget.editingFinished.connect(self.changed.emit)
+                self._getters[spec.name] = widget.value
+            else:
+                widget = QLineEdit(", ".join(str(v) for v in value) if isinstance(value, list) else str(value), self)
+                widget.editingFinished.connect(self.changed.emit)
+                self._getters[spec.name] = widget.text
+            widget.setToolTip(spec.description)
+            widget.setObjectName(f"cam_{spec.name}")
+            self.layout_.addRow(label, widget)
+
+    def values(self) -> dict[str, Any]:
+        """Only the settings that differ from the defaults (so default maps share one cache key)."""
+        values = {}
+        for name, getter in self._getters.items():
+            value = getter()
+            default = self._defaults[name]
+            if isinstance(default, list):
+                value = [int(part) for part in str(value).replace("[", "").replace("]", "").split(",") if part.strip()]
+            if value != default:
+                values[name] = value
+        return values
+
+
+class CamPanel(QWidget):
+    def __init__(self, window: "MainWindow") -> None:
+        super().__init__(window)
+        self.setObjectName("camPanel")
+        self.window_ = window
+        self.runner = window.make_runner("Compute CAMs")
+        self.methods: list[str] = []
+        self.active = False
+        self._checkpoint_hash: dict[str, str] = {}  # checkpoint path -> the hash the cache is keyed by
+        self._pending: list[tuple[int, str]] = []  # (image id, method) still to compute for the screen
+        self._current_map: np.ndarray | None = None
+        self.compare_view: CompareView | None = None
+
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(10, 10, 10, 10)
+        layout.setSpacing(8)
+        self.availability = QLabel(self)
+        self.availability.setWordWrap(True)
+        layout.addWidget(self.availability)
+
+        box = QGroupBox("Heatmap", self)
+        form = QFormLayout(box)
+        self.method_combo = QComboBox(box)
+        self.method_combo.setObjectName("camMethod")
+        self.method_combo.setToolTip("Which class activation map to show")
+        self.method_combo.currentIndexChanged.connect(lambda _: self._method_changed())
+        form.addRow("Method", self.method_combo)
+        self.colormap_combo = QComboBox(box)
+        for name in HEATMAP_COLORMAPS:
+            self.colormap_combo.addItem(name, name)
+        self.colormap_combo.currentIndexChanged.connect(self._colormap_changed)
+        form.addRow("Colormap", self.colormap_combo)
+        self.opacity_slider = QSlider(Qt.Orientation.Horizontal, box)
+        self.opacity_slider.setObjectName("camOpacity")
+        self.opacity_slider.setRange(0, 100)
+        self.opacity_slider.setValue(55)
+        self.opacity_slider.setToolTip("Opacity of the heatmap over the image")
+        self.opacity_slider.valueChanged.connect(self._opacity_changed)
+        form.addRow("Opacity", self.opacity_slider)
+        threshold_row = QHBoxLayout()
+        self.threshold_slider = QSlider(Qt.Orientation.Horizontal, box)
+        self.threshold_slider.setObjectName("camThreshold")
+        self.threshold_slider.setRange(0, 100)
+        self.threshold_slider.setValue(50)
+        self.threshold_slider.setToolTip("The outline shows where the map is at least this high: the mask this threshold would give")
+        self.threshold_slider.valueChanged.connect(self._threshold_changed)
+        self.threshold_label = QLabel("0.50", box)
+        self.threshold_label.setMinimumWidth(34)
+        threshold_row.addWidget(self.threshold_slider, 1)
+        threshold_row.addWidget(self.threshold_label)
+        form.addRow("Threshold", threshold_row)
+        self.outline_check = QCheckBox("Show the thresholded outline", box)
+        self.outline_check.setChecked(True)
+        self.outline_check.toggled.connect(lambda _: self._update_outline())
+        form.addRow("", self.outline_check)
+        self.compare_check = QCheckBox("Compare all methods side by side", box)
+        self.compare_check.setObjectName("camCompare")
+        self.compare_check.setToolTip("One view per method on the same image; zoom and pan move together")
+        self.compare_check.toggled.connect(self.set_compare)
+        form.addRow("", self.compare_check)
+        layout.addWidget(box)
+
+        settings_box = QGroupBox("Method settings", self)
+        settings_layout = QVBoxLayout(settings_box)
+        self.settings_form = CamSettingsForm(settings_box)
+        self.settings_form.changed.connect(self._settings_changed)
+        settings_layout.addWidget(self.settings_form)
+        self.settings_error = QLabel(settings_box)
+        self.settings_error.setWordWrap(True)
+        self.settings_error.setStyleSheet("color:#f85149")
+        self.settings_error.setVisible(False)
+        settings_layout.addWidget(self.settings_error)
+        layout.addWidget(settings_box)
+
+        actions = QHBoxLayout()
+        self.all_button = QPushButton("Compute for all images", self)
+        self.all_button.setToolTip("Fill the CAM cache for every image with the selected method, in the background")
+        self.all_button.clicked.connect(self.compute_all)
+        actions.addWidget(self.all_button)
+        actions.addStretch(1)
+        layout.addLayout(actions)
+        layout.addWidget(JobRow(self.runner, self))
+        self.status_label = QLabel(self)
+        self.status_label.setObjectName("camStatus")
+        self.status_label.setWordWrap(True)
+        layout.addWidget(self.status_label)
+        layout.addStretch(1)
+
+        self.runner.succeeded.connect(self._on_job_done)
+        self.runner.finished.connect(lambda _: self._next_pending())
+        window.current_image_changed.connect(lambda _: self.update_overlay() if self.active else None)
+        window.image_loaded.connect(lambda _: self.update_overlay(request=False) if self.active and self.compare_check.isChecked() else None)
+        window.project_changed.connect(self.refresh)
+        window.project_changed.connect(lambda: self._method_changed() if self.methods else None)
+        self.refresh()
+
+    # --- availability ------------------------------------------------------------------------------
+    def _modules(self) -> tuple[Any, Any] | None:
+        cams = optional_module("defect_studio.ml.cams", "CAM_METHODS")
+        cache = optional_module("defect_studio.ml.cam_cache", "CamCache", "cam_job")
+        classifier = optional_module("defect_studio.ml.classifier", "load_classifier")
+        if cams is None or cache is None or classifier is None:
+            return None
+        return cams, cache
+
+    def refresh(self) -> None:
+        modules = self._modules()
+        if modules is not None and not self.methods:
+            self.methods = list(modules[0].CAM_METHODS)
+            self.method_combo.blockSignals(True)
+            for method in self.methods:
+                self.method_combo.addItem(METHOD_NAMES.get(method, method), method)
+            default = self.window_.project.get_setting("gui.cam_method") if self.window_.project else None
+            if default in self.methods:
+                self.method_combo.setCurrentIndex(self.methods.index(default))
+            self.method_combo.blockSignals(False)
+            self._method_changed()
+        self.availability.setVisible(modules is None)
+        self.availability.setText(not_available_text("The CAM viewer") if modules is None else "")
+        run = self._classifier_run()
+        enabled = modules is not None and run is not None
+        for widget in (self.method_combo, self.all_button, self.compare_check):
+            widget.setEnabled(enabled)
+        if self.window_.project is None:
+            self.status_label.setText("")
+        elif run is None:
+            self.status_label.setText("Train a classifier first (Train tab); its CAMs show here.")
+        if self.active:
+            self.update_overlay()
+
+    def classifier_changed(self) -> None:
+        self.refresh()
+
+    def _classifier_run(self) -> Any:
+        project = self.window_.project
+        return project.latest_run("classifier") if project is not None else None
+
+    @property
+    def method(self) -> str | None:
+        return self.method_combo.currentData()
+
+    def settings_for(self, method: str) -> dict[str, Any]:
+        """The user's settings of `method` (only those changed from the defaults), kept in the project."""
+        project = self.window_.project
+        stored = project.get_setting("gui.cam_settings") if project is not None else None
+        return dict((stored or {}).get(method, {})) if isinstance(stored, dict) else {}
+
+    def _method_changed(self) -> None:
+        cams = optional_module("defect_studio.ml.cams", "SETTING_SPECS")
+        method = self.method
+        if cams is not None and method is not None:
+            self.settings_form.show_method(cams.SETTING_SPECS[method], {**cams.default_settings(method), **self.settings_for(method)})
+        self.settings_error.setVisible(False)
+        self.update_overlay()
+
+    def _settings_changed(self) -> None:
+        project, method = self.window_.project, self.method
+        cams = optional_module("defect_studio.ml.cams", "resolve_settings")
+        if project is None or method is None or cams is None:
+            return
+        values = self.settings_form.values()
+        try:
+            cams.resolve_settings(method, values)
+        except Exception as error:  # a CamSettingsError: say what is wrong next to the form
+            self.settings_error.setText(str(error))
+            self.settings_error.setVisible(True)
+            return
+        self.settings_error.setVisible(False)
+        stored = project.get_setting("gui.cam_settings") or {}
+        if stored.get(method, {}) == values:
+            return
+        project.set_setting("gui.cam_settings", {**stored, method: values})
+        self._pending.clear()
+        self.update_overlay()
+
+    def set_method(self, method: str) -> None:
+        self.method_combo.setCurrentIndex(self.methods.index(method))
+
+    # --- stage switching ---------------------------------------------------------------------------
+    def stage_activated(self) -> None:
+        self.active = True
+        self.refresh()
+
+    def stage_deactivated(self) -> None:
+        if not self.active:
+            return
+        self.active = False
+        self._pending.clear()
+        self.window_.viewer.set_heatmap(None)
+        self.window_.viewer.set_outline(None)
+        if self.compare_check.isChecked():
+            self.compare_check.setChecked(False)
+
+    def shutdown(self) -> None:
+        self._pending.clear()
+        self.runner.shutdown()
+
+    # --- maps --------------------------------------------------------------------------------------
+    def cached_map(self, image_id: int, method: str) -> np.ndarray | None:
+        modules = self._modules()
+        run = self._classifier_run()
+        project = self.window_.project
+        if modules is None or run is None or project is None:
+            return None
+        image = project.image(image_id)
+        checkpoint_hash = self._checkpoint_hash.get(str(run.checkpoint_path), run.checkpoint_sha256)
+        cam_map = modules[1].CamCache(project.cache_dir).get(image.sha256, checkpoint_hash, method, self.settings_for(method))
+        if cam_map is not None and cam_map.shape != (image.height, image.width):
+            return None
+        return cam_map
+
+    def _request(self, image_id: int, method: str) -> None:
+        if (image_id, method) not in self._pending:
+            self._pending.append((image_id, method))
+        self._next_pending()
+
+    def _next_pending(self) -> None:
+        if self.runner.busy or not self._pending:
+            return
+        modules = self._modules()
+        project = self.window_.project
+        if modules is None or project is None:
+            self._pending.clear()
+            return
+        image_id, method = self._pending.pop(0)
+        if self.cached_map(image_id, method) is not None:
+            self._show_map(image_id, method)
+            self._next_pending()
+            return
+        cam_job = modules[1].cam_job
+        self.status_label.setText(f"Computing {METHOD_NAMES.get(method, method)} for {project.image(image_id).stem}…")
+        settings = self.settings_for(method)
+        self.runner.start(lambda cancel: cam_job(project, method, settings, cancel, image_ids=[image_id]),
+                          f"CAM {METHOD_NAMES.get(method, method)}")
+
+    def _on_job_done(self, result: object) -> None:
+        if isinstance(result, dict) and result.get("checkpoint_sha256") and result.get("classifier"):
+            self._checkpoint_hash[str(result["classifier"])] = str(result["checkpoint_sha256"])
+            from pathlib import Path
+
+            self._checkpoint_hash[str(Path(result["classifier"]).absolute())] = str(result["checkpoint_sha256"])
+        if self.active:
+            self.update_overlay(request=False)
+        if not self._pending and isinstance(result, dict):
+            self.status_label.setText(f"{result.get('computed', 0)} map(s) computed, {result.get('cached', 0)} from the cache.")
+
+    def compute_all(self) -> None:
+        modules = self._modules()
+        project = self.window_.project
+        method = self.method
+        if modules is None or project is None or method is None or self.runner.busy:
+            return
+        self._pending.clear()
+        cam_job = modules[1].cam_job
+        settings = self.settings_for(method)
+        self.runner.start(lambda cancel: cam_job(project, method, settings, cancel), f"CAMs ({METHOD_NAMES.get(method, method)}) for all images")
+
+    # --- drawing -----------------------------------------------------------------------------------
+    def update_overlay(self, request: bool = True) -> None:
+        """Show the current image's map for the chosen method (or ask for it in the background)."""
+        viewer = self.window_.viewer
+        image_id = self.window_.current_image_id
+        method = self.method
+        if self.window_.project is not None and method:
+            self.window_.project.set_setting("gui.cam_method", method)
+        if not self.active or image_id is None or method is None or self._classifier_run() is None:
+            viewer.set_heatmap(None)
+            viewer.set_outline(None)
+            self._current_map = None
+            return
+        if self.compare_check.isChecked():
+            self._update_compare(request)
+            return
+        cam_map = self.cached_map(image_id, method)
+        self._current_map = cam_map
+        viewer.set_heatmap(cam_map)
+        viewer.set_heat_opacity(self.opacity_slider.value() / 100)
+        self._update_outline()
+        if cam_map is None:
+            viewer.set_outline(None)
+            if request:
+                self._request(image_id, method)
+        else:
+            self.status_label.setText(f"{METHOD_NAMES.get(method, method)}: map from the cache.")
+
+    def _show_map(self, image_id: int, method: str) -> None:
+        if self.active and image_id == self.window_.current_image_id:
+            self.update_overlay(request=False)
+
+    def _update_outline(self) -> None:
+        viewer = self.window_.viewer
+        threshold = self.threshold_slider.value() / 100
+        if self.compare_check.isChecked() and self.compare_view is not None:
+            for compare_viewer in self.compare_view.viewers.values():
+                heat = compare_viewer.heatmap
+                compare_viewer.set_outline(heat >= threshold if heat is not None and self.outline_check.isChecked() else None)
+            return
+        if self._current_map is None or not self.outline_check.isChecked():
+            viewer.set_outline(None)
+        else:
+            viewer.set_outline(self._current_map >= threshold)
+
+    def _threshold_changed(self, value: int) -> None:
+        self.threshold_label.setText(f"{value / 100:.2f}")
+        self._update_outline()
+
+    def _opacity_changed(self, value: int) -> None:
+        self.window_.viewer.set_heat_opacity(value / 100)
+        if self.compare_view is not None:
+            for viewer in self.compare_view.viewers.values():
+                viewer.set_heat_opacity(value / 100)
+
+    def _colormap_changed(self) -> None:
+        name = self.colormap_combo.currentData()
+        self.window_.viewer.set_colormap(name)
+        if self.compare_view is not None:
+            for viewer in self.compare_view.viewers.values():
+                viewer.set_colormap(name)
+
+    # --- comparison --------------------------------------------------------------------------------
+    def set_compare(self, on: bool) -> None:
+        stack = self.window_.center_stack
+        if on and self.methods:
+            if self.compare_view is None:
+                self.compare_view = CompareView(self.methods, stack)
+                stack.addWidget(self.compare_view)
+                for viewer in self.compare_view.viewers.values():
+                    viewer.set_colormap(self.colormap_combo.currentData())
+            stack.setCurrentWidget(self.compare_view)
+            self.update_overlay()
+        else:
+            if self.window_.project is not None:
+                stack.setCurrentWidget(self.window_.viewer)
+            if self.active:
+                self.update_overlay()
+
+    def _update_compare(self, request: bool) -> None:
+        assert self.compare_view is not None
+        image_id = self.window_.current_image_id
+        pixels = self.window_.current_pixels
+        first = True
+        for method, viewer in self.compare_view.viewers.items():
+            shape_changed = pixels is not None and viewer.image_shape != pixels.shape[:2]
+            viewer.set_image(pixels, fit=first and shape_changed)
+            first = False
+            cam_map = self.cached_map(image_id, method) if image_id is not None else None
+            viewer.set_heatmap(cam_map)
+            viewer.set_heat_opacity(self.opacity_slider.value() / 100)
+            if cam_map is None and request and image_id is not None:
+                self._request(image_id, method)
+        self._update_outline()

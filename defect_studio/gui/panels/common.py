@@ -1,0 +1,178 @@
+"""Small pieces the stage panels share: optional core modules, config forms, a progress row."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import logging
+import types
+import typing
+from typing import Any, Callable
+
+from PySide6.QtCore import Qt
+from PySide6.QtWidgets import (
+    QCheckBox,
+    QDoubleSpinBox,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QProgressBar,
+    QPushButton,
+    QSpinBox,
+    QWidget,
+)
+
+from defect_studio.gui.workers import JobRunner
+from defect_studio.jobs import Progress
+
+log = logging.getLogger(__name__)
+
+
+def optional_module(name: str, *attributes: str) -> types.ModuleType | None:
+    """The core module `name` if it is installed and has `attributes`, else None (the panel says so)."""
+    try:
+        module = importlib.import_module(name)
+    except ImportError as error:
+        log.info("%s is not available: %s", name, error)
+        return None
+    if not all(hasattr(module, attribute) for attribute in attributes):
+        return None
+    return module
+
+
+def defect_mask_counts(project: Any, round_index: int) -> dict[str, int]:
+    """Mask states of a round over the defect-tagged images (a good image's empty mask needs no review)."""
+    counts = {"proposed": 0, "accepted": 0, "edited": 0, "rejected": 0, "flagged": 0}
+    defect_ids = {image.id for image in project.images("defect")}
+    for record in project.mask_records(round_index):
+        if record.image_id in defect_ids:
+            counts[record.state] = counts.get(record.state, 0) + 1
+            counts["flagged"] += int(record.flagged)
+    return counts
+
+
+NOT_AVAILABLE_STYLE = "color:#d29922"
+
+
+def not_available_text(what: str) -> str:
+    return f"<span style='{NOT_AVAILABLE_STYLE}'>{what} is not available in this build yet.</span>"
+
+
+class ConfigForm(QWidget):
+    """A form for chosen fields of a config dataclass, with the dataclass's defaults and types."""
+
+    def __init__(self, config_type: type, fields: list[tuple[str, str, str]], parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.config_type = config_type
+        self._editors: dict[str, Callable[[], Any]] = {}
+        self._setters: dict[str, Callable[[Any], None]] = {}
+        defaults = config_type()
+        hints = typing.get_type_hints(config_type)
+        layout = QFormLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.setLabelAlignment(Qt.AlignmentFlag.AlignRight)
+        known = {field.name for field in dataclasses.fields(config_type)}
+        for name, label, tip in fields:
+            if name not in known:
+                continue
+            value = getattr(defaults, name)
+            hint = hints.get(name)
+            widget = self._editor_for(name, value, hint)
+            widget.setToolTip(tip)
+            widget.setObjectName(f"config_{name}")
+            layout.addRow(label, widget)
+
+    def _editor_for(self, name: str, value: Any, hint: Any) -> QWidget:
+        if isinstance(value, bool):
+            box = QCheckBox(self)
+            box.setChecked(value)
+            self._editors[name] = box.isChecked
+            self._setters[name] = lambda v, b=box: b.setChecked(bool(v))
+            return box
+        if isinstance(value, int):
+            spin = QSpinBox(self)
+            spin.setRange(0, 1_000_000)
+            spin.setValue(value)
+            self._editors[name] = spin.value
+            self._setters[name] = lambda v, s=spin: s.setValue(int(v))
+            return spin
+        if isinstance(value, float) or (value is None and hint is not None and float in typing.get_args(hint)):
+            spin = QDoubleSpinBox(self)
+            spin.setDecimals(5 if (value or 0) < 0.01 else 3)
+            spin.setRange(0.0, 1e7)
+            spin.setSingleStep(abs(value or 1.0) / 10 or 0.1)
+            optional = value is None or type(None) in typing.get_args(hint)
+            if optional:
+                spin.setSpecialValueText("none")  # 0 means None for optional floats
+            spin.setValue(float(value or 0.0))
+            self._editors[name] = (lambda s=spin, o=optional: None if (o and s.value() == 0.0) else s.value())
+            self._setters[name] = lambda v, s=spin: s.setValue(float(v or 0.0))
+            return spin
+        edit = QLineEdit(str(value) if value is not None else "", self)
+        self._editors[name] = lambda e=edit: e.text().strip() or None
+        self._setters[name] = lambda v, e=edit: e.setText("" if v is None else str(v))
+        return edit
+
+    def values(self) -> dict[str, Any]:
+        return {name: getter() for name, getter in self._editors.items()}
+
+    def set_values(self, values: dict[str, Any]) -> None:
+        for name, value in values.items():
+            setter = self._setters.get(name)
+            if setter is not None:
+                setter(value)
+
+    def config(self, **overrides: Any) -> Any:
+        return dataclasses.replace(self.config_type(), **{**self.values(), **overrides})
+
+
+class JobRow(QWidget):
+    """Progress bar + ETA + Cancel for one runner."""
+
+    def __init__(self, runner: JobRunner, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.runner = runner
+        layout = QHBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        self.bar = QProgressBar(self)
+        self.bar.setRange(0, 1000)
+        self.bar.setValue(0)
+        self.bar.setFormat("")
+        self.eta_label = QLabel("", self)
+        self.eta_label.setMinimumWidth(90)
+        self.cancel_button = QPushButton("Cancel", self)
+        self.cancel_button.setObjectName("cancelButton")
+        self.cancel_button.setToolTip("Stop the job; the previous results stay as they were")
+        self.cancel_button.setEnabled(False)
+        self.cancel_button.clicked.connect(runner.cancel)
+        layout.addWidget(self.bar, 1)
+        layout.addWidget(self.eta_label)
+        layout.addWidget(self.cancel_button)
+        runner.started.connect(self._started)
+        runner.progress.connect(self._progress)
+        runner.finished.connect(self._finished)
+
+    def _started(self, title: str) -> None:
+        self.bar.setRange(0, 0)
+        self.bar.setFormat(title)
+        self.eta_label.setText("")
+        self.cancel_button.setEnabled(True)
+
+    def _progress(self, event: Progress) -> None:
+        from defect_studio.gui.main_window import format_eta
+
+        if event.total:
+            self.bar.setRange(0, 1000)
+            self.bar.setValue(int(1000 * (event.fraction or 0.0)))
+            self.bar.setFormat(f"{event.stage} {event.step}/{event.total}")
+        else:
+            self.bar.setFormat(event.message or event.stage)
+        self.eta_label.setText(f"{format_eta(event.eta_s)} left" if event.eta_s is not None else "")
+
+    def _finished(self, outcome: str) -> None:
+        self.bar.setRange(0, 1000)
+        self.bar.setValue(1000 if outcome == "succeeded" else self.bar.value())
+        self.bar.setFormat({"succeeded": "done", "cancelled": "cancelled", "failed": "failed"}.get(outcome, outcome))
+        self.eta_label.setText("")
+        self.cancel_button.setEnabled(False)

@@ -1,0 +1,127 @@
+"""The export dialog: choose a folder, run the export job (with its parity check), show the model
+card and whether the exported models reproduce the in-app model."""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from PySide6.QtWidgets import (
+    QDialog,
+    QDialogButtonBox,
+    QFileDialog,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QPushButton,
+    QTextBrowser,
+    QVBoxLayout,
+)
+
+from defect_studio.gui.panels.common import JobRow, not_available_text, optional_module
+from defect_studio.gui.workers import JobRunner
+
+if TYPE_CHECKING:
+    from defect_studio.gui.main_window import MainWindow
+
+
+class ExportDialog(QDialog):
+    def __init__(self, window: "MainWindow") -> None:
+        super().__init__(window)
+        self.setObjectName("exportDialog")
+        self.setWindowTitle("Export the segmenter")
+        self.window_ = window
+        self.runner: JobRunner = getattr(window, "export_runner", None) or window.make_runner("Export")
+        window.export_runner = self.runner  # type: ignore[attr-defined]
+        layout = QVBoxLayout(self)
+        layout.addWidget(QLabel("Writes <code>model.onnx</code>, <code>model.torchscript.pt</code> and "
+                                "<code>model-card.json</code>, after checking that both give the same masks as the app."))
+        row = QHBoxLayout()
+        project = window.project
+        default = project.path / "exports" / "latest" if project is not None else Path.home() / "defect-studio-export"
+        saved = project.get_setting("gui.export_dir") if project is not None else None
+        self.folder_edit = QLineEdit(str(saved or default), self)
+        self.folder_edit.setObjectName("exportFolder")
+        browse = QPushButton("Browse…", self)
+        browse.clicked.connect(self._browse)
+        row.addWidget(QLabel("Folder"))
+        row.addWidget(self.folder_edit, 1)
+        row.addWidget(browse)
+        layout.addLayout(row)
+        self.export_button = QPushButton("Export", self)
+        self.export_button.setObjectName("runExport")
+        self.export_button.clicked.connect(self.start_export)
+        layout.addWidget(self.export_button)
+        layout.addWidget(JobRow(self.runner, self))
+        self.result = QTextBrowser(self)
+        self.result.setObjectName("exportResult")
+        self.result.setMinimumSize(560, 300)
+        layout.addWidget(self.result, 1)
+        buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Close, self)
+        buttons.rejected.connect(self.close)
+        layout.addWidget(buttons)
+        self.last_result: Any = None
+        self.runner.succeeded.connect(self._done)
+        self.runner.finished.connect(lambda _: self.export_button.setEnabled(self._job() is not None))
+        if self._job() is None:
+            self.result.setHtml(not_available_text("Export"))
+            self.export_button.setEnabled(False)
+
+    def _job(self) -> Any:
+        module = optional_module("defect_studio.ml.export")
+        if module is None:
+            return None
+        return getattr(module, "export_project_job", None) or getattr(module, "export_job", None)
+
+    def _browse(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Export into", self.folder_edit.text())
+        if folder:
+            self.folder_edit.setText(folder)
+
+    def start_export(self) -> bool:
+        job = self._job()
+        project = self.window_.project
+        if job is None or project is None or self.runner.busy:
+            return False
+        out_dir = Path(self.folder_edit.text()).expanduser()
+        project.set_setting("gui.export_dir", str(out_dir))
+        self.export_button.setEnabled(False)
+        self.result.setHtml("Exporting…")
+        parameters = inspect.signature(job).parameters
+        if "out_dir" in parameters:
+            return self.runner.start(lambda cancel: job(project, out_dir=out_dir, cancel=cancel), "Export")
+        return self.runner.start(lambda cancel: job(project, out_dir, cancel=cancel), "Export")
+
+    def _done(self, result: object) -> None:
+        self.last_result = result
+        self.result.setHtml(describe_export(result, Path(self.folder_edit.text())))
+
+
+def describe_export(result: object, out_dir: Path) -> str:
+    """HTML: parity verdict first, then the model card."""
+    card: dict[str, Any] = {}
+    parity: Any = None
+    if isinstance(result, dict):
+        card = result.get("card") or {}
+        parity = result.get("parity")
+        out_dir = Path(result.get("out_dir", out_dir))
+    elif isinstance(result, tuple) and len(result) == 2:
+        out_dir, parity = Path(result[0]), result[1]
+    card_path = out_dir / "model-card.json"
+    if not card and card_path.is_file():
+        card = json.loads(card_path.read_text(encoding="utf-8"))
+    if parity is None:
+        parity = card.get("parity")
+    if hasattr(parity, "as_dict"):
+        parity = parity.as_dict()
+    parity = parity or {}
+    passed = bool(parity.get("passed"))
+    verdict = ("<h3 style='color:#3fb950'>✔ Parity check passed</h3>" if passed
+               else "<h3 style='color:#f85149'>✘ Parity check failed</h3>")
+    rows = "".join(f"<tr><td>{k.replace('_', ' ')}</td><td align='right'>{v:.4g}</td></tr>" if isinstance(v, float)
+                   else f"<tr><td>{k.replace('_', ' ')}</td><td align='right'>{v}</td></tr>" for k, v in parity.items())
+    card_text = json.dumps({k: v for k, v in card.items() if k != "parity"}, indent=2, default=str)
+    return (f"{verdict}<p>Exported to <code>{out_dir}</code></p><table cellspacing='3'>{rows}</table>"
+            f"<h4>Model card</h4><pre>{card_text}</pre>")

@@ -1,0 +1,403 @@
+"""Review stage: make the round's proposals, then accept (A), reject (R) or edit each mask.
+
+The queue lists the current round's masks still to review. Editing uses `MaskEditor` on the
+main viewer: brush (B), eraser (E), size `[`/`]` or Ctrl+wheel, fill holes, clear, revert to
+the proposal, undo/redo per stroke. Every change is saved through the project store.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from PySide6.QtCore import Qt
+from PySide6.QtWidgets import (
+    QButtonGroup,
+    QComboBox,
+    QDoubleSpinBox,
+    QFormLayout,
+    QGridLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QListWidget,
+    QListWidgetItem,
+    QPushButton,
+    QSlider,
+    QVBoxLayout,
+    QWidget,
+)
+
+from defect_studio.errors import DefectStudioError
+from defect_studio.gui.dialogs import report_error
+from defect_studio.gui.panels.cam_panel import METHOD_NAMES
+from defect_studio.gui.panels.common import JobRow, defect_mask_counts, not_available_text, optional_module
+
+if TYPE_CHECKING:
+    from defect_studio.gui.main_window import MainWindow
+
+
+class ReviewPanel(QWidget):
+    def __init__(self, window: "MainWindow") -> None:
+        super().__init__(window)
+        self.setObjectName("reviewPanel")
+        self.window_ = window
+        self.editor = window.editor
+        self.runner = window.make_runner("Pseudo-labels")
+        self.active = False
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(10, 10, 10, 10)
+        layout.setSpacing(8)
+
+        # --- proposals --------------------------------------------------------------------------
+        propose_box = QGroupBox("Proposals", self)
+        propose_form = QFormLayout(propose_box)
+        self.round_label = QLabel(propose_box)
+        self.round_label.setObjectName("roundLabel")
+        self.round_label.setWordWrap(True)
+        propose_form.addRow(self.round_label)
+        self.method_combo = QComboBox(propose_box)
+        self.method_combo.setObjectName("proposalMethod")
+        self.method_combo.setToolTip("The CAM the round-0 proposals come from")
+        propose_form.addRow("CAM method", self.method_combo)
+        self.high_spin = QDoubleSpinBox(propose_box)
+        self.high_spin.setRange(0.0, 1.0)
+        self.high_spin.setSingleStep(0.05)
+        self.high_spin.setToolTip("Defect where the map is at least this high")
+        self.low_spin = QDoubleSpinBox(propose_box)
+        self.low_spin.setRange(0.0, 1.0)
+        self.low_spin.setSingleStep(0.05)
+        self.low_spin.setToolTip("Background where the map is at most this; in between is ignored in training")
+        thresholds = QHBoxLayout()
+        thresholds.addWidget(QLabel("high"))
+        thresholds.addWidget(self.high_spin)
+        thresholds.addWidget(QLabel("low"))
+        thresholds.addWidget(self.low_spin)
+        propose_form.addRow("Thresholds", thresholds)
+        self.propose_button = QPushButton("Make proposals", propose_box)
+        self.propose_button.setObjectName("proposeButton")
+        self.propose_button.setToolTip("Turn the CAMs into mask proposals for the current round (in the background)")
+        self.propose_button.clicked.connect(self.make_proposals)
+        propose_form.addRow(self.propose_button)
+        propose_form.addRow(JobRow(self.runner, propose_box))
+        self.availability = QLabel(propose_box)
+        self.availability.setWordWrap(True)
+        propose_form.addRow(self.availability)
+        layout.addWidget(propose_box)
+
+        # --- queue -----------------------------------------------------------------------------
+        queue_box = QGroupBox("To review", self)
+        queue_layout = QVBoxLayout(queue_box)
+        self.queue = QListWidget(queue_box)
+        self.queue.setObjectName("reviewQueue")
+        self.queue.setMaximumHeight(150)
+        self.queue.itemActivated.connect(self._queue_clicked)
+        self.queue.itemClicked.connect(self._queue_clicked)
+        queue_layout.addWidget(self.queue)
+        decide = QHBoxLayout()
+        self.accept_button = QPushButton("Accept  (A)", queue_box)
+        self.accept_button.setObjectName("acceptButton")
+        self.accept_button.setToolTip("The mask is right: keep it as the label and go to the next (A)")
+        self.accept_button.clicked.connect(self.accept_current)
+        self.reject_button = QPushButton("Reject  (R)", queue_box)
+        self.reject_button.setObjectName("rejectButton")
+        self.reject_button.setToolTip("The mask is wrong: leave this image out of the round's training (R)")
+        self.reject_button.clicked.connect(self.reject_current)
+        decide.addWidget(self.accept_button)
+        decide.addWidget(self.reject_button)
+        queue_layout.addLayout(decide)
+        self.state_label = QLabel(queue_box)
+        self.state_label.setObjectName("maskState")
+        queue_layout.addWidget(self.state_label)
+        layout.addWidget(queue_box)
+
+        # --- editing -----------------------------------------------------------------------------
+        edit_box = QGroupBox("Edit the mask", self)
+        grid = QGridLayout(edit_box)
+        self.tool_group = QButtonGroup(self)
+        self.tool_group.setExclusive(True)
+        self.tool_buttons: dict[str, QPushButton] = {}
+        for column, (tool, text, tip) in enumerate((
+            ("", "Pan  (Esc)", "Pan and zoom with the mouse"),
+            ("brush", "Brush  (B)", "Paint defect pixels"),
+            ("eraser", "Eraser  (E)", "Paint background pixels"),
+        )):
+            button = QPushButton(text, edit_box)
+            button.setCheckable(True)
+            button.setToolTip(tip)
+            button.setObjectName(f"tool_{tool or 'pan'}")
+            button.clicked.connect(lambda _=False, t=tool: self.choose_tool(t))
+            self.tool_group.addButton(button)
+            self.tool_buttons[tool] = button
+            grid.addWidget(button, 0, column)
+        self.tool_buttons[""].setChecked(True)
+        size_row = QHBoxLayout()
+        self.size_slider = QSlider(Qt.Orientation.Horizontal, edit_box)
+        self.size_slider.setObjectName("brushSize")
+        self.size_slider.setRange(1, 128)
+        self.size_slider.setValue(self.editor.brush_size)
+        self.size_slider.setToolTip("Brush size in image pixels ([ and ], or Ctrl+wheel)")
+        self.size_slider.valueChanged.connect(self.editor.set_brush_size)
+        self.size_label = QLabel(f"{self.editor.brush_size} px", edit_box)
+        self.size_label.setMinimumWidth(48)
+        size_row.addWidget(QLabel("Size"))
+        size_row.addWidget(self.size_slider, 1)
+        size_row.addWidget(self.size_label)
+        grid.addLayout(size_row, 1, 0, 1, 3)
+        self.undo_button = QPushButton("Undo", edit_box)
+        self.undo_button.setToolTip("Undo the last stroke (Ctrl+Z)")
+        self.undo_button.clicked.connect(window.undo)
+        self.redo_button = QPushButton("Redo", edit_box)
+        self.redo_button.setToolTip("Redo (Ctrl+Shift+Z)")
+        self.redo_button.clicked.connect(window.redo)
+        self.fill_button = QPushButton("Fill holes", edit_box)
+        self.fill_button.setToolTip("Fill the holes inside the defect regions (Ctrl+F)")
+        self.fill_button.clicked.connect(self.fill_holes)
+        self.clear_button = QPushButton("Clear", edit_box)
+        self.clear_button.setToolTip("Erase the whole mask (undoable)")
+        self.clear_button.clicked.connect(self.editor.clear)
+        self.revert_button = QPushButton("Revert to proposal", edit_box)
+        self.revert_button.setToolTip("Throw away the edits of this image and go back to the proposal")
+        self.revert_button.clicked.connect(self.revert_current)
+        grid.addWidget(self.undo_button, 2, 0)
+        grid.addWidget(self.redo_button, 2, 1)
+        grid.addWidget(self.fill_button, 2, 2)
+        grid.addWidget(self.clear_button, 3, 0)
+        grid.addWidget(self.revert_button, 3, 1, 1, 2)
+        layout.addWidget(edit_box)
+        layout.addStretch(1)
+
+        self.editor.brush_size_changed.connect(self._brush_size_changed)
+        self.editor.tool_changed.connect(self._tool_changed)
+        self.editor.mask_changed.connect(self._update_buttons)
+        self.editor.mask_saved.connect(lambda *_: self.refresh())  # an edited mask leaves the queue
+        self.editor.undo_group.canUndoChanged.connect(lambda _: self._update_buttons())
+        self.editor.undo_group.canRedoChanged.connect(lambda _: self._update_buttons())
+        self.runner.succeeded.connect(lambda _: window.notify_masks_changed())
+        self.runner.finished.connect(lambda _: self.refresh())
+        window.current_image_changed.connect(self._image_changed)
+        window.project_changed.connect(self.refresh)
+        window.masks_changed.connect(self._masks_changed)
+        window.tags_changed.connect(self.refresh)
+        self.refresh()
+
+    # --- state ---------------------------------------------------------------------------------------
+    def _pseudo(self) -> Any:
+        return optional_module("defect_studio.ml.pseudo", "pseudo_job", "PseudoLabelSettings")
+
+    def refresh(self) -> None:
+        project = self.window_.project
+        pseudo = self._pseudo()
+        cams = optional_module("defect_studio.ml.cams", "CAM_METHODS")
+        if cams is not None and self.method_combo.count() == 0:
+            for method in cams.CAM_METHODS:
+                self.method_combo.addItem(METHOD_NAMES.get(method, method), method)
+        if pseudo is not None and self.high_spin.value() == 0.0:
+            defaults = pseudo.PseudoLabelSettings()
+            self.high_spin.setValue(defaults.high)
+            self.low_spin.setValue(defaults.low)
+        if project is not None:
+            saved = project.get_setting("gui.proposal_method")
+            index = self.method_combo.findData(saved or "region-aware")
+            if index >= 0:
+                self.method_combo.setCurrentIndex(index)
+        self.availability.setVisible(pseudo is None)
+        self.availability.setText(not_available_text("Making proposals") if pseudo is None else "")
+        has_classifier = project is not None and project.latest_run("classifier") is not None
+        round_index = self.window_.current_round
+        if project is None:
+            self.round_label.setText("No project open.")
+        elif round_index is None:
+            self.round_label.setText("No round yet. " + ("Make the round-0 proposals from the CAMs." if has_classifier
+                                                         else "Train a classifier first (Train tab)."))
+        else:
+            counts = defect_mask_counts(project, round_index)
+            self.round_label.setText(
+                f"<b>Round {round_index}</b>: {counts.get('proposed', 0)} to review, {counts.get('accepted', 0)} accepted, "
+                f"{counts.get('edited', 0)} edited, {counts.get('rejected', 0)} rejected, {counts.get('flagged', 0)} flagged empty."
+            )
+        proposals_exist = round_index is not None and bool(project and project.mask_records(round_index))
+        self.propose_button.setEnabled(pseudo is not None and has_classifier and not self.runner.busy)
+        self.propose_button.setText("Make round-0 proposals" if round_index is None else
+                                    ("Make the proposals again" if proposals_exist else f"Make round-{round_index} proposals"))
+        self._fill_queue()
+        self._update_buttons()
+
+    def _fill_queue(self) -> None:
+        self.queue.clear()
+        project = self.window_.project
+        round_index = self.window_.current_round
+        if project is None or round_index is None:
+            return
+        for record in project.mask_records(round_index, state="proposed"):
+            image = project.image(record.image_id)
+            if image.tag != "defect":
+                continue
+            item = QListWidgetItem(f"{image.stem}{'   ⚑ empty' if record.flagged else ''}")
+            item.setData(Qt.ItemDataRole.UserRole, record.image_id)
+            self.queue.addItem(item)
+            if record.image_id == self.window_.current_image_id:
+                self.queue.setCurrentItem(item)
+
+    def _update_buttons(self) -> None:
+        has_session = self.editor.session is not None
+        record = self._current_record()
+        for button in (self.accept_button, self.reject_button):
+            button.setEnabled(record is not None)
+        for button in (self.fill_button, self.clear_button, *self.tool_buttons.values()):
+            button.setEnabled(has_session)
+        self.revert_button.setEnabled(record is not None and record.state != "proposed")
+        stack = self.editor.undo_stack
+        self.undo_button.setEnabled(stack is not None and stack.canUndo())
+        self.redo_button.setEnabled(stack is not None and stack.canRedo())
+        if record is None:
+            self.state_label.setText("This image has no mask in this round." if self.window_.current_round is not None else "")
+        else:
+            source = record.source
+            self.state_label.setText(f"Mask: <b>{record.state}</b> · source {source}{' · flagged empty' if record.flagged else ''}")
+
+    def _current_record(self) -> Any:
+        project, image_id, round_index = self.window_.project, self.window_.current_image_id, self.window_.current_round
+        if project is None or image_id is None or round_index is None:
+            return None
+        return project.mask_record(image_id, round_index)
+
+    # --- image and round changes -------------------------------------------------------------------
+    def _image_changed(self, image_id: Any) -> None:
+        self.open_current_mask()
+        for row in range(self.queue.count()):
+            if self.queue.item(row).data(Qt.ItemDataRole.UserRole) == image_id:
+                self.queue.setCurrentRow(row)
+                break
+        self._update_buttons()
+
+    def open_current_mask(self) -> None:
+        """Put the current image's mask of the current round in the editor (empty for an untouched defect image)."""
+        project, image_id, round_index = self.window_.project, self.window_.current_image_id, self.window_.current_round
+        if project is None or image_id is None or round_index is None:
+            self.editor.close_session()
+            return
+        record = project.mask_record(image_id, round_index)
+        image = project.image(image_id)
+        if record is not None:
+            try:
+                mask = project.load_mask(record)
+            except DefectStudioError as error:
+                report_error(self, "Cannot read the mask", error)
+                self.editor.close_session()
+                return
+        elif image.tag == "defect":
+            mask = np.zeros((image.height, image.width), bool)  # hand-label from scratch
+        else:
+            self.editor.close_session()
+            return
+        self.editor.open(image_id, round_index, mask)
+        self.window_.viewer.mask_layer.setVisible(not self.window_.cam_panel.active)
+
+    def _masks_changed(self) -> None:
+        # Proposals were (re)made: the masks on disk are the truth now; old undo histories would lie.
+        if self.window_.project is not None:
+            for record in self.window_.project.mask_records():
+                self.editor.forget(record.image_id, record.round_index)
+        self.open_current_mask()
+        self.refresh()
+
+    def stage_activated(self) -> None:
+        self.active = True
+        self.window_.viewer.mask_layer.setVisible(True)
+        self.refresh()
+
+    def stage_deactivated(self) -> None:
+        if self.active:
+            self.active = False
+            self.choose_tool("")
+        self.window_.viewer.mask_layer.setVisible(not self.window_.cam_panel.active)
+
+    # --- actions -------------------------------------------------------------------------------------
+    def make_proposals(self) -> bool:
+        project = self.window_.project
+        pseudo = self._pseudo()
+        method = self.method_combo.currentData()
+        if project is None or pseudo is None or method is None or self.runner.busy:
+            return False
+        settings = {"high": self.high_spin.value(), "low": min(self.low_spin.value(), self.high_spin.value())}
+        project.set_setting("gui.proposal_method", method)
+        round_index = self.window_.current_round
+        if round_index is None:
+            round_index = project.create_round({"cam_method": method, "pseudo": settings,
+                                                "cam_settings": self.window_.cam_panel.settings_for(method)}).index
+            self.window_.notify_masks_changed()
+        self.editor.flush()
+        index = round_index
+        cam_settings = self.window_.cam_panel.settings_for(method)  # the same maps the CAM viewer shows
+        return self.runner.start(lambda cancel: pseudo.pseudo_job(project, index, method, settings, cancel, cam_settings),
+                                 f"Round-{index} proposals")
+
+    def choose_tool(self, tool: str) -> None:
+        if tool and self.window_.stage_tabs.currentWidget() is not self:
+            self.window_.stage_tabs.setCurrentWidget(self)  # B/E jump to the review stage
+        self.editor.set_tool(tool)
+
+    def _tool_changed(self, tool: str) -> None:
+        self.tool_buttons[tool].setChecked(True)
+
+    def _brush_size_changed(self, size: int) -> None:
+        self.size_label.setText(f"{size} px")
+        if self.size_slider.value() != size:
+            self.size_slider.blockSignals(True)
+            self.size_slider.setValue(min(size, self.size_slider.maximum()))
+            self.size_slider.blockSignals(False)
+
+    def fill_holes(self) -> None:
+        self.editor.fill_holes()
+
+    def _decide(self, state: str) -> None:
+        project, image_id, round_index = self.window_.project, self.window_.current_image_id, self.window_.current_round
+        if project is None or image_id is None or round_index is None:
+            return
+        try:
+            self.editor.flush()
+            record = project.mask_record(image_id, round_index)
+            if record is None:
+                return
+            if not (state == "accepted" and record.state == "edited"):  # an edit is already the user's label
+                record = project.review_mask(image_id, round_index, state)
+        except DefectStudioError as error:
+            report_error(self, "Cannot save the review", error)
+            return
+        self.window_.gallery_model.update_mask_state(image_id, record.state)
+        self.window_._update_counts()
+        self.refresh()
+        self._go_to_next_in_queue(image_id)
+
+    def accept_current(self) -> None:
+        self._decide("accepted")
+
+    def reject_current(self) -> None:
+        self._decide("rejected")
+
+    def _go_to_next_in_queue(self, after_image_id: int) -> None:
+        """The next image still to review after the one just decided (wrapping round)."""
+        ids = [self.queue.item(row).data(Qt.ItemDataRole.UserRole) for row in range(self.queue.count())]
+        if not ids:
+            return
+        later = [image_id for image_id in ids if image_id > after_image_id]
+        self.window_.select_image(later[0] if later else ids[0])
+
+    def _queue_clicked(self, item: QListWidgetItem) -> None:
+        self.window_.select_image(item.data(Qt.ItemDataRole.UserRole))
+
+    def revert_current(self) -> None:
+        project, image_id, round_index = self.window_.project, self.window_.current_image_id, self.window_.current_round
+        if project is None or image_id is None or round_index is None:
+            return
+        self.editor.flush()
+        try:
+            record = project.revert_to_proposal(image_id, round_index)
+        except DefectStudioError as error:
+            report_error(self, "Cannot revert", error)
+            return
+        self.editor.forget(image_id, round_index)
+        self.open_current_mask()
+        self.window_.gallery_model.update_mask_state(image_id, record.state)
+        self.refresh()

@@ -1,0 +1,297 @@
+"""Rounds stage: the refinement rounds as a table and a small plot; train segmenter / next round;
+the export dialog."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pyqtgraph as pg
+from PySide6.QtWidgets import (
+    QAbstractItemView,
+    QGroupBox,
+    QHBoxLayout,
+    QHeaderView,
+    QLabel,
+    QPushButton,
+    QTableWidget,
+    QTableWidgetItem,
+    QVBoxLayout,
+    QWidget,
+)
+
+from defect_studio.gui.panels.common import ConfigForm, JobRow, defect_mask_counts, not_available_text, optional_module
+from defect_studio.gui.panels.train_panel import make_plot
+
+if TYPE_CHECKING:
+    from defect_studio.gui.main_window import MainWindow
+
+COLUMNS = ("Round", "Status", "Acc.", "Edit.", "Rej.", "Open", "Edited px", "Δ mask", "Seg IoU", "GT IoU")
+COLUMN_TIPS = ("Round index", "proposing → proposed → training → trained (or converged)", "Masks accepted as proposed",
+               "Masks edited by hand", "Masks rejected (left out of training)", "Masks still to review",
+               "Share of the defect images' pixels the user changed by hand",
+               "Share of defect pixels that changed since the previous round (1 − IoU)",
+               "Segmenter's defect IoU on its held-out masks", "The round's masks against ground-truth masks (when given)")
+
+
+def _number(value: Any, digits: int = 3) -> str:
+    if isinstance(value, bool) or value is None:
+        return "–"
+    if isinstance(value, int) or (isinstance(value, float) and value.is_integer() and abs(value) >= 1):
+        return str(int(value))
+    if isinstance(value, float):
+        return "–" if value != value else f"{value:.{digits}f}"
+    return str(value)
+
+
+def _nested(metrics: dict, *path: str) -> Any:
+    value: Any = metrics
+    for key in path:
+        if not isinstance(value, dict):
+            return None
+        value = value.get(key)
+    return value
+
+
+SEGMENTER_FIELDS = [
+    ("epochs", "Epochs", "Epochs of segmenter training"),
+    ("steps_per_epoch", "Steps per epoch", "Batches of random crops per epoch"),
+    ("crop_size", "Crop size (px)", "Training crops; the segmenter runs on whole images"),
+    ("batch_size", "Batch size", "Crops per step"),
+    ("learning_rate", "Learning rate", "Peak learning rate (one-cycle)"),
+    ("time_budget_s", "Time budget (s)", "Stop after the epoch that crosses it (none: no limit)"),
+    ("seed", "Seed", "Same seed and masks give the same segmenter"),
+]
+
+
+def ground_truth_dir(project: Any) -> Path | None:
+    """Ground-truth masks for the round table: the project's setting, else a `masks/` folder beside
+    the image folder (the dataset layout, as in the demo). Used for evaluation only."""
+    setting = project.get_setting("ground_truth_dir")
+    if setting:
+        return Path(setting) if Path(setting).is_dir() else None
+    beside = Path(project.image_root).parent / "masks"
+    return beside if beside.is_dir() else None
+
+
+class RoundsPanel(QWidget):
+    def __init__(self, window: "MainWindow") -> None:
+        super().__init__(window)
+        self.setObjectName("roundsPanel")
+        self.window_ = window
+        self.runner = window.make_runner("Refinement round")
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(10, 10, 10, 10)
+        layout.setSpacing(8)
+        intro = QLabel("Each round trains a segmenter on the reviewed masks and proposes better masks for the next round.")
+        intro.setWordWrap(True)
+        intro.setObjectName("panelIntro")
+        layout.addWidget(intro)
+
+        self.table = QTableWidget(0, len(COLUMNS), self)
+        self.table.setObjectName("roundsTable")
+        self.table.setHorizontalHeaderLabels(list(COLUMNS))
+        for column, tip in enumerate(COLUMN_TIPS):
+            self.table.horizontalHeaderItem(column).setToolTip(tip)
+        self.table.verticalHeader().setVisible(False)
+        self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
+        self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
+        self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+        self.table.setMinimumHeight(120)
+        layout.addWidget(self.table, 1)
+
+        self.plot = make_plot("Per round")
+        self.plot.setLabel("bottom", "round", color="#8b949e")
+        self.plot.setMinimumHeight(170)
+        self.plot.setMaximumHeight(230)
+        self.plot.getAxis("bottom").setTickSpacing(1, 1)
+        self.curve_seg = self.plot.plot([], [], pen=pg.mkPen("#3fb950", width=2), symbol="o", symbolBrush="#3fb950", symbolPen=None, name="segmenter IoU")
+        self.curve_gt = self.plot.plot([], [], pen=pg.mkPen("#58a6ff", width=2), symbol="s", symbolBrush="#58a6ff", symbolPen=None, name="IoU vs ground truth")
+        self.curve_changed = self.plot.plot([], [], pen=pg.mkPen("#d29922", width=2, style=pg.QtCore.Qt.PenStyle.DashLine), symbol="t", symbolBrush="#d29922", symbolPen=None, name="mask change vs previous")
+        layout.addWidget(self.plot)
+        self.training_plot = make_plot("Segmenter training (live)")
+        self.training_plot.setMaximumHeight(200)
+        self.live_loss = self.training_plot.plot([], [], pen=pg.mkPen("#58a6ff", width=2), symbol="o", symbolSize=5,
+                                                 symbolBrush="#58a6ff", symbolPen=None, name="loss")
+        self.live_iou = self.training_plot.plot([], [], pen=pg.mkPen("#3fb950", width=2), symbol="o", symbolSize=5,
+                                                symbolBrush="#3fb950", symbolPen=None, name="val defect IoU")
+        self.live_points: dict[str, list[tuple[float, float]]] = {"loss": [], "val_defect_iou": []}
+        layout.addWidget(self.training_plot)
+
+        box = QGroupBox("Next step", self)
+        box_layout = QVBoxLayout(box)
+        self.form: ConfigForm | None = None
+        self.form_layout = QVBoxLayout()
+        box_layout.addLayout(self.form_layout)
+        buttons = QHBoxLayout()
+        self.round_button = QPushButton("Train segmenter → next round", box)
+        self.round_button.setObjectName("roundButton")
+        self.round_button.setToolTip("Train the segmenter on this round's accepted and edited masks, then propose the next round's masks")
+        self.round_button.clicked.connect(self.run_round)
+        self.export_button = QPushButton("Export…", box)
+        self.export_button.setObjectName("exportButton")
+        self.export_button.setToolTip("Export the latest segmenter as ONNX + TorchScript with a model card (Ctrl+E)")
+        self.export_button.clicked.connect(self.open_export_dialog)
+        buttons.addWidget(self.round_button)
+        buttons.addWidget(self.export_button)
+        box_layout.addLayout(buttons)
+        box_layout.addWidget(JobRow(self.runner, box))
+        self.availability = QLabel(box)
+        self.availability.setWordWrap(True)
+        box_layout.addWidget(self.availability)
+        self.summary_label = QLabel(box)
+        self.summary_label.setObjectName("roundSummary")
+        self.summary_label.setWordWrap(True)
+        box_layout.addWidget(self.summary_label)
+        layout.addWidget(box)
+
+        self.runner.succeeded.connect(self._round_done)
+        self.runner.started.connect(lambda _: self._clear_live())
+        self.runner.progress.connect(self._on_progress)
+        self.runner.finished.connect(lambda _: self.refresh())
+        window.project_changed.connect(self.refresh)
+        window.masks_changed.connect(self.refresh)
+        self.refresh()
+
+    # --- availability ----------------------------------------------------------------------------
+    def _refine(self) -> Any:
+        refine = optional_module("defect_studio.ml.refine", "refine_job", "RefineConfig")
+        pseudo = optional_module("defect_studio.ml.pseudo", "pseudo_job")
+        if refine is not None and pseudo is not None and self.form is None:
+            segmenter = optional_module("defect_studio.ml.segmenter", "SegmenterConfig")
+            if segmenter is not None:
+                self.form = ConfigForm(segmenter.SegmenterConfig, SEGMENTER_FIELDS, self)
+                self.form_layout.addWidget(self.form)
+        return refine if pseudo is not None else None
+
+    def _export(self) -> Any:
+        module = optional_module("defect_studio.ml.export")
+        if module is None:
+            return None
+        return module if any(hasattr(module, name) for name in ("export_project_job", "export_job")) else None
+
+    def stage_activated(self) -> None:
+        self.refresh()
+
+    def refresh(self) -> None:
+        project = self.window_.project
+        refine, export = self._refine(), self._export()
+        missing = [name for name, module in (("Segmenter rounds", refine), ("Export", export)) if module is None]
+        self.availability.setVisible(bool(missing))
+        self.availability.setText(not_available_text(" and ".join(missing)) if missing else "")
+        round_index = self.window_.current_round
+        self.round_button.setEnabled(refine is not None and round_index is not None and not self.runner.busy)
+        if project is not None and self.form is not None and not self.runner.busy:
+            saved = project.get_setting("gui.segmenter_config")
+            if isinstance(saved, dict):
+                self.form.set_values(saved)
+        has_segmenter = project is not None and project.latest_run("segmenter") is not None
+        self.export_button.setEnabled(export is not None and has_segmenter)
+        self._fill_table()
+
+    def _fill_table(self) -> None:
+        project = self.window_.project
+        self.table.setRowCount(0)
+        if project is None:
+            self.plot.setXRange(-0.5, 2.5)
+            self.curve_seg.setData([], [])
+            self.curve_gt.setData([], [])
+            self.curve_changed.setData([], [])
+            self.summary_label.setText("")
+            return
+        seg_points, gt_points, changed_points = [], [], []
+        for round_record in project.rounds():
+            metrics = round_record.metrics or {}
+            state_counts = defect_mask_counts(project, round_record.index)
+            seg_iou = _nested(metrics, "segmenter", "best_val_defect_iou")
+            gt_iou = _nested(metrics, "ground_truth", "defect_iou")
+            changed = metrics.get("mask_change")
+            edited_pixels = _nested(metrics, "review", "edited_pixel_fraction")
+            row = self.table.rowCount()
+            self.table.insertRow(row)
+            values = (round_record.index, round_record.status, state_counts.get("accepted", 0), state_counts.get("edited", 0),
+                      state_counts.get("rejected", 0), state_counts.get("proposed", 0),
+                      f"{edited_pixels:.2%}" if isinstance(edited_pixels, float) else None, changed, seg_iou, gt_iou)
+            for column, value in enumerate(values):
+                self.table.setItem(row, column, QTableWidgetItem(_number(value)))
+            if isinstance(seg_iou, (int, float)):
+                seg_points.append((round_record.index, float(seg_iou)))
+            if isinstance(gt_iou, (int, float)):
+                gt_points.append((round_record.index, float(gt_iou)))
+            if isinstance(changed, (int, float)):
+                changed_points.append((round_record.index, float(changed)))
+        for curve, points in ((self.curve_seg, seg_points), (self.curve_gt, gt_points), (self.curve_changed, changed_points)):
+            curve.setData([p[0] for p in points], [p[1] for p in points])
+        rounds_count = len(project.rounds())
+        self.plot.setXRange(-0.5, max(1, rounds_count) - 0.5, padding=0.05)
+        self.plot.setYRange(0.0, 1.0, padding=0.02)
+        run = project.latest_run("segmenter")
+        self.summary_label.setText(
+            "No segmenter trained yet." if run is None else
+            f"Latest segmenter: run {run.id} (round {run.round_index}), "
+            + ", ".join(f"{k.replace('_', ' ')} {_number(v)}" for k, v in run.metrics.items()
+                        if isinstance(v, (int, float)) and not isinstance(v, bool) and ("iou" in k or "epoch" in k))
+        )
+
+    # --- actions -------------------------------------------------------------------------------------
+    def run_round(self) -> bool:
+        """Train the segmenter on the current round's reviewed masks (the core's refine job, one
+        round), then make the next round's proposals from segmenter + CAM, in one background job."""
+        project = self.window_.project
+        refine = self._refine()
+        pseudo = optional_module("defect_studio.ml.pseudo", "pseudo_job")
+        round_index = self.window_.current_round
+        if project is None or refine is None or pseudo is None or round_index is None or self.runner.busy:
+            return False
+        self.window_.editor.flush()
+        segmenter_values = self.form.values() if self.form is not None else {}
+        project.set_setting("gui.segmenter_config", segmenter_values)
+        round_config = project.round(round_index).config or {}
+        method = round_config.get("cam_method") or round_config.get("method") or project.get_setting("gui.proposal_method") or "region-aware"
+        pseudo_settings = round_config.get("pseudo") if isinstance(round_config.get("pseudo"), dict) else None
+        cam_settings = round_config.get("cam_settings") if isinstance(round_config.get("cam_settings"), dict) else {}
+        config = refine.RefineConfig(method=method, cam_settings=dict(cam_settings), pseudo=dict(pseudo_settings or {}),
+                                     segmenter=segmenter_values)
+        gt_dir = ground_truth_dir(project)
+
+        already_trained = any(run.round_index == round_index for run in project.training_runs("segmenter"))
+
+        def round_job(cancel):  # type: ignore[no-untyped-def]
+            summary: dict[str, Any] = {}
+            if not already_trained:  # else a previous run trained it and stopped before proposing
+                summary = yield from refine.refine_job(project, 1, cancel, gt_dir=gt_dir, config=config)
+            if summary.get("stopped_early"):
+                return summary
+            next_round = project.create_round(config.to_dict())
+            proposals = yield from pseudo.pseudo_job(project, next_round.index, method, config.pseudo, cancel,
+                                                     config.cam_settings)
+            return {**summary, "next_round": next_round.index, "proposals": proposals}
+
+        return self.runner.start(round_job, f"Round {round_index}: train segmenter, propose round {round_index + 1}")
+
+    def _clear_live(self) -> None:
+        for points in self.live_points.values():
+            points.clear()
+        self.live_loss.setData([], [])
+        self.live_iou.setData([], [])
+
+    def _on_progress(self, event: Any) -> None:
+        if event.stage != "train segmenter":
+            return
+        for key, curve in (("loss", self.live_loss), ("val_defect_iou", self.live_iou)):
+            value = event.metrics.get(key)
+            if isinstance(value, (int, float)) and value == value:
+                self.live_points[key].append((float(event.step), float(value)))
+                curve.setData([p[0] for p in self.live_points[key]], [p[1] for p in self.live_points[key]])
+
+    def _round_done(self, result: object) -> None:
+        self.window_.notify_masks_changed()
+
+    def open_export_dialog(self) -> None:
+        from defect_studio.gui.panels.export_dialog import ExportDialog
+
+        if self.window_.project is None:
+            return
+        dialog = ExportDialog(self.window_)
+        dialog.open()
+        self.export_dialog = dialog

@@ -1,0 +1,92 @@
+"""Tag stage: good / defect / untag for the selected images, counts, and the keyboard flow."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from PySide6.QtWidgets import QGridLayout, QGroupBox, QLabel, QPushButton, QVBoxLayout, QWidget
+
+if TYPE_CHECKING:
+    from defect_studio.gui.main_window import MainWindow
+
+
+class TagPanel(QWidget):
+    def __init__(self, window: "MainWindow") -> None:
+        super().__init__(window)
+        self.setObjectName("tagPanel")
+        self.window_ = window
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(10, 10, 10, 10)
+        layout.setSpacing(10)
+
+        intro = QLabel(
+            "Tag each image <b>good</b> or <b>defect</b>. Keys: <code>G</code> good, <code>D</code> defect, "
+            "<code>U</code> untag, <code>→</code>/<code>J</code> next, <code>←</code>/<code>K</code> previous. "
+            "Select several images (Ctrl/Shift+click) to tag them at once; <code>Ctrl+Z</code> undoes."
+        )
+        intro.setWordWrap(True)
+        intro.setObjectName("panelIntro")
+        layout.addWidget(intro)
+
+        buttons = QGroupBox("Tag the selection", self)
+        grid = QGridLayout(buttons)
+        self.good_button = QPushButton("Good  (G)", buttons)
+        self.good_button.setObjectName("goodButton")
+        self.defect_button = QPushButton("Defect  (D)", buttons)
+        self.defect_button.setObjectName("defectButton")
+        self.untag_button = QPushButton("Untag  (U)", buttons)
+        self.previous_button = QPushButton("◀  Previous", buttons)
+        self.next_button = QPushButton("Next  ▶", buttons)
+        self.good_button.clicked.connect(lambda: window.tag_selected("good"))
+        self.defect_button.clicked.connect(lambda: window.tag_selected("defect"))
+        self.untag_button.clicked.connect(lambda: window.tag_selected("untagged"))
+        self.previous_button.clicked.connect(lambda: window.step_image(-1))
+        self.next_button.clicked.connect(lambda: window.step_image(+1))
+        for button, tip in ((self.good_button, "Tag the selected images good (G)"),
+                            (self.defect_button, "Tag the selected images defect (D)"),
+                            (self.untag_button, "Remove the tag (U)")):
+            button.setToolTip(tip)
+        grid.addWidget(self.good_button, 0, 0)
+        grid.addWidget(self.defect_button, 0, 1)
+        grid.addWidget(self.untag_button, 0, 2)
+        grid.addWidget(self.previous_button, 1, 0)
+        grid.addWidget(self.next_button, 1, 2)
+        layout.addWidget(buttons)
+
+        counts_box = QGroupBox("Project", self)
+        counts_layout = QVBoxLayout(counts_box)
+        self.counts_label = QLabel(counts_box)
+        self.counts_label.setObjectName("tagCounts")
+        self.counts_label.setWordWrap(True)
+        counts_layout.addWidget(self.counts_label)
+        self.rescan_button = QPushButton("Import new images from the folder", counts_box)
+        self.rescan_button.setToolTip("Look for images added to the project's image folder since the last import")
+        self.rescan_button.clicked.connect(window.rescan_images)
+        counts_layout.addWidget(self.rescan_button)
+        layout.addWidget(counts_box)
+        layout.addStretch(1)
+
+        window.tags_changed.connect(self.refresh)
+        window.project_changed.connect(self.refresh)
+        window.gallery_model.modelReset.connect(self.refresh)
+        self.refresh()
+
+    def refresh(self) -> None:
+        project = self.window_.project
+        enabled = project is not None
+        for button in (self.good_button, self.defect_button, self.untag_button, self.previous_button,
+                       self.next_button, self.rescan_button):
+            button.setEnabled(enabled)
+        if project is None:
+            self.counts_label.setText("No project open.")
+            return
+        counts = self.window_.gallery_model.counts()
+        ready = counts.get("good", 0) >= 2 and counts.get("defect", 0) >= 2
+        self.counts_label.setText(
+            f"<table cellspacing='4'>"
+            f"<tr><td>Images</td><td align='right'><b>{counts['images']}</b></td></tr>"
+            f"<tr><td><span style='color:#3fb950'>●</span> Good</td><td align='right'><b>{counts.get('good', 0)}</b></td></tr>"
+            f"<tr><td><span style='color:#f85149'>●</span> Defect</td><td align='right'><b>{counts.get('defect', 0)}</b></td></tr>"
+            f"<tr><td><span style='color:#8b949e'>●</span> Untagged</td><td align='right'><b>{counts.get('untagged', 0)}</b></td></tr>"
+            f"</table><p>{'Ready to train the classifier (Train tab).' if ready else 'Tag at least a few images of each class to train.'}</p>"
+        )

@@ -1,0 +1,215 @@
+"""Train stage: the classifier's settings, Train / Cancel, live loss and validation curves."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pyqtgraph as pg
+from PySide6.QtWidgets import QGroupBox, QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWidget
+
+from defect_studio.gui.panels.common import ConfigForm, JobRow, not_available_text, optional_module
+from defect_studio.jobs import Progress
+
+if TYPE_CHECKING:
+    from defect_studio.gui.main_window import MainWindow
+
+CLASSIFIER_FIELDS = [
+    ("epochs", "Epochs", "Most epochs to train (early stopping may end sooner)"),
+    ("batch_size", "Batch size", "Images per step"),
+    ("lr", "Learning rate", "Initial learning rate"),
+    ("input_size", "Input size (px)", "Images are letterboxed to this size"),
+    ("width", "Width", "Channels of the first stage of the compact network"),
+    ("patience", "Patience", "Epochs without better validation AUROC before stopping"),
+    ("min_epochs", "Min epochs", "Never stop before this many epochs"),
+    ("val_fraction", "Validation fraction", "Part of the tagged images held out for validation"),
+    ("max_train_seconds", "Time budget (s)", "Stop after the epoch that exceeds this many seconds (none: no limit)"),
+    ("seed", "Seed", "Same seed and data give the same model"),
+    ("augment", "Augment", "Random flips/rotations/brightness during training"),
+]
+
+CURVE_STYLE = {
+    "loss": ("#58a6ff", "train loss"),
+    "val_loss": ("#a371f7", "val loss"),
+    "val_auroc": ("#3fb950", "val AUROC"),
+    "val_f1": ("#d29922", "val F1"),
+}
+
+
+def make_plot(title: str, y_range: tuple[float, float] | None = None) -> pg.PlotWidget:
+    plot = pg.PlotWidget(background="#0d1117")
+    plot.setTitle(title, color="#c9d1d9", size="9pt")
+    plot.showGrid(x=True, y=True, alpha=0.2)
+    plot.setLabel("bottom", "epoch", color="#8b949e")
+    legend = plot.addLegend(offset=(-5, -5) if y_range is not None else (-5, 5), labelTextColor="#c9d1d9",
+                            brush=pg.mkBrush(13, 17, 23, 225), pen=pg.mkPen("#30363d"))
+    legend.setZValue(20)
+    plot.setMinimumHeight(150)
+    plot.setMouseEnabled(x=False, y=False)
+    plot.hideButtons()
+    if y_range is not None:
+        plot.setYRange(*y_range, padding=0.02)
+    return plot
+
+
+def _format_metric(value: float) -> str:
+    value = float(value)
+    return str(int(value)) if value.is_integer() and abs(value) >= 1 else f"{value:.3f}"
+
+
+class TrainPanel(QWidget):
+    def __init__(self, window: "MainWindow") -> None:
+        super().__init__(window)
+        self.setObjectName("trainPanel")
+        self.window_ = window
+        self.runner = window.make_runner("Train classifier")
+        self.history: dict[str, list[tuple[float, float]]] = {key: [] for key in CURVE_STYLE}
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(10, 10, 10, 10)
+        layout.setSpacing(8)
+
+        self.availability = QLabel(self)
+        self.availability.setWordWrap(True)
+        layout.addWidget(self.availability)
+
+        settings_box = QGroupBox("Classifier settings", self)
+        self.settings_layout = QVBoxLayout(settings_box)
+        self.form: ConfigForm | None = None
+        layout.addWidget(settings_box)
+
+        buttons = QHBoxLayout()
+        self.train_button = QPushButton("Train classifier", self)
+        self.train_button.setObjectName("trainButton")
+        self.train_button.setToolTip("Train on the tagged images in the background; the window stays usable")
+        self.train_button.clicked.connect(self.start_training)
+        buttons.addWidget(self.train_button)
+        buttons.addStretch(1)
+        layout.addLayout(buttons)
+        self.job_row = JobRow(self.runner, self)
+        layout.addWidget(self.job_row)
+
+        self.loss_plot = make_plot("Loss")
+        self.metric_plot = make_plot("Validation", (0.0, 1.02))
+        self.curves: dict[str, pg.PlotDataItem] = {}
+        for key, (colour, label) in CURVE_STYLE.items():
+            plot = self.loss_plot if key in ("loss", "val_loss") else self.metric_plot
+            self.curves[key] = plot.plot([], [], pen=pg.mkPen(colour, width=2), symbol="o", symbolSize=5,
+                                         symbolBrush=colour, symbolPen=None, name=label)
+        layout.addWidget(self.loss_plot, 1)
+        layout.addWidget(self.metric_plot, 1)
+        self.result_label = QLabel(self)
+        self.result_label.setObjectName("trainResult")
+        self.result_label.setWordWrap(True)
+        layout.addWidget(self.result_label)
+
+        self.runner.progress.connect(self._on_progress)
+        self.runner.succeeded.connect(self._on_succeeded)
+        self.runner.finished.connect(lambda _: self._update_enabled())
+        window.project_changed.connect(self.refresh)
+        window.tags_changed.connect(self._update_enabled)
+        self.refresh()
+
+    # --- availability ------------------------------------------------------------------------------
+    def _classifier_module(self) -> Any:
+        return optional_module("defect_studio.ml.classifier", "train_project_classifier_job")
+
+    def _ensure_form(self) -> bool:
+        if self.form is not None:
+            return True
+        models = optional_module("defect_studio.ml.models", "ClassifierConfig")
+        if models is None:
+            return False
+        self.form = ConfigForm(models.ClassifierConfig, CLASSIFIER_FIELDS, self)
+        self.settings_layout.addWidget(self.form)
+        return True
+
+    def stage_activated(self) -> None:
+        self.refresh()
+
+    def refresh(self) -> None:
+        available = self._ensure_form() and self._classifier_module() is not None
+        self.availability.setText("" if available else not_available_text("Classifier training"))
+        self.availability.setVisible(not available)
+        project = self.window_.project
+        if project is not None and self.form is not None:
+            saved = project.get_setting("gui.classifier_config")
+            if isinstance(saved, dict):
+                self.form.set_values(saved)
+        self._show_latest_run()
+        self._update_enabled()
+
+    def _update_enabled(self) -> None:
+        available = self.form is not None and self._classifier_module() is not None
+        self.train_button.setEnabled(available and self.window_.project is not None and not self.runner.busy)
+
+    def _show_latest_run(self) -> None:
+        project = self.window_.project
+        run = project.latest_run("classifier") if project is not None else None
+        if run is None:
+            self.result_label.setText("No classifier trained yet." if project is not None else "")
+            return
+        metrics = run.metrics
+        parts = [f"{name.replace('_', ' ')} {_format_metric(value)}" for name, value in metrics.items()
+                 if isinstance(value, (int, float)) and not isinstance(value, bool) and name.startswith(("val", "test", "best"))]
+        self.result_label.setText(f"<b>Latest classifier</b> (run {run.id}, {run.created_at[:19].replace('T', ' ')}): "
+                                  + (", ".join(parts[:6]) or "no metrics recorded"))
+        history = metrics.get("history") if isinstance(metrics, dict) else None
+        if isinstance(history, list) and not self.runner.busy:
+            self._clear_curves()
+            for epoch, row in enumerate(history, start=1):
+                if isinstance(row, dict):
+                    self._add_point(float(row.get("epoch", epoch)), row)
+
+    # --- training ----------------------------------------------------------------------------------
+    def start_training(self) -> bool:
+        project = self.window_.project
+        module = self._classifier_module()
+        if project is None or module is None or self.form is None:
+            return False
+        values = self.form.values()
+        project.set_setting("gui.classifier_config", values)
+        # One torch thread fewer than the cores, so the GUI thread always has a core to paint on.
+        config = self.form.config(**self._extra_overrides())
+        self._clear_curves()
+        self.result_label.setText("Training…")
+        started = self.runner.start(lambda cancel: module.train_project_classifier_job(project, config, cancel),
+                                    "Train classifier")
+        self._update_enabled()
+        return started
+
+    def _extra_overrides(self) -> dict[str, Any]:
+        import os
+
+        overrides: dict[str, Any] = {}
+        names = {f for f in getattr(self.form.config_type, "__dataclass_fields__", {})} if self.form else set()
+        if "threads" in names:
+            overrides["threads"] = max(1, (os.cpu_count() or 2) - 1)
+        return overrides
+
+    def _clear_curves(self) -> None:
+        for key in self.history:
+            self.history[key].clear()
+            self.curves[key].setData([], [])
+
+    def _add_point(self, epoch: float, metrics: dict[str, Any]) -> None:
+        for key in CURVE_STYLE:
+            value = metrics.get(key)
+            if isinstance(value, (int, float)) and value == value:
+                points = self.history[key]
+                if points and points[-1][0] >= epoch:  # a repeated epoch replaces its point
+                    points.pop()
+                points.append((epoch, float(value)))
+                xs, ys = zip(*self.history[key])
+                self.curves[key].setData(list(xs), list(ys))
+
+    def _on_progress(self, event: Progress) -> None:
+        # Per-epoch events carry the curves' metrics; the closing "done" event repeats the best ones.
+        if event.stage != "done" and any(key in event.metrics for key in CURVE_STYLE):
+            epoch = float(event.metrics.get("epoch", event.step))
+            self._add_point(epoch, event.metrics)
+
+    def _on_succeeded(self, result: object) -> None:
+        self._show_latest_run()
+        self.window_.cam_panel.classifier_changed()
+
+    def point_count(self, key: str) -> int:
+        return len(self.history[key])

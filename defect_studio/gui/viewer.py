@@ -1,0 +1,274 @@
+"""The large viewer: a pyqtgraph ViewBox with the image, a CAM heatmap, the mask and its outline.
+
+Layers, bottom to top: the image (`ImageItem`), the heatmap (`ImageItem` with a colormap and an
+opacity), the mask (`MaskLayer`, a premultiplied ARGB buffer of which only the dirty rectangle is
+refreshed and repainted while painting), the threshold outline (a path), the brush cursor.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import cv2
+import numpy as np
+import pyqtgraph as pg
+from PySide6.QtCore import QPointF, QRectF, Qt, Signal
+from PySide6.QtGui import QColor, QImage, QPainter, QPainterPath, QPen, QWheelEvent
+from PySide6.QtWidgets import (
+    QGraphicsEllipseItem,
+    QGraphicsItem,
+    QGraphicsObject,
+    QGraphicsPathItem,
+    QGraphicsSceneHoverEvent,
+    QGraphicsSceneMouseEvent,
+    QStyleOptionGraphicsItem,
+    QWidget,
+)
+
+from defect_studio.imageio import to_float01
+
+HEATMAP_COLORMAPS = ("turbo", "inferno", "viridis", "plasma")
+MASK_COLOUR = QColor(255, 64, 64)
+MASK_ALPHA = 110
+
+
+def display_uint8(pixels: np.ndarray) -> np.ndarray:
+    """Native pixels (any depth) -> 8-bit gray H×W or RGB H×W×3 for display."""
+    image = np.clip(to_float01(pixels) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return image[:, :, 0] if image.shape[2] == 1 else image
+
+
+def _premultiplied_argb(colour: QColor, alpha: int) -> np.uint32:
+    scale = alpha / 255.0
+    red, green, blue = (round(c * scale) for c in (colour.red(), colour.green(), colour.blue()))
+    return np.uint32((alpha << 24) | (red << 16) | (green << 8) | blue)
+
+
+class MaskLayer(QGraphicsObject):
+    """A boolean mask drawn as a translucent fill. `refresh(x0, y0, x1, y1)` repaints a rectangle only.
+
+    When a tool is active it takes the left mouse button (so the ViewBox does not pan) and reports
+    press/move/release in image pixel coordinates through the callbacks.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFlag(QGraphicsItem.GraphicsItemFlag.ItemUsesExtendedStyleOption, True)
+        self._mask: np.ndarray | None = None
+        self._buffer = np.zeros((1, 1), np.uint32)
+        self._qimage = QImage()
+        self._fill = _premultiplied_argb(MASK_COLOUR, MASK_ALPHA)
+        self.painting_enabled = False
+        self.on_press: Callable[[float, float], None] | None = None
+        self.on_move: Callable[[float, float], None] | None = None
+        self.on_release: Callable[[float, float], None] | None = None
+        self.on_hover: Callable[[float, float] | None, None] | None = None
+        self.after_paint: Callable[[], None] | None = None  # the responsiveness benchmark times repaints
+        self.setAcceptHoverEvents(True)
+        self.setAcceptedMouseButtons(Qt.MouseButton.NoButton)
+
+    def set_mask(self, mask: np.ndarray | None) -> None:
+        """Show `mask` (kept by reference: the editor changes it in place and calls refresh)."""
+        self.prepareGeometryChange()
+        self._mask = mask
+        if mask is None:
+            self._buffer = np.zeros((1, 1), np.uint32)
+            self._qimage = QImage()
+        else:
+            height, width = mask.shape
+            self._buffer = np.zeros((height, width), np.uint32)
+            self._qimage = QImage(self._buffer.data, width, height, width * 4, QImage.Format.Format_ARGB32_Premultiplied)
+            self.refresh(0, 0, width, height)
+        self.update()
+
+    @property
+    def mask(self) -> np.ndarray | None:
+        return self._mask
+
+    def refresh(self, x0: int, y0: int, x1: int, y1: int) -> None:
+        """Recolour and repaint the rectangle [x0, x1) × [y0, y1) of the mask."""
+        if self._mask is None:
+            return
+        height, width = self._mask.shape
+        x0, y0, x1, y1 = max(0, x0), max(0, y0), min(width, x1), min(height, y1)
+        if x1 <= x0 or y1 <= y0:
+            return
+        np.multiply(self._mask[y0:y1, x0:x1], self._fill, out=self._buffer[y0:y1, x0:x1], casting="unsafe")
+        self.update(QRectF(x0, y0, x1 - x0, y1 - y0))
+
+    def set_tool_active(self, active: bool) -> None:
+        self.painting_enabled = active
+        self.setAcceptedMouseButtons(Qt.MouseButton.LeftButton if active else Qt.MouseButton.NoButton)
+
+    # --- QGraphicsItem ---------------------------------------------------------------------
+    def boundingRect(self) -> QRectF:  # noqa: N802
+        if self._mask is None:
+            return QRectF()
+        height, width = self._mask.shape
+        return QRectF(0, 0, width, height)
+
+    def shape(self) -> QPainterPath:
+        path = QPainterPath()
+        path.addRect(self.boundingRect())
+        return path
+
+    def paint(self, painter: QPainter, option: QStyleOptionGraphicsItem, widget: QWidget | None = None) -> None:
+        if self._qimage.isNull():
+            return
+        exposed = option.exposedRect.toAlignedRect().intersected(self._qimage.rect())
+        if exposed.isEmpty():
+            return
+        painter.drawImage(QRectF(exposed), self._qimage, QRectF(exposed))
+        if self.after_paint is not None:
+            self.after_paint()
+
+    def mousePressEvent(self, event: QGraphicsSceneMouseEvent) -> None:  # noqa: N802
+        if self.painting_enabled and event.button() == Qt.MouseButton.LeftButton and self.on_press is not None:
+            event.accept()
+            self.on_press(event.pos().x(), event.pos().y())
+        else:
+            event.ignore()
+
+    def mouseMoveEvent(self, event: QGraphicsSceneMouseEvent) -> None:  # noqa: N802
+        if self.on_hover is not None:
+            self.on_hover((event.pos().x(), event.pos().y()))
+        if self.painting_enabled and self.on_move is not None:
+            event.accept()
+            self.on_move(event.pos().x(), event.pos().y())
+
+    def mouseReleaseEvent(self, event: QGraphicsSceneMouseEvent) -> None:  # noqa: N802
+        if self.painting_enabled and self.on_release is not None:
+            event.accept()
+            self.on_release(event.pos().x(), event.pos().y())
+
+    def hoverMoveEvent(self, event: QGraphicsSceneHoverEvent) -> None:  # noqa: N802
+        if self.on_hover is not None:
+            self.on_hover((event.pos().x(), event.pos().y()))
+
+    def hoverLeaveEvent(self, event: QGraphicsSceneHoverEvent) -> None:  # noqa: N802
+        if self.on_hover is not None:
+            self.on_hover(None)
+
+
+class ImageViewer(pg.GraphicsView):
+    """Image + overlays with zoom (wheel) and pan (drag). Ctrl+wheel is reported, not zoomed."""
+
+    ctrl_wheel = Signal(int)  # +1 / -1 steps
+
+    def __init__(self, parent: QWidget | None = None, title: str = "") -> None:
+        super().__init__(parent, background=pg.mkColor("#0d1117"))
+        self.setObjectName("imageViewer")
+        self.view_box = pg.ViewBox(lockAspect=True, invertY=True, enableMenu=False)
+        self.view_box.setBackgroundColor(pg.mkColor("#0d1117"))
+        self.setCentralItem(self.view_box)
+        self.image_item = pg.ImageItem(axisOrder="row-major")
+        self.heat_item = pg.ImageItem(axisOrder="row-major")
+        self.heat_item.setZValue(1)
+        self.heat_item.setOpacity(0.5)
+        self.heat_item.setVisible(False)
+        self.mask_layer = MaskLayer()
+        self.mask_layer.setZValue(2)
+        self.outline_item = QGraphicsPathItem()
+        outline_pen = QPen(QColor("#39d353"), 2)
+        outline_pen.setCosmetic(True)
+        self.outline_item.setPen(outline_pen)
+        self.outline_item.setZValue(3)
+        self.cursor_item = QGraphicsEllipseItem()
+        cursor_pen = QPen(QColor(255, 255, 255, 220), 1.5)
+        cursor_pen.setCosmetic(True)
+        self.cursor_item.setPen(cursor_pen)
+        self.cursor_item.setZValue(4)
+        self.cursor_item.setVisible(False)
+        for item in (self.image_item, self.heat_item, self.mask_layer, self.outline_item, self.cursor_item):
+            self.view_box.addItem(item)
+        self.title_item: pg.TextItem | None = None
+        if title:
+            self.set_title(title)
+        self.image_shape: tuple[int, int] | None = None
+        self.heatmap: np.ndarray | None = None
+        self.set_colormap("turbo")
+
+    # --- content ---------------------------------------------------------------------------
+    def set_title(self, text: str) -> None:
+        if self.title_item is None:
+            self.title_item = pg.TextItem(color="#e6edf3", fill=pg.mkBrush(13, 17, 23, 190), anchor=(0, 0))
+            self.title_item.setZValue(10)
+            self.view_box.addItem(self.title_item, ignoreBounds=True)
+        self.title_item.setText(text)
+
+    def set_image(self, pixels: np.ndarray | None, fit: bool = True) -> None:
+        if pixels is None:
+            self.image_item.clear()
+            self.image_shape = None
+            self.set_heatmap(None)
+            self.mask_layer.set_mask(None)
+            self.set_outline(None)
+            return
+        image = display_uint8(pixels) if pixels.dtype != np.uint8 or pixels.ndim == 3 and pixels.shape[2] == 1 else pixels
+        shape = image.shape[:2]
+        self.image_item.setImage(image, levels=(0, 255), autoLevels=False)
+        changed = shape != self.image_shape
+        self.image_shape = shape
+        if fit or changed:
+            self.fit()
+
+    def fit(self) -> None:
+        if self.image_shape is not None:
+            height, width = self.image_shape
+            self.view_box.setRange(QRectF(0, 0, width, height), padding=0.02)
+
+    def set_colormap(self, name: str) -> None:
+        colormap = pg.colormap.get(name)
+        self.heat_item.setLookupTable(colormap.getLookupTable(0.0, 1.0, 256))
+
+    def set_heatmap(self, heatmap: np.ndarray | None) -> None:
+        self.heatmap = heatmap
+        if heatmap is None:
+            self.heat_item.setVisible(False)
+            self.heat_item.clear()
+            return
+        self.heat_item.setImage(np.asarray(heatmap, np.float32), levels=(0.0, 1.0), autoLevels=False)
+        self.heat_item.setVisible(True)
+
+    def set_heat_opacity(self, opacity: float) -> None:
+        self.heat_item.setOpacity(opacity)
+
+    def set_outline(self, mask: np.ndarray | None) -> None:
+        """Draw the outline of a binary mask (e.g. the CAM thresholded at the slider's value)."""
+        path = QPainterPath()
+        if mask is not None and mask.any():
+            contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_LIST, cv2.CHAIN_APPROX_SIMPLE)
+            for contour in contours:
+                points = contour[:, 0, :]
+                path.moveTo(QPointF(points[0][0] + 0.5, points[0][1] + 0.5))
+                for x, y in points[1:]:
+                    path.lineTo(QPointF(x + 0.5, y + 0.5))
+                path.closeSubpath()
+        self.outline_item.setPath(path)
+
+    def show_cursor(self, position: tuple[float, float] | None, diameter: float) -> None:
+        if position is None:
+            self.cursor_item.setVisible(False)
+            return
+        x, y = position
+        self.cursor_item.setRect(QRectF(x - diameter / 2, y - diameter / 2, diameter, diameter))
+        self.cursor_item.setVisible(True)
+
+    def link_to(self, other: "ImageViewer") -> None:
+        """Zoom and pan follow `other`'s."""
+        self.view_box.setXLink(other.view_box)
+        self.view_box.setYLink(other.view_box)
+
+    # --- input -----------------------------------------------------------------------------
+    def wheelEvent(self, event: QWheelEvent) -> None:  # noqa: N802
+        if event.modifiers() & Qt.KeyboardModifier.ControlModifier:
+            steps = 1 if event.angleDelta().y() > 0 else -1
+            self.ctrl_wheel.emit(steps)
+            event.accept()
+            return
+        super().wheelEvent(event)
+
+    def scene_to_widget(self, x: float, y: float) -> QPointF:
+        """Widget (viewport) coordinates of image pixel (x, y); used by tests and benchmarks."""
+        scene_point = self.view_box.mapViewToScene(QPointF(x, y))
+        return QPointF(self.mapFromScene(scene_point))

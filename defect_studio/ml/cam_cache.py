@@ -1,0 +1,187 @@
+"""CAM maps on disk: the cache the GUI reads instantly, the `cam` job that fills it, 16-bit PNG heatmaps.
+
+A cached map is keyed by everything that determines it: the image's content hash, the classifier
+checkpoint's hash, the method and its resolved settings (canonical JSON, so defaults spelled out
+or left implicit give the same key). Maps are stored as 16-bit gray PNG (values 0..65535 for
+[0, 1]; a quantisation step of 1.5e-5, far below any threshold anyone sets), written atomically.
+A damaged cache file is treated as a miss and replaced.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any, Generator, Sequence
+
+import cv2
+import numpy as np
+
+from defect_studio.atomic import atomic_write_bytes
+from defect_studio.errors import ModelError
+from defect_studio.jobs import CancelToken, EtaClock, Progress
+from defect_studio.ml.cams.settings import canonical_settings, check_method
+
+CACHE_SUBDIR = "cams"
+HEATMAP_SCALE = 65535.0
+CAM_BATCH_SIZE = 8
+
+
+def encode_heatmap_png(cam_map: np.ndarray) -> bytes:
+    """A float map in [0, 1] -> 16-bit gray PNG bytes."""
+    values = np.asarray(cam_map, dtype=np.float32)
+    if values.ndim != 2:
+        raise ValueError(f"a CAM map is 2-D, got shape {values.shape}")
+    quantised = np.clip(np.nan_to_num(values) * HEATMAP_SCALE + 0.5, 0, HEATMAP_SCALE).astype(np.uint16)
+    ok, encoded = cv2.imencode(".png", quantised)
+    if not ok:
+        raise OSError("PNG encoding failed")
+    return encoded.tobytes()
+
+
+def decode_heatmap_png(data: bytes) -> np.ndarray | None:
+    """16-bit gray PNG bytes -> float32 map in [0, 1]; None if the bytes are not such a PNG."""
+    pixels = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+    if pixels is None or pixels.dtype != np.uint16 or pixels.ndim != 2:
+        return None
+    return pixels.astype(np.float32) / HEATMAP_SCALE
+
+
+def write_heatmap_png(path: str | Path, cam_map: np.ndarray) -> None:
+    atomic_write_bytes(path, encode_heatmap_png(cam_map))
+
+
+def read_heatmap_png(path: str | Path) -> np.ndarray | None:
+    try:
+        return decode_heatmap_png(Path(path).read_bytes())
+    except OSError:
+        return None
+
+
+class CamCache:
+    """Maps keyed by (image sha256, checkpoint sha256, method, settings) under `<cache_dir>/cams/`.
+
+    `cache_dir` is the project's cache folder (`project.cache_dir`); passing its `cams` folder
+    itself works too.
+    """
+
+    def __init__(self, cache_dir: str | Path) -> None:
+        cache_dir = Path(cache_dir)
+        self.root = cache_dir if cache_dir.name == CACHE_SUBDIR else cache_dir / CACHE_SUBDIR
+
+    @staticmethod
+    def key(image_sha256: str, checkpoint_sha256: str, method: str, settings: dict[str, Any] | None) -> str:
+        check_method(method)
+        record = {
+            "image": image_sha256,
+            "checkpoint": checkpoint_sha256,
+            "method": method,
+            "settings": json.loads(canonical_settings(method, settings)),
+        }
+        return hashlib.sha256(json.dumps(record, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+    def path(self, image_sha256: str, checkpoint_sha256: str, method: str, settings: dict[str, Any] | None) -> Path:
+        key = self.key(image_sha256, checkpoint_sha256, method, settings)
+        return self.root / key[:2] / f"{key}.png"
+
+    def get(
+        self, image_sha256: str, checkpoint_sha256: str, method: str, settings: dict[str, Any] | None = None
+    ) -> np.ndarray | None:
+        path = self.path(image_sha256, checkpoint_sha256, method, settings)
+        if not path.is_file():
+            return None
+        cam_map = read_heatmap_png(path)
+        if cam_map is None:  # damaged: forget it, it will be recomputed
+            path.unlink(missing_ok=True)
+        return cam_map
+
+    def put(
+        self, image_sha256: str, checkpoint_sha256: str, method: str, settings: dict[str, Any] | None,
+        cam_map: np.ndarray,
+    ) -> Path:
+        path = self.path(image_sha256, checkpoint_sha256, method, settings)
+        write_heatmap_png(path, cam_map)
+        return path
+
+    def clear(self) -> int:
+        """Delete every cached map; returns how many."""
+        removed = 0
+        if self.root.is_dir():
+            for path in self.root.rglob("*.png"):
+                path.unlink(missing_ok=True)
+                removed += 1
+        return removed
+
+
+def default_classifier_path(project: Any) -> Path:
+    run = project.latest_run("classifier")
+    if run is None:
+        raise ModelError("this project has no trained classifier yet; train one first (defect-studio train-classifier).")
+    return Path(run.checkpoint_path)
+
+
+def cam_job(
+    project: Any,
+    method: str,
+    settings: dict[str, Any] | None,
+    cancel: CancelToken,
+    classifier_path: str | Path | None = None,
+    write_png_dir: str | Path | None = None,
+    image_ids: Sequence[int] | None = None,
+    batch_size: int = CAM_BATCH_SIZE,
+) -> Generator[Progress, None, dict[str, Any]]:
+    """CAM maps for the project's images (default: all), from the cache or computed and cached.
+
+    With `write_png_dir`, each map is also written there as a 16-bit PNG heatmap `<stem>.png`.
+    Each cached map is complete when written, so a cancelled job keeps the maps it finished.
+    """
+    from defect_studio.imageio import read_image
+    from defect_studio.ml.cams import compute_cams, resolve_settings
+    from defect_studio.ml.classifier import load_classifier
+
+    resolved = resolve_settings(method, settings)  # refuse bad settings before any work
+    checkpoint = Path(classifier_path) if classifier_path is not None else default_classifier_path(project)
+    started = time.perf_counter()
+    yield Progress("loading classifier", 0, None, checkpoint.name)
+    classifier = load_classifier(checkpoint)
+    records = project.images() if image_ids is None else [project.image(i) for i in image_ids]
+    cache = CamCache(project.cache_dir)
+    png_dir = Path(write_png_dir) if write_png_dir is not None else None
+    clock = EtaClock(len(records))
+    computed = cached = 0
+    yield clock.progress(f"{method} maps", 0)
+    for start in range(0, len(records), max(1, batch_size)):
+        cancel.raise_if_cancelled()
+        chunk = records[start : start + batch_size]
+        maps: dict[int, np.ndarray] = {}
+        missing = []
+        for record in chunk:
+            hit = cache.get(record.sha256, classifier.checkpoint_sha256, method, resolved)
+            if hit is not None and hit.shape == (record.height, record.width):
+                maps[record.id] = hit
+            else:
+                missing.append(record)
+        if missing:
+            fresh = compute_cams(classifier, [read_image(r.path) for r in missing], method, resolved, batch_size)
+            for record, cam_map in zip(missing, fresh):
+                cache.put(record.sha256, classifier.checkpoint_sha256, method, resolved, cam_map)
+                maps[record.id] = cam_map
+        computed += len(missing)
+        cached += len(chunk) - len(missing)
+        if png_dir is not None:
+            for record in chunk:
+                write_heatmap_png(png_dir / f"{record.stem}.png", maps[record.id])
+        done = start + len(chunk)
+        yield clock.progress(f"{method} maps", done, chunk[-1].stem, {"computed": computed, "cached": cached})
+    return {
+        "method": method,
+        "settings": resolved,
+        "classifier": str(checkpoint),
+        "checkpoint_sha256": classifier.checkpoint_sha256,
+        "images": len(records),
+        "computed": computed,
+        "cached": cached,
+        "png_dir": str(png_dir) if png_dir is not None else None,
+        "seconds": round(time.perf_counter() - started, 3),
+    }

@@ -1,0 +1,418 @@
+"""Class activation maps: Grad-CAM, Grad-CAM++, LayerCAM, FGBP and the region-aware CAM.
+
+`../shared/docs/method.md` defines every method; this module follows it and names every parameter
+there as a setting with a default (`default_settings`). The classifier is only used through its
+interface: `model.stages` (four stages whose outputs are A^1..A^4), `model(x)` -> the defect logit
+per image, and `nn.ReLU` modules for every non-linearity.
+
+One forward and one backward pass per batch give every stage's activation and gradient
+(`torch.autograd.grad` on the stage outputs, so no parameter's `.grad` is touched). Hooks and the
+guided-backprop ReLUs are installed by context managers and always removed, and every module's
+training flag is restored: the model is left exactly as it was.
+
+Conventions of the baselines follow pytorch-grad-cam (the reference the tests compare with):
+each stage map is ReLU'd, min-max normalised at feature resolution (x - min, / (1e-7 + max)),
+then resized bilinearly (OpenCV's pixel-centre convention). Maps returned to callers are then put
+back onto the original pixels (`Geometry.to_original`) and min-max normalised there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
+
+import cv2
+import numpy as np
+import torch
+from torch import nn
+
+from defect_studio.errors import DefectStudioError
+from defect_studio.ml.cams.settings import STAGE_COUNT, CamSettingsError, check_method, resolve_settings
+
+_EPS = 1e-7
+
+
+# ---------------------------------------------------------------------------------------------
+# Model plumbing: guided ReLUs, stage capture, leaving the model exactly as it was
+
+
+class _GuidedReLUFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, values: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(values)
+        return values.clamp(min=0)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> torch.Tensor:
+        (values,) = ctx.saved_tensors
+        # guided backprop: pass where the forward input was positive AND the incoming gradient is
+        return grad_output * ((values > 0) & (grad_output > 0)).to(grad_output.dtype)
+
+
+class GuidedReLU(nn.Module):
+    """A non-in-place ReLU whose backward pass is guided-backprop gating; stateless, so reusable."""
+
+    def forward(self, values: torch.Tensor) -> torch.Tensor:
+        return _GuidedReLUFunction.apply(values)
+
+
+@contextlib.contextmanager
+def guided_relus(model: nn.Module) -> Iterator[int]:
+    """Swap every nn.ReLU of the model for a GuidedReLU; the originals go back on exit, always.
+
+    A ReLU module reused twice in a block (torchvision's BasicBlock) is one attribute: swapping it
+    gates both uses. Yields how many ReLU slots were swapped.
+    """
+    swapped: list[tuple[nn.Module, str, nn.Module]] = []
+    guided = GuidedReLU()
+    try:
+        for parent in list(model.modules()):
+            for name, child in list(parent._modules.items()):
+                if isinstance(child, nn.ReLU):
+                    parent._modules[name] = guided
+                    swapped.append((parent, name, child))
+        yield len(swapped)
+    finally:
+        for parent, name, original in reversed(swapped):
+            parent._modules[name] = original
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Every module in eval mode for the block; each module's own training flag restored after."""
+    flags = [(module, module.training) for module in model.modules()]
+    try:
+        model.eval()
+        yield
+    finally:
+        for module, training in flags:
+            module.training = training
+
+
+@contextlib.contextmanager
+def capture_stage_outputs(model: nn.Module, stage_indices: Sequence[int]) -> Iterator[dict[int, torch.Tensor]]:
+    """Forward hooks on model.stages[i] (0-based) filling {i: output}; removed on exit, always."""
+    stages = getattr(model, "stages", None)
+    if stages is None or len(stages) != STAGE_COUNT:
+        raise DefectStudioError("this classifier has no four `stages`; CAMs need a staged network.")
+    outputs: dict[int, torch.Tensor] = {}
+    handles = []
+    try:
+        for index in stage_indices:
+            def hook(module: nn.Module, inputs: Any, output: torch.Tensor, index: int = index) -> None:
+                outputs[index] = output
+            handles.append(stages[index].register_forward_hook(hook))
+        yield outputs
+    finally:
+        for handle in handles:
+            handle.remove()
+        outputs.clear()
+
+
+def defect_score(logits: torch.Tensor) -> torch.Tensor:
+    """s per image: the defect logit, or the logit difference of a two-class head."""
+    if logits.ndim == 2 and logits.shape[1] == 2:
+        return logits[:, 1] - logits[:, 0]
+    if logits.ndim == 2 and logits.shape[1] == 1:
+        return logits[:, 0]
+    if logits.ndim == 1:
+        return logits
+    raise DefectStudioError(f"the classifier returned logits of shape {tuple(logits.shape)}; expected (B,) or (B, 1|2).")
+
+
+def stage_activations_and_gradients(
+    model: nn.Module, batch: torch.Tensor, stage_indices: Sequence[int], guided: bool
+) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], torch.Tensor]:
+    """One forward + backward pass: ({stage: A}, {stage: ds/dA}, scores), all detached.
+
+    Runs under enable_grad (callers may sit inside no_grad) with the model in eval mode; the input
+    is made to require grad so the graph exists even for a frozen model; parameters' .grad untouched.
+    """
+    stage_indices = sorted(set(stage_indices))
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(eval_mode(model))
+        stack.enter_context(torch.enable_grad())
+        if guided:
+            stack.enter_context(guided_relus(model))
+        captured = stack.enter_context(capture_stage_outputs(model, stage_indices))
+        inputs = batch.detach().clone().requires_grad_(True)
+        scores = defect_score(model(inputs))
+        missing = [i + 1 for i in stage_indices if i not in captured]
+        if missing:
+            raise DefectStudioError(f"the classifier's forward pass never ran stage(s) {missing}.")
+        tensors = [captured[i] for i in stage_indices]
+        gradients = torch.autograd.grad(scores.sum(), tensors, allow_unused=True)
+        activations = {i: t.detach() for i, t in zip(stage_indices, tensors)}
+        grads = {
+            i: (g.detach() if g is not None else torch.zeros_like(activations[i]))
+            for i, g in zip(stage_indices, gradients)
+        }
+        return activations, grads, scores.detach()
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-stage maps (torch, feature resolution)
+
+
+def gradcam_map(activation: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
+    weights = gradient.mean(dim=(2, 3), keepdim=True)
+    return torch.relu((weights * activation).sum(dim=1))
+
+
+def gradcampp_map(activation: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
+    """Chattopadhay et al. (2018), eq. 19, with the sums and epsilon pytorch-grad-cam uses."""
+    grads_2 = gradient.pow(2)
+    grads_3 = grads_2 * gradient
+    sum_activations = activation.sum(dim=(2, 3), keepdim=True)
+    alpha = grads_2 / (2 * grads_2 + sum_activations * grads_3 + 1e-6)
+    alpha = torch.where(gradient != 0, alpha, torch.zeros_like(alpha))
+    weights = (torch.relu(gradient) * alpha).sum(dim=(2, 3), keepdim=True)
+    return torch.relu((weights * activation).sum(dim=1))
+
+
+def layercam_map(activation: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
+    return torch.relu((torch.relu(gradient) * activation).sum(dim=1))
+
+
+def magnitude_filter(gradient: torch.Tensor, quantile: float) -> torch.Tensor:
+    """Keep the elements with |G| >= the q-quantile of |G| over C×H×W, per image (others -> 0)."""
+    magnitude = gradient.abs().flatten(1)
+    count = magnitude.shape[1]
+    # the q-quantile as torch.quantile's "lower" order statistic; kthvalue is 1-based
+    rank = min(count, max(1, int(math.floor(quantile * (count - 1))) + 1))
+    threshold = magnitude.kthvalue(rank, dim=1).values.view(-1, 1, 1, 1)
+    return gradient * (gradient.abs() >= threshold).to(gradient.dtype)
+
+
+def fgbp_map(activation: torch.Tensor, gradient: torch.Tensor, quantile: float | None) -> torch.Tensor:
+    """M^l = ReLU(sum_c Ĝ^l_c ⊙ A^l_c) with Ĝ the magnitude-filtered (guided) gradient."""
+    if quantile is not None:
+        gradient = magnitude_filter(gradient, quantile)
+    return torch.relu((gradient * activation).sum(dim=1))
+
+
+def normalise_like_reference(maps: torch.Tensor) -> torch.Tensor:
+    """(B, h, w) -> each map minus its min, over (1e-7 + max): pytorch-grad-cam's scale_cam_image."""
+    flat = maps.flatten(1)
+    shifted = flat - flat.min(dim=1, keepdim=True).values
+    return (shifted / (_EPS + shifted.max(dim=1, keepdim=True).values)).view_as(maps)
+
+
+def _method_stages(method: str, settings: dict[str, Any]) -> list[int]:
+    """0-based stage indices the method needs."""
+    if method in ("gradcam", "gradcampp"):
+        return [settings["stage"] - 1]
+    stages = set(settings["stages"])
+    if method == "region-aware":
+        stages |= set(settings["salient_stages"])
+    return sorted(s - 1 for s in stages)
+
+
+def feature_stage_maps(
+    model: nn.Module, batch: torch.Tensor, method: str, settings: dict[str, Any]
+) -> dict[int, np.ndarray]:
+    """{0-based stage: (B, h, w) float32 map normalised at feature resolution} for one batch."""
+    stage_indices = _method_stages(method, settings)
+    guided = method in ("fgbp", "region-aware") and settings["guided"]
+    activations, gradients, _ = stage_activations_and_gradients(model, batch, stage_indices, guided)
+    maps: dict[int, np.ndarray] = {}
+    for index in stage_indices:
+        a, g = activations[index].float(), gradients[index].float()
+        if method == "gradcam":
+            raw = gradcam_map(a, g)
+        elif method == "gradcampp":
+            raw = gradcampp_map(a, g)
+        elif method == "layercam":
+            raw = layercam_map(a, g)
+        else:
+            raw = fgbp_map(a, g, settings["fgbp_quantile"] if settings["magnitude_filter"] else None)
+        maps[index] = normalise_like_reference(raw).cpu().numpy().astype(np.float32)
+    return maps
+
+
+# ---------------------------------------------------------------------------------------------
+# Fusion at image resolution (numpy)
+
+
+def minmax(values: np.ndarray, where: np.ndarray | None = None) -> np.ndarray:
+    """Min-max to [0, 1] (over `where` if given; 0 elsewhere); a flat map becomes all zeros."""
+    values = values.astype(np.float32, copy=False)
+    selected = values if where is None else values[where]
+    if selected.size == 0:
+        return np.zeros_like(values)
+    low, high = float(selected.min()), float(selected.max())
+    if high - low <= _EPS:
+        return np.zeros_like(values)
+    out = (values - low) / (high - low)
+    if where is not None:
+        out = np.where(where, out, 0.0)
+    return np.clip(out, 0.0, 1.0).astype(np.float32)
+
+
+def grow(mask: np.ndarray, radius_px: float) -> np.ndarray:
+    """Dilate a bool mask by a disk of `radius_px` (a distance transform: O(pixels) for any radius)."""
+    if radius_px < 0.5 or not mask.any():
+        return mask.copy()
+    distance = cv2.distanceTransform(np.where(mask, 0, 1).astype(np.uint8), cv2.DIST_L2, 5)
+    return distance <= radius_px
+
+
+@dataclass(frozen=True)
+class RegionAwareParts:
+    """The region-aware CAM and what it was made of (for tests, the GUI and the ablation)."""
+
+    fused: np.ndarray  # final map in [0, 1]
+    deep_map: np.ndarray  # R (normalised)
+    regions: np.ndarray  # int32 label image, 0 outside every region
+    weights: dict[int, dict[int, float]]  # {region label: {stage (1-based): weight}}
+
+
+def region_aware_fusion(
+    stage_maps: dict[int, np.ndarray], deep_map: np.ndarray, cell_px: float, settings: dict[str, Any]
+) -> RegionAwareParts:
+    """method.md's region-aware module on image-resolution maps (each in [0, 1]).
+
+    stage_maps: {1-based stage: H×W}; deep_map: R; cell_px: one deepest-salient-stage cell in pixels.
+    """
+    salient = (deep_map >= settings["region_threshold"]) & (deep_map > 0)
+    grown = grow(salient, settings["region_margin_cells"] * cell_px)
+    # components of the dilated union: regions whose margins touch are treated as one
+    count, labels = cv2.connectedComponents(grown.astype(np.uint8), connectivity=8)
+    fused = np.zeros_like(deep_map, dtype=np.float32)
+    weights: dict[int, dict[int, float]] = {}
+    ring_px = max(1.0, settings["ring_cells"] * cell_px)
+    for label in range(1, count):
+        region = labels == label
+        ys, xs = np.nonzero(region)
+        pad = int(math.ceil(ring_px)) + 1
+        top, bottom = max(0, ys.min() - pad), min(region.shape[0], ys.max() + pad + 1)
+        left, right = max(0, xs.min() - pad), min(region.shape[1], xs.max() + pad + 1)
+        local = region[top:bottom, left:right]
+        ring = grow(local, ring_px) & ~local
+        contrasts: dict[int, float] = {}
+        for stage, stage_map in stage_maps.items():
+            crop = stage_map[top:bottom, left:right]
+            inside = float(crop[local].mean())
+            around = float(crop[ring].mean()) if ring.any() else 0.0
+            contrasts[stage] = inside / (around + 1e-3)
+        if settings["contrast_weights"]:
+            total = sum(contrasts.values())
+            stage_weights = {s: (c / total if total > 0 else 1.0 / len(contrasts)) for s, c in contrasts.items()}
+        else:
+            stage_weights = {s: 1.0 / len(stage_maps) for s in stage_maps}
+        weights[label] = stage_weights
+        combined = np.zeros(local.shape, dtype=np.float32)
+        for stage, stage_map in stage_maps.items():
+            crop = stage_map[top:bottom, left:right]
+            part = minmax(crop, local) if settings["per_region_normalisation"] else crop
+            combined += stage_weights[stage] * part
+        target = fused[top:bottom, left:right]
+        target[local] = combined[local]
+    if settings["deep_gating"] and settings["gamma"] > 0:
+        fused = fused * np.power(np.clip(deep_map, 0.0, 1.0), settings["gamma"], dtype=np.float32)
+    return RegionAwareParts(minmax(fused), deep_map, labels.astype(np.int32), weights)
+
+
+# ---------------------------------------------------------------------------------------------
+# The shared interface
+
+
+def _batches(count: int, size: int) -> Iterator[range]:
+    for start in range(0, count, size):
+        yield range(start, min(count, start + size))
+
+
+def _cell_px(geometry: Any, feature_shape: tuple[int, int]) -> float:
+    """One feature cell of a stage, in original pixels."""
+    stride = geometry.input_size[0] / feature_shape[0]
+    scale = min(geometry.scale)
+    return stride / max(scale, 1e-6)
+
+
+def _fuse_image(
+    method: str, settings: dict[str, Any], per_stage: dict[int, np.ndarray], place: Callable[[np.ndarray], np.ndarray],
+    geometry: Any, feature_shapes: dict[int, tuple[int, int]], renormalise: bool,
+) -> np.ndarray | RegionAwareParts:
+    """Put each stage map in the target frame (`place`), normalise, and fuse as the method says."""
+    placed = {index + 1: place(m) for index, m in per_stage.items()}
+    if renormalise:
+        placed = {stage: minmax(m) for stage, m in placed.items()}
+    if method in ("gradcam", "gradcampp"):
+        return placed[settings["stage"]]
+    chosen = [placed[s] for s in settings["stages"]]
+    if method in ("layercam", "fgbp"):
+        return np.maximum.reduce(chosen) if len(chosen) > 1 else chosen[0]
+    deep = minmax(np.maximum.reduce([placed[s] for s in settings["salient_stages"]]))
+    deepest = max(settings["salient_stages"]) - 1
+    parts = region_aware_fusion(
+        {s: placed[s] for s in settings["stages"]}, deep, _cell_px(geometry, feature_shapes[deepest]), settings
+    )
+    return parts
+
+
+def _compute(
+    classifier: Any, images: Sequence[np.ndarray], method: str, settings: dict[str, Any] | None,
+    batch_size: int, frame: str,
+) -> list[Any]:
+    check_method(method)
+    resolved = resolve_settings(method, settings)
+    preprocessing = classifier.preprocessing
+    device = torch.device(getattr(classifier, "device", "cpu"))
+    results: list[Any] = []
+    for indices in _batches(len(images), max(1, batch_size)):
+        chunk = [images[i] for i in indices]
+        if hasattr(classifier, "prepare"):  # LoadedClassifier: on its device, in its memory format
+            batch, geometries = classifier.prepare(chunk)
+        else:
+            batch, geometries = preprocessing.prepare_batch(chunk)
+        maps = feature_stage_maps(classifier.model, batch.to(device), method, resolved)
+        shapes = {index: (m.shape[1], m.shape[2]) for index, m in maps.items()}
+        for position, geometry in enumerate(geometries):
+            per_stage = {index: m[position] for index, m in maps.items()}
+            if frame == "original":
+                fused = _fuse_image(method, resolved, per_stage, geometry.to_original, geometry, shapes, True)
+            else:  # the network input frame with pytorch-grad-cam's conventions (reference tests)
+                size = (geometry.input_size[1], geometry.input_size[0])
+                def place(m: np.ndarray, size: tuple[int, int] = size) -> np.ndarray:
+                    # pytorch-grad-cam normalises again after resizing
+                    resized = cv2.resize(m, size, interpolation=cv2.INTER_LINEAR)
+                    return normalise_like_reference(torch.from_numpy(resized[None]))[0].numpy()
+                fused = _fuse_image(method, resolved, per_stage, place, geometry, shapes, False)
+            results.append(fused)
+    return results
+
+
+def compute_cams(
+    classifier: Any, images: Sequence[np.ndarray], method: str, settings: dict[str, Any] | None = None,
+    batch_size: int = 8,
+) -> list[np.ndarray]:
+    """float32 maps in [0, 1], one per image, each at that image's original resolution.
+
+    images: float H×W×C in [0, 1] (as `imageio.read_image` gives); classifier: a LoadedClassifier
+    (.model, .preprocessing, .device).
+    """
+    results = _compute(classifier, images, method, settings, batch_size, "original")
+    return [minmax(r.fused if isinstance(r, RegionAwareParts) else r) for r in results]
+
+
+def compute_cam(classifier: Any, image: np.ndarray, method: str, settings: dict[str, Any] | None = None) -> np.ndarray:
+    return compute_cams(classifier, [image], method, settings)[0]
+
+
+def compute_region_aware_parts(
+    classifier: Any, images: Sequence[np.ndarray], settings: dict[str, Any] | None = None, batch_size: int = 8
+) -> list[RegionAwareParts]:
+    """The region-aware CAM with its regions, deep map and stage weights (GUI inspection, tests)."""
+    return _compute(classifier, images, "region-aware", settings, batch_size, "original")
+
+
+def compute_cams_at_input(
+    classifier: Any, images: Sequence[np.ndarray], method: str, settings: dict[str, Any] | None = None,
+    batch_size: int = 8,
+) -> list[np.ndarray]:
+    """Baseline maps in the network-input frame with pytorch-grad-cam's scaling (no letterbox inverse)."""
+    if method not in ("gradcam", "gradcampp", "layercam", "fgbp"):
+        raise CamSettingsError(f"{method} maps exist only at the original resolution.")
+    return _compute(classifier, images, method, settings, batch_size, "input")

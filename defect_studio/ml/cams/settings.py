@@ -1,0 +1,141 @@
+"""CAM method names and settings: every parameter of method.md with its default (no torch here).
+
+Kept apart from the computation so the command line and the GUI can list and validate settings
+without loading torch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from defect_studio.errors import DefectStudioError
+
+CAM_METHODS = ("gradcam", "gradcampp", "layercam", "fgbp", "region-aware")
+STAGE_COUNT = 4
+
+
+class CamSettingsError(DefectStudioError):
+    """An unknown CAM method, an unknown setting, or a setting value of the wrong kind."""
+
+
+@dataclass(frozen=True)
+class SettingSpec:
+    name: str
+    default: Any
+    description: str
+
+
+def _stage_specs(default: list[int], what: str) -> SettingSpec:
+    return SettingSpec("stages", default, f"stages (1 = finest, stride 4 ... 4 = deepest) {what}")
+
+
+_FGBP_SPECS = (
+    _stage_specs([1, 2, 3, 4], "fused by the element-wise maximum"),
+    SettingSpec("guided", True, "guided-backprop gating at every ReLU (gradient passes where input > 0 and gradient > 0)"),
+    SettingSpec("magnitude_filter", True, "keep only the largest gradient magnitudes of each stage"),
+    SettingSpec("fgbp_quantile", 0.9, "q: keep gradients with |G| >= the q-quantile of |G| per stage and image"),
+)
+
+_REGION_SPECS = (
+    _stage_specs([1, 2, 3, 4], "whose FGBP maps are fused inside the salient regions"),
+    SettingSpec("guided", True, "guided-backprop gating at every ReLU"),
+    SettingSpec("magnitude_filter", True, "keep only the largest gradient magnitudes of each stage"),
+    SettingSpec("fgbp_quantile", 0.9, "q of the FGBP magnitude filter"),
+    SettingSpec("salient_stages", [4], "stages whose FGBP maps (max-fused) form the deep map R"),
+    SettingSpec("region_threshold", 0.2, "tau_r: salient regions are the connected components of R >= tau_r"),
+    SettingSpec("region_margin_cells", 1.0, "margin added around each region, in cells of the deepest salient stage"),
+    SettingSpec("per_region_normalisation", True, "min-max normalise each stage map inside each region"),
+    SettingSpec("contrast_weights", True, "weight stages per region by mean inside / mean in a ring around it"),
+    SettingSpec("ring_cells", 1.0, "width of the ring around a region, in cells of the deepest salient stage"),
+    SettingSpec("deep_gating", True, "multiply the fused map by R_soft^gamma"),
+    SettingSpec("gamma", 0.5, "exponent of the soft deep gating"),
+)
+
+SETTING_SPECS: dict[str, tuple[SettingSpec, ...]] = {
+    "gradcam": (SettingSpec("stage", 4, "stage whose activations and mean gradients make the map"),),
+    "gradcampp": (SettingSpec("stage", 4, "stage whose activations and second-order weights make the map"),),
+    "layercam": (_stage_specs([1, 2, 3, 4], "fused by the element-wise maximum"),),
+    "fgbp": _FGBP_SPECS,
+    "region-aware": _REGION_SPECS,
+}
+
+
+def check_method(method: str) -> str:
+    if method not in CAM_METHODS:
+        raise CamSettingsError(f"unknown CAM method {method!r}; choose one of {', '.join(CAM_METHODS)}.")
+    return method
+
+
+def default_settings(method: str) -> dict[str, Any]:
+    """Every parameter of the method with its default (JSON-able; a fresh copy each call)."""
+    check_method(method)
+    return {spec.name: json.loads(json.dumps(spec.default)) for spec in SETTING_SPECS[method]}
+
+
+def _coerce(method: str, name: str, default: Any, value: Any) -> Any:
+    where = f"setting {name!r} of {method}"
+    if isinstance(value, str):  # from the command line: JSON, or a comma list, or a bare word
+        text = value.strip()
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            if isinstance(default, list):
+                value = [part for part in text.strip("[]").split(",") if part.strip()]
+            elif isinstance(default, bool) and text.lower() in ("yes", "no", "on", "off"):
+                value = text.lower() in ("yes", "on")
+            else:
+                value = text
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise CamSettingsError(f"{where} must be true or false, got {value!r}.")
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or float(value) != int(value):
+            raise CamSettingsError(f"{where} must be a whole number, got {value!r}.")
+        value = int(value)
+        if name == "stage" and not 1 <= value <= STAGE_COUNT:
+            raise CamSettingsError(f"{where} must be within 1..{STAGE_COUNT}, got {value}.")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
+            raise CamSettingsError(f"{where} must be a number, got {value!r}.")
+        value = float(value)
+        if name in ("fgbp_quantile", "region_threshold") and not 0.0 <= value < 1.0:
+            raise CamSettingsError(f"{where} must be within [0, 1), got {value}.")
+        if name in ("gamma", "region_margin_cells", "ring_cells") and value < 0.0:
+            raise CamSettingsError(f"{where} must not be negative, got {value}.")
+        return value
+    if isinstance(default, list):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, list) or not value:
+            raise CamSettingsError(f"{where} must be a non-empty list of stages, e.g. [2, 3, 4], got {value!r}.")
+        try:
+            stages = sorted({int(v) for v in value})
+        except (TypeError, ValueError) as error:
+            raise CamSettingsError(f"{where} must list stage numbers, got {value!r}.") from error
+        if any(not 1 <= s <= STAGE_COUNT for s in stages):
+            raise CamSettingsError(f"{where}: stages are numbered 1..{STAGE_COUNT}, got {value!r}.")
+        return stages
+    return value
+
+
+def resolve_settings(method: str, settings: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Defaults overlaid with `settings`, validated and coerced (strings from the CLI are parsed)."""
+    resolved = default_settings(method)
+    for name, value in (settings or {}).items():
+        if name not in resolved:
+            known = ", ".join(resolved) or "none"
+            raise CamSettingsError(f"{method} has no setting {name!r}; its settings are: {known}.")
+        resolved[name] = _coerce(method, name, resolved[name], value)
+    return resolved
+
+
+def canonical_settings(method: str, settings: dict[str, Any] | None = None) -> str:
+    """The resolved settings as one canonical JSON string (cache keys, provenance records)."""
+    return json.dumps(resolve_settings(method, settings), sort_keys=True, separators=(",", ":"))
+
+

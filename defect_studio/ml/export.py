@@ -1,0 +1,232 @@
+"""Export a trained segmenter as ONNX + TorchScript + model card, and prove it gives the app's masks.
+
+Files are first written to a staging folder beside the target; the parity check runs on the
+staged files (ONNX through onnxruntime exactly as `defect_studio.predict` runs it, TorchScript
+through torch.jit.load) against the in-app model on held-out images. Only when every image passes
+are the files moved into the target folder, so a failed export leaves the target as it was.
+
+The ONNX graph is made by the TorchScript-based exporter (`dynamo=False`): it needs no onnxscript
+and handles the dynamic height/width of this all-convolutional network.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from defect_studio.atomic import atomic_write_json
+from defect_studio.errors import ModelError
+from defect_studio.ml.segmenter import LoadedSegmenter, SegmenterNet
+from defect_studio.predict import CARD_FILE, MODEL_FILE, TORCHSCRIPT_FILE, load_exported, sigmoid, to_network_input
+
+ONNX_OPSET = 17
+DEFAULT_MAX_ABS_DIFF = 1e-3
+DEFAULT_MIN_MASK_IOU = 0.99
+
+
+@dataclass
+class ParityResult:
+    images: int
+    onnx_max_abs_diff: float
+    torchscript_max_abs_diff: float
+    onnx_min_mask_iou: float
+    torchscript_min_mask_iou: float
+    passed: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def _mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.count_nonzero(a | b)
+    return 1.0 if union == 0 else np.count_nonzero(a & b) / union
+
+
+def _export_onnx(model: SegmenterNet, path: Path) -> None:
+    import warnings
+
+    dummy = torch.zeros(1, model.in_channels, 64, 64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model,
+            (dummy,),
+            str(path),
+            dynamo=False,
+            input_names=["image"],
+            output_names=["logits"],
+            dynamic_axes={"image": {0: "batch", 2: "height", 3: "width"}, "logits": {0: "batch", 2: "height", 3: "width"}},
+            opset_version=ONNX_OPSET,
+        )
+
+
+def _export_torchscript(model: SegmenterNet, path: Path) -> None:
+    import warnings
+
+    dummy = torch.zeros(1, model.in_channels, 64, 64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(model, dummy, check_trace=False)
+    traced.save(str(path))
+
+
+def check_parity(
+    loaded: LoadedSegmenter,
+    staged_dir: Path,
+    images: Sequence[np.ndarray],
+    max_abs_diff: float = DEFAULT_MAX_ABS_DIFF,
+    min_mask_iou: float = DEFAULT_MIN_MASK_IOU,
+) -> ParityResult:
+    """Compare ONNX (onnxruntime) and TorchScript probabilities and masks with the in-app model's."""
+    exported = load_exported(staged_dir)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated upstream but still the format asked for
+        scripted = torch.jit.load(str(staged_dir / TORCHSCRIPT_FILE), map_location="cpu").eval()
+    threshold = loaded.threshold
+    worst = {"onnx_diff": 0.0, "ts_diff": 0.0, "onnx_iou": 1.0, "ts_iou": 1.0}
+    for image in images:
+        reference = loaded.probability(image)
+        onnx_probability = exported.probability(image)
+        batch, (height, width) = to_network_input(image, loaded.model.in_channels, loaded.model.size_multiple)
+        with torch.no_grad():
+            logits = scripted(torch.from_numpy(batch)).numpy()
+        ts_probability = sigmoid(logits[0, 0, :height, :width])
+        reference_mask = reference >= threshold
+        worst["onnx_diff"] = max(worst["onnx_diff"], float(np.abs(onnx_probability - reference).max()))
+        worst["ts_diff"] = max(worst["ts_diff"], float(np.abs(ts_probability - reference).max()))
+        worst["onnx_iou"] = min(worst["onnx_iou"], _mask_iou(onnx_probability >= threshold, reference_mask))
+        worst["ts_iou"] = min(worst["ts_iou"], _mask_iou(ts_probability >= threshold, reference_mask))
+    passed = (
+        worst["onnx_diff"] <= max_abs_diff
+        and worst["ts_diff"] <= max_abs_diff
+        and worst["onnx_iou"] >= min_mask_iou
+        and worst["ts_iou"] >= min_mask_iou
+    )
+    return ParityResult(len(images), worst["onnx_diff"], worst["ts_diff"], worst["onnx_iou"], worst["ts_iou"], passed)
+
+
+def _versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+
+    from defect_studio import __version__
+
+    return {
+        "defect_studio": __version__,
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "onnx_opset": str(ONNX_OPSET),
+    }
+
+
+def training_data_hash(keys_and_hashes: Sequence[str]) -> str:
+    """One hash for the set of (image, mask) content hashes a model was trained on."""
+    digest = hashlib.sha256()
+    for item in sorted(keys_and_hashes):
+        digest.update(item.encode("utf-8") + b"\n")
+    return digest.hexdigest()
+
+
+def build_model_card(loaded: LoadedSegmenter, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    meta = loaded.meta
+    card = {
+        "format": "defect-studio-model-card/1",
+        "task": "binary defect segmentation (one logit per pixel; defect where sigmoid(logit) >= threshold)",
+        "files": {"onnx": MODEL_FILE, "torchscript": TORCHSCRIPT_FILE},
+        "input": {
+            "name": "image",
+            "layout": "NCHW",
+            "dtype": "float32",
+            "channels": int(meta["in_channels"]),
+            "value_range": [0.0, 1.0],
+            "size_multiple": int(meta["size_multiple"]),
+            "dynamic": ["batch", "height", "width"],
+        },
+        "output": {"name": "logits", "layout": "N1HW", "activation": "sigmoid"},
+        "preprocessing": [
+            "decode the image; 8-bit / 16-bit integers divided by 255 / 65535 to [0, 1]",
+            "gray images as one channel; colour to gray (or gray repeated to 3 channels) to match input.channels",
+            "reflect-pad bottom and right to a multiple of input.size_multiple; crop the output back",
+            "normalisation (mean/std) is inside the network",
+        ],
+        "threshold": float(meta.get("threshold", 0.5)),
+        "checkpoint_sha256": loaded.checkpoint_sha256,
+        "training": {
+            "config": meta.get("config"),
+            "best_epoch": meta.get("epoch"),
+            "validation": meta.get("validation"),
+            "round": meta.get("round_index"),
+            "trained_images": len(meta.get("trained_images", [])),
+            "training_data_hash": meta.get("training_data_hash")
+            or training_data_hash(list(meta.get("trained_images", []))),
+        },
+        "versions": _versions(),
+    }
+    card.update(extra or {})
+    return card
+
+
+def export_segmenter(
+    loaded: LoadedSegmenter,
+    out_dir: str | Path,
+    parity_images: Sequence[np.ndarray],
+    card_extra: dict[str, Any] | None = None,
+    max_abs_diff: float = DEFAULT_MAX_ABS_DIFF,
+    min_mask_iou: float = DEFAULT_MIN_MASK_IOU,
+) -> tuple[Path, ParityResult]:
+    """Write model.onnx, model.torchscript.pt, model-card.json into out_dir after a passing parity check."""
+    if not parity_images:
+        raise ModelError("export needs at least one held-out image for its parity check.")
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    model = SegmenterNet(loaded.model.in_channels, loaded.meta["config"]["channels"], loaded.model.stem_stride)
+    model.load_state_dict({k: v.cpu() for k, v in loaded.model.state_dict().items()})
+    model.eval()
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        try:
+            _export_onnx(model, staging / MODEL_FILE)
+            _export_torchscript(model, staging / TORCHSCRIPT_FILE)
+        except Exception as error:
+            raise ModelError(f"exporting the segmenter failed: {str(error)[:300]}") from error
+        cpu_loaded = LoadedSegmenter(model, loaded.meta, torch.device("cpu"), loaded.checkpoint_sha256)
+        card = build_model_card(cpu_loaded, card_extra)
+        atomic_write_json(staging / CARD_FILE, card)  # the parity check reads the card like predict does
+        parity = check_parity(cpu_loaded, staging, parity_images, max_abs_diff, min_mask_iou)
+        if not parity.passed:
+            raise ModelError(
+                "export refused: the exported model does not reproduce the in-app model "
+                f"(ONNX max |Δp| {parity.onnx_max_abs_diff:.2g}, mask IoU {parity.onnx_min_mask_iou:.4f}; "
+                f"TorchScript max |Δp| {parity.torchscript_max_abs_diff:.2g}, mask IoU "
+                f"{parity.torchscript_min_mask_iou:.4f}; limits {max_abs_diff:g} and {min_mask_iou:g})."
+            )
+        card["parity"] = parity.as_dict()
+        atomic_write_json(staging / CARD_FILE, card)
+        out.mkdir(parents=True, exist_ok=True)
+        # Model files first, the card last: a folder with a card is a complete export.
+        for name in (MODEL_FILE, TORCHSCRIPT_FILE, CARD_FILE):
+            os.replace(staging / name, out / name)
+        with contextlib.suppress(OSError):
+            fd = os.open(out, os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
+        return out, parity
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def card_summary(card_path: Path) -> dict[str, Any]:
+    return json.loads(Path(card_path).read_text(encoding="utf-8"))

@@ -1,0 +1,239 @@
+"""Pseudo-labels: score maps (a CAM, or the previous segmenter fused with it) -> masks with an ignore band.
+
+For each map: defect where score >= high, background where score <= low, ignored in between.
+Thresholds are fixed values, percentiles of the image's own map, or Otsu's threshold of it.
+Defect components smaller than `min_area` pixels are dropped (and ignored rather than called
+background: they are uncertain, not known clean). The mask PNG stays a plain 0/255 file; the
+ignore band is written beside it as its own 0/255 PNG (`<project>/cache/pseudo/round-<k>/`) and
+its path recorded in the mask's provenance, so training can leave those pixels out.
+
+Images tagged good get an empty mask with no ignore band (fully known background). Images tagged
+defect whose mask comes out empty are flagged for review.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Generator
+
+import cv2
+import numpy as np
+
+from defect_studio.errors import DataError, ModelError
+from defect_studio.imageio import read_image, read_mask, write_mask
+from defect_studio.jobs import CancelToken, EtaClock, Progress
+
+THRESHOLD_MODES = ("fixed", "percentile", "otsu")
+PSEUDO_SUBDIR = "pseudo"
+
+
+@dataclass
+class PseudoLabelSettings:
+    mode: str = "fixed"  # fixed | percentile | otsu
+    high: float = 0.5  # fixed: defect at or above
+    low: float = 0.25  # fixed: background at or below; ignored in between
+    high_percentile: float = 99.0  # percentile mode: of the image's own map
+    low_percentile: float = 95.0
+    otsu_low_ratio: float = 0.5  # otsu mode: low = ratio × Otsu threshold
+    min_area: int = 16  # pixels; smaller defect components are dropped (ignored)
+    segmenter_weight: float = 0.5  # round k >= 1: score = w × segmenter probability + (1 − w) × CAM
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any] | None) -> "PseudoLabelSettings":
+        values = dict(values or {})
+        unknown = sorted(set(values) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise DataError(f"unknown pseudo-label settings: {', '.join(unknown)}")
+        settings = cls(**values)
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        if self.mode not in THRESHOLD_MODES:
+            raise DataError(f"pseudo-label mode must be one of {', '.join(THRESHOLD_MODES)}, got {self.mode!r}")
+        if not 0.0 <= self.low <= self.high <= 1.0:
+            raise DataError(f"pseudo-label thresholds need 0 <= low <= high <= 1, got low {self.low}, high {self.high}")
+        if not 0.0 <= self.low_percentile <= self.high_percentile <= 100.0:
+            raise DataError("pseudo-label percentiles need 0 <= low_percentile <= high_percentile <= 100")
+        if not 0.0 <= self.segmenter_weight <= 1.0:
+            raise DataError(f"segmenter_weight must be in [0, 1], got {self.segmenter_weight}")
+        if self.min_area < 0:
+            raise DataError("min_area cannot be negative")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def thresholds_for(score_map: np.ndarray, settings: PseudoLabelSettings) -> tuple[float, float]:
+    """(high, low) for this map under the settings' mode."""
+    if settings.mode == "fixed":
+        return settings.high, settings.low
+    if settings.mode == "percentile":
+        high = float(np.percentile(score_map, settings.high_percentile))
+        low = float(np.percentile(score_map, settings.low_percentile))
+        return max(high, 1e-6), min(low, high)
+    scaled = np.clip(score_map * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    otsu, _ = cv2.threshold(scaled, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    high = max(float(otsu) / 255.0, 1e-6)
+    return high, high * settings.otsu_low_ratio
+
+
+def remove_small_components(mask: np.ndarray, min_area: int) -> np.ndarray:
+    if min_area <= 1 or not mask.any():
+        return mask
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    keep = np.zeros(count, dtype=bool)
+    keep[1:] = stats[1:, cv2.CC_STAT_AREA] >= min_area
+    return keep[labels]
+
+
+def pseudo_label(score_map: np.ndarray, settings: PseudoLabelSettings) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+    """score map in [0, 1] -> (defect mask, ignore mask, {'high', 'low'}); the two masks never overlap."""
+    score_map = np.nan_to_num(np.asarray(score_map, dtype=np.float32), nan=0.0)
+    high, low = thresholds_for(score_map, settings)
+    raw = score_map >= high
+    mask = remove_small_components(raw, settings.min_area)
+    ignore = ((score_map > low) & ~mask) | (raw & ~mask)
+    return mask, ignore, {"high": high, "low": low}
+
+
+def fuse_scores(cam_map: np.ndarray, segmenter_probability: np.ndarray | None, weight: float) -> np.ndarray:
+    if segmenter_probability is None:
+        return cam_map
+    if segmenter_probability.shape != cam_map.shape:
+        raise DataError(f"segmenter map {segmenter_probability.shape} and CAM {cam_map.shape} differ in size")
+    return (weight * segmenter_probability + (1.0 - weight) * cam_map).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# The project job
+
+
+def ignore_path(project: Any, round_index: int, stem: str) -> Path:
+    return Path(project.cache_dir) / PSEUDO_SUBDIR / f"round-{round_index}" / f"{stem}-ignore.png"
+
+
+def load_ignore(project: Any, record: Any, shape: tuple[int, int]) -> np.ndarray | None:
+    """The ignore band recorded with a mask, or None (human edits and good images have none)."""
+    if record.source == "human-edit" or record.state == "edited":
+        return None
+    relative = (record.params or {}).get("ignore_path")
+    if not relative:
+        return None
+    path = Path(project.path) / relative
+    if not path.is_file():
+        return None
+    return read_mask(path, shape)
+
+
+def segmenter_checkpoint_for_round(project: Any, round_index: int) -> Any:
+    """The latest segmenter run trained on the masks of round `round_index - 1` (None for round 0)."""
+    if round_index <= 0:
+        return None
+    runs = [r for r in project.training_runs("segmenter") if r.round_index == round_index - 1]
+    if not runs:
+        raise ModelError(
+            f"round {round_index} proposals need a segmenter trained on round {round_index - 1}; "
+            "train it first (defect-studio refine)."
+        )
+    return runs[-1]
+
+
+def pseudo_job(
+    project: Any,
+    round_index: int,
+    method: str,
+    settings: dict[str, Any] | None,
+    cancel: CancelToken,
+    cam_settings: dict[str, Any] | None = None,
+    classifier_path: str | Path | None = None,
+) -> Generator[Progress, None, dict[str, Any]]:
+    """Proposals of round `round_index` for every tagged image, saved through the project store.
+
+    The CAM maps come from the project's CAM cache (computed now where missing). For round k >= 1
+    the segmenter trained on round k-1 is run and fused with the CAM. Accepted or edited masks of
+    earlier rounds are carried forward by the store untouched.
+    """
+    from defect_studio.ml.cam_cache import CamCache, cam_job
+    from defect_studio.ml.cams import resolve_settings
+
+    label_settings = PseudoLabelSettings.from_dict(settings)
+    resolved_cam = resolve_settings(method, cam_settings)
+    known_rounds = {r.index for r in project.rounds()}
+    if round_index not in known_rounds:
+        raise DataError(f"this project has no round {round_index}; rounds: {sorted(known_rounds) or 'none'}")
+    records = [r for r in project.images() if r.tag in ("good", "defect")]
+    defect_records = [r for r in records if r.tag == "defect"]
+    if not defect_records:
+        raise DataError("no image is tagged defect: nothing to propose masks for.")
+    segmenter_run = segmenter_checkpoint_for_round(project, round_index)
+    # CAM maps of the defect-tagged images: from the cache, computed in batches where missing.
+    cams = yield from cam_job(
+        project, method, resolved_cam, cancel, classifier_path=classifier_path, image_ids=[r.id for r in defect_records]
+    )
+    classifier_sha = cams["checkpoint_sha256"]
+    segmenter = None
+    if segmenter_run is not None:
+        from defect_studio.ml.segmenter import load_segmenter
+
+        segmenter = load_segmenter(segmenter_run.checkpoint_path)
+    cache = CamCache(project.cache_dir)
+    source = f"cam:{method}" if segmenter is None else f"segmenter-{round_index - 1}+cam:{method}"
+    clock = EtaClock(len(records))
+    flagged = proposed = carried = 0
+    defect_pixels = 0
+    for done, record in enumerate(records, start=1):
+        cancel.raise_if_cancelled()
+        shape = (record.height, record.width)
+        params: dict[str, Any] = {"round": round_index, "settings": label_settings.to_dict()}
+        if record.tag == "good":
+            mask, is_flagged = np.zeros(shape, bool), False
+            params["source"] = record_source = "tag:good"
+        else:
+            cam_map = cache.get(record.sha256, classifier_sha, method, resolved_cam)
+            if cam_map is None or cam_map.shape != shape:
+                raise ModelError(f"{record.stem}: the CAM cache lost its map during the job; run it again.")
+            probability = segmenter.probability(read_image(record.path)) if segmenter is not None else None
+            score = fuse_scores(cam_map, probability, label_settings.segmenter_weight)
+            mask, ignore, thresholds = pseudo_label(score, label_settings)
+            is_flagged = not mask.any()
+            record_source = source
+            params.update(
+                {
+                    "source": source,
+                    "cam_method": method,
+                    "cam_settings": resolved_cam,
+                    "classifier_sha256": classifier_sha,
+                    "segmenter_sha256": segmenter_run.checkpoint_sha256 if segmenter_run else None,
+                    "thresholds": thresholds,
+                }
+            )
+            if ignore.any():
+                path = ignore_path(project, round_index, record.stem)
+                write_mask(path, ignore)
+                params["ignore_path"] = str(path.relative_to(project.path))
+                params["ignore_pixels"] = int(ignore.sum())
+        saved = project.save_mask_proposal(record.id, round_index, mask, record_source, params, flagged=is_flagged)
+        if saved.state in ("accepted", "edited"):
+            carried += 1
+        else:
+            proposed += 1
+            flagged += int(is_flagged)
+            defect_pixels += int(mask.sum())
+        yield clock.progress("pseudo-labels", done, record.stem, {"flagged": flagged, "carried": carried})
+    summary = {
+        "round": round_index,
+        "source": source,
+        "images": len(records),
+        "proposed": proposed,
+        "carried_forward": carried,
+        "flagged_empty": flagged,
+        "defect_pixels": defect_pixels,
+        "settings": label_settings.to_dict(),
+        "settings_hash": hashlib.sha256(json.dumps(label_settings.to_dict(), sort_keys=True).encode()).hexdigest()[:16],
+    }
+    project.update_round(round_index, status="proposed", metrics={"pseudo": summary})
+    return summary

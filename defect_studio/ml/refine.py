@@ -1,0 +1,215 @@
+"""Refinement rounds: proposals -> (review) -> segmenter training, until the masks stop changing.
+
+Round k's proposals come from the CAM (k = 0) or from segmenter k-1 fused with the CAM; the
+store carries accepted/edited masks forward untouched; the user (or `review_callback`) reviews;
+a segmenter trains on every mask of round k that is not rejected (a proposal nobody reviewed
+counts as the user's silent acceptance; a rejected image is left out), ignoring the ignore band
+recorded with pseudo-labels. Per-round metrics go to `project.update_round`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Generator
+
+import numpy as np
+
+from defect_studio.errors import DataError
+from defect_studio.imageio import read_image
+from defect_studio.jobs import CancelToken, Progress
+from defect_studio.ml.pseudo import PseudoLabelSettings, load_ignore, pseudo_job
+from defect_studio.ml.segmenter import (
+    SegmentationSample,
+    SegmenterConfig,
+    SegmenterTrainingResult,
+    make_target,
+    train_segmenter_job,
+)
+
+DEFAULT_METHOD = "region-aware"
+DEFAULT_STOP_CHANGE = 0.02  # stop when under 2 % of the defect pixels change between rounds
+
+
+@dataclass
+class RefineConfig:
+    method: str = DEFAULT_METHOD
+    cam_settings: dict[str, Any] = field(default_factory=dict)
+    pseudo: dict[str, Any] = field(default_factory=dict)
+    segmenter: dict[str, Any] = field(default_factory=dict)
+    stop_change: float = DEFAULT_STOP_CHANGE
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "cam_settings": self.cam_settings,
+            "pseudo": PseudoLabelSettings.from_dict(self.pseudo).to_dict(),
+            "segmenter": SegmenterConfig.from_dict(self.segmenter).to_dict(),
+            "stop_change": self.stop_change,
+        }
+
+
+def _segmenter_runs_for(project: Any, round_index: int) -> list[Any]:
+    return [r for r in project.training_runs("segmenter") if r.round_index == round_index]
+
+
+def training_samples(project: Any, round_index: int) -> tuple[list[SegmentationSample], list[str]]:
+    """Samples from the round's masks (rejected ones left out) and their image:mask content hashes."""
+    samples, hashes = [], []
+    for record in project.mask_records(round_index=round_index):
+        if record.state == "rejected":
+            continue
+        image = project.image(record.image_id)
+        if image.tag not in ("good", "defect"):
+            continue
+        pixels = read_image(image.path).astype(np.float16)  # half the memory; ample precision for [0, 1]
+        mask = project.load_mask(record)
+        ignore = load_ignore(project, record, mask.shape)
+        samples.append(SegmentationSample(image.stem, pixels, make_target(mask, ignore)))
+        hashes.append(f"{image.sha256}:{record.sha256}")
+    return samples, hashes
+
+
+def next_segmenter_path(project: Any, round_index: int) -> Path:
+    models = Path(project.models_dir)
+    models.mkdir(parents=True, exist_ok=True)
+    attempt = len(_segmenter_runs_for(project, round_index))
+    while True:
+        path = models / f"segmenter-round{round_index}-{attempt}.pt"
+        if not path.exists():
+            return path
+        attempt += 1
+
+
+def train_project_segmenter_job(
+    project: Any, round_index: int, config: SegmenterConfig, cancel: CancelToken
+) -> Generator[Progress, None, SegmenterTrainingResult]:
+    """Train on round `round_index`'s masks and record the run; a cancelled run records nothing."""
+    from defect_studio.ml.export import training_data_hash
+
+    yield Progress("loading masks", 0, None, f"round {round_index}")
+    samples, hashes = training_samples(project, round_index)
+    if not any((s.target == 1).any() for s in samples):
+        raise DataError(f"round {round_index} has no defect pixel in any usable mask: nothing to learn from.")
+    path = next_segmenter_path(project, round_index)
+    meta = {"round_index": round_index, "training_data_hash": training_data_hash(hashes)}
+    result = yield from train_segmenter_job(samples, config, path, cancel, extra_meta=meta)
+    project.record_training_run(
+        kind="segmenter",
+        config=config.to_dict(),
+        seed=config.seed,
+        metrics={**result.metrics, "history": result.history},
+        checkpoint_path=path,
+        dataset_hashes=hashes,
+        round_index=round_index,
+    )
+    return result
+
+
+def round_review_metrics(project: Any, round_index: int) -> dict[str, Any]:
+    """Accept rate and edited-pixel fraction over the round's defect-tagged images."""
+    records = [r for r in project.mask_records(round_index=round_index) if project.image(r.image_id).tag == "defect"]
+    states = {state: sum(r.state == state for r in records) for state in ("proposed", "accepted", "rejected", "edited")}
+    edited_pixels = total_pixels = 0
+    for record in records:
+        image = project.image(record.image_id)
+        total_pixels += image.width * image.height
+        if record.state == "edited":
+            proposal = project.load_proposal(record.image_id, round_index)
+            if proposal is not None:
+                edited_pixels += int(np.count_nonzero(proposal != project.load_mask(record)))
+    reviewed = states["accepted"] + states["rejected"] + states["edited"]
+    return {
+        "defect_images": len(records),
+        "states": states,
+        "flagged": sum(r.flagged for r in records),
+        "accept_rate": states["accepted"] / reviewed if reviewed else float("nan"),
+        "edited_pixel_fraction": edited_pixels / total_pixels if total_pixels else 0.0,
+    }
+
+
+def mask_change(project: Any, previous_round: int, round_index: int) -> float:
+    """Changed defect pixels / defect pixels of either round (1 − IoU of the two rounds' masks)."""
+    before = {r.image_id: r for r in project.mask_records(round_index=previous_round)}
+    changed = union = 0
+    for record in project.mask_records(round_index=round_index):
+        old = before.get(record.image_id)
+        if old is None or old.sha256 == record.sha256:
+            if old is not None:
+                union += int(project.load_mask(record).sum())
+            continue
+        new_mask, old_mask = project.load_mask(record), project.load_mask(old)
+        changed += int(np.count_nonzero(new_mask ^ old_mask))
+        union += int(np.count_nonzero(new_mask | old_mask))
+    return changed / union if union else 0.0
+
+
+def round_truth_metrics(project: Any, round_index: int, gt_dir: str | Path) -> dict[str, Any]:
+    """The round's masks on defect-tagged images vs ground truth (pseudo-label quality)."""
+    from defect_studio.ml.evaluate import evaluate_pairs, iterate_against_truth, load_ground_truth
+
+    truth = load_ground_truth(gt_dir)
+    records = {project.image(r.image_id).stem: r for r in project.mask_records(round_index=round_index)}
+    stems = [s for s in truth.stems() if s in records and project.image(records[s].image_id).tag == "defect"]
+    if not stems:
+        return {}
+    metrics = evaluate_pairs(iterate_against_truth(truth, stems, lambda stem, shape: project.load_mask(records[stem])))
+    return {k: v for k, v in metrics.items() if k in ("defect_iou", "background_iou", "miou", "dice", "per_type")}
+
+
+ReviewCallback = Callable[[Any, int], None]
+
+
+def refine_job(
+    project: Any,
+    rounds: int,
+    cancel: CancelToken,
+    review_callback: ReviewCallback | None = None,
+    gt_dir: str | Path | None = None,
+    config: RefineConfig | None = None,
+    classifier_path: str | Path | None = None,
+) -> Generator[Progress, None, dict[str, Any]]:
+    """Run up to `rounds` proposal -> review -> train rounds; returns a summary per round.
+
+    Continues from the project's state: a latest round without a segmenter is reviewed and
+    trained on as it is (the user may have reviewed it already); otherwise a new round starts.
+    """
+    if rounds < 1:
+        raise DataError("--rounds must be at least 1.")
+    config = config or RefineConfig()
+    segmenter_config = SegmenterConfig.from_dict(config.segmenter)
+    summaries: list[dict[str, Any]] = []
+    existing = project.rounds()
+    round_index = existing[-1].index if existing and not _segmenter_runs_for(project, existing[-1].index) else None
+    stopped_early = False
+    for step in range(rounds):
+        timings: dict[str, float] = {}
+        if round_index is None:
+            round_index = project.create_round(config.to_dict()).index
+            started = time.monotonic()
+            yield from pseudo_job(
+                project, round_index, config.method, config.pseudo, cancel, config.cam_settings, classifier_path
+            )
+            timings["pseudo_s"] = time.monotonic() - started
+        change = mask_change(project, round_index - 1, round_index) if round_index > 0 else None
+        if review_callback is not None:
+            review_callback(project, round_index)
+        metrics: dict[str, Any] = {"review": round_review_metrics(project, round_index), "mask_change": change}
+        if gt_dir is not None:
+            metrics["ground_truth"] = round_truth_metrics(project, round_index, gt_dir)
+        if step > 0 and change is not None and change < config.stop_change:
+            metrics["stopped"] = f"masks changed {change:.3%} < {config.stop_change:.1%}"
+            project.update_round(round_index, status="converged", metrics=metrics)
+            summaries.append({"round": round_index, **metrics, **timings})
+            stopped_early = True
+            break
+        project.update_round(round_index, status="training", metrics=metrics)
+        started = time.monotonic()
+        result = yield from train_project_segmenter_job(project, round_index, segmenter_config, cancel)
+        timings["train_s"] = time.monotonic() - started
+        metrics.update({"segmenter": {k: v for k, v in result.metrics.items()}, **timings})
+        project.update_round(round_index, status="trained", metrics=metrics)
+        summaries.append({"round": round_index, **metrics})
+        round_index = None
+    return {"rounds": summaries, "stopped_early": stopped_early}

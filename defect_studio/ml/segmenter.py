@@ -1,0 +1,486 @@
+"""The segmenter: a compact U-Net trained on (pseudo-)masks with BCE + Dice, ignoring ignored pixels.
+
+Chosen by measurement for accuracy per CPU second (docs/benchmarks/full-mt.md): a five-level
+U-Net with 8-16-32-64-128 channels (0.49 M parameters) costs ~0.3 s per 16×128² training step on
+two CPU cores, a third of the 16-channel variant, at the same accuracy on MT within noise.
+Training sees random crops at native resolution, most of them centred on defect pixels (MT
+defects cover a median 0.5 % of an image, so uniform crops would show almost none); inference
+runs on the whole image at native resolution after reflect padding to a multiple of 16, so there
+is no resize to undo. The input normalisation is part of the network (buffers), so an exported
+model takes plain float [0, 1] pixels.
+
+Targets are uint8 maps: 0 background, 1 defect, IGNORE (255) = not trained on (the pseudo-label
+ignore band, and the padding of crops taken from images smaller than the crop).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Generator, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from defect_studio.atomic import atomic_open
+from defect_studio.errors import DataError, ModelError
+from defect_studio.jobs import CancelToken, EtaClock, Progress
+from defect_studio.ml.device import peak_memory_mb, select_device
+from defect_studio.ml.metrics import SegmentationTally, ThresholdSweep
+from defect_studio.predict import match_channels, to_network_input
+
+IGNORE = 255
+CHECKPOINT_FORMAT = "defect-studio-segmenter/1"
+HEAD_PRIOR_LOGIT = -4.0
+
+
+@dataclass
+class SegmenterConfig:
+    channels: tuple[int, ...] = (8, 16, 32, 64, 128)
+    stem_stride: int = 1  # 2: the U-Net runs at half resolution, with a thin full-resolution branch
+    crop_size: int = 96
+    batch_size: int = 16
+    epochs: int = 10
+    steps_per_epoch: int = 40
+    learning_rate: float = 1e-2
+    weight_decay: float = 1e-4
+    dice_weight: float = 1.0
+    defect_crop_fraction: float = 0.6  # share of crops centred on a defect pixel (when the image has one)
+    validation_fraction: float = 0.1
+    max_validation_images: int = 60
+    seed: int = 0
+    device: str = "auto"
+    time_budget_s: float | None = None  # stop after the epoch that crosses it (same budget for weak and full)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any] | None) -> "SegmenterConfig":
+        values = dict(values or {})
+        known = {name for name in cls.__dataclass_fields__}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise DataError(f"unknown segmenter settings: {', '.join(unknown)}")
+        if "channels" in values:
+            values["channels"] = tuple(int(c) for c in values["channels"])
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        values = asdict(self)
+        values["channels"] = list(self.channels)
+        return values
+
+
+@dataclass
+class SegmentationSample:
+    """One training image: float H×W×C pixels in [0, 1] and a uint8 target (0, 1, IGNORE)."""
+
+    key: str
+    image: np.ndarray
+    target: np.ndarray
+
+    def __post_init__(self) -> None:
+        if self.image.shape[:2] != self.target.shape:
+            raise DataError(f"{self.key}: mask {self.target.shape} does not match image {self.image.shape[:2]}")
+
+
+def make_target(mask: np.ndarray, ignore: np.ndarray | None = None) -> np.ndarray:
+    target = np.asarray(mask, dtype=bool).astype(np.uint8)
+    if ignore is not None:
+        target[np.asarray(ignore, dtype=bool) & (target == 0)] = IGNORE
+    return target
+
+
+# ---------------------------------------------------------------------------------------------
+# The network
+
+
+def _conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+    )
+
+
+class SegmenterNet(nn.Module):
+    """U-Net: conv blocks with max-pool down, bilinear up + skip concat; one logit per pixel."""
+
+    def __init__(self, in_channels: int = 1, channels: Sequence[int] = (8, 16, 32, 64, 128), stem_stride: int = 1) -> None:
+        super().__init__()
+        channels = list(channels)
+        if stem_stride not in (1, 2):
+            raise ValueError(f"stem_stride must be 1 or 2, got {stem_stride}")
+        self.in_channels = in_channels
+        self.stem_stride = stem_stride
+        self.size_multiple = 2 ** (len(channels) - 1) * stem_stride
+        self.register_buffer("input_mean", torch.full((1, in_channels, 1, 1), 0.5))
+        self.register_buffer("input_std", torch.full((1, in_channels, 1, 1), 0.25))
+        first_in = in_channels
+        if stem_stride == 2:
+            # The U-Net runs at half resolution (a quarter of the cost); a thin full-resolution
+            # branch brings the pixel detail back for the last layer (MT blowholes are ~10 px wide).
+            self.stem = nn.Sequential(
+                nn.Conv2d(in_channels, channels[0], 3, stride=2, padding=1, bias=False),
+                nn.BatchNorm2d(channels[0]),
+                nn.ReLU(inplace=True),
+            )
+            self.detail = nn.Sequential(
+                nn.Conv2d(in_channels, channels[0], 3, padding=1, bias=False),
+                nn.BatchNorm2d(channels[0]),
+                nn.ReLU(inplace=True),
+            )
+            self.fuse = nn.Sequential(
+                nn.Conv2d(2 * channels[0], channels[0], 3, padding=1, bias=False),
+                nn.BatchNorm2d(channels[0]),
+                nn.ReLU(inplace=True),
+            )
+            first_in = channels[0]
+        self.encoders = nn.ModuleList(
+            _conv_block(first_in if i == 0 else channels[i - 1], channels[i]) for i in range(len(channels))
+        )
+        self.decoders = nn.ModuleList(
+            _conv_block(channels[i + 1] + channels[i], channels[i]) for i in range(len(channels) - 1)
+        )
+        self.head = nn.Conv2d(channels[0], 1, 1)
+        # Start from the prior "almost every pixel is background" (p = 0.02) instead of p = 0.5:
+        # otherwise the first hundreds of steps are spent pushing the background down (RetinaNet's trick).
+        nn.init.constant_(self.head.bias, HEAD_PRIOR_LOGIT)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        normalised = (pixels - self.input_mean) / self.input_std
+        x = self.stem(normalised) if self.stem_stride == 2 else normalised
+        skips = []
+        for index, encoder in enumerate(self.encoders):
+            x = encoder(x if index == 0 else F.max_pool2d(x, 2))
+            skips.append(x)
+        for index in reversed(range(len(self.decoders))):
+            x = F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
+            x = self.decoders[index](torch.cat([x, skips[index]], dim=1))
+        if self.stem_stride == 2:
+            x = F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
+            x = self.fuse(torch.cat([x, self.detail(normalised)], dim=1))
+        return self.head(x)
+
+
+def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, dice_weight: float = 1.0) -> torch.Tensor:
+    """BCE + soft Dice over the valid (non-ignored) pixels of a batch; target uint8 N×H×W."""
+    logits = logits[:, 0].float()
+    valid = target != IGNORE
+    truth = (target == 1).float()
+    if not bool(valid.any()):
+        return logits.sum() * 0.0
+    bce = F.binary_cross_entropy_with_logits(logits[valid], truth[valid])
+    probability = torch.sigmoid(logits) * valid
+    truth = truth * valid
+    intersection = (probability * truth).sum()
+    dice = 1.0 - (2.0 * intersection + 1.0) / (probability.sum() + truth.sum() + 1.0)
+    return bce + dice_weight * dice
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: defect-centred random crops, flips and light photometric jitter (torchvision v2)
+
+
+class CropSampler:
+    """Draws training batches from in-memory samples; seeded, deterministic for a given seed."""
+
+    def __init__(self, samples: Sequence[SegmentationSample], config: SegmenterConfig, in_channels: int) -> None:
+        from torchvision.transforms import v2
+
+        self.samples = list(samples)
+        self.config = config
+        self.in_channels = in_channels
+        self.rng = np.random.default_rng(config.seed)
+        self.defect_pixels = [np.flatnonzero(s.target.ravel() == 1) for s in self.samples]
+        self.defect_indices = [i for i, pixels in enumerate(self.defect_pixels) if len(pixels)]
+        self.geometry = v2.Compose([v2.RandomHorizontalFlip(), v2.RandomVerticalFlip()])
+        self.photometric = v2.ColorJitter(brightness=0.2, contrast=0.2)
+
+    def _crop(self, index: int, centred: bool) -> tuple[np.ndarray, np.ndarray]:
+        sample = self.samples[index]
+        size = self.config.crop_size
+        height, width = sample.target.shape
+        if centred:
+            flat = self.defect_pixels[index][self.rng.integers(len(self.defect_pixels[index]))]
+            cy, cx = divmod(int(flat), width)
+            jitter = size // 3
+            top = cy - size // 2 + int(self.rng.integers(-jitter, jitter + 1))
+            left = cx - size // 2 + int(self.rng.integers(-jitter, jitter + 1))
+        else:
+            top = int(self.rng.integers(0, max(1, height - size + 1)))
+            left = int(self.rng.integers(0, max(1, width - size + 1)))
+        top = min(max(top, 0), max(0, height - size))
+        left = min(max(left, 0), max(0, width - size))
+        image = match_channels(sample.image[top : top + size, left : left + size].astype(np.float32), self.in_channels)
+        target = sample.target[top : top + size, left : left + size]
+        pad_y, pad_x = size - image.shape[0], size - image.shape[1]
+        if pad_y or pad_x:  # image smaller than the crop: pad, and do not train on the padding
+            image = np.pad(image, ((0, pad_y), (0, pad_x), (0, 0)), mode="symmetric")
+            target = np.pad(target, ((0, pad_y), (0, pad_x)), constant_values=IGNORE)
+        return image, target
+
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        from torchvision import tv_tensors
+
+        images, targets = [], []
+        for _ in range(self.config.batch_size):
+            centred = bool(self.defect_indices) and self.rng.random() < self.config.defect_crop_fraction
+            index = int(self.rng.choice(self.defect_indices)) if centred else int(self.rng.integers(len(self.samples)))
+            image, target = self._crop(index, centred)
+            # One torch generator draw per sample keeps v2's random flips seeded through torch's RNG.
+            image_t = tv_tensors.Image(torch.from_numpy(image.transpose(2, 0, 1).copy()))
+            mask_t = tv_tensors.Mask(torch.from_numpy(target.astype(np.int64)))
+            image_t, mask_t = self.geometry(image_t, mask_t)
+            image_t = self.photometric(image_t) if image_t.shape[0] in (1, 3) else image_t
+            images.append(image_t.as_subclass(torch.Tensor).clamp(0, 1))
+            targets.append(mask_t.as_subclass(torch.Tensor).to(torch.uint8))
+        return torch.stack(images), torch.stack(targets)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inference
+
+
+@dataclass
+class LoadedSegmenter:
+    model: SegmenterNet
+    meta: dict[str, Any]
+    device: torch.device
+    checkpoint_sha256: str = ""
+
+    @property
+    def threshold(self) -> float:
+        return float(self.meta.get("threshold", 0.5))
+
+    @torch.no_grad()
+    def probability(self, image: np.ndarray) -> np.ndarray:
+        """float H×W×C image in [0, 1] -> H×W defect probability at the image's own resolution."""
+        return predict_probability(self.model, image, self.device)
+
+    def mask(self, image: np.ndarray) -> np.ndarray:
+        return self.probability(image) >= self.threshold
+
+
+@torch.no_grad()
+def predict_probability(model: SegmenterNet, image: np.ndarray, device: torch.device | None = None) -> np.ndarray:
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    batch, (height, width) = to_network_input(image, model.in_channels, model.size_multiple)
+    logits = model(torch.from_numpy(batch).to(device))
+    if was_training:
+        model.train()
+    return torch.sigmoid(logits[0, 0, :height, :width].float()).cpu().numpy()
+
+
+def save_segmenter(path: Path, model: SegmenterNet, meta: dict[str, Any]) -> str:
+    """Atomically write {format, state_dict, meta}; returns the file's sha256."""
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    with atomic_open(path, "wb") as handle:
+        torch.save({"format": CHECKPOINT_FORMAT, "state_dict": state, "meta": meta}, handle)
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def load_segmenter(path: str | Path, device: str | torch.device = "auto") -> LoadedSegmenter:
+    """Load a checkpoint written by save_segmenter (weights only); a wrong file is a ModelError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"{path}: no segmenter checkpoint there; train a segmenter first (defect-studio refine).")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ModelError(f"{path}: not a readable segmenter checkpoint ({str(error)[:200]}).") from error
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise ModelError(f"{path}: not a defect-studio segmenter checkpoint.")
+    meta = checkpoint["meta"]
+    model = SegmenterNet(int(meta["in_channels"]), meta["config"]["channels"], int(meta["config"].get("stem_stride", 1)))
+    try:
+        model.load_state_dict(checkpoint["state_dict"])
+    except RuntimeError as error:
+        raise ModelError(f"{path}: the weights do not fit the recorded architecture ({str(error)[:200]}).") from error
+    torch_device = device if isinstance(device, torch.device) else select_device(device)
+    model.to(torch_device).eval()
+    return LoadedSegmenter(model, meta, torch_device, hashlib.sha256(path.read_bytes()).hexdigest())
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+
+@dataclass
+class SegmenterTrainingResult:
+    checkpoint_path: Path
+    checkpoint_sha256: str
+    threshold: float
+    metrics: dict[str, Any]
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def _validation_split(samples: Sequence[SegmentationSample], config: SegmenterConfig) -> tuple[list[int], list[int]]:
+    """Seeded split stratified by 'has defect pixels'; at least one image of each kind held out when possible."""
+    rng = random.Random(config.seed)
+    train, held = [], []
+    for has_defect in (True, False):
+        indices = [i for i, s in enumerate(samples) if bool((s.target == 1).any()) == has_defect]
+        rng.shuffle(indices)
+        count = int(round(len(indices) * config.validation_fraction))
+        if len(indices) >= 4:
+            count = max(count, 1)
+        count = min(count, config.max_validation_images // 2 if has_defect else config.max_validation_images // 2)
+        held += indices[:count]
+        train += indices[count:]
+    return sorted(train), sorted(held)
+
+
+def input_statistics(samples: Sequence[SegmentationSample], in_channels: int) -> tuple[list[float], list[float]]:
+    means, squares, count = np.zeros(in_channels), np.zeros(in_channels), 0
+    for sample in samples[:: max(1, len(samples) // 200)]:
+        pixels = match_channels(sample.image.astype(np.float32), in_channels).reshape(-1, in_channels)
+        means += pixels.sum(0)
+        squares += (pixels.astype(np.float64) ** 2).sum(0)
+        count += len(pixels)
+    mean = means / max(1, count)
+    std = np.sqrt(np.maximum(squares / max(1, count) - mean**2, 1e-6))
+    return mean.tolist(), np.maximum(std, 0.02).tolist()
+
+
+def train_segmenter_job(
+    samples: Sequence[SegmentationSample],
+    config: SegmenterConfig,
+    checkpoint_path: str | Path,
+    cancel: CancelToken,
+    extra_meta: dict[str, Any] | None = None,
+) -> Generator[Progress, None, SegmenterTrainingResult]:
+    """Train on `samples`; the checkpoint at `checkpoint_path` is replaced (atomically) only by the best epoch.
+
+    The best epoch is the one with the highest defect IoU on a held-out part of the samples (at the
+    threshold that is best there; that threshold is stored in the checkpoint).
+    """
+    if not samples:
+        raise DataError("no masks to train the segmenter on (every image rejected or none reviewed).")
+    checkpoint_path = Path(checkpoint_path)
+    torch.manual_seed(config.seed)
+    device = select_device(config.device)
+    in_channels = 1 if all(s.image.shape[2] == 1 for s in samples) else 3
+    train_indices, validation_indices = _validation_split(samples, config)
+    if not train_indices:
+        train_indices, validation_indices = list(range(len(samples))), []
+    train_samples = [samples[i] for i in train_indices]
+    validation_samples = [samples[i] for i in validation_indices]
+    model = SegmenterNet(in_channels, config.channels, config.stem_stride)
+    mean, std = input_statistics(train_samples, in_channels)
+    model.input_mean.copy_(torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+    model.input_std.copy_(torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+    model.to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    total_steps = config.epochs * config.steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=config.learning_rate, total_steps=total_steps, pct_start=0.15
+    )
+    sampler = CropSampler(train_samples, config, in_channels)
+    use_amp = device.type == "cuda"
+    clock = EtaClock(config.epochs)
+    started = time.monotonic()
+    best_score, best_threshold, best_epoch = -math.inf, 0.5, -1
+    best_sha = ""
+    history: list[dict[str, float]] = []
+    for epoch in range(config.epochs):
+        model.train()
+        epoch_start = time.monotonic()
+        losses = []
+        for _ in range(config.steps_per_epoch):
+            cancel.raise_if_cancelled()
+            images, targets = sampler.batch()
+            images, targets = images.to(device), targets.to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                logits = model(images)
+            loss = segmentation_loss(logits, targets, config.dice_weight)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            losses.append(float(loss.detach()))
+        cancel.raise_if_cancelled()
+        threshold, validation = _validate(model, validation_samples, device)
+        score = validation.get("defect_iou", float("nan"))
+        if math.isnan(score):
+            score = -float(np.mean(losses))
+        record = {
+            "epoch": epoch + 1,
+            "loss": float(np.mean(losses)),
+            "val_defect_iou": validation.get("defect_iou", float("nan")),
+            "val_threshold": threshold,
+            "epoch_s": time.monotonic() - epoch_start,
+        }
+        history.append(record)
+        last_epoch = epoch + 1 == config.epochs
+        over_budget = config.time_budget_s is not None and time.monotonic() - started >= config.time_budget_s
+        if score > best_score or best_epoch < 0:
+            best_score, best_threshold, best_epoch = score, threshold, epoch + 1
+            meta = {
+                "in_channels": in_channels,
+                "size_multiple": model.size_multiple,
+                "config": config.to_dict(),
+                "threshold": threshold,
+                "epoch": epoch + 1,
+                "validation": validation,
+                "trained_images": [s.key for s in train_samples],
+                "validation_images": [s.key for s in validation_samples],
+                "torch": str(torch.__version__),
+                **(extra_meta or {}),
+            }
+            best_sha = save_segmenter(checkpoint_path, model, meta)
+        yield clock.progress(
+            "train segmenter",
+            epoch + 1,
+            f"epoch {epoch + 1}/{config.epochs}",
+            {"loss": record["loss"], "val_defect_iou": record["val_defect_iou"]},
+        )
+        if over_budget and not last_epoch:
+            break
+    metrics = {
+        "best_epoch": best_epoch,
+        "best_val_defect_iou": best_score,
+        "threshold": best_threshold,
+        "epochs_run": len(history),
+        "train_s": time.monotonic() - started,
+        "seconds_per_epoch": float(np.mean([h["epoch_s"] for h in history])),
+        "train_images": len(train_samples),
+        "validation_images": len(validation_samples),
+        "peak_memory_mb": peak_memory_mb(device),
+    }
+    return SegmenterTrainingResult(checkpoint_path, best_sha, best_threshold, metrics, history)
+
+
+def _validate(
+    model: SegmenterNet, samples: Sequence[SegmentationSample], device: torch.device
+) -> tuple[float, dict[str, float]]:
+    """(best threshold, metrics at it) on whole validation images, ignored pixels left out."""
+    if not samples:
+        return 0.5, {}
+    sweep = ThresholdSweep(thresholds=np.linspace(0.05, 0.95, 19))
+    for sample in samples:
+        probability = predict_probability(model, sample.image, device)
+        valid = sample.target != IGNORE
+        sweep.add(sample.target[valid] == 1, probability[valid])
+    if all(t.true_positive + t.false_negative == 0 for t in sweep.tallies[:1]):
+        return 0.5, sweep.at(0.5).as_dict()  # no defect pixels held out: nothing to tune
+    threshold, tally = sweep.best()
+    return threshold, tally.as_dict()
+
+
+def evaluate_probabilities(
+    loaded: LoadedSegmenter, images: Sequence[np.ndarray], truths: Sequence[np.ndarray]
+) -> SegmentationTally:
+    tally = SegmentationTally()
+    for image, truth in zip(images, truths):
+        tally.add(truth, loaded.mask(image))
+    return tally

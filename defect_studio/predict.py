@@ -1,0 +1,128 @@
+"""Production inference with an exported segmenter: onnxruntime, numpy and OpenCV only (no torch).
+
+This is what a production line runs: `defect-studio predict MODEL_DIR IMAGES... --out DIR` reads
+`model.onnx` and `model-card.json` from MODEL_DIR, and writes one 0/255 PNG mask per image. The
+preprocessing here (float [0, 1], reflect padding to a multiple of the network stride, crop back)
+is the one the in-app segmenter uses, so the masks are the app's masks.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import cv2
+import numpy as np
+
+from defect_studio.errors import ModelError
+from defect_studio.imageio import read_image, write_mask
+
+MODEL_FILE = "model.onnx"
+CARD_FILE = "model-card.json"
+TORCHSCRIPT_FILE = "model.torchscript.pt"
+
+
+def pad_to_multiple(image: np.ndarray, multiple: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """Reflect-pad an H×W×C image at the bottom/right so H and W are multiples of `multiple`.
+
+    Returns the padded image and the original (H, W) to crop the output back to.
+    """
+    height, width = image.shape[:2]
+    pad_bottom, pad_right = (-height) % multiple, (-width) % multiple
+    if pad_bottom or pad_right:
+        # cv2 reflect (without repeating the edge) needs pad < size; "reflect 101" is numpy's "reflect".
+        mode = "reflect" if pad_bottom < height and pad_right < width else "symmetric"
+        image = np.pad(image, ((0, pad_bottom), (0, pad_right), (0, 0)), mode=mode)
+    return np.ascontiguousarray(image), (height, width)
+
+
+def match_channels(image: np.ndarray, channels: int) -> np.ndarray:
+    """H×W×C float image -> H×W×`channels` (gray <-> RGB) the network was trained with."""
+    if image.shape[2] == channels:
+        return image
+    if channels == 1:
+        return cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)[:, :, None]
+    return np.repeat(image[:, :, :1], 3, axis=2)
+
+
+def to_network_input(image: np.ndarray, channels: int, multiple: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """float H×W×C [0, 1] -> (1×C×H'×W' float32 batch, original size)."""
+    padded, size = pad_to_multiple(match_channels(image.astype(np.float32), channels), multiple)
+    return np.ascontiguousarray(padded.transpose(2, 0, 1)[None]), size
+
+
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    return (1.0 / (1.0 + np.exp(-np.clip(logits, -60.0, 60.0)))).astype(np.float32)
+
+
+@dataclass
+class ExportedSegmenter:
+    """An exported model directory loaded for onnxruntime inference."""
+
+    directory: Path
+    card: dict[str, Any]
+    session: Any
+
+    @property
+    def channels(self) -> int:
+        return int(self.card["input"]["channels"])
+
+    @property
+    def multiple(self) -> int:
+        return int(self.card["input"]["size_multiple"])
+
+    @property
+    def threshold(self) -> float:
+        return float(self.card["threshold"])
+
+    def probability(self, image: np.ndarray) -> np.ndarray:
+        """float H×W×C image in [0, 1] -> H×W defect probability."""
+        if image.ndim != 3 or image.shape[2] not in (1, 3):
+            raise ModelError(f"expected an H×W×C image with 1 or 3 channels, got shape {image.shape}")
+        batch, (height, width) = to_network_input(image, self.channels, self.multiple)
+        input_name = self.session.get_inputs()[0].name
+        try:
+            (logits,) = self.session.run(None, {input_name: batch})
+        except Exception as error:  # onnxruntime raises its own exception types
+            raise ModelError(f"the ONNX model refused the input of shape {batch.shape}: {error}") from error
+        return sigmoid(logits[0, 0, :height, :width])
+
+    def mask(self, image: np.ndarray) -> np.ndarray:
+        return self.probability(image) >= self.threshold
+
+
+def load_exported(model_dir: str | Path) -> ExportedSegmenter:
+    """Open MODEL_DIR (model.onnx + model-card.json); a missing or corrupted file is a ModelError."""
+    import onnxruntime
+
+    directory = Path(model_dir)
+    card_path, model_path = directory / CARD_FILE, directory / MODEL_FILE
+    if not card_path.is_file() or not model_path.is_file():
+        raise ModelError(f"{directory}: not an exported model folder (needs {MODEL_FILE} and {CARD_FILE}).")
+    try:
+        card = json.loads(card_path.read_text(encoding="utf-8"))
+        card["input"]["channels"], card["input"]["size_multiple"], card["threshold"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ModelError(f"{card_path}: unreadable or incomplete model card ({error}).") from error
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        session = onnxruntime.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+    except Exception as error:
+        raise ModelError(f"{model_path}: not a valid ONNX model (corrupted or truncated?): {str(error)[:200]}") from error
+    return ExportedSegmenter(directory, card, session)
+
+
+def predict_images(model_dir: str | Path, images: Sequence[str | Path], out_dir: str | Path) -> list[Path]:
+    """Write `<out>/<stem>.png` for each image; returns the mask paths."""
+    model = load_exported(model_dir)
+    out = Path(out_dir)
+    written = []
+    for image_path in images:
+        image = read_image(image_path)
+        mask_path = out / f"{Path(image_path).stem}.png"
+        write_mask(mask_path, model.mask(image))
+        written.append(mask_path)
+    return written

@@ -1,0 +1,136 @@
+"""Review operations on a round's proposals: accept, reject, replace with edited masks (no torch, no Qt).
+
+The GUI's review panel and `defect-studio review` both call these. Each change goes through the
+store, which records an event per change (`project.mask_history`), and never overwrites a mask
+the user accepted or edited in an earlier round (those are carried forward by the store).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from defect_studio.errors import BadImageError, DataError, ProjectError
+from defect_studio.imageio import IMAGE_EXTENSIONS, read_mask
+
+
+@dataclass
+class ReviewResult:
+    round_index: int
+    changed: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+
+    def summary(self, verb: str) -> str:
+        text = f"round {self.round_index}: {len(self.changed)} mask(s) {verb}"
+        if self.unchanged:
+            text += f", {len(self.unchanged)} left as they were"
+        return text + "."
+
+
+def latest_round(project: Any) -> int:
+    rounds = project.rounds()
+    if not rounds:
+        raise ProjectError("this project has no rounds yet; make proposals first (defect-studio pseudo).")
+    return rounds[-1].index
+
+
+def _resolve_round(project: Any, round_index: int | None) -> int:
+    if round_index is None:
+        return latest_round(project)
+    project.round(round_index)  # a clear ProjectError for an unknown round
+    return round_index
+
+
+def accept_all(project: Any, round_index: int | None = None) -> ReviewResult:
+    """Accept every proposed mask of the round (rejected and edited ones keep their state)."""
+    index = _resolve_round(project, round_index)
+    result = ReviewResult(index)
+    for record in project.mask_records(round_index=index):
+        stem = project.image(record.image_id).stem
+        if record.state == "proposed":
+            project.review_mask(record.image_id, index, "accepted")
+            result.changed.append(stem)
+        else:
+            result.unchanged.append(stem)
+    return result
+
+
+def _set_state(project: Any, names: Iterable[str], state: str, round_index: int | None) -> ReviewResult:
+    index = _resolve_round(project, round_index)
+    result = ReviewResult(index)
+    records = project.find_images(list(names))
+    missing = [r.stem for r in records if project.mask_record(r.id, index) is None]
+    if missing:
+        raise ProjectError(f"no mask in round {index} for: {', '.join(missing[:10])}")
+    for image in records:
+        current = project.mask_record(image.id, index)
+        if current.state == state:
+            result.unchanged.append(image.stem)
+            continue
+        project.review_mask(image.id, index, state)
+        result.changed.append(image.stem)
+    return result
+
+
+def accept(project: Any, names: Iterable[str], round_index: int | None = None) -> ReviewResult:
+    """Accept the round's masks of these images (ids, stems or relative paths)."""
+    return _set_state(project, names, "accepted", round_index)
+
+
+def reject(project: Any, names: Iterable[str], round_index: int | None = None) -> ReviewResult:
+    """Reject them: those images are left out of this round's segmenter training."""
+    return _set_state(project, names, "rejected", round_index)
+
+
+def save_edit(project: Any, image_id: int, mask: np.ndarray, round_index: int | None = None) -> Any:
+    """Replace the round's mask of one image by the user's edit (state 'edited', final)."""
+    return project.save_edited_mask(image_id, _resolve_round(project, round_index), mask)
+
+
+def import_masks(project: Any, folder: str | Path, round_index: int | None = None) -> ReviewResult:
+    """Masks `<stem>.png` from a folder become edited masks of the round.
+
+    Everything is checked before anything is written: masks with no matching image, unreadable
+    masks and masks whose size differs from their image are all listed in one clear error.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: no such folder of masks.")
+    index = _resolve_round(project, round_index)
+    by_stem = {image.stem: image for image in project.images()}
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise DataError(f"{folder}: no mask images found.")
+    unknown, wrong_size, unreadable = [], [], []
+    loaded: list[tuple[Any, np.ndarray]] = []
+    for path in files:
+        image = by_stem.get(path.stem)
+        if image is None:
+            unknown.append(path.name)
+            continue
+        try:
+            mask = read_mask(path)
+        except BadImageError as error:
+            unreadable.append(f"{path.name} ({error})")
+            continue
+        if mask.shape != (image.height, image.width):
+            wrong_size.append(f"{path.name} is {mask.shape[1]}×{mask.shape[0]}, its image {image.width}×{image.height}")
+            continue
+        loaded.append((image, mask))
+    problems = []
+    if wrong_size:
+        problems.append(f"{len(wrong_size)} mask(s) of the wrong size: " + "; ".join(wrong_size[:20]))
+    if unreadable:
+        problems.append(f"{len(unreadable)} unreadable mask(s): " + "; ".join(unreadable[:10]))
+    if unknown:
+        problems.append(f"{len(unknown)} mask(s) match no image of the project: " + ", ".join(unknown[:10]))
+    if problems:
+        raise DataError(f"{folder}: nothing imported. " + " | ".join(problems))
+    result = ReviewResult(index)
+    for image, mask in loaded:
+        project.save_edited_mask(image.id, index, mask)
+        result.changed.append(image.stem)
+    return result

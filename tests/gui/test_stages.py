@@ -1,0 +1,127 @@
+"""The ML stages from the window on a tiny trained project: CAM viewer, proposals, a refinement
+round, export. (The project is made once per session by the `template_project` fixture.)"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PySide6.QtCore import QRectF, Qt
+
+
+def open_project(make_window, path: Path):  # type: ignore[no-untyped-def]
+    window = make_window()
+    assert window.open_path(path)
+    return window
+
+
+def test_cam_methods_change_the_overlay_and_compare_view_links_zoom(qtbot, make_window, project_copy: Path) -> None:
+    window = open_project(make_window, project_copy)
+    panel = window.cam_panel
+    defect_id = window.project.images("defect")[0].id
+    window.select_image(defect_id)
+    window.stage_tabs.setCurrentWidget(panel)
+    panel.set_method("gradcam")
+    qtbot.waitUntil(lambda: window.viewer.heatmap is not None, timeout=60_000)
+    gradcam = window.viewer.heatmap.copy()
+    image = window.project.image(defect_id)
+    assert gradcam.shape == (image.height, image.width)
+    assert window.viewer.heat_item.isVisible()
+
+    # The threshold slider redraws the outline at once.
+    panel.threshold_slider.setValue(100)
+    high = window.viewer.outline_item.path().elementCount()
+    panel.threshold_slider.setValue(5)
+    low = window.viewer.outline_item.path().elementCount()
+    assert low > 0 and low != high
+    panel.opacity_slider.setValue(20)
+    assert abs(window.viewer.heat_item.opacity() - 0.2) < 1e-6
+
+    # A method setting (Grad-CAM on stage 3 instead of 4) gives another map, and is remembered.
+    from PySide6.QtWidgets import QSpinBox
+
+    stage = panel.settings_form.findChild(QSpinBox, "cam_stage")
+    stage.setValue(3)
+    stage.editingFinished.emit()
+    assert panel.settings_for("gradcam") == {"stage": 3}
+    qtbot.waitUntil(lambda: window.viewer.heatmap is not None and not np.array_equal(window.viewer.heatmap, gradcam),
+                    timeout=60_000)
+    stage.setValue(4)
+    stage.editingFinished.emit()
+    assert panel.settings_for("gradcam") == {}
+    np.testing.assert_allclose(window.viewer.heatmap, gradcam, atol=1e-4)  # back to the cached default map
+
+    panel.set_method("layercam")
+    qtbot.waitUntil(lambda: window.viewer.heatmap is not None and not np.array_equal(window.viewer.heatmap, gradcam),
+                    timeout=60_000)
+    # Going back to Grad-CAM comes from the cache: no job is started.
+    panel.set_method("gradcam")
+    assert not panel.runner.busy
+    np.testing.assert_allclose(window.viewer.heatmap, gradcam, atol=1e-4)
+
+    panel.compare_check.setChecked(True)
+    compare = panel.compare_view
+    assert window.center_stack.currentWidget() is compare
+    qtbot.waitUntil(lambda: all(v.heatmap is not None for v in compare.viewers.values()), timeout=120_000)
+    viewers = list(compare.viewers.values())
+    viewers[0].view_box.setRange(QRectF(5, 5, 20, 20), padding=0)
+    qtbot.wait(50)
+    first = viewers[0].view_box.viewRange()
+    for other in viewers[1:]:
+        # Linked: same centre, same zoom (up to the aspect lock of slightly different view sizes).
+        assert abs(np.mean(other.view_box.viewRange()[0]) - np.mean(first[0])) < 0.1
+        assert abs(np.mean(other.view_box.viewRange()[1]) - np.mean(first[1])) < 0.1
+        assert abs(np.ptp(other.view_box.viewRange()[0]) - 20) < 1.0
+
+    # Leaving the stage hides the heatmap and goes back to the single viewer.
+    window.stage_tabs.setCurrentWidget(window.tag_panel)
+    assert window.center_stack.currentWidget() is window.viewer
+    assert not window.viewer.heat_item.isVisible()
+
+
+def test_proposals_round_and_reopen(qtbot, make_window, project_copy: Path) -> None:
+    window = open_project(make_window, project_copy)
+    review = window.review_panel
+    window.stage_tabs.setCurrentWidget(review)
+    assert window.current_round == 0
+    to_review = review.queue.count()
+    assert to_review > 0
+    # Make the proposals again from the window (same round; the job runs in the background).
+    review.method_combo.setCurrentIndex(review.method_combo.findData("gradcam"))
+    with qtbot.waitSignal(review.runner.finished, timeout=120_000) as finished:
+        assert review.make_proposals()
+    assert finished.args == ["succeeded"]
+    assert review.queue.count() == to_review
+
+    # Review: accept two, reject one.
+    accepted = []
+    for _ in range(2):
+        window.select_image(review.queue.item(0).data(Qt.ItemDataRole.UserRole))
+        accepted.append(window.current_image_id)
+        review.accept_current()
+    window.select_image(review.queue.item(0).data(Qt.ItemDataRole.UserRole))
+    rejected = window.current_image_id
+    review.reject_current()
+    assert review.queue.count() == to_review - 3
+
+    rounds = window.rounds_panel
+    window.stage_tabs.setCurrentWidget(rounds)
+    if rounds.form is not None:
+        rounds.form.set_values({"epochs": 1, "steps_per_epoch": 2, "batch_size": 4, "crop_size": 32})
+    with qtbot.waitSignal(rounds.runner.finished, timeout=120_000) as finished:
+        assert rounds.run_round()
+    assert finished.args == ["succeeded"]
+    assert window.current_round == 1
+    assert rounds.table.rowCount() == 2
+    assert len(rounds.live_points["loss"]) == 1  # one segmenter epoch, plotted as it came
+    assert window.project.latest_run("segmenter") is not None
+    assert rounds.table.item(0, 8).text() != "–"  # the segmenter's validation IoU of round 0
+    # Accepted masks are carried into round 1 unchanged.
+    for image_id in accepted:
+        assert window.project.mask_record(image_id, 1).state == "accepted"
+    window.close()
+
+    again = open_project(make_window, project_copy)
+    assert again.current_round == 1
+    assert again.project.mask_record(rejected, 0).state == "rejected"
+    assert again.rounds_panel.table.rowCount() == 2

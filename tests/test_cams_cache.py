@@ -1,0 +1,144 @@
+"""The CAM cache, the `cam` job and the `defect-studio cam` command."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from defect_studio.jobs import CancelToken, JobCancelled, run_job
+from defect_studio.ml.cam_cache import CamCache, cam_job, decode_heatmap_png, encode_heatmap_png, read_heatmap_png
+from defect_studio.ml.cams import CamSettingsError, default_settings
+
+IMAGE_SHA = "a" * 64
+CHECKPOINT_SHA = "b" * 64
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def test_heatmap_png_round_trip_is_16_bit_exact() -> None:
+    cam_map = np.random.default_rng(0).random((13, 29)).astype(np.float32)
+    decoded = decode_heatmap_png(encode_heatmap_png(cam_map))
+    assert decoded is not None and decoded.shape == cam_map.shape and decoded.dtype == np.float32
+    assert np.abs(decoded - cam_map).max() <= 0.5 / 65535 + 1e-7
+    assert decode_heatmap_png(b"not a png") is None
+
+
+def test_cache_miss_then_hit(tmp_path: Path) -> None:
+    cache = CamCache(tmp_path)
+    cam_map = np.linspace(0, 1, 60, dtype=np.float32).reshape(6, 10)
+    assert cache.get(IMAGE_SHA, CHECKPOINT_SHA, "fgbp", {}) is None
+    path = cache.put(IMAGE_SHA, CHECKPOINT_SHA, "fgbp", {}, cam_map)
+    assert path.is_relative_to(tmp_path / "cams")
+    hit = cache.get(IMAGE_SHA, CHECKPOINT_SHA, "fgbp", {})
+    assert hit is not None
+    np.testing.assert_allclose(hit, cam_map, atol=1e-4)
+    # the same settings spelled out in full are the same entry; the cams folder itself works too
+    assert CamCache(tmp_path / "cams").get(IMAGE_SHA, CHECKPOINT_SHA, "fgbp", default_settings("fgbp")) is not None
+
+
+def test_every_part_of_the_key_matters(tmp_path: Path) -> None:
+    cache = CamCache(tmp_path)
+    cache.put(IMAGE_SHA, CHECKPOINT_SHA, "region-aware", {"gamma": 0.5}, np.zeros((4, 4), np.float32))
+    assert cache.get(IMAGE_SHA, CHECKPOINT_SHA, "region-aware", {}) is not None  # 0.5 is the default
+    assert cache.get("c" * 64, CHECKPOINT_SHA, "region-aware", {}) is None
+    assert cache.get(IMAGE_SHA, "d" * 64, "region-aware", {}) is None
+    assert cache.get(IMAGE_SHA, CHECKPOINT_SHA, "fgbp", {}) is None
+    assert cache.get(IMAGE_SHA, CHECKPOINT_SHA, "region-aware", {"gamma": 1.0}) is None
+    assert cache.get(IMAGE_SHA, CHECKPOINT_SHA, "region-aware", {"stages": [2, 3, 4]}) is None
+    with pytest.raises(CamSettingsError):
+        cache.get(IMAGE_SHA, CHECKPOINT_SHA, "region-aware", {"no_such_setting": 1})
+
+
+def test_a_damaged_cache_file_is_a_miss(tmp_path: Path) -> None:
+    cache = CamCache(tmp_path)
+    path = cache.put(IMAGE_SHA, CHECKPOINT_SHA, "gradcam", {}, np.ones((3, 3), np.float32))
+    path.write_bytes(b"\x89PNG truncated")
+    assert cache.get(IMAGE_SHA, CHECKPOINT_SHA, "gradcam", {}) is None
+    assert not path.exists()
+
+
+# --------------------------------------------------------------------------------------------
+# the job and the command, on a small project with an (untrained) project classifier
+
+
+@pytest.fixture
+def project_with_classifier(tmp_path: Path):
+    demo = pytest.importorskip("defect_studio.demo")
+    from defect_studio.ml.classifier import checkpoint_bytes
+    from defect_studio.ml.models import ClassifierConfig, build_classifier
+    from defect_studio.ml.preprocess import Preprocessing
+    from defect_studio.project import Project
+    from defect_studio.project.importer import import_job
+
+    dataset = demo.make_demo_dataset(tmp_path / "data", count=8, size=48)
+    project = Project.create(tmp_path / "project", dataset / "images")
+    run_job(import_job(project, dataset / "images", dataset / "labels.csv", CancelToken()))
+    config = ClassifierConfig(width=8, input_size=64, output_stride=16, channels=1)
+    torch.manual_seed(0)
+    model = build_classifier(config).eval()
+    preprocessing = Preprocessing(input_size=64, channels=1)
+    checkpoint = project.models_dir / "classifier-test.pt"
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    checkpoint.write_bytes(checkpoint_bytes(model, config, preprocessing, 0.5, {}, [], 0))
+    project.record_training_run("classifier", config.to_dict(), 0, {}, checkpoint, [])
+    yield project
+    project.close()
+
+
+def test_cam_job_computes_caches_and_writes_pngs(project_with_classifier, tmp_path: Path) -> None:
+    project = project_with_classifier
+    images = project.images()
+    first = run_job(cam_job(project, "region-aware", {"gamma": "1"}, CancelToken(), write_png_dir=tmp_path / "png"))
+    assert first["images"] == len(images) and first["computed"] == len(images) and first["cached"] == 0
+    assert first["settings"]["gamma"] == 1.0
+    second = run_job(cam_job(project, "region-aware", {"gamma": 1.0}, CancelToken()))
+    assert second["computed"] == 0 and second["cached"] == len(images)
+    cache = CamCache(project.cache_dir)
+    for record in images:
+        heatmap = read_heatmap_png(tmp_path / "png" / f"{record.stem}.png")
+        assert heatmap is not None and heatmap.shape == (record.height, record.width)
+        cached = cache.get(record.sha256, first["checkpoint_sha256"], "region-aware", {"gamma": 1.0})
+        np.testing.assert_allclose(cached, heatmap)
+    third = run_job(cam_job(project, "gradcam", None, CancelToken(), image_ids=[images[0].id]))
+    assert third["images"] == 1 and third["computed"] == 1
+
+
+def test_cam_job_cancels_between_batches(project_with_classifier) -> None:
+    cancel = CancelToken()
+    job = cam_job(project_with_classifier, "fgbp", None, cancel, batch_size=2)
+    events = []
+    with pytest.raises(JobCancelled):
+        for event in job:
+            events.append(event)
+            if event.step == 2:
+                cancel.cancel()
+    assert events[-1].step == 2  # no batch started after the cancel
+
+
+def test_cam_job_refuses_bad_settings_before_loading_anything(project_with_classifier) -> None:
+    with pytest.raises(CamSettingsError, match="no setting"):
+        run_job(cam_job(project_with_classifier, "fgbp", {"q": 0.5}, CancelToken()))
+
+
+def test_cam_command(project_with_classifier, tmp_path: Path, capsys) -> None:
+    from defect_studio.cli import main
+
+    path = project_with_classifier.path
+    project_with_classifier.close()  # the command opens the project itself
+    code = main(["cam", str(path), "--method", "fgbp", "--set", "fgbp_quantile=0.8", "--set", "stages=2,3,4",
+                 "--png-dir", str(tmp_path / "maps")])
+    assert code == 0
+    output = capsys.readouterr().out
+    assert '"fgbp_quantile": 0.8' in output and '"stages": [2, 3, 4]' in output
+    assert len(list((tmp_path / "maps").glob("*.png"))) == 8
+    assert main(["cam", str(path), "--method", "fgbp", "--set", "nonsense"]) == 2
+    assert "key=value" in capsys.readouterr().err

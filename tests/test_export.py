@@ -1,0 +1,116 @@
+"""Export: ONNX + TorchScript + card with a parity check; predict reproduces in-app masks; clear errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from defect_studio.cli import main as cli_main
+from defect_studio.dataset_layout import load_dataset
+from defect_studio.errors import ModelError
+from defect_studio.imageio import read_image, read_mask
+from defect_studio.jobs import CancelToken, run_job
+from defect_studio.ml.export import export_segmenter
+from defect_studio.ml.segmenter import SegmentationSample, SegmenterConfig, load_segmenter, make_target, train_segmenter_job
+from defect_studio.predict import CARD_FILE, MODEL_FILE, TORCHSCRIPT_FILE, load_exported
+
+TINY = dict(channels=(8, 16, 32), crop_size=48, batch_size=8, epochs=2, steps_per_epoch=8, learning_rate=1e-2, seed=1)
+
+
+@pytest.fixture(scope="module")
+def model_and_images(demo_dataset: Path, tmp_path_factory: pytest.TempPathFactory):
+    torch.set_num_threads(1)
+    samples, test_paths = [], []
+    for s in load_dataset(demo_dataset):
+        if s.split == "train":
+            image = read_image(s.image_path)
+            mask = read_mask(s.mask_path) if s.mask_path else np.zeros(image.shape[:2], bool)
+            samples.append(SegmentationSample(s.stem, image, make_target(mask)))
+        else:
+            test_paths.append(s.image_path)
+    checkpoint = tmp_path_factory.mktemp("model") / "segmenter.pt"
+    run_job(train_segmenter_job(samples, SegmenterConfig(**TINY), checkpoint, CancelToken()))
+    return load_segmenter(checkpoint, device="cpu"), test_paths[:6]
+
+
+@pytest.fixture(scope="module")
+def exported(model_and_images, tmp_path_factory: pytest.TempPathFactory):
+    loaded, paths = model_and_images
+    out = tmp_path_factory.mktemp("export") / "model"
+    result, parity = export_segmenter(loaded, out, [read_image(p) for p in paths[:3]], {"note": "test"})
+    return result, parity
+
+
+def test_export_writes_checked_model_files(exported, model_and_images) -> None:
+    out, parity = exported
+    assert parity.passed and parity.images == 3
+    assert parity.onnx_max_abs_diff < 1e-3 and parity.onnx_min_mask_iou >= 0.99
+    assert {p.name for p in out.iterdir()} == {MODEL_FILE, TORCHSCRIPT_FILE, CARD_FILE}
+    card = json.loads((out / CARD_FILE).read_text())
+    loaded, _ = model_and_images
+    assert card["input"]["channels"] == 3 and card["input"]["size_multiple"] == 4
+    assert card["threshold"] == pytest.approx(loaded.threshold)
+    assert card["parity"]["passed"] is True and card["note"] == "test"
+    assert card["versions"]["onnxruntime"] and card["training"]["training_data_hash"]
+    assert not list(out.parent.glob(".*partial"))
+
+
+def test_predict_reproduces_in_app_masks(exported, model_and_images, tmp_path: Path) -> None:
+    out, _ = exported
+    loaded, paths = model_and_images
+    masks_dir = tmp_path / "masks"
+    assert cli_main(["predict", str(out), *map(str, paths), "--out", str(masks_dir)]) == 0
+    for path in paths:
+        image = read_image(path)
+        predicted = read_mask(masks_dir / f"{path.stem}.png", image.shape[:2])
+        in_app = loaded.mask(image)
+        union = np.count_nonzero(predicted | in_app)
+        assert union == 0 or np.count_nonzero(predicted & in_app) / union >= 0.99
+
+
+def test_failed_parity_leaves_nothing_behind(model_and_images, tmp_path: Path) -> None:
+    loaded, paths = model_and_images
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "keep.txt").write_text("earlier content")
+    with pytest.raises(ModelError, match="export refused"):
+        export_segmenter(loaded, out, [read_image(paths[0])], max_abs_diff=-1.0)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+def test_corrupted_onnx_gives_a_clear_error(exported, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out, _ = exported
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / CARD_FILE).write_bytes((out / CARD_FILE).read_bytes())
+    (broken / MODEL_FILE).write_bytes((out / MODEL_FILE).read_bytes()[:5000])
+    with pytest.raises(ModelError, match="not a valid ONNX model"):
+        load_exported(broken)
+    image = tmp_path / "image.png"
+    import cv2
+
+    cv2.imwrite(str(image), np.zeros((20, 20), np.uint8))
+    assert cli_main(["predict", str(broken), str(image), "--out", str(tmp_path / "masks")]) == ModelError.exit_code
+    assert "not a valid ONNX model" in capsys.readouterr().err
+    assert not (tmp_path / "masks").exists()
+    with pytest.raises(ModelError, match="not an exported model folder"):
+        load_exported(tmp_path)
+
+
+def test_wrong_input_gives_a_clear_error(exported, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out, _ = exported
+    model = load_exported(out)
+    with pytest.raises(ModelError, match="expected an H×W×C image"):
+        model.probability(np.zeros((16, 16), np.float32))
+    model.card["input"]["channels"] = 1  # a card that lies about the input: onnxruntime refuses, clearly
+    with pytest.raises(ModelError, match="refused the input"):
+        model.probability(np.zeros((16, 16, 1), np.float32))
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("hello")
+    assert cli_main(["predict", str(out), str(not_an_image), "--out", str(tmp_path / "masks")]) != 0
+    assert "not a readable image" in capsys.readouterr().err

@@ -1,0 +1,133 @@
+"""Pseudo-label thresholding on arrays, and the review operations on a project's round."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from defect_studio.cli import main as cli_main
+from defect_studio.errors import DataError
+from defect_studio.imageio import write_mask
+from defect_studio.ml.pseudo import PseudoLabelSettings, fuse_scores, pseudo_label, remove_small_components
+from defect_studio.project import Project
+from defect_studio.project import review
+
+
+def blob_map() -> np.ndarray:
+    score = np.zeros((40, 40), np.float32)
+    score[5:15, 5:15] = 0.9  # a confident defect
+    score[4:16, 4:16] = np.maximum(score[4:16, 4:16], 0.35)  # its uncertain rim
+    score[30, 30] = 0.95  # a single hot pixel
+    score[25:28, 2:5] = 0.3  # a lukewarm patch
+    return score
+
+
+def test_fixed_thresholds_make_an_ignore_band() -> None:
+    mask, ignore, thresholds = pseudo_label(blob_map(), PseudoLabelSettings(high=0.5, low=0.25, min_area=4))
+    assert thresholds == {"high": 0.5, "low": 0.25}
+    assert mask[5:15, 5:15].all() and mask.sum() == 100
+    assert not (mask & ignore).any()
+    assert ignore[4, 4] and ignore[26, 3]  # rim and lukewarm patch: neither defect nor background
+    assert ignore[30, 30] and not mask[30, 30]  # a component under min_area is dropped to "ignored", not background
+    assert not ignore[0, 0] and not mask[0, 0]
+
+
+def test_percentile_and_otsu_modes_follow_the_map() -> None:
+    score = blob_map()
+    mask, ignore, thresholds = pseudo_label(score, PseudoLabelSettings(mode="percentile", high_percentile=95, low_percentile=90, min_area=1))
+    assert thresholds["high"] == pytest.approx(np.percentile(score, 95))
+    assert mask.sum() >= 0.04 * score.size and mask[10, 10]
+    mask, _, thresholds = pseudo_label(score * 0.5, PseudoLabelSettings(mode="otsu", min_area=1))
+    assert 0.0 < thresholds["high"] <= 0.45 and thresholds["low"] == pytest.approx(thresholds["high"] * 0.5)
+    assert mask[10, 10] and not mask[0, 0]
+
+
+def test_empty_map_gives_an_empty_mask() -> None:
+    mask, ignore, _ = pseudo_label(np.zeros((10, 10), np.float32), PseudoLabelSettings())
+    assert not mask.any() and not ignore.any()
+
+
+def test_small_components_and_fusion() -> None:
+    mask = np.zeros((10, 10), bool)
+    mask[0, 0] = True
+    mask[5:8, 5:8] = True
+    kept = remove_small_components(mask, 4)
+    assert not kept[0, 0] and kept[5:8, 5:8].all()
+    cam = np.full((2, 2), 0.2, np.float32)
+    assert np.allclose(fuse_scores(cam, np.ones((2, 2), np.float32), 0.75), 0.8)
+    assert fuse_scores(cam, None, 0.5) is cam
+    with pytest.raises(DataError):
+        fuse_scores(cam, np.ones((3, 3), np.float32), 0.5)
+
+
+def test_bad_settings_are_refused() -> None:
+    with pytest.raises(DataError, match="low <= high"):
+        PseudoLabelSettings.from_dict({"high": 0.2, "low": 0.5})
+    with pytest.raises(DataError, match="mode"):
+        PseudoLabelSettings.from_dict({"mode": "magic"})
+    with pytest.raises(DataError, match="unknown pseudo-label settings"):
+        PseudoLabelSettings.from_dict({"hgh": 0.5})
+
+
+@pytest.fixture()
+def reviewed_round(demo_project: Path):
+    """Round 0 with a simple proposal for every tagged image (no CAMs needed for reviewing)."""
+    with Project.open(demo_project) as project:
+        project.create_round({})
+        for image in project.images():
+            if image.tag == "untagged":
+                continue
+            mask = np.zeros((image.height, image.width), bool)
+            if image.tag == "defect":
+                mask[:4, :4] = True
+            project.save_mask_proposal(image.id, 0, mask, "test", {})
+    return demo_project
+
+
+def test_accept_reject_and_events(reviewed_round: Path) -> None:
+    with Project.open(reviewed_round) as project:
+        defects = [i for i in project.images() if i.tag == "defect"]
+        result = review.reject(project, [defects[0].stem])
+        assert result.changed == [defects[0].stem]
+        review.accept(project, [str(defects[1].id)])
+        result = review.accept_all(project)
+        assert defects[0].stem in result.unchanged  # a rejection is not overridden by accept-all
+        states = {r.image_id: r.state for r in project.mask_records(round_index=0)}
+        assert states[defects[0].id] == "rejected" and states[defects[2].id] == "accepted"
+        history = [state for _, state, *_ in project.mask_history(defects[0].id, 0)]
+        assert history == ["proposed", "rejected"]
+
+
+def test_import_masks_checks_sizes_first(reviewed_round: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with Project.open(reviewed_round) as project:
+        images = [i for i in project.images() if i.tag == "defect"][:3]
+    folder = tmp_path / "edited"
+    good_mask = np.zeros((images[0].height, images[0].width), bool)
+    good_mask[2:6, 2:6] = True
+    write_mask(folder / f"{images[0].stem}.png", good_mask)
+    write_mask(folder / f"{images[1].stem}.png", np.zeros((images[1].height + 3, images[1].width), bool))
+    code = cli_main(["review", str(reviewed_round), "--import-masks", str(folder)])
+    assert code == DataError.exit_code
+    error = capsys.readouterr().err
+    assert "wrong size" in error and f"{images[1].stem}.png" in error and "nothing imported" in error
+    with Project.open(reviewed_round) as project:
+        assert project.mask_record(images[0].id, 0).state == "proposed"  # nothing written on error
+    (folder / f"{images[1].stem}.png").unlink()
+    assert cli_main(["review", str(reviewed_round), "--import-masks", str(folder)]) == 0
+    with Project.open(reviewed_round) as project:
+        record = project.mask_record(images[0].id, 0)
+        assert record.state == "edited" and record.source == "human-edit"
+        assert np.array_equal(project.load_mask(record), good_mask)
+
+
+def test_review_cli_accept_all_and_reject(reviewed_round: Path) -> None:
+    with Project.open(reviewed_round) as project:
+        defect = next(i for i in project.images() if i.tag == "defect")
+    assert cli_main(["review", str(reviewed_round), "--reject", defect.stem]) == 0
+    assert cli_main(["review", str(reviewed_round), "--accept-all", "--round", "0"]) == 0
+    with Project.open(reviewed_round) as project:
+        states = {r.state for r in project.mask_records(round_index=0)}
+        assert states == {"accepted", "rejected"}
+    assert cli_main(["review", str(reviewed_round), "--accept", "no-such-image"]) != 0

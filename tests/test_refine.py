@@ -1,0 +1,154 @@
+"""The headless loop end to end on the demo: classifier -> CAM -> pseudo-labels -> rounds -> evaluate -> export."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from defect_studio.cli import main as cli_main
+from defect_studio.jobs import CancelToken, run_job
+from defect_studio.ml.classifier import train_project_classifier_job
+from defect_studio.ml.models import ClassifierConfig
+from defect_studio.ml.refine import RefineConfig, refine_job
+from defect_studio.ml.segmenter import load_segmenter
+from defect_studio.project import Project
+from defect_studio.project.importer import import_job
+
+CLASSIFIER = dict(width=8, input_size=64, epochs=6, min_epochs=6, batch_size=16, lr=5e-3, seed=0)
+SEGMENTER = dict(channels=[8, 16, 32], crop_size=48, batch_size=8, epochs=3, steps_per_epoch=8, learning_rate=1e-2)
+# The tiny classifier's CAMs are coarse: percentile thresholds always give each defect image a proposal.
+PSEUDO = dict(mode="percentile", high_percentile=97.0, low_percentile=90.0, min_area=4)
+
+
+@pytest.fixture(scope="module")
+def loop(demo_dataset: Path, tmp_path_factory: pytest.TempPathFactory):
+    """Two refinement rounds; in round 0 the 'user' edits one mask and rejects another image."""
+    torch.set_num_threads(1)
+    project_dir = tmp_path_factory.mktemp("loop") / "project"
+    decisions: dict[str, object] = {}
+
+    def review(project: Project, round_index: int) -> None:
+        if round_index != 0:
+            return
+        defects = [i for i in project.images() if i.tag == "defect"]
+        edited, rejected = defects[0], defects[1]
+        mask = np.zeros((edited.height, edited.width), bool)
+        mask[3:9, 5:20] = True
+        project.save_edited_mask(edited.id, 0, mask)
+        project.review_mask(rejected.id, 0, "rejected")
+        decisions.update(edited=edited, edited_mask=mask, rejected=rejected)
+
+    with Project.create(project_dir, demo_dataset / "images") as project:
+        run_job(import_job(project, demo_dataset / "images", demo_dataset / "labels.csv", CancelToken()))
+        run_job(train_project_classifier_job(project, ClassifierConfig(**CLASSIFIER), CancelToken(), device="cpu"))
+        config = RefineConfig(method="gradcam", pseudo=PSEUDO, segmenter=SEGMENTER, stop_change=0.0)
+        events = []
+        summary = run_job(refine_job(project, 2, CancelToken(), review, demo_dataset, config), events.append)
+    return project_dir, summary, decisions, events
+
+
+def test_loop_runs_rounds_and_records_metrics(loop) -> None:
+    project_dir, summary, _, events = loop
+    assert [entry["round"] for entry in summary["rounds"]] == [0, 1]
+    stages = {e.stage for e in events}
+    assert {"pseudo-labels", "train segmenter", "gradcam maps"} <= stages
+    with Project.open(project_dir) as project:
+        rounds = project.rounds()
+        assert [r.status for r in rounds] == ["trained", "trained"]
+        first, second = rounds[0].metrics, rounds[1].metrics
+        assert first["review"]["states"]["edited"] == 1 and first["review"]["states"]["rejected"] == 1
+        assert first["review"]["edited_pixel_fraction"] > 0
+        flagged = [r for r in project.mask_records(round_index=0) if r.flagged]
+        assert first["pseudo"]["flagged_empty"] == len(flagged)
+        assert all(project.image(r.image_id).tag == "defect" and not project.load_mask(r).any() for r in flagged)
+        assert 0.0 <= second["mask_change"] <= 1.0
+        assert 0.0 <= first["ground_truth"]["defect_iou"] <= 1.0 and "per_type" in first["ground_truth"]
+        runs = project.training_runs("segmenter")
+        assert [r.round_index for r in runs] == [0, 1]
+        # Round 1's proposals were made by segmenter 0 fused with the CAM, with full provenance.
+        defect = next(i for i in project.images() if i.tag == "defect")
+        record = project.mask_record(defect.id, 1)
+        if record.state == "proposed":
+            assert record.source == "segmenter-0+cam:gradcam"
+            assert record.params["segmenter_sha256"] == runs[0].checkpoint_sha256
+            assert record.params["classifier_sha256"] and record.params["round"] == 1
+        good = next(i for i in project.images() if i.tag == "good")
+        assert not project.load_mask(project.mask_record(good.id, 1)).any()
+
+
+def test_human_edit_survives_the_next_round(loop) -> None:
+    project_dir, _, decisions, _ = loop
+    edited = decisions["edited"]
+    with Project.open(project_dir) as project:
+        record = project.mask_record(edited.id, 1)
+        assert record.state == "edited" and record.source == "human-edit"
+        assert np.array_equal(project.load_mask(record), decisions["edited_mask"])
+
+
+def test_rejected_image_is_not_trained_on(loop) -> None:
+    project_dir, _, decisions, _ = loop
+    rejected, edited = decisions["rejected"], decisions["edited"]
+    with Project.open(project_dir) as project:
+        run = next(r for r in project.training_runs("segmenter") if r.round_index == 0)
+        meta = load_segmenter(run.checkpoint_path).meta
+        seen = set(meta["trained_images"]) | set(meta["validation_images"])
+        assert rejected.stem not in seen and edited.stem in seen
+        assert not any(h.startswith(rejected.sha256) for h in run.dataset_hashes)
+
+
+def test_evaluate_and_export_from_the_cli(loop, demo_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    project_dir, _, _, _ = loop
+    assert cli_main(["evaluate", str(project_dir), "--gt", str(demo_dataset), "--split", "test", "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert {"defect_iou", "miou", "dice", "detection_f1", "good_false_positive_rate", "per_type"} <= set(metrics)
+    assert metrics["images"] == 20
+    assert cli_main(["evaluate", str(project_dir), "--gt", str(demo_dataset / "masks"), "--round", "0", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["images"] > 0
+    out = tmp_path / "export"
+    assert cli_main(["export", str(project_dir), "--out", str(out), "--parity-images", "3"]) == 0
+    card = json.loads((out / "model-card.json").read_text())
+    assert [r["round"] for r in card["rounds"]] == [0, 1] and card["parity"]["passed"]
+
+
+def test_pseudo_cli_starts_the_next_round_from_the_segmenter(loop, capsys: pytest.CaptureFixture[str]) -> None:
+    """Runs after the tests that read the loop's two rounds: it adds round 2."""
+    project_dir, _, decisions, _ = loop
+    args = ["pseudo", str(project_dir), "--method", "gradcam", "--mode", "percentile", "--high-percentile", "97",
+            "--low-percentile", "90", "--min-area", "4"]
+    assert cli_main(args) == 0
+    assert "round 2:" in capsys.readouterr().out
+    with Project.open(project_dir) as project:
+        assert [r.index for r in project.rounds()] == [0, 1, 2]
+        edited = project.mask_record(decisions["edited"].id, 2)
+        assert edited.state == "edited" and np.array_equal(project.load_mask(edited), decisions["edited_mask"])
+        sources = {r.source for r in project.mask_records(round_index=2) if r.state == "proposed"}
+        assert "segmenter-1+cam:gradcam" in sources
+    assert cli_main(["pseudo", str(project_dir), "--high", "0.1", "--low", "0.5"]) == 2  # bad settings: clear error
+
+def test_refine_stops_when_masks_stop_changing(loop) -> None:
+    """Continues the project (round 2 was proposed by the CLI test): trains it, proposes round 3, stops there."""
+    project_dir, _, _, _ = loop
+    config = RefineConfig(method="gradcam", pseudo=PSEUDO, segmenter=SEGMENTER, stop_change=1.01)
+    with Project.open(project_dir) as project:
+        summary = run_job(refine_job(project, 5, CancelToken(), None, None, config))
+        assert summary["stopped_early"] and [e["round"] for e in summary["rounds"]] == [2, 3]
+        assert project.round(3).status == "converged" and "stopped" in project.round(3).metrics
+        assert [r.round_index for r in project.training_runs("segmenter")] == [0, 1, 2]
+
+@pytest.mark.slow
+def test_full_bench_quick_on_the_demo(demo_dataset: Path, tmp_path: Path) -> None:
+    """`bench full --quick` end to end on the demo: both tables written, numbers in range."""
+    from defect_studio.bench import full
+
+    torch.set_num_threads(1)
+    result = full.run(demo_dataset, True, tmp_path, seed=0, classifier_path=None, as_json=False, rounds=2)
+    report = json.loads((tmp_path / f"full-{demo_dataset.name}-quick.json").read_text())
+    assert (tmp_path / f"full-{demo_dataset.name}-quick.md").is_file()
+    assert len(report["rounds"]) == 2 and 0.0 <= result["full"]["defect_iou"] <= 1.0
+    assert set(report["weak_seconds"]) >= {"classifier", "CAMs", "pseudo-labels", "segmenter training"}
+    tables = report["tables"]
+    assert len(tables["Test split: weak loop vs full supervision"]) == 2

@@ -1,0 +1,160 @@
+"""The segmenter: loss with an ignore band, aligned crops, training on demo masks, checkpoints, cancel."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from defect_studio.dataset_layout import load_dataset
+from defect_studio.errors import DataError, ModelError
+from defect_studio.imageio import read_image, read_mask
+from defect_studio.jobs import CancelToken, JobCancelled, run_job
+from defect_studio.ml.evaluate import evaluate_pairs
+from defect_studio.ml.segmenter import (
+    IGNORE,
+    CropSampler,
+    SegmentationSample,
+    SegmenterConfig,
+    SegmenterNet,
+    load_segmenter,
+    make_target,
+    segmentation_loss,
+    train_segmenter_job,
+)
+
+TINY = dict(channels=(8, 16, 32), crop_size=48, batch_size=8, epochs=6, steps_per_epoch=12, learning_rate=1e-2, seed=0)
+
+
+def demo_samples(dataset: Path, split: str) -> list[tuple[SegmentationSample, str, str | None]]:
+    samples = []
+    for s in load_dataset(dataset):
+        if s.split != split:
+            continue
+        image = read_image(s.image_path)
+        mask = read_mask(s.mask_path) if s.mask_path else np.zeros(image.shape[:2], bool)
+        samples.append((SegmentationSample(s.stem, image, make_target(mask)), s.label, s.defect_type))
+    return samples
+
+
+@pytest.fixture(scope="module")
+def trained(demo_dataset: Path, tmp_path_factory: pytest.TempPathFactory):
+    torch.set_num_threads(1)
+    checkpoint = tmp_path_factory.mktemp("segmenter") / "segmenter.pt"
+    train = [s for s, _, _ in demo_samples(demo_dataset, "train")]
+    events = []
+    result = run_job(train_segmenter_job(train, SegmenterConfig(**TINY), checkpoint, CancelToken()), events.append)
+    return result, events, checkpoint
+
+
+def test_ignored_pixels_do_not_change_the_loss() -> None:
+    target = torch.zeros(1, 8, 8, dtype=torch.uint8)
+    target[0, 2:4, 2:4] = 1
+    target[0, 5:, 5:] = IGNORE
+    logits = torch.randn(1, 1, 8, 8)
+    changed = logits.clone()
+    changed[0, 0, 5:, 5:] += 10.0  # only ignored pixels differ
+    assert torch.allclose(segmentation_loss(logits, target), segmentation_loss(changed, target))
+    changed[0, 0, 0, 0] += 10.0  # a valid background pixel now predicted defect: the loss rises
+    assert segmentation_loss(changed, target) > segmentation_loss(logits, target)
+
+
+def test_make_target_marks_only_background_as_ignored() -> None:
+    mask = np.array([[1, 0, 0]], bool)
+    ignore = np.array([[1, 1, 0]], bool)
+    assert make_target(mask, ignore).tolist() == [[1, IGNORE, 0]]
+
+
+def test_crops_keep_image_and_mask_aligned() -> None:
+    rng = np.random.default_rng(0)
+    samples = []
+    for index in range(4):
+        mask = np.zeros((40 + 10 * index, 70), bool)
+        mask[rng.integers(0, 30) :][:8, 10:30] = True
+        samples.append(SegmentationSample(str(index), mask[:, :, None].astype(np.float32), make_target(mask)))
+    sampler = CropSampler(samples, SegmenterConfig(crop_size=64, batch_size=16), in_channels=1)
+    images, targets = sampler.batch()
+    assert images.shape == (16, 1, 64, 64) and targets.shape == (16, 64, 64)
+    valid = targets != IGNORE
+    assert bool(valid.any()) and bool((targets == 1).any())
+    # Pixels equal the mask before jitter; brightness/contrast jitter keeps them on their side of 0.5.
+    assert torch.equal((images[:, 0] > 0.5)[valid], (targets == 1)[valid])
+    # Crops from images smaller than the crop are padded with ignored pixels, not background.
+    assert bool((targets == IGNORE).any())
+
+
+def test_same_seed_same_batches() -> None:
+    rng = np.random.default_rng(1)
+    image = rng.random((60, 60, 1)).astype(np.float32)
+    samples = [SegmentationSample("a", image, make_target(image[:, :, 0] > 0.9))]
+    first = CropSampler(samples, SegmenterConfig(crop_size=32, batch_size=4, seed=3), 1)
+    second = CropSampler(samples, SegmenterConfig(crop_size=32, batch_size=4, seed=3), 1)
+    torch.manual_seed(0)
+    a = first.batch()
+    torch.manual_seed(0)
+    b = second.batch()
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_network_keeps_any_size_after_padding() -> None:
+    from defect_studio.ml.segmenter import predict_probability
+
+    model = SegmenterNet(1, (4, 8, 16))
+    for shape in [(17, 33, 1), (64, 64, 1), (5, 7, 3)]:
+        assert predict_probability(model, np.random.rand(*shape).astype(np.float32)).shape == shape[:2]
+
+
+def test_training_learns_the_demo_defects(trained, demo_dataset: Path) -> None:
+    result, events, checkpoint = trained
+    assert [e.step for e in events if e.stage == "train segmenter"] == list(range(1, TINY["epochs"] + 1))
+    assert checkpoint.is_file() and result.checkpoint_sha256
+    loaded = load_segmenter(checkpoint, device="cpu")
+    assert loaded.meta["in_channels"] == 3  # the demo mixes gray and colour images
+    assert 0.0 < loaded.threshold < 1.0
+    pairs = []
+    for sample, label, kind in demo_samples(demo_dataset, "test"):
+        pairs.append((sample.target == 1, loaded.mask(sample.image), label == "defect", kind))
+    metrics = evaluate_pairs(pairs)
+    # A model that learned nothing predicts all or nothing: defect IoU ~0.
+    assert metrics["defect_iou"] > 0.1, metrics
+    assert metrics["background_iou"] > 0.9
+
+
+def test_checkpoint_is_a_plain_state_dict(trained) -> None:
+    _, _, checkpoint = trained
+    data = torch.load(checkpoint, weights_only=True)
+    assert set(data) == {"format", "state_dict", "meta"}
+    assert all(isinstance(v, torch.Tensor) for v in data["state_dict"].values())
+
+
+def test_cancel_keeps_the_previous_checkpoint(trained, tmp_path: Path) -> None:
+    _, _, checkpoint = trained
+    target = tmp_path / "segmenter.pt"
+    target.write_bytes(checkpoint.read_bytes())
+    before = target.read_bytes()
+    cancel = CancelToken()
+    samples = [SegmentationSample("a", np.random.rand(40, 40, 1).astype(np.float32), np.zeros((40, 40), np.uint8))]
+    samples[0].target[10:20, 10:20] = 1
+    job = train_segmenter_job(samples, SegmenterConfig(**TINY), target, cancel)
+    cancel.cancel()
+    with pytest.raises(JobCancelled):
+        run_job(job)
+    assert target.read_bytes() == before
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_bad_inputs_give_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="no masks"):
+        run_job(train_segmenter_job([], SegmenterConfig(**TINY), tmp_path / "x.pt", CancelToken()))
+    with pytest.raises(DataError, match="does not match"):
+        SegmentationSample("a", np.zeros((4, 4, 1), np.float32), np.zeros((5, 4), np.uint8))
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(ModelError, match="not a readable"):
+        load_segmenter(junk)
+    with pytest.raises(ModelError, match="no segmenter checkpoint"):
+        load_segmenter(tmp_path / "missing.pt")
+    with pytest.raises(DataError, match="unknown segmenter settings"):
+        SegmenterConfig.from_dict({"epoch": 3})
