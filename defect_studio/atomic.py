@@ -81,6 +81,15 @@ def fault_point(name: str, disk_write: bool = False) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC) + f" (injected at {name})")
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)  # the only way to read it; done once at import, before worker threads exist
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
 def _fsync_directory(directory: Path) -> None:
     if os.name != "posix":  # Windows cannot open a directory for fsync
         return
@@ -103,6 +112,8 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[A
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, temp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=TEMP_SUFFIX, dir=target.parent)
+        if hasattr(os, "fchmod"):  # mkstemp makes 0600; the user's files get the usual umask permissions
+            os.fchmod(fd, 0o666 & ~_UMASK)
     except OSError as error:
         raise WriteError(error.errno, error.strerror or str(error), str(target)) from error
     try:

@@ -63,3 +63,10 @@ def test_a_write_error_is_both_an_oserror_and_a_user_message(tmp_path: Path):
     assert isinstance(raised.value, OSError) and isinstance(raised.value, DefectStudioError)
     assert raised.value.errno == 28 and "a.bin: No space left on device" in str(raised.value)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_written_files_have_the_usual_permissions_not_private_temp_ones(tmp_path: Path):
+    from defect_studio import atomic
+
+    atomic_write_bytes(tmp_path / "mask.png", b"x")
+    assert (tmp_path / "mask.png").stat().st_mode & 0o777 == 0o666 & ~atomic._UMASK

@@ -98,6 +98,21 @@ def test_maps_are_at_the_original_resolution_in_unit_range(resnet_classifier, me
         assert cam_map.max() == pytest.approx(1.0)
 
 
+def test_large_images_are_fused_at_input_resolution_then_resized(monkeypatch) -> None:
+    from defect_studio.ml.cams import compute
+
+    classifier = StandInClassifier(BlobStandIn(), Preprocessing(input_size=128, normalisation="none"))
+    image, _ = blob_image((360, 480), [(120, 300, 28, 0.9)], seed=7)
+    on_canvas = {m: cams.compute_cam(classifier, image, m) for m in ("layercam", "region-aware")}
+    parts = cams.compute_region_aware_parts(classifier, [image])[0]
+    monkeypatch.setattr(compute, "_work_geometry", lambda geometry: geometry)  # fuse at full resolution
+    for method, cam_map in on_canvas.items():
+        assert cam_map.shape == (360, 480) and cam_map.max() == pytest.approx(1.0)
+        full = cams.compute_cam(classifier, image, method)
+        assert np.corrcoef(cam_map.ravel(), full.ravel())[0, 1] > 0.95
+    assert parts.regions.shape == (360, 480) and np.all(parts.fused[parts.regions == 0] == 0)
+
+
 def test_batching_does_not_change_the_maps(resnet_classifier, images) -> None:
     together = cams.compute_cams(resnet_classifier, images, "region-aware", batch_size=8)
     alone = [cams.compute_cam(resnet_classifier, image, "region-aware") for image in images]
@@ -239,6 +254,26 @@ def test_region_aware_is_zero_outside_salient_regions_and_cleaner_than_fgbp(blob
     far = ~np.pad(defect, 0)  # background, where stage-1 texture responses live
     assert fgbp[far].mean() > 0.01  # the shallow stage does fire on texture ...
     assert parts.fused[far].mean() < fgbp[far].mean() / 2  # ... and region-aware suppresses it
+
+
+def test_stage_offsets_match_the_geometry_of_stride_2_convolutions() -> None:
+    # a 3x3, stride-2, padding-1 convolution centres output cell i on input pixel 2i, half a cell before the
+    # upsampling grid's 2i + 0.5; four of them in a row put stage l's cells (2^l - 1) / 2 pixels early
+    offsets = cams.stage_offsets(BlobStandIn(), (1, 128, 128), torch.device("cpu"))
+    for index, expected in enumerate((-0.5, -1.5, -3.5, -7.5)):
+        assert offsets[index] == pytest.approx((expected, expected), abs=1.0)
+
+
+@pytest.mark.parametrize("seed,centre", [(7, (60, 150)), (8, (120, 60))])
+def test_aligned_region_aware_peaks_on_the_defect_and_unaligned_misses(blob_classifier, seed, centre) -> None:
+    image, defect = blob_image((180, 240), [(*centre, 14, 0.9)], seed=seed)
+
+    def peak(settings: dict) -> tuple[int, int]:
+        cam_map = cams.compute_cam(blob_classifier, image, "region-aware", settings)
+        return np.unravel_index(np.argmax(cam_map), cam_map.shape)
+
+    assert defect[peak({})]
+    assert not defect[peak({"align_stages": False})]  # deep maps sit half a stage-4 cell down-right
 
 
 def test_contrast_weights_are_normalised_and_switchable(blob_classifier) -> None:

@@ -114,3 +114,13 @@ def test_wrong_input_gives_a_clear_error(exported, tmp_path: Path, capsys: pytes
     not_an_image.write_text("hello")
     assert cli_main(["predict", str(out), str(not_an_image), "--out", str(tmp_path / "masks")]) != 0
     assert "not a readable image" in capsys.readouterr().err
+
+
+def test_predict_runs_without_torch() -> None:
+    """Production inference must not need torch: importing the predictor loads none of it."""
+    import subprocess
+    import sys
+
+    code = "import sys, defect_studio.predict as p; p.load_exported; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"

@@ -10,7 +10,13 @@ import pytest
 from defect_studio.cli import main as cli_main
 from defect_studio.errors import DataError
 from defect_studio.imageio import write_mask
-from defect_studio.ml.pseudo import PseudoLabelSettings, fuse_scores, pseudo_label, remove_small_components
+from defect_studio.ml.pseudo import (
+    PseudoLabelSettings,
+    calibrate_probability,
+    fuse_scores,
+    pseudo_label,
+    remove_small_components,
+)
 from defect_studio.project import Project
 from defect_studio.project import review
 
@@ -60,6 +66,13 @@ def test_small_components_and_fusion() -> None:
     assert fuse_scores(cam, None, 0.5) is cam
     with pytest.raises(DataError):
         fuse_scores(cam, np.ones((3, 3), np.float32), 0.5)
+
+
+def test_calibration_puts_the_model_threshold_on_the_high_threshold() -> None:
+    probability = np.array([0.0, 0.35, 0.7, 0.85, 1.0], np.float32)
+    calibrated = calibrate_probability(probability, model_threshold=0.7, target=0.2)
+    assert calibrated == pytest.approx([0.0, 0.1, 0.2, 0.6, 1.0], abs=1e-6)
+    assert np.all(np.diff(calibrated) > 0)  # order kept: only the scale changes
 
 
 def test_bad_settings_are_refused() -> None:

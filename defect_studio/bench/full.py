@@ -179,7 +179,10 @@ def run(dataset: Path, quick: bool, out: Path, seed: int, classifier_path: Path 
     from defect_studio.project import Project
     from defect_studio.project.importer import import_job
 
+    import os
+
     torch.manual_seed(seed)
+    load_at_start = os.getloadavg()[0]
     device = select_device("auto")
     show = _printer(as_json)
     clock = StageClock()
@@ -316,7 +319,8 @@ def run(dataset: Path, quick: bool, out: Path, seed: int, classifier_path: Path 
         "Every round's proposals were used as they came (a user who accepts everything without clicking accept: an "
         "explicit accept locks a mask for all later rounds, which would freeze the round-0 CAM masks); good-tagged "
         "images train as all-background; the ignore band is left out of the loss.",
-        f"Peak memory (max RSS of the process): {peak_memory_mb(device):.0f} MiB.",
+        f"Peak memory (max RSS of the process): {peak_memory_mb(device):.0f} MiB. Load average at start/end: "
+        f"{load_at_start:.1f}/{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (timings include any contention).",
     ]
     tables = [
         ("Test split: weak loop vs full supervision", summary_rows, SUMMARY_COLUMNS),

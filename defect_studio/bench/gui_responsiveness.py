@@ -98,8 +98,9 @@ def prepare_brush_canvas(app: Any, window: Any, size: int = 1024) -> None:
     _spin(app, 0.3)
 
 
-def measure_brush(app: Any, window: Any, events: int = 200) -> list[float]:
-    """Milliseconds from each brush mouse-move event to the end of the mask layer's repaint."""
+def measure_brush(app: Any, window: Any, events: int = 200, only_while: Callable[[], bool] | None = None) -> list[float]:
+    """Milliseconds from each brush mouse-move event to the end of the mask layer's repaint
+    (with `only_while`, events after it turns false are not counted: e.g. training has ended)."""
     import numpy as np
     from PySide6.QtCore import QEvent, QEventLoop, QPointF, Qt
     from PySide6.QtGui import QMouseEvent
@@ -128,6 +129,8 @@ def measure_brush(app: Any, window: Any, events: int = 200) -> list[float]:
             deadline = sent + 1.0
             while not painted and time.perf_counter() < deadline:
                 app.processEvents(QEventLoop.ProcessEventsFlag.AllEvents, 5)
+            if only_while is not None and not only_while():
+                break
             if painted:
                 timings.append((painted[-1] - sent) * 1000)
             _spin(app, 0.01)
@@ -202,11 +205,12 @@ def main(argv: list[str] | None = None) -> int:
         training_seconds = time.perf_counter() - started
         training = meter.summary()
         outcome = panel.result_label.text()
-        # Phase 2: train again and paint strokes meanwhile.
+        # Phase 2: train again, longer, and paint strokes meanwhile (only strokes during training count).
+        panel.form.set_values({"epochs": args.epochs * 4, "min_epochs": args.epochs * 4, "patience": args.epochs * 4})
         meter.start()
         panel.start_training()
         _spin(app, 1.5)
-        brush_training = measure_brush(app, window) if panel.runner.busy else []
+        brush_training = measure_brush(app, window, only_while=lambda: panel.runner.busy) if panel.runner.busy else []
         _spin(app, 3600, until=lambda: not panel.runner.busy)
         meter.stop()
         training_with_brush = meter.summary()

@@ -23,7 +23,7 @@ def run_train(args: argparse.Namespace) -> int:
     if args.pretrained is not None:
         settings["pretrained"] = str(Path(args.pretrained).resolve())
     if args.max_minutes is not None:
-        settings["max_train_seconds"] = float(args.max_minutes) * 60.0
+        settings["max_train_seconds"] = float(args.max_minutes) * 60.0 if args.max_minutes > 0 else None
     try:
         config = ClassifierConfig(**settings)
     except ValueError as error:
@@ -59,7 +59,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from defect_studio.ml.models import ARCHITECTURES, POOLINGS
+    from defect_studio.ml.classifier_options import ARCHITECTURES, POOLINGS
 
     parser = subparsers.add_parser(
         "train", help="train the defect classifier on the project's tagged images",
@@ -76,7 +76,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--lr", type=float)
     parser.add_argument("--batch-size", dest="batch_size", type=int)
     parser.add_argument("--seed", type=int)
-    parser.add_argument("--max-minutes", dest="max_minutes", type=float, help="stop after this much training time")
+    parser.add_argument("--max-minutes", dest="max_minutes", type=float, help="time budget of the whole job (default 10; 0: no limit); the epoch plan shrinks to fit it")
     parser.add_argument("--pretrained", type=Path, metavar="FILE",
                         help="local torchvision ImageNet weights for --arch resnet18/resnet34 (never downloaded)")
     parser.add_argument("--threads", type=int, help="CPU threads for training (default: torch's choice)")

@@ -165,31 +165,21 @@ def _latest_segmenter(project: Any) -> Path:
 
 # ------------------------------------------------------------------------------------------ export
 def run_export(args: argparse.Namespace) -> int:
-    from defect_studio.imageio import read_image
-    from defect_studio.ml.export import export_segmenter
-    from defect_studio.ml.segmenter import load_segmenter
+    from defect_studio.ml.export import export_project_job
     from defect_studio.project import Project
 
     with Project.open(args.project) as project:
-        path = args.segmenter or _latest_segmenter(project)
-        loaded = load_segmenter(path, device="cpu")
-        images = {image.stem: image for image in project.images()}
-        held_out = [s for s in loaded.meta.get("validation_images", []) if s in images]
-        others = [s for s in images if s not in held_out]
-        stems = (held_out + others)[: args.parity_images]
-        parity_images = [read_image(images[s].path) for s in stems]
-        rounds = [{"round": r.index, "status": r.status, "metrics": r.metrics} for r in project.rounds()]
-        run = next((r for r in project.training_runs("segmenter") if Path(r.checkpoint_path) == Path(path)), None)
-        extra = {"rounds": rounds, "training_run": {"id": run.id, "metrics": run.metrics, "created_at": run.created_at} if run else None}
-        out, parity = export_segmenter(loaded, args.out, parity_images, extra)
+        cancel = CancelToken()
+        result = drive(export_project_job(project, args.out, cancel, args.segmenter, args.parity_images), args, cancel)
+    parity = result["parity"]
     _print_json_or(
         args,
-        {"out": str(out), "parity": parity.as_dict()},
+        {"out": result["out_dir"], "parity": parity},
         [
-            f"exported to {out}: model.onnx, model.torchscript.pt, model-card.json",
-            f"parity on {parity.images} held-out image(s): ONNX max |Δp| {parity.onnx_max_abs_diff:.2g}, "
-            f"mask IoU {parity.onnx_min_mask_iou:.4f}; TorchScript max |Δp| {parity.torchscript_max_abs_diff:.2g}, "
-            f"mask IoU {parity.torchscript_min_mask_iou:.4f}",
+            f"exported to {result['out_dir']}: model.onnx, model.torchscript.pt, model-card.json",
+            f"parity on {parity['images']} held-out image(s): ONNX max |Δp| {parity['onnx_max_abs_diff']:.2g}, "
+            f"mask IoU {parity['onnx_min_mask_iou']:.4f}; TorchScript max |Δp| {parity['torchscript_max_abs_diff']:.2g}, "
+            f"mask IoU {parity['torchscript_min_mask_iou']:.4f}",
         ],
     )
     return 0
@@ -252,7 +242,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--segmenter", type=Path, help="checkpoint to export (default: the project's latest)")
     parser.add_argument("--parity-images", type=int, default=8, help="held-out images for the parity check")
-    parser.add_argument("--json", action="store_true")
+    add_progress_arguments(parser)
     parser.set_defaults(handler=run_export)
 
     parser = subparsers.add_parser("predict", help="run an exported model (onnxruntime only) and write PNG masks")

@@ -32,7 +32,8 @@ from PySide6.QtGui import QColor, QFont, QFontMetrics, QImage, QPainter, QPen
 from PySide6.QtWidgets import QAbstractItemView, QListView, QStyle, QStyledItemDelegate, QStyleOptionViewItem
 
 from defect_studio.atomic import atomic_write_bytes
-from defect_studio.imageio import decode_image, to_float01
+from defect_studio.gui.viewer import display_uint8
+from defect_studio.imageio import decode_image
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +77,9 @@ class GalleryItem:
 def thumbnail_array(path: Path, size: int = THUMB_SIZE) -> np.ndarray:
     """8-bit RGB thumbnail (longest side `size`) of any image the core can read."""
     pixels, _ = decode_image(path)
-    image = np.clip(to_float01(pixels) * 255.0 + 0.5, 0, 255).astype(np.uint8)
-    if image.shape[2] == 1:
-        image = np.repeat(image, 3, axis=2)
+    image = display_uint8(pixels)
+    if image.ndim == 2:
+        image = np.repeat(image[:, :, None], 3, axis=2)
     height, width = image.shape[:2]
     scale = size / max(height, width)
     if scale < 1.0:

@@ -95,7 +95,7 @@ def capture(out_dir: Path, images: int, work_dir: Path) -> list[Path]:
 
         panel = window.train_panel
         window.stage_tabs.setCurrentWidget(panel)
-        panel.form.set_values({"epochs": 12, "min_epochs": 12, "input_size": 128, "batch_size": 16, "patience": 12})
+        panel.form.set_values({"epochs": 8, "min_epochs": 8, "input_size": 128, "batch_size": 16, "patience": 8})
         panel.start_training()
         wait_for(app, lambda: panel.point_count("loss") >= 3, 600)
         settle(app)

@@ -34,7 +34,7 @@ SHORTCUTS: tuple[Shortcut, ...] = (
     Shortcut("brush_larger", ("]",), "Larger brush (also Ctrl+wheel)", "Review"),
     Shortcut("fill_holes", ("Ctrl+F",), "Fill holes in the mask", "Review"),
     Shortcut("toggle_overlay", ("O",), "Show or hide the mask / CAM overlay", "Review"),
-    Shortcut("shortcut_sheet", ("F1",), "Show this keyboard shortcut sheet", "Help"),
+    Shortcut("shortcut_sheet", ("F1",), "Show the keyboard shortcut sheet (Help menu)", "Help"),
 )
 
 

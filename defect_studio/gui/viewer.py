@@ -33,8 +33,18 @@ MASK_ALPHA = 110
 
 
 def display_uint8(pixels: np.ndarray) -> np.ndarray:
-    """Native pixels (any depth) -> 8-bit gray H×W or RGB H×W×3 for display."""
-    image = np.clip(to_float01(pixels) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    """Native pixels (any depth) -> 8-bit gray H×W or RGB H×W×3 for display.
+
+    16-bit and float images are stretched between their 0.5 and 99.5 percentiles, so a 12-bit camera
+    image stored in 16 bits is not shown nearly black (display only; the data is untouched).
+    """
+    image = to_float01(pixels)
+    if pixels.dtype != np.uint8:
+        sample = image[:: max(1, image.shape[0] // 256), :: max(1, image.shape[1] // 256)]
+        low, high = np.percentile(sample, [0.5, 99.5])
+        if high > low:
+            image = (image - low) / (high - low)
+    image = np.clip(image * 255.0 + 0.5, 0, 255).astype(np.uint8)
     return image[:, :, 0] if image.shape[2] == 1 else image
 
 

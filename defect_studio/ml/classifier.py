@@ -2,8 +2,8 @@
 
 `train_classifier_job` is the one training loop (the CLI, the GUI and the benchmark all use it):
 images are decoded and prepared once and cached in memory, the network trains with a class-balanced
-sampler, surface augmentation, AdamW and a one-cycle schedule, and is evaluated on a fixed validation
-split after every epoch. The best epoch (by validation AUROC, then loss) is kept in memory and written
+sampler, surface augmentation, AdamW and a warm-up + cosine schedule fitted to the time budget (re-planned
+after each epoch), and is evaluated on a fixed validation split after every epoch. The best epoch (by validation AUROC, then loss) is kept in memory and written
 atomically at the end, so a cancelled run leaves any previous checkpoint untouched.
 """
 
@@ -16,7 +16,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Generator, Iterable, Sequence
+from typing import Any, Generator, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -25,7 +25,7 @@ from torch import nn
 from defect_studio.atomic import atomic_write_bytes
 from defect_studio.dataset_layout import LABELS, check_two_classes
 from defect_studio.errors import DataError, ModelError
-from defect_studio.imageio import file_sha256, read_image
+from defect_studio.imageio import read_image
 from defect_studio.jobs import CancelToken, EtaClock, Progress
 from defect_studio.ml.augment import augment_batch, surface_augmentation
 from defect_studio.ml.device import describe_device, peak_memory_mb, select_device
@@ -90,25 +90,6 @@ def validation_split(keys_and_labels: Sequence[tuple[str, str]], fraction: float
 
 # ----------------------------------------------------------------------------------------------
 # data
-
-
-def prepare_cache(
-    paths: Sequence[Path], preprocessing: Preprocessing, cancel: CancelToken | None = None,
-    on_image: Callable[[int], None] | None = None,
-) -> tuple[torch.Tensor, list[Geometry]]:
-    """Decode and prepare every image once: an N×C×S×S float16 tensor (half the memory of float32)."""
-    size = preprocessing.input_size
-    cache = torch.empty((len(paths), preprocessing.channels, size, size), dtype=torch.float16)
-    geometries = []
-    for index, path in enumerate(paths):
-        if cancel is not None:
-            cancel.raise_if_cancelled()
-        array, geometry = preprocessing.prepare_array(read_image(path))
-        cache[index] = torch.from_numpy(array)
-        geometries.append(geometry)
-        if on_image is not None:
-            on_image(index + 1)
-    return cache, geometries
 
 
 def choose_threshold(labels: np.ndarray, probabilities: np.ndarray) -> float:
@@ -531,8 +512,3 @@ def train_project_classifier_job(
         dataset_hashes=sorted(result.train_hashes + result.validation_hashes),
     )
     return result
-
-
-def samples_from_paths(items: Iterable[tuple[Path, str]]) -> list[Sample]:
-    """(path, label) pairs -> training samples with their content hashes."""
-    return [(Path(p), label, file_sha256(p)) for p, label in items]

@@ -19,13 +19,14 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Generator, Sequence
 
 import numpy as np
 import torch
 
 from defect_studio.atomic import atomic_write_json
 from defect_studio.errors import ModelError
+from defect_studio.jobs import Progress
 from defect_studio.ml.segmenter import LoadedSegmenter, SegmenterNet
 from defect_studio.predict import CARD_FILE, MODEL_FILE, TORCHSCRIPT_FILE, load_exported, sigmoid, to_network_input
 
@@ -226,6 +227,43 @@ def export_segmenter(
         return out, parity
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def export_project_job(
+    project: Any, out_dir: str | Path, cancel: Any, segmenter_path: str | Path | None = None, parity_count: int = 8
+) -> Generator[Progress, None, dict[str, Any]]:
+    """Export a project's segmenter (default: the latest) for `defect-studio export` and the GUI.
+
+    Parity images: the segmenter's held-out validation images first, then other project images.
+    The card records the project's round history and the training run of the exported checkpoint.
+    """
+    from defect_studio.imageio import read_image
+    from defect_studio.ml.segmenter import load_segmenter
+
+    if segmenter_path is None:
+        run = project.latest_run("segmenter")
+        if run is None:
+            raise ModelError("this project has no trained segmenter yet; run a refinement round first.")
+        segmenter_path = run.checkpoint_path
+    segmenter_path = Path(segmenter_path)
+    yield Progress("export", 0, 3, f"loading {segmenter_path.name}")
+    loaded = load_segmenter(segmenter_path, device="cpu")
+    images = {image.stem: image for image in project.images()}
+    held_out = [stem for stem in loaded.meta.get("validation_images", []) if stem in images]
+    stems = (held_out + [stem for stem in images if stem not in held_out])[: max(1, parity_count)]
+    cancel.raise_if_cancelled()
+    yield Progress("export", 1, 3, f"reading {len(stems)} parity images")
+    parity_images = [read_image(images[stem].path) for stem in stems]
+    run = next((r for r in project.training_runs("segmenter") if Path(r.checkpoint_path) == segmenter_path), None)
+    extra = {
+        "rounds": [{"round": r.index, "status": r.status, "metrics": r.metrics} for r in project.rounds()],
+        "training_run": {"id": run.id, "metrics": run.metrics, "created_at": run.created_at} if run else None,
+    }
+    cancel.raise_if_cancelled()
+    yield Progress("export", 2, 3, "exporting and checking parity")
+    out, parity = export_segmenter(loaded, out_dir, parity_images, extra)
+    yield Progress("export", 3, 3, f"exported to {out}")
+    return {"out_dir": str(out), "parity": parity.as_dict(), "card": card_summary(Path(out) / CARD_FILE)}
 
 
 def card_summary(card_path: Path) -> dict[str, Any]:

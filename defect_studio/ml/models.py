@@ -21,9 +21,7 @@ import torch
 from torch import nn
 
 from defect_studio.errors import ModelError
-
-ARCHITECTURES = ("compact", "resnet18", "resnet34")
-POOLINGS = ("avg", "max", "topk", "lse")
+from defect_studio.ml.classifier_options import ARCHITECTURES, POOLINGS  # re-exported here
 
 
 @dataclass
@@ -33,8 +31,8 @@ class ClassifierConfig:
     arch: str = "compact"
     width: int = 16  # channels of stage 1 (compact); stages double it: w, 2w, 4w, 8w
     blocks: tuple[int, int, int, int] = (1, 1, 1, 1)  # residual blocks per stage (compact)
-    output_stride: int = 8  # 32, 16 or 8: the last stages trade stride for dilation
-    pooling: str = "lse"
+    output_stride: int = 16  # 32, 16 or 8: the last stages trade stride for dilation
+    pooling: str = "avg"  # measured on MT (docs/benchmarks/classifier-mt.md): avg beat LSE within the budget
     topk_fraction: float = 0.05  # of the stage-4 cells, for pooling = topk
     lse_r: float = 5.0  # sharpness of log-sum-exp pooling (large -> max, small -> mean)
     input_size: int = 128

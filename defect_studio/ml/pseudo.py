@@ -100,6 +100,18 @@ def pseudo_label(score_map: np.ndarray, settings: PseudoLabelSettings) -> tuple[
     return mask, ignore, {"high": high, "low": low}
 
 
+def calibrate_probability(probability: np.ndarray, model_threshold: float, target: float) -> np.ndarray:
+    """Map a segmenter's probability piecewise-linearly so that its own decision threshold lands on
+    `target` (the pseudo-label high threshold). Without this, a CAM-tuned threshold such as 0.1 would
+    call almost every pixel of an averaged score defect; with it, fused >= high means the segmenter
+    and the CAM agree on balance."""
+    threshold = float(np.clip(model_threshold, 1e-3, 1.0 - 1e-3))
+    target = float(np.clip(target, 1e-3, 1.0 - 1e-3))
+    below = probability / threshold * target
+    above = target + (probability - threshold) / (1.0 - threshold) * (1.0 - target)
+    return np.where(probability < threshold, below, above).astype(np.float32)
+
+
 def fuse_scores(cam_map: np.ndarray, segmenter_probability: np.ndarray | None, weight: float) -> np.ndarray:
     if segmenter_probability is None:
         return cam_map
@@ -196,7 +208,10 @@ def pseudo_job(
             cam_map = cache.get(record.sha256, classifier_sha, method, resolved_cam)
             if cam_map is None or cam_map.shape != shape:
                 raise ModelError(f"{record.stem}: the CAM cache lost its map during the job; run it again.")
-            probability = segmenter.probability(read_image(record.path)) if segmenter is not None else None
+            probability = None
+            if segmenter is not None:
+                target = label_settings.high if label_settings.mode == "fixed" else 0.5
+                probability = calibrate_probability(segmenter.probability(read_image(record.path)), segmenter.threshold, target)
             score = fuse_scores(cam_map, probability, label_settings.segmenter_weight)
             mask, ignore, thresholds = pseudo_label(score, label_settings)
             is_flagged = not mask.any()
@@ -208,6 +223,7 @@ def pseudo_job(
                     "cam_settings": resolved_cam,
                     "classifier_sha256": classifier_sha,
                     "segmenter_sha256": segmenter_run.checkpoint_sha256 if segmenter_run else None,
+                    "segmenter_threshold": segmenter.threshold if segmenter is not None else None,
                     "thresholds": thresholds,
                 }
             )

@@ -9,7 +9,6 @@ from PySide6.QtGui import QKeySequence
 from PySide6.QtWidgets import QMessageBox, QTextBrowser
 
 
-
 def wait_idle(qtbot, window, timeout=60_000) -> None:  # type: ignore[no-untyped-def]
     qtbot.waitUntil(lambda: not window.busy_runners(), timeout=timeout)
 

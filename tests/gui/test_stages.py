@@ -119,6 +119,20 @@ def test_proposals_round_and_reopen(qtbot, make_window, project_copy: Path) -> N
     # Accepted masks are carried into round 1 unchanged.
     for image_id in accepted:
         assert window.project.mask_record(image_id, 1).state == "accepted"
+
+    # Export: the files, the parity verdict and the model card in the dialog.
+    assert rounds.export_button.isEnabled()
+    rounds.open_export_dialog()
+    dialog = rounds.export_dialog
+    out_dir = project_copy.parent / f"{project_copy.name}-export"
+    dialog.folder_edit.setText(str(out_dir))
+    with qtbot.waitSignal(dialog.runner.finished, timeout=120_000) as finished:
+        assert dialog.start_export()
+    assert finished.args == ["succeeded"]
+    assert {p.name for p in out_dir.iterdir()} >= {"model.onnx", "model.torchscript.pt", "model-card.json"}
+    assert dialog.last_result["parity"]["passed"] is True
+    assert "Parity check passed" in dialog.result.toHtml() and "Model card" in dialog.result.toHtml()
+    dialog.close()
     window.close()
 
     again = open_project(make_window, project_copy)

@@ -3,7 +3,6 @@ card and whether the exported models reproduce the in-app model."""
 
 from __future__ import annotations
 
-import inspect
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -70,10 +69,8 @@ class ExportDialog(QDialog):
             self.export_button.setEnabled(False)
 
     def _job(self) -> Any:
-        module = optional_module("defect_studio.ml.export")
-        if module is None:
-            return None
-        return getattr(module, "export_project_job", None) or getattr(module, "export_job", None)
+        module = optional_module("defect_studio.ml.export", "export_project_job")
+        return None if module is None else module.export_project_job
 
     def _browse(self) -> None:
         folder = QFileDialog.getExistingDirectory(self, "Export into", self.folder_edit.text())
@@ -89,10 +86,7 @@ class ExportDialog(QDialog):
         project.set_setting("gui.export_dir", str(out_dir))
         self.export_button.setEnabled(False)
         self.result.setHtml("Exporting…")
-        parameters = inspect.signature(job).parameters
-        if "out_dir" in parameters:
-            return self.runner.start(lambda cancel: job(project, out_dir=out_dir, cancel=cancel), "Export")
-        return self.runner.start(lambda cancel: job(project, out_dir, cancel=cancel), "Export")
+        return self.runner.start(lambda cancel: job(project, out_dir, cancel), "Export")
 
     def _done(self, result: object) -> None:
         self.last_result = result

@@ -165,10 +165,7 @@ class RoundsPanel(QWidget):
         return refine if pseudo is not None else None
 
     def _export(self) -> Any:
-        module = optional_module("defect_studio.ml.export")
-        if module is None:
-            return None
-        return module if any(hasattr(module, name) for name in ("export_project_job", "export_job")) else None
+        return optional_module("defect_studio.ml.export", "export_segmenter")
 
     def stage_activated(self) -> None:
         self.refresh()

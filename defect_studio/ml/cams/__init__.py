@@ -26,7 +26,7 @@ _COMPUTE_NAMES = frozenset({
     "compute_cams", "compute_cam", "compute_cams_at_input", "compute_region_aware_parts", "RegionAwareParts",
     "GuidedReLU", "guided_relus", "eval_mode", "capture_stage_outputs", "stage_activations_and_gradients",
     "defect_score", "feature_stage_maps", "gradcam_map", "gradcampp_map", "layercam_map", "fgbp_map",
-    "magnitude_filter", "normalise_like_reference", "region_aware_fusion", "minmax",
+    "magnitude_filter", "normalise_like_reference", "region_aware_fusion", "minmax", "stage_offsets",
 })
 
 __all__ = [

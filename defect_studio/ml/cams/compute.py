@@ -19,7 +19,9 @@ back onto the original pixels (`Geometry.to_original`) and min-max normalised th
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
@@ -32,6 +34,7 @@ from defect_studio.errors import DefectStudioError
 from defect_studio.ml.cams.settings import STAGE_COUNT, CamSettingsError, check_method, resolve_settings
 
 _EPS = 1e-7
+PROBES = 8  # random inputs averaged when measuring where a stage cell's receptive field is centred
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,12 +334,78 @@ def _cell_px(geometry: Any, feature_shape: tuple[int, int]) -> float:
     return stride / max(scale, 1e-6)
 
 
+_OFFSETS: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, dict[int, tuple[float, float]]]]" = weakref.WeakKeyDictionary()
+
+
+def stage_offsets(model: nn.Module, input_shape: tuple[int, ...], device: torch.device) -> dict[int, tuple[float, float]]:
+    """{0-based stage: (dy, dx)}: where a stage cell's receptive field is centred, in input pixels, minus
+    where bilinear upsampling puts that cell ((i + 0.5) * stride - 0.5). Measured once per model and input
+    shape from the gradient of the middle cell with respect to a random input (centroid of |gradient|)."""
+    per_model = _OFFSETS.setdefault(model, {})
+    key = tuple(input_shape)
+    if key in per_model:
+        return per_model[key]
+    generator = torch.Generator().manual_seed(0)
+    probe = torch.randn((PROBES, *input_shape), generator=generator).to(device).requires_grad_(True)
+    offsets: dict[int, tuple[float, float]] = {}
+    with eval_mode(model), torch.enable_grad(), capture_stage_outputs(model, range(STAGE_COUNT)) as captured:
+        model(probe)
+        for index in range(STAGE_COUNT):
+            activation = captured[index]
+            rows, cols = activation.shape[2], activation.shape[3]
+            row, col = rows // 2, cols // 2
+            (gradient,) = torch.autograd.grad(activation[:, :, row, col].sum(), probe, retain_graph=index < STAGE_COUNT - 1)
+            weight = gradient.abs().sum(dim=(0, 1)).double().cpu()
+            total = float(weight.sum())
+            if total <= 0:
+                offsets[index] = (0.0, 0.0)
+                continue
+            ys = torch.arange(weight.shape[0], dtype=torch.float64)[:, None]
+            xs = torch.arange(weight.shape[1], dtype=torch.float64)[None, :]
+            centre_y, centre_x = float((weight * ys).sum()) / total, float((weight * xs).sum()) / total
+            stride_y, stride_x = input_shape[1] / rows, input_shape[2] / cols
+            offsets[index] = (centre_y - ((row + 0.5) * stride_y - 0.5), centre_x - ((col + 0.5) * stride_x - 0.5))
+    per_model[key] = offsets
+    return offsets
+
+
+def _shift_to_input(feature_map: np.ndarray, input_size: tuple[int, int], offset: tuple[float, float]) -> np.ndarray:
+    """Upsample a stage map to the input size and move it by `offset` (dy, dx) input pixels."""
+    upsampled = cv2.resize(feature_map, (input_size[1], input_size[0]), interpolation=cv2.INTER_LINEAR)
+    translation = np.float32([[1, 0, offset[1]], [0, 1, offset[0]]])
+    return cv2.warpAffine(upsampled, translation, (input_size[1], input_size[0]), flags=cv2.INTER_LINEAR,
+                          borderMode=cv2.BORDER_REPLICATE)
+
+
+def _work_geometry(geometry: Any) -> Any:
+    """The geometry to fuse maps in: the original one, or, for an image larger than its place in the network
+    input, the same mapping onto a canvas of that size. The maps hold no detail finer than the input pixels,
+    so nothing is lost, and fusing (regions, rings, normalisation) costs pixels of the input, not of an 8000-px
+    original; the fused map is resized to the original at the end."""
+    height, width = geometry.original_size
+    content = geometry.resized_size
+    if height * width <= content[0] * content[1]:
+        return geometry
+    return dataclasses.replace(geometry, original_size=tuple(content))
+
+
+def _to_original_size(result: np.ndarray | RegionAwareParts, size: tuple[int, int]) -> np.ndarray | RegionAwareParts:
+    def linear(values: np.ndarray) -> np.ndarray:
+        return cv2.resize(values, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
+
+    if isinstance(result, RegionAwareParts):
+        regions = cv2.resize(result.regions, (size[1], size[0]), interpolation=cv2.INTER_NEAREST)
+        fused = np.where(regions > 0, linear(result.fused), 0.0).astype(np.float32)  # still 0 outside every region
+        return RegionAwareParts(fused, linear(result.deep_map), regions, result.weights)
+    return linear(result)
+
+
 def _fuse_image(
-    method: str, settings: dict[str, Any], per_stage: dict[int, np.ndarray], place: Callable[[np.ndarray], np.ndarray],
+    method: str, settings: dict[str, Any], per_stage: dict[int, np.ndarray], place: Callable[[np.ndarray, int], np.ndarray],
     geometry: Any, feature_shapes: dict[int, tuple[int, int]], renormalise: bool,
 ) -> np.ndarray | RegionAwareParts:
     """Put each stage map in the target frame (`place`), normalise, and fuse as the method says."""
-    placed = {index + 1: place(m) for index, m in per_stage.items()}
+    placed = {index + 1: place(m, index) for index, m in per_stage.items()}
     if renormalise:
         placed = {stage: minmax(m) for stage, m in placed.items()}
     if method in ("gradcam", "gradcampp"):
@@ -368,14 +437,26 @@ def _compute(
         else:
             batch, geometries = preprocessing.prepare_batch(chunk)
         maps = feature_stage_maps(classifier.model, batch.to(device), method, resolved)
+        offsets: dict[int, tuple[float, float]] = {}
+        if frame == "original" and resolved.get("align_stages"):
+            offsets = stage_offsets(classifier.model, tuple(batch.shape[1:]), batch.device)
         shapes = {index: (m.shape[1], m.shape[2]) for index, m in maps.items()}
         for position, geometry in enumerate(geometries):
             per_stage = {index: m[position] for index, m in maps.items()}
             if frame == "original":
-                fused = _fuse_image(method, resolved, per_stage, geometry.to_original, geometry, shapes, True)
+                work = _work_geometry(geometry)
+
+                def place_original(m: np.ndarray, index: int, work: Any = work) -> np.ndarray:
+                    if index in offsets:
+                        m = _shift_to_input(m, work.input_size, offsets[index])
+                    return work.to_original(m)
+
+                fused = _fuse_image(method, resolved, per_stage, place_original, work, shapes, True)
+                if work is not geometry:
+                    fused = _to_original_size(fused, geometry.original_size)
             else:  # the network input frame with pytorch-grad-cam's conventions (reference tests)
                 size = (geometry.input_size[1], geometry.input_size[0])
-                def place(m: np.ndarray, size: tuple[int, int] = size) -> np.ndarray:
+                def place(m: np.ndarray, index: int, size: tuple[int, int] = size) -> np.ndarray:
                     # pytorch-grad-cam normalises again after resizing
                     resized = cv2.resize(m, size, interpolation=cv2.INTER_LINEAR)
                     return normalise_like_reference(torch.from_numpy(resized[None]))[0].numpy()

@@ -37,6 +37,8 @@ _FGBP_SPECS = (
     SettingSpec("guided", True, "guided-backprop gating at every ReLU (gradient passes where input > 0 and gradient > 0)"),
     SettingSpec("magnitude_filter", True, "keep only the largest gradient magnitudes of each stage"),
     SettingSpec("fgbp_quantile", 0.9, "q: keep gradients with |G| >= the q-quantile of |G| per stage and image"),
+    SettingSpec("align_stages", True, "shift each stage map onto its cells' measured receptive-field centres "
+                "(stride-2 convolutions centre a cell half a cell off the usual upsampling grid)"),
 )
 
 _REGION_SPECS = (
@@ -45,6 +47,8 @@ _REGION_SPECS = (
     SettingSpec("magnitude_filter", True, "keep only the largest gradient magnitudes of each stage"),
     SettingSpec("fgbp_quantile", 0.9, "q of the FGBP magnitude filter"),
     SettingSpec("salient_stages", [4], "stages whose FGBP maps (max-fused) form the deep map R"),
+    SettingSpec("align_stages", True, "shift each stage map onto its cells' measured receptive-field centres "
+                "(stride-2 convolutions centre a cell half a cell off the usual upsampling grid)"),
     SettingSpec("region_threshold", 0.2, "tau_r: salient regions are the connected components of R >= tau_r"),
     SettingSpec("region_margin_cells", 1.0, "margin added around each region, in cells of the deepest salient stage"),
     SettingSpec("per_region_normalisation", True, "min-max normalise each stage map inside each region"),
