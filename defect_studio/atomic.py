@@ -90,7 +90,8 @@ def _read_umask() -> int:
 _UMASK = _read_umask()
 
 
-def _fsync_directory(directory: Path) -> None:
+def fsync_directory(directory: Path) -> None:
+    """Make a rename in `directory` survive a power cut."""
     if os.name != "posix":  # Windows cannot open a directory for fsync
         return
     fd = os.open(directory, os.O_RDONLY)
@@ -129,7 +130,7 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[A
         if isinstance(error, OSError) and not isinstance(error, WriteError) and error.errno is not None:
             raise WriteError(error.errno, error.strerror or str(error), str(target)) from error
         raise
-    _fsync_directory(target.parent)
+    fsync_directory(target.parent)
     fault_point(f"replaced {target.name}")
 
 
@@ -187,7 +188,7 @@ def promote_staged(staged: str | os.PathLike[str], target: str | os.PathLike[str
     target = Path(target)
     fault_point(f"promote {target.name}")
     os.replace(staged, target)
-    _fsync_directory(target.parent)
+    fsync_directory(target.parent)
     fault_point(f"promoted {target.name}")
 
 

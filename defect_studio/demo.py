@@ -39,7 +39,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from defect_studio.atomic import TEMP_SUFFIX, atomic_open, atomic_write_bytes
+from defect_studio.atomic import TEMP_SUFFIX, atomic_open, atomic_write_bytes, remove_stale_temporaries
 from defect_studio.dataset_layout import stratified_split
 from defect_studio.errors import DataError
 from defect_studio.imageio import write_mask
@@ -54,6 +54,7 @@ ALTERATION_THRESHOLD = 0.03
 MIN_MASK_PIXELS = 5
 TWO_PIXEL_KERNEL = np.ones((2, 2), np.uint8)  # dilating a 1-px line with it makes it 2 px wide
 LAYOUT_NAMES = frozenset({"images", "masks", "labels.csv", "split.csv", "metadata.csv"})
+DEMO_MARKER = ".defect-studio-demo"  # written first, so a run killed midway is recognised as ours
 METADATA_HEADER = ["stem", "label", "defect_type", "width", "height", "mask_pixels"]
 STEM_PATTERN = re.compile(r"^(?:%s)_\d{4,}$" % "|".join(SURFACE_FAMILIES))
 
@@ -324,6 +325,8 @@ def _write_csv(path: Path, header: list[str], rows: list[list[object]]) -> None:
 
 
 def _is_earlier_demo(out_dir: Path) -> bool:
+    if (out_dir / DEMO_MARKER).is_file():
+        return True
     metadata = out_dir / "metadata.csv"
     if not metadata.is_file():
         return False
@@ -339,14 +342,16 @@ def _prepare_output(out_dir: Path) -> None:
         raise DataError(f"{out_dir}: exists and is not a folder; choose another output folder for the demo dataset.")
     entries = sorted(p.name for p in out_dir.iterdir() if not p.name.endswith(TEMP_SUFFIX))
     if not entries:
+        remove_stale_temporaries(out_dir)  # only temporaries: ours, left by a run killed mid-write
         return
-    foreign = [name for name in entries if name not in LAYOUT_NAMES]
+    foreign = [name for name in entries if name not in LAYOUT_NAMES and name != DEMO_MARKER]
     if foreign or not _is_earlier_demo(out_dir):
         shown = ", ".join((foreign or entries)[:3])
         raise DataError(
             f"{out_dir}: the folder is not empty and is not an earlier demo dataset (it holds {shown}); "
             "choose an empty or new folder for the demo dataset."
         )
+    remove_stale_temporaries(out_dir)  # the folder is ours: clear what a killed run left
     # An earlier demo run with a larger count would leave extra images behind: remove demo-named files only.
     for folder in (out_dir / "images", out_dir / "masks"):
         if folder.is_dir():
@@ -371,6 +376,7 @@ def make_demo_dataset(
         raise DataError(f"defect_fraction must lie strictly between 0 and 1, got {defect_fraction}.")
     out_dir = Path(out_dir)
     _prepare_output(out_dir)
+    atomic_write_bytes(out_dir / DEMO_MARKER, b"synthetic demo dataset made by defect-studio\n")
     plan = _plan(count, seed, defect_fraction)
     metadata_rows: list[list[object]] = []
     for planned in plan:

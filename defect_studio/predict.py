@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 
 from defect_studio.errors import ModelError
-from defect_studio.imageio import read_image, write_mask
+from defect_studio.imageio import file_sha256, read_image, write_mask
 
 MODEL_FILE = "model.onnx"
 CARD_FILE = "model-card.json"
@@ -106,6 +106,11 @@ def load_exported(model_dir: str | Path) -> ExportedSegmenter:
         card["input"]["channels"], card["input"]["size_multiple"], card["threshold"]
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise ModelError(f"{card_path}: unreadable or incomplete model card ({error}).") from error
+    expected_sha = card.get("files", {}).get(MODEL_FILE)
+    if expected_sha is not None and file_sha256(model_path) != expected_sha:
+        raise ModelError(
+            f"{model_path} is not the model its card describes (an interrupted or mixed export?); export again."
+        )
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3
     try:

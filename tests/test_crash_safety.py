@@ -24,7 +24,8 @@ import numpy as np
 import pytest
 
 from defect_studio.atomic import FAULT_ENV, configure_faults
-from defect_studio.errors import DefectStudioError
+from defect_studio.errors import DefectStudioError, ModelError
+from defect_studio.predict import load_exported
 from defect_studio.project import Project
 from tests import crash_harness as harness
 from tests.image_files import gradient, write_cv2
@@ -359,17 +360,12 @@ def test_demo_project_creation_killed_anywhere_is_completed_by_running_it_again(
     print(f"\ndemo: {len(points)} kill points, {len(tried)} in the project phase tried")
 
 
-@pytest.mark.xfail(strict=True, reason="defect_studio/demo.py writes its 'this is a demo' marker (metadata.csv) last, "
-                   "so a demo dataset killed midway is refused as a foreign folder by the next run")
 def test_demo_dataset_killed_midway_is_completed_by_running_it_again(fast_dir: Path):
     points, expected = _demo_kill_points(fast_dir)
     _kill_demo_and_rerun(fast_dir, 1, expected, points[0])
 
 
 # ----------------------------------------------------------------- export
-@pytest.mark.xfail(strict=True, reason="defect_studio/ml/export.py renames model.onnx and model.torchscript.pt over "
-                   "an earlier export before its model-card.json: a crash in between leaves the new model described "
-                   "by the old card (fix: remove the old card first, and record each file's sha256 in the card)")
 def test_a_crash_while_re_exporting_never_leaves_a_model_with_another_models_card(tmp_path: Path, monkeypatch):
     import torch
 
@@ -412,3 +408,6 @@ def test_a_crash_while_re_exporting_never_leaves_a_model_with_another_models_car
     card_path = out / "model-card.json"
     if (out / "model.onnx").read_bytes() != old_onnx and card_path.is_file():  # a new model: its own card, or none
         assert json.loads(card_path.read_text())["checkpoint_sha256"] == models[1].checkpoint_sha256
+    assert not card_path.is_file()  # the old card went first: the folder reads as an incomplete export
+    with pytest.raises(ModelError, match="not an exported model folder"):
+        load_exported(out)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from defect_studio.dataset_layout import load_dataset
-from defect_studio.demo import ALTERATION_THRESHOLD, DEFECT_KINDS, PlannedImage, make_demo_dataset, render_image
+from defect_studio.demo import ALTERATION_THRESHOLD, DEFECT_KINDS, DEMO_MARKER, PlannedImage, make_demo_dataset, render_image
 from defect_studio.errors import DataError
 from defect_studio.imageio import decode_image, read_mask
 
@@ -34,7 +34,7 @@ def test_layout_is_complete_and_loads(demo80: Path) -> None:
     samples = load_dataset(demo80)
     assert len(samples) == 80
     assert len({s.stem for s in samples}) == 80
-    assert {p.name for p in demo80.iterdir()} == {"images", "masks", "labels.csv", "split.csv", "metadata.csv"}
+    assert {p.name for p in demo80.iterdir()} == {"images", "masks", "labels.csv", "split.csv", "metadata.csv", DEMO_MARKER}
     assert len(list((demo80 / "images").glob("*.png"))) == 80
     assert len(list((demo80 / "masks").glob("*.png"))) == 80
     assert [r["stem"] for r in _rows(demo80 / "labels.csv")] == [r["stem"] for r in _rows(demo80 / "metadata.csv")]
@@ -110,7 +110,7 @@ def test_same_seed_gives_identical_bytes_and_other_seed_differs(tmp_path: Path) 
     first = _all_bytes(make_demo_dataset(tmp_path / "a", count=40, size=64, seed=3))
     second = _all_bytes(make_demo_dataset(tmp_path / "b", count=40, size=64, seed=3))
     other = _all_bytes(make_demo_dataset(tmp_path / "c", count=40, size=64, seed=4))
-    assert len(first) == 40 * 2 + 3
+    assert len(first) == 40 * 2 + 3 + 1  # images and masks, three CSVs, the demo marker
     assert first == second
     differing_images = [k for k in first if k.startswith("images") and other.get(k) != first[k]]
     assert len(differing_images) > 30

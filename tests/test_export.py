@@ -89,6 +89,11 @@ def test_corrupted_onnx_gives_a_clear_error(exported, tmp_path: Path, capsys: py
     broken.mkdir()
     (broken / CARD_FILE).write_bytes((out / CARD_FILE).read_bytes())
     (broken / MODEL_FILE).write_bytes((out / MODEL_FILE).read_bytes()[:5000])
+    with pytest.raises(ModelError, match="not the model its card describes"):
+        load_exported(broken)  # the card's hash catches it before onnxruntime sees it
+    card = json.loads((out / CARD_FILE).read_text())
+    del card["files"]  # a card without file hashes: onnxruntime's own check must still give a clear error
+    (broken / CARD_FILE).write_text(json.dumps(card))
     with pytest.raises(ModelError, match="not a valid ONNX model"):
         load_exported(broken)
     image = tmp_path / "image.png"

@@ -24,8 +24,9 @@ from typing import Any, Generator, Sequence
 import numpy as np
 import torch
 
-from defect_studio.atomic import atomic_write_json
+from defect_studio.atomic import atomic_write_json, fsync_directory
 from defect_studio.errors import ModelError
+from defect_studio.imageio import file_sha256
 from defect_studio.jobs import Progress
 from defect_studio.ml.segmenter import LoadedSegmenter, SegmenterNet
 from defect_studio.predict import CARD_FILE, MODEL_FILE, TORCHSCRIPT_FILE, load_exported, sigmoid, to_network_input
@@ -215,15 +216,18 @@ def export_segmenter(
                 f"{parity.torchscript_min_mask_iou:.4f}; limits {max_abs_diff:g} and {min_mask_iou:g})."
             )
         card["parity"] = parity.as_dict()
+        card["files"] = {name: file_sha256(staging / name) for name in (MODEL_FILE, TORCHSCRIPT_FILE)}
         atomic_write_json(staging / CARD_FILE, card)
         out.mkdir(parents=True, exist_ok=True)
-        # Model files first, the card last: a folder with a card is a complete export.
+        # A folder with a card is a complete export, so an earlier export's card goes first (a crash
+        # mid-way then leaves a folder with no card, never new model files under an old card), and
+        # the new card comes last. The card's file hashes let predict refuse any mixture.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(out / CARD_FILE)
+        fsync_directory(out)
         for name in (MODEL_FILE, TORCHSCRIPT_FILE, CARD_FILE):
             os.replace(staging / name, out / name)
-        with contextlib.suppress(OSError):
-            fd = os.open(out, os.O_RDONLY)
-            os.fsync(fd)
-            os.close(fd)
+        fsync_directory(out)
         return out, parity
     finally:
         shutil.rmtree(staging, ignore_errors=True)
