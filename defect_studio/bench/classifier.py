@@ -233,12 +233,10 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
+    from defect_studio.cli.bench_cmds import add_bench_arguments
+
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--dataset", type=Path, required=True)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", type=Path)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", action="store_true")
+    add_bench_arguments(parser)
     parser.add_argument("--only", help="comma-separated candidate names")
     parser.add_argument("--overrides", help="JSON of ClassifierConfig fields applied to every candidate")
     parser.add_argument("--report-name", dest="report_name")

@@ -354,15 +354,8 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
+    from defect_studio.cli.bench_cmds import add_bench_arguments
+
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--dataset", type=Path, required=True)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", type=Path)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--classifier", type=Path)
-    parser.add_argument("--rounds", type=int)
-    parser.add_argument("--method", help="CAM method (default: the best on the training split)")
-    parser.add_argument("--segmenter-epochs", type=int, help="per round and for the upper bound")
-    parser.add_argument("--steps-per-epoch", type=int)
-    parser.add_argument("--json", action="store_true")
+    add_bench_arguments(parser)
     sys.exit(main(parser.parse_args()))

@@ -12,13 +12,8 @@ def run_bench(args: argparse.Namespace) -> int:
     return int(module.main(args) or 0)
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "bench", help="benchmarks on a dataset in the README layout",
-        description="classifier: candidate architectures; cams: every CAM method and ablation; "
-        "full (default): the whole weak loop against full supervision.",
-    )
-    parser.add_argument("which", nargs="?", choices=["classifier", "cams", "full"], default="full")
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of every benchmark (also used by `python -m defect_studio.bench.<name>`)."""
     parser.add_argument("--dataset", type=Path, required=True, help="dataset folder (images/, labels.csv, ...)")
     parser.add_argument("--quick", action="store_true", help="a small subset and few epochs (minutes)")
     parser.add_argument("--out", type=Path, help="where to write the JSON and markdown tables")
@@ -29,4 +24,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--segmenter-epochs", type=int, help="full: segmenter epochs per round")
     parser.add_argument("--steps-per-epoch", type=int, help="full: segmenter training steps per epoch")
     parser.add_argument("--json", action="store_true", help="print progress events as JSON lines")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "bench", help="benchmarks on a dataset in the README layout",
+        description="classifier: candidate architectures; cams: every CAM method and ablation; "
+        "full (default): the whole weak loop against full supervision.",
+    )
+    parser.add_argument("which", nargs="?", choices=["classifier", "cams", "full"], default="full")
+    add_bench_arguments(parser)
     parser.set_defaults(handler=run_bench)
