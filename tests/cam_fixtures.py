@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torchvision.models.resnet import BasicBlock
 from torch import nn
@@ -127,9 +128,8 @@ class BlobStandIn(nn.Module):
 
 def blob_image(
     shape: tuple[int, int], blobs: list[tuple[int, int, int, float]], seed: int = 0
-) -> tuple["np.ndarray", "np.ndarray"]:
+) -> tuple[np.ndarray, np.ndarray]:
     """A dim random texture in [0, 0.2] with bright discs (row, col, radius, brightness added); (image, defect mask)."""
-    import numpy as np
 
     rng = np.random.default_rng(seed)
     image = rng.random(shape, dtype=np.float32) * 0.2

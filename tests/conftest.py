@@ -14,6 +14,18 @@ MT_DATASET = REPO_ROOT.parent / "shared" / "datasets" / "magnetic-tile"
 requires_mt = pytest.mark.skipif(not (MT_DATASET / "labels.csv").is_file(), reason="Magnetic Tile dataset not present")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """Tiny networks gain nothing from a second thread, and on a shared CPU two OpenMP threads can be
+    ten times slower than one; results that depend on the thread count compare like with like."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def demo_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small synthetic dataset in the README layout, made once per test session (read-only use)."""

@@ -14,13 +14,6 @@ from defect_studio.dataset_layout import load_dataset
 from defect_studio.imageio import read_mask
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 def test_bench_cams_writes_every_variant_and_the_trivial_baseline(tmp_path: Path) -> None:
     demo = pytest.importorskip("defect_studio.demo")

@@ -16,13 +16,6 @@ IMAGE_SHA = "a" * 64
 CHECKPOINT_SHA = "b" * 64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 def test_heatmap_png_round_trip_is_16_bit_exact() -> None:
     cam_map = np.random.default_rng(0).random((13, 29)).astype(np.float32)

@@ -30,14 +30,6 @@ from defect_studio.ml.preprocess import Geometry, Preprocessing, letterbox_geome
 TINY = dict(width=8, input_size=64, epochs=8, min_epochs=8, batch_size=8, lr=5e-3, seed=0, augment=False, threads=1)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny networks gain nothing from a second thread, and on a busy machine lose a lot."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 def _samples(dataset: Path, split: str) -> list[tuple[Path, str, str]]:
     return [(s.image_path, s.label, file_sha256(s.image_path)) for s in load_dataset(dataset) if s.split == split]

@@ -367,15 +367,12 @@ def test_demo_dataset_killed_midway_is_completed_by_running_it_again(fast_dir: P
 
 # ----------------------------------------------------------------- export
 def test_a_crash_while_re_exporting_never_leaves_a_model_with_another_models_card(tmp_path: Path, monkeypatch):
-    import torch
-
     from defect_studio.jobs import CancelToken, run_job
     from defect_studio.ml import export as export_module
     from defect_studio.ml.segmenter import (
         SegmentationSample, SegmenterConfig, load_segmenter, make_target, train_segmenter_job,
     )
 
-    torch.set_num_threads(1)
     rng = np.random.default_rng(0)
     samples = []
     for index in range(4):

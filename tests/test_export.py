@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from defect_studio.cli import main as cli_main
 from defect_studio.dataset_layout import load_dataset
@@ -23,7 +22,6 @@ TINY = dict(channels=(8, 16, 32), crop_size=48, batch_size=8, epochs=2, steps_pe
 
 @pytest.fixture(scope="module")
 def model_and_images(demo_dataset: Path, tmp_path_factory: pytest.TempPathFactory):
-    torch.set_num_threads(1)
     samples, test_paths = [], []
     for s in load_dataset(demo_dataset):
         if s.split == "train":

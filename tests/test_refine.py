@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from defect_studio.cli import main as cli_main
 from defect_studio.jobs import CancelToken, run_job
@@ -27,7 +26,6 @@ PSEUDO = dict(mode="percentile", high_percentile=97.0, low_percentile=90.0, min_
 @pytest.fixture(scope="module")
 def loop(demo_dataset: Path, tmp_path_factory: pytest.TempPathFactory):
     """Two refinement rounds; in round 0 the 'user' edits one mask and rejects another image."""
-    torch.set_num_threads(1)
     project_dir = tmp_path_factory.mktemp("loop") / "project"
     decisions: dict[str, object] = {}
 
@@ -144,7 +142,6 @@ def test_full_bench_quick_on_the_demo(demo_dataset: Path, tmp_path: Path) -> Non
     """`bench full --quick` end to end on the demo: both tables written, numbers in range."""
     from defect_studio.bench import full
 
-    torch.set_num_threads(1)
     result = full.run(demo_dataset, True, tmp_path, seed=0, classifier_path=None, as_json=False, rounds=2)
     report = json.loads((tmp_path / f"full-{demo_dataset.name}-quick.json").read_text())
     assert (tmp_path / f"full-{demo_dataset.name}-quick.md").is_file()

@@ -41,7 +41,6 @@ def demo_samples(dataset: Path, split: str) -> list[tuple[SegmentationSample, st
 
 @pytest.fixture(scope="module")
 def trained(demo_dataset: Path, tmp_path_factory: pytest.TempPathFactory):
-    torch.set_num_threads(1)
     checkpoint = tmp_path_factory.mktemp("segmenter") / "segmenter.pt"
     train = [s for s, _, _ in demo_samples(demo_dataset, "train")]
     events = []
