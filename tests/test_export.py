@@ -50,7 +50,8 @@ def test_export_writes_checked_model_files(exported, model_and_images) -> None:
     assert {p.name for p in out.iterdir()} == {MODEL_FILE, TORCHSCRIPT_FILE, CARD_FILE}
     card = json.loads((out / CARD_FILE).read_text())
     loaded, _ = model_and_images
-    assert card["input"]["channels"] == 3 and card["input"]["size_multiple"] == 4
+    # three levels at half resolution: the input must be a multiple of 2 ** 2 * 2 (the model pads to it)
+    assert card["input"]["channels"] == 3 and card["input"]["size_multiple"] == loaded.model.size_multiple == 8
     assert card["threshold"] == pytest.approx(loaded.threshold)
     assert card["parity"]["passed"] is True and card["note"] == "test"
     assert card["versions"]["onnxruntime"] and card["training"]["training_data_hash"]

@@ -18,7 +18,8 @@ from defect_studio.project import Project
 from defect_studio.project.importer import import_job
 
 CLASSIFIER = dict(width=8, input_size=64, epochs=6, min_epochs=6, batch_size=16, lr=5e-3, seed=0)
-SEGMENTER = dict(channels=[8, 16, 32], crop_size=48, batch_size=8, epochs=3, steps_per_epoch=8, learning_rate=1e-2)
+SEGMENTER = dict(channels=[8, 16, 32], crop_size=48, batch_size=8, epochs=3, warm_start_epochs=2, steps_per_epoch=8,
+                 learning_rate=1e-2)
 # The tiny classifier's CAMs are coarse: percentile thresholds always give each defect image a proposal.
 PSEUDO = dict(mode="percentile", high_percentile=97.0, low_percentile=90.0, min_area=4)
 
@@ -67,6 +68,9 @@ def test_loop_runs_rounds_and_records_metrics(loop) -> None:
         assert 0.0 <= first["ground_truth"]["defect_iou"] <= 1.0 and "per_type" in first["ground_truth"]
         runs = project.training_runs("segmenter")
         assert [r.round_index for r in runs] == [0, 1]
+        # Round 0 trains from random init; round 1 continues from round 0's network, for fewer epochs.
+        assert runs[0].metrics["started_from"] is None and runs[0].metrics["epochs_run"] == 3
+        assert runs[1].metrics["started_from"] == runs[0].checkpoint_sha256 and runs[1].metrics["epochs_run"] == 2
         # Round 1's proposals were made by segmenter 0 fused with the CAM, with full provenance.
         defect = next(i for i in project.images() if i.tag == "defect")
         record = project.mask_record(defect.id, 1)

@@ -157,3 +157,17 @@ def test_bad_inputs_give_clear_errors(tmp_path: Path) -> None:
         load_segmenter(tmp_path / "missing.pt")
     with pytest.raises(DataError, match="unknown segmenter settings"):
         SegmenterConfig.from_dict({"epoch": 3})
+
+
+def test_warm_start_needs_the_same_architecture(tmp_path: Path) -> None:
+    """A checkpoint of another architecture is not forced into the network: training starts afresh."""
+    samples = [SegmentationSample(f"s{i}", np.random.default_rng(i).random((40, 40, 1), dtype=np.float32),
+                                  make_target(np.pad(np.ones((8, 8), bool), 16))) for i in range(4)]
+    tiny = dict(crop_size=32, batch_size=2, epochs=1, warm_start_epochs=1, steps_per_epoch=2, validation_fraction=0.0)
+    first = run_job(train_segmenter_job(samples, SegmenterConfig(channels=(4, 8), **tiny), tmp_path / "a.pt", CancelToken()))
+    same = run_job(train_segmenter_job(samples, SegmenterConfig(channels=(4, 8), **tiny), tmp_path / "b.pt",
+                                       CancelToken(), start_from=first.checkpoint_path))
+    other = run_job(train_segmenter_job(samples, SegmenterConfig(channels=(4, 8, 16), **tiny), tmp_path / "c.pt",
+                                        CancelToken(), start_from=first.checkpoint_path))
+    assert same.metrics["started_from"] == first.checkpoint_sha256
+    assert other.metrics["started_from"] is None

@@ -28,7 +28,7 @@ from defect_studio.atomic import atomic_write_json, fsync_directory
 from defect_studio.errors import ModelError
 from defect_studio.imageio import file_sha256
 from defect_studio.jobs import Progress
-from defect_studio.ml.segmenter import LoadedSegmenter, SegmenterNet
+from defect_studio.ml.segmenter import LoadedSegmenter, SegmenterConfig, SegmenterNet, build_segmenter
 from defect_studio.predict import CARD_FILE, MODEL_FILE, TORCHSCRIPT_FILE, load_exported, sigmoid, to_network_input
 
 ONNX_OPSET = 17
@@ -194,7 +194,7 @@ def export_segmenter(
         raise ModelError("export needs at least one held-out image for its parity check.")
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
-    model = SegmenterNet(loaded.model.in_channels, loaded.meta["config"]["channels"], loaded.model.stem_stride)
+    model = build_segmenter(loaded.model.in_channels, SegmenterConfig.from_dict(loaded.meta["config"]))
     model.load_state_dict({k: v.cpu() for k, v in loaded.model.state_dict().items()})
     model.eval()
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))

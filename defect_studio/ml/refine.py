@@ -94,7 +94,9 @@ def train_project_segmenter_job(
         raise DataError(f"round {round_index} has no defect pixel in any usable mask: nothing to learn from.")
     path = next_segmenter_path(project, round_index)
     meta = {"round_index": round_index, "training_data_hash": training_data_hash(hashes)}
-    result = yield from train_segmenter_job(samples, config, path, cancel, extra_meta=meta)
+    previous = _segmenter_runs_for(project, round_index - 1) if config.warm_start and round_index > 0 else []
+    start_from = previous[-1].checkpoint_path if previous else None
+    result = yield from train_segmenter_job(samples, config, path, cancel, extra_meta=meta, start_from=start_from)
     project.record_training_run(
         kind="segmenter",
         config=config.to_dict(),

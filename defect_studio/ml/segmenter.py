@@ -42,19 +42,27 @@ HEAD_PRIOR_LOGIT = -4.0
 
 @dataclass
 class SegmenterConfig:
+    # Chosen on MT by a sweep on ground-truth masks (docs/benchmarks/segmenter-recipe-mt.md): the U-Net at
+    # half resolution without the full-resolution branch, 192-pixel crops, Adam at 1e-3. A 1e-2 rate or
+    # 96-pixel crops leave it stuck on "everything is background" for a thousand steps and more.
     channels: tuple[int, ...] = (8, 16, 32, 64, 128)
-    stem_stride: int = 1  # 2: the U-Net runs at half resolution, with a thin full-resolution branch
-    crop_size: int = 96
+    stem_stride: int = 2  # 2: the U-Net runs at half resolution (a quarter of the cost)
+    detail_branch: bool = False  # with stem_stride 2: a thin full-resolution branch for the last layer
+    crop_size: int = 192
     batch_size: int = 16
-    epochs: int = 10
+    epochs: int = 30
     steps_per_epoch: int = 40
-    learning_rate: float = 1e-2
+    learning_rate: float = 1e-3
     weight_decay: float = 1e-4
     dice_weight: float = 1.0
-    defect_crop_fraction: float = 0.6  # share of crops centred on a defect pixel (when the image has one)
+    defect_crop_fraction: float = 0.5  # share of crops centred on a defect pixel (when the image has one)
     validation_fraction: float = 0.1
     max_validation_images: int = 60
     seed: int = 0
+    # Refinement round k starts from round k-1's segmenter (same architecture) and then trains only
+    # `warm_start_epochs`: the expensive part, leaving the all-background plateau, is done once.
+    warm_start: bool = True
+    warm_start_epochs: int = 6
     device: str = "auto"
     time_budget_s: float | None = None  # stop after the epoch that crosses it (same budget for weak and full)
 
@@ -113,25 +121,35 @@ def _conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
 class SegmenterNet(nn.Module):
     """U-Net: conv blocks with max-pool down, bilinear up + skip concat; one logit per pixel."""
 
-    def __init__(self, in_channels: int = 1, channels: Sequence[int] = (8, 16, 32, 64, 128), stem_stride: int = 1) -> None:
+    def __init__(
+        self,
+        in_channels: int = 1,
+        channels: Sequence[int] = (8, 16, 32, 64, 128),
+        stem_stride: int = 1,
+        detail_branch: bool = True,
+    ) -> None:
         super().__init__()
         channels = list(channels)
         if stem_stride not in (1, 2):
             raise ValueError(f"stem_stride must be 1 or 2, got {stem_stride}")
         self.in_channels = in_channels
         self.stem_stride = stem_stride
+        self.detail_branch = detail_branch and stem_stride == 2
         self.size_multiple = 2 ** (len(channels) - 1) * stem_stride
         self.register_buffer("input_mean", torch.full((1, in_channels, 1, 1), 0.5))
         self.register_buffer("input_std", torch.full((1, in_channels, 1, 1), 0.25))
         first_in = in_channels
         if stem_stride == 2:
-            # The U-Net runs at half resolution (a quarter of the cost); a thin full-resolution
-            # branch brings the pixel detail back for the last layer (MT blowholes are ~10 px wide).
+            # The U-Net runs at half resolution (a quarter of the cost); the optional thin
+            # full-resolution branch brings pixel detail back for the last layer (MT blowholes are
+            # ~10 px wide) but costs more than the whole half-resolution U-Net on a CPU.
             self.stem = nn.Sequential(
                 nn.Conv2d(in_channels, channels[0], 3, stride=2, padding=1, bias=False),
                 nn.BatchNorm2d(channels[0]),
                 nn.ReLU(inplace=True),
             )
+            first_in = channels[0]
+        if self.detail_branch:
             self.detail = nn.Sequential(
                 nn.Conv2d(in_channels, channels[0], 3, padding=1, bias=False),
                 nn.BatchNorm2d(channels[0]),
@@ -142,7 +160,6 @@ class SegmenterNet(nn.Module):
                 nn.BatchNorm2d(channels[0]),
                 nn.ReLU(inplace=True),
             )
-            first_in = channels[0]
         self.encoders = nn.ModuleList(
             _conv_block(first_in if i == 0 else channels[i - 1], channels[i]) for i in range(len(channels))
         )
@@ -164,10 +181,18 @@ class SegmenterNet(nn.Module):
         for index in reversed(range(len(self.decoders))):
             x = F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
             x = self.decoders[index](torch.cat([x, skips[index]], dim=1))
-        if self.stem_stride == 2:
-            x = F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
-            x = self.fuse(torch.cat([x, self.detail(normalised)], dim=1))
+        if self.stem_stride == 1:
+            return self.head(x)
+        if not self.detail_branch:  # upsample the logits, not the features: 1 channel instead of 8
+            return F.interpolate(self.head(x), scale_factor=2.0, mode="bilinear", align_corners=False)
+        x = F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
+        x = self.fuse(torch.cat([x, self.detail(normalised)], dim=1))
         return self.head(x)
+
+
+def build_segmenter(in_channels: int, config: "SegmenterConfig") -> SegmenterNet:
+    """The network a config describes: training, loading and export all build it here."""
+    return SegmenterNet(in_channels, config.channels, config.stem_stride, config.detail_branch)
 
 
 def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, dice_weight: float = 1.0) -> torch.Tensor:
@@ -301,7 +326,7 @@ def load_segmenter(path: str | Path, device: str | torch.device = "auto") -> Loa
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise ModelError(f"{path}: not a defect-studio segmenter checkpoint.")
     meta = checkpoint["meta"]
-    model = SegmenterNet(int(meta["in_channels"]), meta["config"]["channels"], int(meta["config"].get("stem_stride", 1)))
+    model = build_segmenter(int(meta["in_channels"]), SegmenterConfig.from_dict(meta["config"]))
     try:
         model.load_state_dict(checkpoint["state_dict"])
     except RuntimeError as error:
@@ -358,8 +383,12 @@ def train_segmenter_job(
     checkpoint_path: str | Path,
     cancel: CancelToken,
     extra_meta: dict[str, Any] | None = None,
+    start_from: str | Path | None = None,
 ) -> Generator[Progress, None, SegmenterTrainingResult]:
     """Train on `samples`; the checkpoint at `checkpoint_path` is replaced (atomically) only by the best epoch.
+
+    `start_from`: a segmenter checkpoint whose weights (and input statistics) initialise the
+    network when its architecture matches; otherwise training starts from random init.
 
     The best epoch is the one with the highest defect IoU on a held-out part of the samples (at the
     threshold that is best there; that threshold is stored in the checkpoint).
@@ -375,24 +404,26 @@ def train_segmenter_job(
         train_indices, validation_indices = list(range(len(samples))), []
     train_samples = [samples[i] for i in train_indices]
     validation_samples = [samples[i] for i in validation_indices]
-    model = SegmenterNet(in_channels, config.channels, config.stem_stride)
+    model = build_segmenter(in_channels, config)
     mean, std = input_statistics(train_samples, in_channels)
     model.input_mean.copy_(torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
     model.input_std.copy_(torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+    started_from = _warm_start(model, start_from) if start_from is not None else None
+    epochs = config.warm_start_epochs if started_from else config.epochs
     model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
-    total_steps = config.epochs * config.steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=config.learning_rate, total_steps=total_steps, pct_start=0.15
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(  # a warm-started network needs no long warm-up
+        optimizer, max_lr=config.learning_rate, total_steps=epochs * config.steps_per_epoch,
+        pct_start=0.05 if started_from else 0.15,
     )
     sampler = CropSampler(train_samples, config, in_channels)
     use_amp = device.type == "cuda"
-    clock = EtaClock(config.epochs)
+    clock = EtaClock(epochs)
     started = time.monotonic()
     best_score, best_threshold, best_epoch = -math.inf, 0.5, -1
     best_sha = ""
     history: list[dict[str, float]] = []
-    for epoch in range(config.epochs):
+    for epoch in range(epochs):
         model.train()
         epoch_start = time.monotonic()
         losses = []
@@ -421,7 +452,7 @@ def train_segmenter_job(
             "epoch_s": time.monotonic() - epoch_start,
         }
         history.append(record)
-        last_epoch = epoch + 1 == config.epochs
+        last_epoch = epoch + 1 == epochs
         over_budget = config.time_budget_s is not None and time.monotonic() - started >= config.time_budget_s
         if score > best_score or best_epoch < 0:
             best_score, best_threshold, best_epoch = score, threshold, epoch + 1
@@ -435,13 +466,14 @@ def train_segmenter_job(
                 "trained_images": [s.key for s in train_samples],
                 "validation_images": [s.key for s in validation_samples],
                 "torch": str(torch.__version__),
+                "started_from": started_from,
                 **(extra_meta or {}),
             }
             best_sha = save_segmenter(checkpoint_path, model, meta)
         yield clock.progress(
             "train segmenter",
             epoch + 1,
-            f"epoch {epoch + 1}/{config.epochs}",
+            f"epoch {epoch + 1}/{epochs}",
             {"loss": record["loss"], "val_defect_iou": record["val_defect_iou"]},
         )
         if over_budget and not last_epoch:
@@ -456,8 +488,23 @@ def train_segmenter_job(
         "train_images": len(train_samples),
         "validation_images": len(validation_samples),
         "peak_memory_mb": peak_memory_mb(device),
+        "started_from": started_from,
     }
     return SegmenterTrainingResult(checkpoint_path, best_sha, best_threshold, metrics, history)
+
+
+def _warm_start(model: SegmenterNet, checkpoint_path: str | Path) -> str | None:
+    """Copy a compatible checkpoint's weights into `model`; its sha256, or None when it does not fit."""
+    try:
+        previous = load_segmenter(checkpoint_path, "cpu")
+    except ModelError:
+        return None
+    state = previous.model.state_dict()
+    own = model.state_dict()
+    if state.keys() != own.keys() or any(state[k].shape != own[k].shape for k in own):
+        return None  # another architecture (the user changed the settings): start afresh
+    model.load_state_dict(state)
+    return previous.checkpoint_sha256
 
 
 def _validate(
