@@ -391,6 +391,17 @@ def test_a_database_that_cannot_grow_refuses_the_change_and_keeps_the_rest(demo_
         assert project._query("PRAGMA integrity_check")[0][0] == "ok"
 
 
+def test_proposals_without_a_classifier_are_refused_before_a_round_exists(tmp_path: Path, capsys):
+    project_dir = _tagged_project(tmp_path, ["good", "defect", "good", "defect"])
+    capsys.readouterr()
+    assert main(["pseudo", str(project_dir)]) != 0
+    captured = capsys.readouterr()
+    assert "no trained classifier" in captured.err and "defect-studio train PROJECT" in captured.err
+    assert "Traceback" not in captured.err
+    with Project.open(project_dir) as project:
+        assert project.rounds() == []
+
+
 def test_a_dataset_without_defect_images(tmp_path: Path, capsys):
     """Proposing masks, and benchmarking, on data with no defect: a message each, nothing written."""
     project_dir = _tagged_project(tmp_path, ["good"] * 4)
@@ -399,7 +410,7 @@ def test_a_dataset_without_defect_images(tmp_path: Path, capsys):
     captured = capsys.readouterr()
     assert "no image is tagged defect" in captured.err and "Traceback" not in captured.err
     with Project.open(project_dir) as project:
-        assert project.mask_records() == []
+        assert project.mask_records() == [] and project.rounds() == []  # refused before a round was made
     dataset = tmp_path / "dataset"
     for index in range(4):
         write_cv2(dataset / "images" / f"g{index}.png", distinct(index))

@@ -82,6 +82,25 @@ def test_failed_parity_leaves_nothing_behind(model_and_images, tmp_path: Path) -
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
 
 
+def test_export_clears_what_a_killed_export_left_behind(model_and_images, tmp_path: Path) -> None:
+    """A kill mid-export leaves a hidden staging folder; the next export into that folder removes it."""
+    import os
+    import time
+
+    loaded, images = model_and_images
+    out = tmp_path / "model"
+    stale = tmp_path / ".model.abc123.partial"
+    fresh = tmp_path / ".model.def456.partial"  # maybe another export still running: kept
+    for folder in (stale, fresh):
+        folder.mkdir()
+        (folder / MODEL_FILE).write_bytes(b"half")
+    hour_ago = time.time() - 3600
+    os.utime(stale, (hour_ago, hour_ago))
+    export_segmenter(loaded, out, [read_image(p) for p in images[:1]])
+    assert not stale.exists() and fresh.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".model.def456.partial", "model"]
+
+
 def test_corrupted_onnx_gives_a_clear_error(exported, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out, _ = exported
     broken = tmp_path / "broken"

@@ -1,4 +1,4 @@
-"""`defect-studio bench [classifier|cams|full]`: benchmarks that print a table and save JSON + markdown."""
+"""`defect-studio bench [classifier|cams|segmenter|full]`: benchmarks that print a table and save JSON + markdown."""
 
 from __future__ import annotations
 
@@ -23,6 +23,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", help="full: the CAM method for round 0 (default: the best on the training split)")
     parser.add_argument("--segmenter-epochs", type=int, help="full: segmenter epochs per round")
     parser.add_argument("--steps-per-epoch", type=int, help="full: segmenter training steps per epoch")
+    parser.add_argument("--candidates", nargs="+", metavar="NAME", help="segmenter: the recipes to compare (default: all)")
+    parser.add_argument("--steps", nargs="+", type=int, metavar="N", help="segmenter: training steps per candidate")
     parser.add_argument("--json", action="store_true", help="print progress events as JSON lines")
 
 
@@ -30,8 +32,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "bench", help="benchmarks on a dataset in the README layout",
         description="classifier: candidate architectures; cams: every CAM method and ablation; "
+        "segmenter: segmenter recipes on ground-truth masks, with CPU time per step; "
         "full (default): the whole weak loop against full supervision.",
     )
-    parser.add_argument("which", nargs="?", choices=["classifier", "cams", "full"], default="full")
+    parser.add_argument("which", nargs="?", choices=["classifier", "cams", "segmenter", "full"], default="full")
     add_bench_arguments(parser)
     parser.set_defaults(handler=run_bench)

@@ -41,14 +41,14 @@ def _add_pseudo_arguments(parser: argparse.ArgumentParser) -> None:
 
 # ------------------------------------------------------------------------------------------ pseudo
 def run_pseudo(args: argparse.Namespace) -> int:
-    from defect_studio.ml.pseudo import PseudoLabelSettings, pseudo_job, segmenter_checkpoint_for_round
+    from defect_studio.ml.pseudo import PseudoLabelSettings, check_can_propose, pseudo_job
     from defect_studio.project import Project
 
     settings = PseudoLabelSettings.from_dict(_pseudo_settings(args)).to_dict()  # refuse bad values first
     with Project.open(args.project) as project:
         if args.round is None:
             rounds = project.rounds()
-            segmenter_checkpoint_for_round(project, rounds[-1].index + 1 if rounds else 0)  # refuse before creating
+            check_can_propose(project, rounds[-1].index + 1 if rounds else 0, args.classifier)  # refuse before creating
             round_index = project.create_round({"method": args.method, "pseudo": settings}).index
         else:
             round_index = project.round(args.round).index

@@ -117,7 +117,7 @@ class CamCache:
 def default_classifier_path(project: Any) -> Path:
     run = project.latest_run("classifier")
     if run is None:
-        raise ModelError("this project has no trained classifier yet; train one first (defect-studio train-classifier).")
+        raise ModelError("this project has no trained classifier yet; train one first (defect-studio train PROJECT).")
     return Path(run.checkpoint_path)
 
 

@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generator, Sequence
@@ -197,6 +198,7 @@ def export_segmenter(
     model = build_segmenter(loaded.model.in_channels, SegmenterConfig.from_dict(loaded.meta["config"]))
     model.load_state_dict({k: v.cpu() for k, v in loaded.model.state_dict().items()})
     model.eval()
+    remove_stale_staging(out)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
         try:
@@ -231,6 +233,21 @@ def export_segmenter(
         return out, parity
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+STALE_STAGING_S = 600.0  # an export takes seconds; a staging folder this old belongs to a killed one
+
+
+def remove_stale_staging(out: Path, older_than_s: float = STALE_STAGING_S) -> list[Path]:
+    """Delete the hidden staging folders that killed exports into `out` left beside it."""
+    removed = []
+    now = time.time()
+    for leftover in out.parent.glob(f".{out.name}.*.partial"):
+        with contextlib.suppress(OSError):
+            if leftover.is_dir() and now - leftover.stat().st_mtime > older_than_s:
+                shutil.rmtree(leftover)
+                removed.append(leftover)
+    return removed
 
 
 def export_project_job(

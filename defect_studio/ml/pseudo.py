@@ -154,6 +154,18 @@ def segmenter_checkpoint_for_round(project: Any, round_index: int) -> Any:
     return runs[-1]
 
 
+def check_can_propose(project: Any, round_index: int, classifier_path: str | Path | None = None) -> None:
+    """Raise the clear error that proposing round `round_index` would meet, before a round is created for it."""
+    from defect_studio.ml.cam_cache import default_classifier_path
+
+    if not any(r.tag == "defect" for r in project.images()):
+        raise DataError("no image is tagged defect: nothing to propose masks for.")
+    checkpoint = Path(classifier_path) if classifier_path is not None else default_classifier_path(project)
+    if not checkpoint.is_file():
+        raise ModelError(f"{checkpoint}: the classifier checkpoint is missing; train the classifier again.")
+    segmenter_checkpoint_for_round(project, round_index)
+
+
 def pseudo_job(
     project: Any,
     round_index: int,
@@ -177,10 +189,9 @@ def pseudo_job(
     known_rounds = {r.index for r in project.rounds()}
     if round_index not in known_rounds:
         raise DataError(f"this project has no round {round_index}; rounds: {sorted(known_rounds) or 'none'}")
+    check_can_propose(project, round_index, classifier_path)
     records = [r for r in project.images() if r.tag in ("good", "defect")]
     defect_records = [r for r in records if r.tag == "defect"]
-    if not defect_records:
-        raise DataError("no image is tagged defect: nothing to propose masks for.")
     segmenter_run = segmenter_checkpoint_for_round(project, round_index)
     # CAM maps of the defect-tagged images: from the cache, computed in batches where missing.
     cams = yield from cam_job(

@@ -19,7 +19,7 @@ import numpy as np
 from defect_studio.errors import DataError
 from defect_studio.imageio import read_image
 from defect_studio.jobs import CancelToken, Progress
-from defect_studio.ml.pseudo import PseudoLabelSettings, load_ignore, pseudo_job
+from defect_studio.ml.pseudo import PseudoLabelSettings, check_can_propose, load_ignore, pseudo_job
 from defect_studio.ml.segmenter import (
     SegmentationSample,
     SegmenterConfig,
@@ -188,6 +188,8 @@ def refine_job(
     for step in range(rounds):
         timings: dict[str, float] = {}
         if round_index is None:
+            rounds_so_far = project.rounds()
+            check_can_propose(project, rounds_so_far[-1].index + 1 if rounds_so_far else 0, classifier_path)
             round_index = project.create_round(config.to_dict()).index
             started = time.monotonic()
             yield from pseudo_job(

@@ -45,6 +45,9 @@ class SegmenterConfig:
     # Chosen on MT by a sweep on ground-truth masks (docs/benchmarks/segmenter-recipe-mt.md): the U-Net at
     # half resolution without the full-resolution branch, 192-pixel crops, Adam at 1e-3. A 1e-2 rate or
     # 96-pixel crops leave it stuck on "everything is background" for a thousand steps and more.
+    # "unet": our own U-Net below. "smp-unet:ENCODER": segmentation-models-pytorch's Unet with a randomly
+    # initialised encoder (optional package, measured as an alternative; the channel settings do not apply).
+    architecture: str = "unet"
     channels: tuple[int, ...] = (8, 16, 32, 64, 128)
     stem_stride: int = 2  # 2: the U-Net runs at half resolution (a quarter of the cost)
     detail_branch: bool = False  # with stem_stride 2: a thin full-resolution branch for the last layer
@@ -190,8 +193,32 @@ class SegmenterNet(nn.Module):
         return self.head(x)
 
 
+class LibraryUnet(nn.Module):
+    """segmentation-models-pytorch's Unet, random init, behind SegmenterNet's interface."""
+
+    def __init__(self, in_channels: int, encoder: str) -> None:
+        super().__init__()
+        try:
+            import segmentation_models_pytorch as smp
+        except ImportError as error:
+            raise ModelError("architecture smp-unet needs the segmentation-models-pytorch package.") from error
+        self.network = smp.Unet(encoder, encoder_weights=None, in_channels=in_channels, classes=1)
+        self.in_channels = in_channels
+        self.stem_stride = 1
+        self.size_multiple = 32
+        self.register_buffer("input_mean", torch.full((1, in_channels, 1, 1), 0.5))
+        self.register_buffer("input_std", torch.full((1, in_channels, 1, 1), 0.25))
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.network((pixels - self.input_mean) / self.input_std)
+
+
 def build_segmenter(in_channels: int, config: "SegmenterConfig") -> SegmenterNet:
     """The network a config describes: training, loading and export all build it here."""
+    if config.architecture.startswith("smp-unet:"):
+        return LibraryUnet(in_channels, config.architecture.split(":", 1)[1])  # type: ignore[return-value]
+    if config.architecture != "unet":
+        raise DataError(f"unknown segmenter architecture {config.architecture!r} (unet or smp-unet:ENCODER)")
     return SegmenterNet(in_channels, config.channels, config.stem_stride, config.detail_branch)
 
 
