@@ -583,6 +583,11 @@ class MainWindow(QMainWindow):
         self.project_changed.emit()
         if project is not None and self.gallery_model.rowCount() > 0:
             self.select_row(0)
+        if project is not None and project.took_over_stale_lock:
+            # Say so: the user may wonder whether the crash cost them work (it did not: saves are atomic).
+            self.statusBar().showMessage(
+                f"This project was left locked by {project.took_over_stale_lock}, which has ended "
+                "(a crash?). Everything it saved is here.", 20000)
 
     def _close_project(self) -> None:
         if self.project is None:

@@ -107,3 +107,15 @@ def test_second_window_on_the_same_project_gets_a_clear_message(qtbot, make_wind
     assert boxes and "process" in boxes[0].text()
     for box in boxes:
         box.close()
+
+
+def test_reopening_after_a_crash_says_the_stale_lock_was_taken_over(qtbot, make_window, review_project: Path) -> None:
+    import subprocess
+    import sys
+
+    script = f"import os\nfrom defect_studio.project import Project\nProject.open({str(review_project)!r})\nos.kill(os.getpid(), 9)\n"
+    assert subprocess.run([sys.executable, "-c", script]).returncode == -9
+    window = make_window()
+    assert window.open_path(review_project)
+    message = window.statusBar().currentMessage()
+    assert "left locked by process" in message and "Everything it saved is here" in message

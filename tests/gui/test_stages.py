@@ -71,7 +71,13 @@ def test_cam_methods_change_the_overlay_and_compare_view_links_zoom(qtbot, make_
         # Linked: same centre, same zoom (up to the aspect lock of slightly different view sizes).
         assert abs(np.mean(other.view_box.viewRange()[0]) - np.mean(first[0])) < 0.1
         assert abs(np.mean(other.view_box.viewRange()[1]) - np.mean(first[1])) < 0.1
-        assert abs(np.ptp(other.view_box.viewRange()[0]) - 20) < 1.0
+        assert abs(np.ptp(other.view_box.viewRange()[0]) - np.ptp(first[0])) < 1.0
+
+    # The grid follows the pane's shape: a wide pane puts the five maps in one row, a tall one in one column.
+    compare.resize(1500, 260)
+    qtbot.waitUntil(lambda: compare.columns == 5)
+    compare.resize(300, 1400)
+    qtbot.waitUntil(lambda: compare.columns == 1)
 
     # Leaving the stage hides the heatmap and goes back to the single viewer.
     window.stage_tabs.setCurrentWidget(window.tag_panel)
@@ -139,3 +145,12 @@ def test_proposals_round_and_reopen(qtbot, make_window, project_copy: Path) -> N
     assert again.current_round == 1
     assert again.project.mask_record(rejected, 0).state == "rejected"
     assert again.rounds_panel.table.rowCount() == 2
+
+
+def test_compare_grid_columns_fit_the_image_shape() -> None:
+    from defect_studio.gui.panels.cam_panel import best_columns
+
+    assert best_columns(5, 1500, 260, 4, 3) == 5  # wide pane
+    assert best_columns(5, 300, 1400, 4, 3) == 1  # tall pane
+    assert best_columns(4, 800, 600, 4, 3) == 2  # 2 × 2 fills a 4:3 pane exactly
+    assert best_columns(5, 600, 800, 4, 3) == 2  # the old fixed 3 columns left half the height empty

@@ -40,24 +40,52 @@ METHOD_NAMES = {
 }
 
 
+def best_columns(count: int, width: float, height: float, image_width: float, image_height: float) -> int:
+    """How many columns show `count` images of that shape largest in a width × height area."""
+
+    def scale(columns: int) -> float:
+        rows = -(-count // columns)
+        return min(width / columns / image_width, height / rows / image_height)
+
+    return max(range(1, count + 1), key=lambda columns: (scale(columns), -columns))
+
+
 class CompareView(QWidget):
-    """One viewer per method, zoom and pan linked to the first."""
+    """One viewer per method, zoom and pan linked to the first; the grid follows the image's shape."""
 
     def __init__(self, methods: list[str], parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.setObjectName("compareView")
-        grid = QGridLayout(self)
-        grid.setContentsMargins(0, 0, 0, 0)
-        grid.setSpacing(2)
+        self.grid = QGridLayout(self)
+        self.grid.setContentsMargins(0, 0, 0, 0)
+        self.grid.setSpacing(2)
+        self.columns = 0
         self.viewers: dict[str, ImageViewer] = {}
-        columns = 3 if len(methods) > 4 else 2
-        for position, method in enumerate(methods):
+        for method in methods:
             viewer = ImageViewer(self, title=f" {METHOD_NAMES.get(method, method)} ")
             viewer.setObjectName(f"compare_{method}")
             if self.viewers:
                 viewer.link_to(next(iter(self.viewers.values())))
             self.viewers[method] = viewer
-            grid.addWidget(viewer, position // columns, position % columns)
+        self.relayout()
+
+    def relayout(self) -> None:
+        """Re-grid for the current size and image shape (a wide image in a tall pane: one column)."""
+        first = next(iter(self.viewers.values()), None)
+        image_height, image_width = first.image_shape if first is not None and first.image_shape else (3, 4)
+        columns = best_columns(len(self.viewers), max(1, self.width()), max(1, self.height()), image_width, image_height)
+        if columns == self.columns:
+            return
+        self.columns = columns
+        for position, viewer in enumerate(self.viewers.values()):
+            self.grid.removeWidget(viewer)
+            self.grid.addWidget(viewer, position // columns, position % columns)
+        if first is not None and first.image_shape:
+            first.fit()
+
+    def resizeEvent(self, event: Any) -> None:  # noqa: N802
+        super().resizeEvent(event)
+        self.relayout()
 
 
 class CamSettingsForm(QWidget):
@@ -464,6 +492,8 @@ class CamPanel(QWidget):
         for method, viewer in self.compare_view.viewers.items():
             shape_changed = pixels is not None and viewer.image_shape != pixels.shape[:2]
             viewer.set_image(pixels, fit=first and shape_changed)
+            if first and shape_changed:
+                self.compare_view.relayout()
             first = False
             cam_map = self.cached_map(image_id, method) if image_id is not None else None
             viewer.set_heatmap(cam_map)
