@@ -1,13 +1,13 @@
 """The segmenter: a compact U-Net trained on (pseudo-)masks with BCE + Dice, ignoring ignored pixels.
 
-Chosen by measurement for accuracy per CPU second (docs/benchmarks/full-mt.md): a five-level
-U-Net with 8-16-32-64-128 channels (0.49 M parameters) costs ~0.3 s per 16×128² training step on
-two CPU cores, a third of the 16-channel variant, at the same accuracy on MT within noise.
-Training sees random crops at native resolution, most of them centred on defect pixels (MT
-defects cover a median 0.5 % of an image, so uniform crops would show almost none); inference
-runs on the whole image at native resolution after reflect padding to a multiple of 16, so there
-is no resize to undo. The input normalisation is part of the network (buffers), so an exported
-model takes plain float [0, 1] pixels.
+Chosen by measurement for accuracy per CPU second (docs/benchmarks/segmenter-mt.md): a five-level
+U-Net with 8-16-32-64-128 channels (0.49 M parameters) that runs at half resolution behind a
+strided stem and upsamples its logits, ~0.4 s per training step of 16 crops of 192² on one CPU
+core. Training sees random crops, half of them centred on defect pixels (MT defects cover a median
+0.5 % of an image, so uniform crops would show almost none); inference runs on the whole image
+after reflect padding to a multiple of `size_multiple`, and returns probabilities at the image's
+own resolution, so there is no resize to undo. The input normalisation is part of the network
+(buffers), so an exported model takes plain float [0, 1] pixels.
 
 Targets are uint8 maps: 0 background, 1 defect, IGNORE (255) = not trained on (the pseudo-label
 ignore band, and the padding of crops taken from images smaller than the crop).
