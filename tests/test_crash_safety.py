@@ -333,6 +333,63 @@ def test_pseudo_labelling_killed_anywhere_then_rerun_gives_the_uninterrupted_mas
     print(f"\npseudo: {len(points)} kill points, {len(tried)} tried")
 
 
+def test_refine_killed_anywhere_keeps_whole_rounds_and_a_rerun_finishes_them(fast_dir: Path):
+    """Kill `defect-studio refine` while it proposes, trains and records rounds: every mask and model
+    on disk is whole and as recorded, and running refine again completes the interrupted round."""
+    from defect_studio.demo import make_demo_dataset
+    from defect_studio.jobs import CancelToken, run_job
+    from defect_studio.ml.classifier import train_project_classifier_job
+    from defect_studio.ml.models import ClassifierConfig
+    from defect_studio.project.importer import import_job
+    import torch
+
+    dataset = make_demo_dataset(fast_dir / "dataset", count=12, size=48, seed=3)
+    base = fast_dir / "base" / "project"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with Project.create(base, dataset / "images") as project:
+            run_job(import_job(project, dataset / "images", dataset / "labels.csv", CancelToken()))
+            config = ClassifierConfig(epochs=1, min_epochs=1, input_size=32, width=4, batch_size=8, seed=0)
+            run_job(train_project_classifier_job(project, config, CancelToken(), device="cpu"))
+    finally:
+        torch.set_num_threads(threads)
+    refine = ["refine", "--rounds", "2", "--epochs", "1", "--steps-per-epoch", "1", "--device", "cpu",
+              "--stop-change", "0", "--mode", "percentile"]
+    counted = fast_dir / "counted" / "project"
+    shutil.copytree(base, counted)
+    points_log = fast_dir / "refine-points.log"
+    first = _cli(refine[0], str(counted), *refine[1:], fault=f"count:{points_log}")
+    assert first.returncode == 0, first.stderr[-2000:]
+    points = points_log.read_text().splitlines()
+    tried = range(1, len(points) + 1, 1 if harness.SOAK else max(1, len(points) // 10))
+    for point in tried:
+        project_dir = fast_dir / f"refine-{point}" / "project"
+        shutil.copytree(base, project_dir)
+        killed = _cli(refine[0], str(project_dir), *refine[1:], fault=f"kill:{point}")
+        assert killed.returncode == -9, (points[point - 1], killed.stderr[-2000:])
+        with Project.open(project_dir) as project:
+            assert project.took_over_stale_lock
+            rounds = [r.index for r in project.rounds()]
+            for run in project.training_runs("segmenter"):
+                assert harness.sha256(run.checkpoint_path.read_bytes()) == run.checkpoint_sha256
+        assert not harness.leftovers(project_dir)
+        for index in rounds:
+            _round_masks(project_dir, index)  # whatever was saved is whole and as recorded
+        rerun = _cli(refine[0], str(project_dir), *refine[1:])
+        assert rerun.returncode == 0, (points[point - 1], rerun.stderr[-2000:])
+        with Project.open(project_dir) as project:
+            tagged = {i.id for i in project.images() if i.tag in ("good", "defect")}
+            trained = {r.round_index for r in project.training_runs("segmenter")}
+            for record in project.rounds():
+                # every round was completed: all tagged images have a mask, and a segmenter trained on them
+                assert {m.image_id for m in project.mask_records(round_index=record.index)} == tagged, (
+                    f"kill point {point} ({points[point - 1]}): round {record.index} is missing masks")
+                assert record.index in trained and record.status == "trained"
+        shutil.rmtree(project_dir.parent)
+    print(f"\nrefine: {len(points)} kill points, {len(tried)} tried")
+
+
 def _demo_kill_points(fast_dir: Path) -> tuple[list[str], list[tuple[str, str, str]]]:
     reference = fast_dir / "reference"
     assert _cli("demo", "--out", str(reference), "--no-gui", "--count", "12").returncode == 0

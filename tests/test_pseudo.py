@@ -144,3 +144,25 @@ def test_review_cli_accept_all_and_reject(reviewed_round: Path) -> None:
         states = {r.state for r in project.mask_records(round_index=0)}
         assert states == {"accepted", "rejected"}
     assert cli_main(["review", str(reviewed_round), "--accept", "no-such-image"]) != 0
+
+
+def test_completing_an_interrupted_round_keeps_every_existing_mask_and_decision(reviewed_round: Path) -> None:
+    """refine finishes a round whose proposing stopped part-way: only images without a mask get one."""
+    from defect_studio.jobs import CancelToken, run_job
+    from defect_studio.ml.classifier import train_project_classifier_job
+    from defect_studio.ml.models import ClassifierConfig
+    from defect_studio.ml.pseudo import pseudo_job
+
+    with Project.open(reviewed_round) as project:
+        config = ClassifierConfig(epochs=1, min_epochs=1, input_size=32, width=4, batch_size=8, seed=0)
+        run_job(train_project_classifier_job(project, config, CancelToken(), device="cpu"))
+        defects = [i for i in project.images() if i.tag == "defect"]
+        review.reject(project, [defects[0].stem])
+        missing = defects[1]
+        project._query("DELETE FROM masks WHERE image_id = ? AND round_idx = 0", (missing.id,))  # as if killed before it
+        before = {r.image_id: (r.state, r.sha256) for r in project.mask_records(round_index=0)}
+        summary = run_job(pseudo_job(project, 0, "gradcam", {"mode": "percentile"}, CancelToken(), only_missing=True))
+        after = {r.image_id: (r.state, r.sha256) for r in project.mask_records(round_index=0)}
+        assert summary["proposed"] == 1 and summary["kept_existing"] == len(before)
+        assert {k: v for k, v in after.items() if k != missing.id} == before  # the rejection included
+        assert after[missing.id][0] == "proposed"

@@ -174,8 +174,12 @@ def pseudo_job(
     cancel: CancelToken,
     cam_settings: dict[str, Any] | None = None,
     classifier_path: str | Path | None = None,
+    only_missing: bool = False,
 ) -> Generator[Progress, None, dict[str, Any]]:
     """Proposals of round `round_index` for every tagged image, saved through the project store.
+
+    `only_missing`: propose only for images without a mask in this round (completing a round whose
+    proposing was interrupted), leaving every existing mask and review decision as it is.
 
     The CAM maps come from the project's CAM cache (computed now where missing). For round k >= 1
     the segmenter trained on round k-1 is run and fused with the CAM. Accepted or edited masks of
@@ -191,6 +195,11 @@ def pseudo_job(
         raise DataError(f"this project has no round {round_index}; rounds: {sorted(known_rounds) or 'none'}")
     check_can_propose(project, round_index, classifier_path)
     records = [r for r in project.images() if r.tag in ("good", "defect")]
+    kept = 0
+    if only_missing:
+        present = {m.image_id for m in project.mask_records(round_index=round_index)}
+        kept = sum(r.id in present for r in records)
+        records = [r for r in records if r.id not in present]
     defect_records = [r for r in records if r.tag == "defect"]
     segmenter_run = segmenter_checkpoint_for_round(project, round_index)
     # CAM maps of the defect-tagged images: from the cache, computed in batches where missing.
@@ -257,6 +266,7 @@ def pseudo_job(
         "images": len(records),
         "proposed": proposed,
         "carried_forward": carried,
+        "kept_existing": kept,
         "flagged_empty": flagged,
         "defect_pixels": defect_pixels,
         "settings": label_settings.to_dict(),

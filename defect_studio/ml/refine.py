@@ -71,6 +71,12 @@ def training_samples(project: Any, round_index: int) -> tuple[list[SegmentationS
     return samples, hashes
 
 
+def _missing_masks(project: Any, round_index: int) -> bool:
+    """Whether a tagged image has no mask in the round (a proposal job stopped before the end)."""
+    present = {m.image_id for m in project.mask_records(round_index=round_index)}
+    return any(i.tag in ("good", "defect") and i.id not in present for i in project.images())
+
+
 def next_segmenter_path(project: Any, round_index: int) -> Path:
     models = Path(project.models_dir)
     models.mkdir(parents=True, exist_ok=True)
@@ -195,6 +201,13 @@ def refine_job(
             yield from pseudo_job(
                 project, round_index, config.method, config.pseudo, cancel, config.cam_settings, classifier_path
             )
+            timings["pseudo_s"] = time.monotonic() - started
+        elif _missing_masks(project, round_index):  # its proposing was interrupted: finish it first
+            started = time.monotonic()
+            made_with = project.round(round_index).config  # the rest of the round gets the same settings
+            yield from pseudo_job(project, round_index, made_with.get("method") or made_with.get("cam_method") or config.method,
+                                  made_with.get("pseudo", config.pseudo), cancel,
+                                  made_with.get("cam_settings", config.cam_settings), classifier_path, only_missing=True)
             timings["pseudo_s"] = time.monotonic() - started
         change = mask_change(project, round_index - 1, round_index) if round_index > 0 else None
         if review_callback is not None:

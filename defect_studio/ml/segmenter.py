@@ -436,7 +436,7 @@ def train_segmenter_job(
     model.input_mean.copy_(torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
     model.input_std.copy_(torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
     started_from = _warm_start(model, start_from) if start_from is not None else None
-    epochs = config.warm_start_epochs if started_from else config.epochs
+    epochs = min(config.warm_start_epochs, config.epochs) if started_from else config.epochs
     model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(  # a warm-started network needs no long warm-up
