@@ -10,8 +10,8 @@ from pathlib import Path
 from types import TracebackType
 
 from PySide6.QtCore import QCoreApplication, QSettings, Qt, QTimer
-from PySide6.QtGui import QColor, QIcon, QPalette
-from PySide6.QtWidgets import QApplication, QMessageBox
+from PySide6.QtGui import QColor, QIcon, QPainter, QPalette, QPixmap
+from PySide6.QtWidgets import QApplication, QMessageBox, QSplashScreen
 
 from defect_studio.gui.dialogs import install_log_file, report_error
 
@@ -95,10 +95,28 @@ def offer_demo(window: "MainWindow") -> None:  # noqa: F821
     box.open()
 
 
+def startup_splash(app: QApplication) -> QSplashScreen:
+    """A window at once: building the main window imports torch, which takes seconds on a cold disk."""
+    palette = dark_palette()  # the theme's colours, whatever the platform style left in app.palette()
+    pixmap = QPixmap(420, 160)
+    pixmap.fill(palette.color(QPalette.ColorRole.Window))
+    icon = app.windowIcon()
+    if not icon.isNull():
+        painter = QPainter(pixmap)
+        icon.paint(painter, 24, 40, 64, 64)
+        painter.end()
+    splash = QSplashScreen(pixmap)
+    splash.setObjectName("startupSplash")
+    splash.showMessage("defect-studio\nloading the training engine…",
+                       Qt.AlignmentFlag.AlignVCenter | Qt.AlignmentFlag.AlignRight,
+                       palette.color(QPalette.ColorRole.WindowText))
+    splash.show()
+    app.processEvents()  # paint it now: the next call blocks
+    return splash
+
+
 def run_app(project_path: Path | None = None) -> int:
     """Open the main window (on `project_path` if given, else the last project) and run until it closes."""
-    from defect_studio.gui.main_window import MainWindow
-
     app = QApplication.instance() or QApplication(sys.argv[:1])
     assert isinstance(app, QApplication)
     configure_application(app)
@@ -107,8 +125,12 @@ def run_app(project_path: Path | None = None) -> int:
     previous_hook = sys.excepthook
     sys.excepthook = _excepthook
     try:
+        splash = startup_splash(app)
+        from defect_studio.gui.main_window import MainWindow  # after the splash is up: it imports a lot
+
         window = MainWindow(QSettings())
         window.show()
+        splash.finish(window)
         if project_path is not None:
             QTimer.singleShot(0, lambda: window.open_path(Path(project_path)))
         else:

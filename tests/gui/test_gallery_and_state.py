@@ -105,6 +105,8 @@ def test_run_app_opens_the_given_project_and_returns_zero(qtbot, review_project:
         windows = [w for w in QApplication.topLevelWidgets() if isinstance(w, MainWindow) and w.isVisible()]
         if windows and windows[0].project is not None:
             seen["images"] = windows[0].gallery_model.rowCount()
+            seen["splash visible"] = any(w.objectName() == "startupSplash" and w.isVisible()
+                                         for w in QApplication.topLevelWidgets())
             windows[0].close()
         else:
             QTimer.singleShot(50, close_when_open)
@@ -115,6 +117,7 @@ def test_run_app_opens_the_given_project_and_returns_zero(qtbot, review_project:
 
     with Project.open(review_project) as project:
         assert seen["images"] == len(project.images()) > 0
+    assert seen["splash visible"] is False  # the start-up splash closes once the window is up
     assert QSettings().value("project/last") == str(review_project)
     assert log_file().parent.exists()
 
