@@ -26,7 +26,7 @@ import numpy as np
 
 from defect_studio.atomic import STAGED_SUFFIX, TEMP_SUFFIX, atomic_write_bytes, configure_faults
 from defect_studio.imageio import encode_mask_png, read_mask
-from defect_studio.project import LOCKED_STATES, Project
+from defect_studio.project import DECIDED_STATES, LOCKED_STATES, Project
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGE_SHAPE = (12, 16)  # height, width of every image of the harness project
@@ -118,7 +118,7 @@ class Model:
         elif kind == "propose":
             _, image, round_index, seed = op
             existing = self.masks.get((image, round_index))
-            if existing is not None and existing[0] in LOCKED_STATES:
+            if existing is not None and existing[0] in DECIDED_STATES:
                 return
             earlier = [r for r in range(round_index) if self.masks.get((image, r), ("",))[0] in LOCKED_STATES]
             if earlier:

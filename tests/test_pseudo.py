@@ -166,3 +166,6 @@ def test_completing_an_interrupted_round_keeps_every_existing_mask_and_decision(
         assert summary["proposed"] == 1 and summary["kept_existing"] == len(before)
         assert {k: v for k, v in after.items() if k != missing.id} == before  # the rejection included
         assert after[missing.id][0] == "proposed"
+        # Proposing the whole round again (new settings, say) keeps every decision made in it.
+        run_job(pseudo_job(project, 0, "gradcam", {"mode": "otsu"}, CancelToken()))
+        assert project.mask_record(defects[0].id, 0).state == "rejected"

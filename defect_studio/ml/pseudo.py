@@ -25,6 +25,7 @@ import numpy as np
 from defect_studio.errors import DataError, ModelError
 from defect_studio.imageio import read_image, read_mask, write_mask
 from defect_studio.jobs import CancelToken, EtaClock, Progress
+from defect_studio.project import DECIDED_STATES
 
 THRESHOLD_MODES = ("fixed", "percentile", "otsu")
 PSEUDO_SUBDIR = "pseudo"
@@ -253,7 +254,7 @@ def pseudo_job(
                 params["ignore_path"] = str(path.relative_to(project.path))
                 params["ignore_pixels"] = int(ignore.sum())
         saved = project.save_mask_proposal(record.id, round_index, mask, record_source, params, flagged=is_flagged)
-        if saved.state in ("accepted", "edited"):
+        if saved.state in DECIDED_STATES:  # the user's decision stands
             carried += 1
         else:
             proposed += 1

@@ -1,6 +1,7 @@
 """The project store (no Qt, no torch): SQLite state, images, tags, rounds, masks, training runs."""
 
 from defect_studio.project.store import (
+    DECIDED_STATES,
     LOCKED_STATES,
     MASK_STATES,
     TAGS,
@@ -12,6 +13,7 @@ from defect_studio.project.store import (
 )
 
 __all__ = [
+    "DECIDED_STATES",
     "LOCKED_STATES",
     "MASK_STATES",
     "TAGS",

@@ -46,6 +46,7 @@ TAGS = ("good", "defect", "untagged")
 TAG_SOURCES = ("user", "folder", "csv", "import")
 MASK_STATES = ("proposed", "accepted", "rejected", "edited")
 LOCKED_STATES = ("accepted", "edited")  # the user's word is final: never overwritten by a later round
+DECIDED_STATES = (*LOCKED_STATES, "rejected")  # a new proposal in the same round keeps any of these
 
 
 def utc_now() -> str:
@@ -590,12 +591,12 @@ class Project:
                            params: dict | None = None, flagged: bool = False) -> MaskRecord:
         """Store a proposed mask for a round. The user's decisions are final: an image whose mask
         was accepted or edited in an earlier round gets that mask carried forward, and one already
-        accepted or edited in this round keeps it; in both cases `mask` is ignored."""
+        accepted, edited or rejected in this round keeps it; in both cases `mask` is ignored."""
         with self._mutex:  # the check and the write are one step: a user edit cannot slip between
             self.round(round_index)
             image = self.image(image_id)
             existing = self.mask_record(image_id, round_index)
-            if existing is not None and existing.state in LOCKED_STATES:
+            if existing is not None and existing.state in DECIDED_STATES:
                 return existing
             target, proposal_path = self.mask_paths(image, round_index)
             carried = self.locked_mask_before(image_id, round_index)
