@@ -171,3 +171,17 @@ def test_warm_start_needs_the_same_architecture(tmp_path: Path) -> None:
                                         CancelToken(), start_from=first.checkpoint_path))
     assert same.metrics["started_from"] == first.checkpoint_sha256
     assert other.metrics["started_from"] is None
+
+
+def test_threads_setting_holds_while_training_and_is_restored(tmp_path: Path) -> None:
+    samples = [SegmentationSample(f"s{i}", np.random.default_rng(i).random((40, 40, 1), dtype=np.float32),
+                                  make_target(np.pad(np.ones((8, 8), bool), 16))) for i in range(4)]
+    config = SegmenterConfig(channels=(4, 8), crop_size=32, batch_size=2, epochs=2, steps_per_epoch=1,
+                             validation_fraction=0.0, threads=1)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        during = [torch.get_num_threads() for _ in train_segmenter_job(samples, config, tmp_path / "a.pt", CancelToken())]
+        assert during == [1, 1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous)

@@ -26,6 +26,7 @@ from defect_studio.dataset_layout import DatasetSample, load_dataset
 from defect_studio.imageio import file_sha256, read_image, read_mask
 from defect_studio.jobs import CancelToken, run_job
 from defect_studio.ml.cams import compute_cams, default_settings
+from defect_studio.ml.device import torch_threads
 from defect_studio.ml.metrics import ThresholdSweep
 
 DEFAULT_THRESHOLD = 0.5
@@ -194,9 +195,7 @@ def main(args: argparse.Namespace) -> int:
     dataset = Path(args.dataset)
     out = Path(args.out) if getattr(args, "out", None) else Path("bench-results")
     out.mkdir(parents=True, exist_ok=True)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # timings on a shared CPU are only comparable single-threaded
-    try:
+    with torch_threads(1):  # timings on a shared CPU are only comparable single-threaded
         samples = load_dataset(dataset, seed=getattr(args, "seed", 0))
         checkpoint = obtain_classifier(args, samples, out)
         classifier = load_classifier(checkpoint, device="cpu")
@@ -241,8 +240,6 @@ def main(args: argparse.Namespace) -> int:
             rows.append(score.row(name, method, what, {**default_settings(method), **settings}, settings))
             print(f"  {name:36s} defect IoU {rows[-1]['defect_iou']:.3f} (t={rows[-1]['best_t']:.2f})  "
                   f"{rows[-1]['ms_per_image']:.0f} ms/image", flush=True)
-    finally:
-        torch.set_num_threads(threads)
     rows[1]["time_vs_reference"] = 1.0
     type_columns = sorted({k for row in rows for k in row if k.startswith("iou ")})
     main_columns = ["variant", "defect_iou", "background_iou", "miou", "best_t", "defect_iou_t>=0.05", "defect_iou@0.5", "miou@0.5",

@@ -27,6 +27,7 @@ from defect_studio.bench.report import write_report
 from defect_studio.dataset_layout import DatasetSample, load_dataset
 from defect_studio.imageio import read_image, read_mask
 from defect_studio.jobs import CancelToken, run_job
+from defect_studio.ml.device import torch_threads
 from defect_studio.ml.evaluate import evaluate_pairs
 from defect_studio.ml.segmenter import (
     CropSampler,
@@ -79,9 +80,7 @@ def _samples(items: list[DatasetSample]) -> list[tuple[DatasetSample, np.ndarray
 
 def cpu_seconds_per_step(config: SegmenterConfig, samples: list[SegmentationSample], steps: int = 4) -> float:
     """Median wall time of one training step on the CPU, one torch thread, after one warm-up step."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         torch.manual_seed(config.seed)
         model = build_segmenter(samples[0].image.shape[2], config).train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate)
@@ -96,8 +95,6 @@ def cpu_seconds_per_step(config: SegmenterConfig, samples: list[SegmentationSamp
             optimizer.step()
             times.append(time.perf_counter() - started)
         return float(np.median(times[1:]))
-    finally:
-        torch.set_num_threads(threads)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -28,7 +28,7 @@ from defect_studio.errors import DataError, ModelError
 from defect_studio.imageio import read_image
 from defect_studio.jobs import CancelToken, EtaClock, Progress
 from defect_studio.ml.augment import augment_batch, surface_augmentation
-from defect_studio.ml.device import describe_device, peak_memory_mb, select_device
+from defect_studio.ml.device import describe_device, peak_memory_mb, select_device, torch_threads
 from defect_studio.ml.metrics import auroc, binary_scores
 from defect_studio.ml.models import ClassifierConfig, DefectClassifier, build_classifier
 from defect_studio.ml.preprocess import Geometry, Preprocessing
@@ -278,13 +278,8 @@ def train_classifier_job(
     checkpoint_path = Path(checkpoint_path)
     check_two_classes([label for _, label, _ in samples])
     torch_device = select_device(device)
-    previous_threads = torch.get_num_threads()
-    if config.threads:
-        torch.set_num_threads(int(config.threads))
-    try:
+    with torch_threads(config.threads):
         result = yield from _train(samples, config, checkpoint_path, cancel, torch_device, validation_keys, evaluation)
-    finally:
-        torch.set_num_threads(previous_threads)
     return result
 
 

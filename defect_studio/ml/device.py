@@ -2,7 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import torch
+
+
+@contextlib.contextmanager
+def torch_threads(count: int | None) -> Iterator[None]:
+    """Run the block with `count` torch CPU threads (None: leave as is), restoring the count after.
+
+    On a CPU shared with the GUI or other jobs, one thread is often faster than two: OpenMP
+    threads spin-wait for each other when a core is taken.
+    """
+    previous = torch.get_num_threads()
+    if count:
+        torch.set_num_threads(int(count))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def select_device(preference: str = "auto") -> torch.device:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from defect_studio.atomic import atomic_open
 from defect_studio.errors import DataError, ModelError
 from defect_studio.jobs import CancelToken, EtaClock, Progress
-from defect_studio.ml.device import peak_memory_mb, select_device
+from defect_studio.ml.device import peak_memory_mb, select_device, torch_threads
 from defect_studio.ml.metrics import SegmentationTally, ThresholdSweep
 from defect_studio.predict import match_channels, to_network_input
 
@@ -67,6 +67,7 @@ class SegmenterConfig:
     warm_start: bool = True
     warm_start_epochs: int = 6
     device: str = "auto"
+    threads: int | None = None  # torch CPU threads while training; None leaves the default
     time_budget_s: float | None = None  # stop after the epoch that crosses it (same budget for weak and full)
 
     @classmethod
@@ -422,7 +423,18 @@ def train_segmenter_job(
     """
     if not samples:
         raise DataError("no masks to train the segmenter on (every image rejected or none reviewed).")
-    checkpoint_path = Path(checkpoint_path)
+    with torch_threads(config.threads):
+        return (yield from _train_segmenter(samples, config, Path(checkpoint_path), cancel, extra_meta, start_from))
+
+
+def _train_segmenter(
+    samples: Sequence[SegmentationSample],
+    config: SegmenterConfig,
+    checkpoint_path: Path,
+    cancel: CancelToken,
+    extra_meta: dict[str, Any] | None,
+    start_from: str | Path | None,
+) -> Generator[Progress, None, SegmenterTrainingResult]:
     torch.manual_seed(config.seed)
     device = select_device(config.device)
     in_channels = 1 if all(s.image.shape[2] == 1 for s in samples) else 3
