@@ -121,6 +121,10 @@ def test_proposals_round_and_reopen(qtbot, make_window, project_copy: Path) -> N
     assert rounds.table.rowCount() == 2
     assert len(rounds.live_points["loss"]) == 1  # one segmenter epoch, plotted as it came
     assert window.project.latest_run("segmenter") is not None
+    import os
+
+    # trained with a core left for the GUI thread, as the classifier is
+    assert window.project.latest_run("segmenter").config["threads"] == max(1, (os.cpu_count() or 2) - 1)
     assert rounds.table.item(0, 8).text() != "–"  # the segmenter's validation IoU of round 0
     # Accepted masks are carried into round 1 unchanged.
     for image_id in accepted:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import logging
+import os
 import types
 import typing
 from typing import Any, Callable
@@ -39,6 +40,12 @@ def optional_module(name: str, *attributes: str) -> types.ModuleType | None:
     if not all(hasattr(module, attribute) for attribute in attributes):
         return None
     return module
+
+
+def training_threads() -> int:
+    """Torch threads for a training job started from the window: one fewer than the cores, so the
+    GUI thread always has a core to paint on."""
+    return max(1, (os.cpu_count() or 2) - 1)
 
 
 def defect_mask_counts(project: Any, round_index: int) -> dict[str, int]:

@@ -20,7 +20,14 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from defect_studio.gui.panels.common import ConfigForm, JobRow, defect_mask_counts, not_available_text, optional_module
+from defect_studio.gui.panels.common import (
+    ConfigForm,
+    JobRow,
+    defect_mask_counts,
+    not_available_text,
+    optional_module,
+    training_threads,
+)
 from defect_studio.gui.panels.train_panel import make_plot
 
 if TYPE_CHECKING:
@@ -54,7 +61,8 @@ def _nested(metrics: dict, *path: str) -> Any:
 
 
 SEGMENTER_FIELDS = [
-    ("epochs", "Epochs", "Epochs of segmenter training"),
+    ("epochs", "Epochs", "Epochs of segmenter training from scratch (round 0)"),
+    ("warm_start_epochs", "Epochs, later rounds", "Later rounds continue from the previous round's segmenter for this many epochs"),
     ("steps_per_epoch", "Steps per epoch", "Batches of random crops per epoch"),
     ("crop_size", "Crop size (px)", "Training crops; the segmenter runs on whole images"),
     ("batch_size", "Batch size", "Crops per step"),
@@ -248,7 +256,7 @@ class RoundsPanel(QWidget):
         pseudo_settings = round_config.get("pseudo") if isinstance(round_config.get("pseudo"), dict) else None
         cam_settings = round_config.get("cam_settings") if isinstance(round_config.get("cam_settings"), dict) else {}
         config = refine.RefineConfig(method=method, cam_settings=dict(cam_settings), pseudo=dict(pseudo_settings or {}),
-                                     segmenter=segmenter_values)
+                                     segmenter={"threads": training_threads(), **segmenter_values})
         gt_dir = ground_truth_dir(project)
 
         already_trained = any(run.round_index == round_index for run in project.training_runs("segmenter"))

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 import pyqtgraph as pg
 from PySide6.QtWidgets import QGroupBox, QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWidget
 
-from defect_studio.gui.panels.common import ConfigForm, JobRow, not_available_text, optional_module
+from defect_studio.gui.panels.common import ConfigForm, JobRow, not_available_text, optional_module, training_threads
 from defect_studio.jobs import Progress
 
 if TYPE_CHECKING:
@@ -177,12 +177,10 @@ class TrainPanel(QWidget):
         return started
 
     def _extra_overrides(self) -> dict[str, Any]:
-        import os
-
         overrides: dict[str, Any] = {}
         names = {f for f in getattr(self.form.config_type, "__dataclass_fields__", {})} if self.form else set()
         if "threads" in names:
-            overrides["threads"] = max(1, (os.cpu_count() or 2) - 1)
+            overrides["threads"] = training_threads()
         return overrides
 
     def _clear_curves(self) -> None:
