@@ -1,5 +1,6 @@
-"""How responsive the window stays: event-loop stalls while the classifier trains, and the time
-from a brush mouse event to the repainted mask on a 1024 × 1024 image.
+"""How responsive the window stays: event-loop stalls while the classifier trains and while a
+refinement round trains the segmenter, and the time from a brush mouse event to the repainted
+mask on a 1024 × 1024 image.
 
     python -m defect_studio.bench.gui_responsiveness [--out DIR] [--epochs N] [--images N]
 
@@ -158,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=6, help="classifier epochs to train while measuring")
     parser.add_argument("--images", type=int, default=80, help="demo images to train on")
     parser.add_argument("--input-size", type=int, default=128)
+    parser.add_argument("--segmenter-epochs", type=int, default=3, help="segmenter epochs (of 40 steps) of the round")
     args = parser.parse_args(argv)
     # Headless unless a display was asked for; error dialogs are logged, not shown (nobody to click them).
     os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
@@ -214,6 +216,31 @@ def main(argv: list[str] | None = None) -> int:
         _spin(app, 3600, until=lambda: not panel.runner.busy)
         meter.stop()
         training_with_brush = meter.summary()
+        # Phase 3: a refinement round (segmenter training with the app's recipe, then the next
+        # round's proposals), on round-0 masks taken from the demo's ground truth, painting meanwhile.
+        from defect_studio.imageio import read_mask
+
+        project = window.project
+        project.create_round({"source": "bench: demo masks"})
+        for image in project.images("defect"):
+            mask = read_mask(project_dir.parent / "dataset" / "masks" / f"{image.stem}.png", (image.height, image.width))
+            project.save_mask_proposal(image.id, 0, mask, "bench:demo-mask", {})
+        window.notify_masks_changed()
+        rounds = window.rounds_panel
+        window.stage_tabs.setCurrentWidget(rounds)
+        rounds.form.set_values({"epochs": args.segmenter_epochs})
+        meter.start()
+        started = time.perf_counter()
+        rounds.run_round()
+        _spin(app, 1.5)
+        window.stage_tabs.setCurrentWidget(window.review_panel)  # the brush lives on the review stage
+        prepare_brush_canvas(app, window)
+        brush_round = measure_brush(app, window, only_while=lambda: rounds.runner.busy) if rounds.runner.busy else []
+        _spin(app, 3600, until=lambda: not rounds.runner.busy)
+        meter.stop()
+        round_seconds = time.perf_counter() - started
+        round_stalls = meter.summary()
+        window_rounds = project.rounds()
         window.editor.forget(-1, -1)
         window.editor.close_session()
         window.close()
@@ -222,17 +249,22 @@ def main(argv: list[str] | None = None) -> int:
         {"condition": "idle (3 s)", **idle},
         {"condition": f"classifier training ({args.epochs} epochs, {args.images} images, {training_seconds:.0f} s)", **training},
         {"condition": "classifier training while painting brush strokes", **training_with_brush},
+        {"condition": f"refinement round: segmenter training ({args.segmenter_epochs} epochs) + proposals, "
+                      f"painting meanwhile ({round_seconds:.0f} s)", **round_stalls},
     ]
     brush_rows = [_brush_row("brush move → mask repainted, idle (1024²)", brush_idle),
-                  _brush_row("brush move → mask repainted, while training (1024²)", brush_training)]
-    worst_stall = max(training["max_ms"], training_with_brush["max_ms"])
-    worst_brush = max(brush_idle + brush_training) if brush_idle + brush_training else float("nan")
+                  _brush_row("brush move → mask repainted, while training (1024²)", brush_training),
+                  _brush_row("brush move → mask repainted, during a refinement round (1024²)", brush_round)]
+    worst_stall = max(training["max_ms"], training_with_brush["max_ms"], round_stalls["max_ms"])
+    everything = brush_idle + brush_training + brush_round
+    worst_brush = max(everything) if everything else float("nan")
     notes = [
         f"Event-loop lateness of a {TICK_MS} ms timer; target: no stall over {STALL_TARGET_MS:.0f} ms "
         f"({'met' if worst_stall <= STALL_TARGET_MS else 'NOT met'}: max {worst_stall:.1f} ms while training).",
         f"Brush: target under {BRUSH_TARGET_MS:.0f} ms ({'met' if worst_brush <= BRUSH_TARGET_MS else 'NOT met'}: "
         f"max {worst_brush:.1f} ms); only the stroke segment's rectangle is recoloured and repainted.",
         "Training runs in a QThread with torch threads = cores − 1, so one core is left for the GUI thread.",
+        f"Refinement round: {len(window_rounds)} rounds afterwards (the trained round 0 and the proposed round 1).",
         f"Platform plugin: {os.environ.get('QT_QPA_PLATFORM', 'default')}. Training result: {outcome[:160]}",
     ]
     markdown = write_report(args.out, "gui-responsiveness", "GUI responsiveness",
