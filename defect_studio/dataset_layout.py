@@ -17,8 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping
 
+import numpy as np
+
 from defect_studio.errors import DataError
-from defect_studio.imageio import IMAGE_EXTENSIONS
+from defect_studio.imageio import IMAGE_EXTENSIONS, read_mask
 
 LABELS = ("good", "defect")
 GOOD_NAMES = frozenset({"good", "ok", "normal", "pass", "okay"})
@@ -43,6 +45,10 @@ class DatasetSample:
     split: str  # "train" | "test"
     mask_path: Path | None  # ground truth, evaluation only
     defect_type: str | None
+
+    def truth(self, shape: tuple[int, int]) -> np.ndarray:
+        """The ground-truth mask at `shape`; all background when the dataset has no mask for it."""
+        return read_mask(self.mask_path, shape) if self.mask_path else np.zeros(shape, bool)
 
 
 def read_csv_rows(path: Path) -> list[dict[str, str]]:

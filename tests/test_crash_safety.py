@@ -282,27 +282,29 @@ def _round_masks(project_dir: Path, round_index: int) -> dict[str, tuple[str, st
         return masks
 
 
-def test_pseudo_labelling_killed_anywhere_then_rerun_gives_the_uninterrupted_masks(fast_dir: Path):
-    """Kill `defect-studio pseudo` while it computes and caches CAMs and saves proposals; after a
-    rerun of the round the masks are byte-identical to those of an uninterrupted run."""
+def _classified_demo_project(fast_dir: Path, seed: int) -> Path:
+    """A 12-image demo project with a tiny trained classifier, at fast_dir/base/project: every copy
+    made two levels below fast_dir keeps the image paths valid."""
     from defect_studio.demo import make_demo_dataset
     from defect_studio.jobs import CancelToken, run_job
     from defect_studio.ml.classifier import train_project_classifier_job
+    from defect_studio.ml.device import torch_threads
     from defect_studio.ml.models import ClassifierConfig
     from defect_studio.project.importer import import_job
-    import torch
 
-    dataset = make_demo_dataset(fast_dir / "dataset", count=12, size=48, seed=2)
-    base = fast_dir / "base" / "project"  # every copy sits two levels below fast_dir: image paths stay valid
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with Project.create(base, dataset / "images") as project:
-            run_job(import_job(project, dataset / "images", dataset / "labels.csv", CancelToken()))
-            config = ClassifierConfig(epochs=1, min_epochs=1, input_size=32, width=4, batch_size=8, seed=0)
-            run_job(train_project_classifier_job(project, config, CancelToken(), device="cpu"))
-    finally:
-        torch.set_num_threads(threads)
+    dataset = make_demo_dataset(fast_dir / "dataset", count=12, size=48, seed=seed)
+    base = fast_dir / "base" / "project"
+    with torch_threads(1), Project.create(base, dataset / "images") as project:
+        run_job(import_job(project, dataset / "images", dataset / "labels.csv", CancelToken()))
+        config = ClassifierConfig(epochs=1, min_epochs=1, input_size=32, width=4, batch_size=8, seed=0)
+        run_job(train_project_classifier_job(project, config, CancelToken(), device="cpu"))
+    return base
+
+
+def test_pseudo_labelling_killed_anywhere_then_rerun_gives_the_uninterrupted_masks(fast_dir: Path):
+    """Kill `defect-studio pseudo` while it computes and caches CAMs and saves proposals; after a
+    rerun of the round the masks are byte-identical to those of an uninterrupted run."""
+    base = _classified_demo_project(fast_dir, seed=2)
     reference = fast_dir / "reference" / "project"
     shutil.copytree(base, reference)
     assert _cli("pseudo", str(reference)).returncode == 0
@@ -336,24 +338,7 @@ def test_pseudo_labelling_killed_anywhere_then_rerun_gives_the_uninterrupted_mas
 def test_refine_killed_anywhere_keeps_whole_rounds_and_a_rerun_finishes_them(fast_dir: Path):
     """Kill `defect-studio refine` while it proposes, trains and records rounds: every mask and model
     on disk is whole and as recorded, and running refine again completes the interrupted round."""
-    from defect_studio.demo import make_demo_dataset
-    from defect_studio.jobs import CancelToken, run_job
-    from defect_studio.ml.classifier import train_project_classifier_job
-    from defect_studio.ml.models import ClassifierConfig
-    from defect_studio.project.importer import import_job
-    import torch
-
-    dataset = make_demo_dataset(fast_dir / "dataset", count=12, size=48, seed=3)
-    base = fast_dir / "base" / "project"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with Project.create(base, dataset / "images") as project:
-            run_job(import_job(project, dataset / "images", dataset / "labels.csv", CancelToken()))
-            config = ClassifierConfig(epochs=1, min_epochs=1, input_size=32, width=4, batch_size=8, seed=0)
-            run_job(train_project_classifier_job(project, config, CancelToken(), device="cpu"))
-    finally:
-        torch.set_num_threads(threads)
+    base = _classified_demo_project(fast_dir, seed=3)
     refine = ["refine", "--rounds", "2", "--epochs", "1", "--steps-per-epoch", "1", "--device", "cpu",
               "--stop-change", "0", "--mode", "percentile"]
     counted = fast_dir / "counted" / "project"

@@ -119,7 +119,7 @@ def _evaluate_segmenter(model: LoadedSegmenter, test: list[DatasetSample]) -> di
     def pairs():
         for sample in test:
             image = read_image(sample.image_path)
-            truth = read_mask(sample.mask_path, image.shape[:2]) if sample.mask_path else np.zeros(image.shape[:2], bool)
+            truth = sample.truth(image.shape[:2])
             yield truth, model.mask(image), sample.label == "defect", sample.defect_type
 
     return evaluate_pairs(pairs())
@@ -279,7 +279,7 @@ def run(dataset: Path, quick: bool, out: Path, seed: int, classifier_path: Path 
                 samples = []
                 for sample in train:
                     image = read_image(sample.image_path)
-                    truth = read_mask(sample.mask_path, image.shape[:2]) if sample.mask_path else np.zeros(image.shape[:2], bool)
+                    truth = sample.truth(image.shape[:2])
                     samples.append(SegmentationSample(sample.stem, image.astype(np.float16), make_target(truth)))
                 return samples
 

@@ -25,7 +25,7 @@ import torch
 
 from defect_studio.bench.report import write_report
 from defect_studio.dataset_layout import DatasetSample, load_dataset
-from defect_studio.imageio import read_image, read_mask
+from defect_studio.imageio import read_image
 from defect_studio.jobs import CancelToken, run_job
 from defect_studio.ml.device import torch_threads
 from defect_studio.ml.evaluate import evaluate_pairs
@@ -73,7 +73,7 @@ def _samples(items: list[DatasetSample]) -> list[tuple[DatasetSample, np.ndarray
     loaded = []
     for sample in items:
         image = read_image(sample.image_path)
-        truth = read_mask(sample.mask_path, image.shape[:2]) if sample.mask_path else np.zeros(image.shape[:2], bool)
+        truth = sample.truth(image.shape[:2])
         loaded.append((sample, image, truth))
     return loaded
 

@@ -41,15 +41,13 @@ def _add_pseudo_arguments(parser: argparse.ArgumentParser) -> None:
 
 # ------------------------------------------------------------------------------------------ pseudo
 def run_pseudo(args: argparse.Namespace) -> int:
-    from defect_studio.ml.pseudo import PseudoLabelSettings, check_can_propose, pseudo_job
+    from defect_studio.ml.pseudo import PseudoLabelSettings, create_checked_round, pseudo_job
     from defect_studio.project import Project
 
     settings = PseudoLabelSettings.from_dict(_pseudo_settings(args)).to_dict()  # refuse bad values first
     with Project.open(args.project) as project:
         if args.round is None:
-            rounds = project.rounds()
-            check_can_propose(project, rounds[-1].index + 1 if rounds else 0, args.classifier)  # refuse before creating
-            round_index = project.create_round({"method": args.method, "pseudo": settings}).index
+            round_index = create_checked_round(project, {"method": args.method, "pseudo": settings}, args.classifier)
         else:
             round_index = project.round(args.round).index
         cancel = CancelToken()

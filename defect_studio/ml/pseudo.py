@@ -167,6 +167,13 @@ def check_can_propose(project: Any, round_index: int, classifier_path: str | Pat
     segmenter_checkpoint_for_round(project, round_index)
 
 
+def create_checked_round(project: Any, config: dict[str, Any], classifier_path: str | Path | None = None) -> int:
+    """Create the next round only once `check_can_propose` passes (no empty round left behind); its index."""
+    rounds = project.rounds()
+    check_can_propose(project, rounds[-1].index + 1 if rounds else 0, classifier_path)
+    return int(project.create_round(config).index)
+
+
 def pseudo_job(
     project: Any,
     round_index: int,

@@ -19,7 +19,7 @@ import numpy as np
 from defect_studio.errors import DataError
 from defect_studio.imageio import read_image
 from defect_studio.jobs import CancelToken, Progress
-from defect_studio.ml.pseudo import PseudoLabelSettings, check_can_propose, load_ignore, pseudo_job
+from defect_studio.ml.pseudo import PseudoLabelSettings, create_checked_round, load_ignore, pseudo_job
 from defect_studio.ml.segmenter import (
     SegmentationSample,
     SegmenterConfig,
@@ -194,9 +194,7 @@ def refine_job(
     for step in range(rounds):
         timings: dict[str, float] = {}
         if round_index is None:
-            rounds_so_far = project.rounds()
-            check_can_propose(project, rounds_so_far[-1].index + 1 if rounds_so_far else 0, classifier_path)
-            round_index = project.create_round(config.to_dict()).index
+            round_index = create_checked_round(project, config.to_dict(), classifier_path)
             started = time.monotonic()
             yield from pseudo_job(
                 project, round_index, config.method, config.pseudo, cancel, config.cam_settings, classifier_path

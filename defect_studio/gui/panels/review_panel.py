@@ -183,7 +183,7 @@ class ReviewPanel(QWidget):
 
     # --- state ---------------------------------------------------------------------------------------
     def _pseudo(self) -> Any:
-        return optional_module("defect_studio.ml.pseudo", "pseudo_job", "PseudoLabelSettings", "check_can_propose")
+        return optional_module("defect_studio.ml.pseudo", "pseudo_job", "PseudoLabelSettings", "create_checked_round")
 
     def refresh(self) -> None:
         project = self.window_.project
@@ -324,13 +324,12 @@ class ReviewPanel(QWidget):
         project.set_setting("gui.proposal_method", method)
         round_index = self.window_.current_round
         if round_index is None:
-            try:  # refuse before an empty round is created
-                pseudo.check_can_propose(project, 0)
+            try:  # refused before an empty round is created
+                round_index = pseudo.create_checked_round(project, {
+                    "cam_method": method, "pseudo": settings, "cam_settings": self.window_.cam_panel.settings_for(method)})
             except DefectStudioError as error:
                 report_error(self, "Cannot make proposals", error)
                 return False
-            round_index = project.create_round({"cam_method": method, "pseudo": settings,
-                                                "cam_settings": self.window_.cam_panel.settings_for(method)}).index
             self.window_.notify_masks_changed()
         self.editor.flush()
         index = round_index

@@ -164,7 +164,7 @@ class RoundsPanel(QWidget):
     # --- availability ----------------------------------------------------------------------------
     def _refine(self) -> Any:
         refine = optional_module("defect_studio.ml.refine", "refine_job", "RefineConfig")
-        pseudo = optional_module("defect_studio.ml.pseudo", "pseudo_job", "check_can_propose")
+        pseudo = optional_module("defect_studio.ml.pseudo", "pseudo_job", "create_checked_round")
         if refine is not None and pseudo is not None and self.form is None:
             segmenter = optional_module("defect_studio.ml.segmenter", "SegmenterConfig")
             if segmenter is not None:
@@ -244,7 +244,7 @@ class RoundsPanel(QWidget):
         round), then make the next round's proposals from segmenter + CAM, in one background job."""
         project = self.window_.project
         refine = self._refine()
-        pseudo = optional_module("defect_studio.ml.pseudo", "pseudo_job", "check_can_propose")
+        pseudo = optional_module("defect_studio.ml.pseudo", "pseudo_job", "create_checked_round")
         round_index = self.window_.current_round
         if project is None or refine is None or pseudo is None or round_index is None or self.runner.busy:
             return False
@@ -267,12 +267,10 @@ class RoundsPanel(QWidget):
                 summary = yield from refine.refine_job(project, 1, cancel, gt_dir=gt_dir, config=config)
             if summary.get("stopped_early"):
                 return summary
-            rounds_so_far = project.rounds()
-            pseudo.check_can_propose(project, rounds_so_far[-1].index + 1 if rounds_so_far else 0)
-            next_round = project.create_round(config.to_dict())
-            proposals = yield from pseudo.pseudo_job(project, next_round.index, method, config.pseudo, cancel,
+            next_round = pseudo.create_checked_round(project, config.to_dict())
+            proposals = yield from pseudo.pseudo_job(project, next_round, method, config.pseudo, cancel,
                                                      config.cam_settings)
-            return {**summary, "next_round": next_round.index, "proposals": proposals}
+            return {**summary, "next_round": next_round, "proposals": proposals}
 
         return self.runner.start(round_job, f"Round {round_index}: train segmenter, propose round {round_index + 1}")
 
