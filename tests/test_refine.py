@@ -153,3 +153,30 @@ def test_full_bench_quick_on_the_demo(demo_dataset: Path, tmp_path: Path) -> Non
     assert set(report["weak_seconds"]) >= {"classifier", "CAMs", "pseudo-labels", "segmenter training"}
     tables = report["tables"]
     assert len(tables["Test split: weak loop vs full supervision"]) == 2
+
+
+def test_simulated_reviewer_edits_new_images_each_round_and_rejects_the_rest(demo_project: Path, demo_dataset: Path) -> None:
+    """The full bench's careful user: K more ground-truth edits per round, locked for later rounds;
+    every other defect proposal rejected."""
+    from defect_studio.bench.full import SimulatedReviewer
+    from defect_studio.dataset_layout import load_dataset
+
+    samples = {sample.stem: sample for sample in load_dataset(demo_dataset, 0)}
+    reviewer = SimulatedReviewer(list(samples.values()), edits_per_round=3, reject_unedited=True, seed=0)
+    assert reviewer.describe() == "3 edited per round, the rest rejected"
+    with Project.open(demo_project) as project:
+        defects = project.images("defect")
+        for round_index in (0, 1):
+            project.create_round({})
+            for image in project.images():
+                project.save_mask_proposal(image.id, round_index, np.ones((image.height, image.width), bool), "test")
+            reviewer(project, round_index)
+            states = project.mask_state_counts(tag="defect")[round_index]
+            assert states["edited"] == 3 * (round_index + 1)  # earlier edits are carried forward
+            assert states["rejected"] == len(defects) - states["edited"] and states["proposed"] == 0
+        assert project.mask_state_counts(tag="good")[1] == {"proposed": len(project.images("good")), "accepted": 0,
+                                                             "edited": 0, "rejected": 0, "flagged": 0}
+        for record in project.mask_records(1, state="edited"):
+            image = project.image(record.image_id)
+            truth = samples[image.stem].truth((image.height, image.width))
+            assert np.array_equal(project.load_mask(record) > 0, truth)

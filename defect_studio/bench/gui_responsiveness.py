@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     from PySide6.QtWidgets import QApplication
 
     from defect_studio.bench.report import write_report
-    from defect_studio.gui.app import configure_application
+    from defect_studio.gui.app import configure_application, freeze_startup_objects
     from defect_studio.gui.main_window import MainWindow
     from defect_studio.project.demo_project import make_demo_project
 
@@ -182,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         window = MainWindow(QSettings())
         window.resize(1400, 900)
         window.show()
+        freeze_startup_objects()  # as the app does once its window is up
         if not window.open_path(project_dir):
             print("could not open the demo project", file=sys.stderr)
             return 1

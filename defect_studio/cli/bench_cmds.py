@@ -23,6 +23,10 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", help="full: the CAM method for round 0 (default: the best on the training split)")
     parser.add_argument("--segmenter-epochs", type=int, help="full: segmenter epochs per round")
     parser.add_argument("--steps-per-epoch", type=int, help="full: segmenter training steps per epoch")
+    parser.add_argument("--edits-per-round", type=int, default=0, metavar="K",
+                        help="full: a simulated user draws the ground-truth mask of K more defect images each round")
+    parser.add_argument("--reject-unedited", action="store_true",
+                        help="full: the simulated user rejects every defect proposal it did not edit")
     parser.add_argument("--candidates", nargs="+", metavar="NAME", help="segmenter: the recipes to compare (default: all)")
     parser.add_argument("--steps", nargs="+", type=int, metavar="N", help="segmenter: training steps per candidate")
     parser.add_argument("--json", action="store_true", help="print progress events as JSON lines")

@@ -155,6 +155,13 @@ class MaskEditor(QObject):
             self.undo_group.removeStack(session.stack)
             session.stack.deleteLater()
 
+    def forget_all(self) -> None:
+        """Save pending edits, then drop every session of a project mask and its undo history (after
+        new proposals: the masks on disk are the truth now). Scratch canvases stay."""
+        self.flush()
+        for key in [key for key, session in self._sessions.items() if not session.scratch]:
+            self.forget(*key)
+
     @property
     def undo_stack(self) -> QUndoStack | None:
         return self.session.stack if self.session is not None else None

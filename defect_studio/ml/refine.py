@@ -117,11 +117,12 @@ def train_project_segmenter_job(
 
 def round_review_metrics(project: Any, round_index: int) -> dict[str, Any]:
     """Accept rate and edited-pixel fraction over the round's defect-tagged images."""
-    records = [r for r in project.mask_records(round_index=round_index) if project.image(r.image_id).tag == "defect"]
+    records = project.mask_records(round_index=round_index, tag="defect")
+    images = {image.id: image for image in project.images("defect")}
     states = {state: sum(r.state == state for r in records) for state in ("proposed", "accepted", "rejected", "edited")}
     edited_pixels = total_pixels = 0
     for record in records:
-        image = project.image(record.image_id)
+        image = images[record.image_id]
         total_pixels += image.width * image.height
         if record.state == "edited":
             proposal = project.load_proposal(record.image_id, round_index)

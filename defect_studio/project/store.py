@@ -19,7 +19,7 @@ import logging
 import os
 import sqlite3
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -58,13 +58,18 @@ class ImageRecord:
     id: int
     rel_path: str
     stem: str
-    path: Path  # absolute
+    image_root: Path = field(repr=False)
     sha256: str
     width: int
     height: int
     channels: int
     bit_depth: int
     tag: str
+
+    @property
+    def path(self) -> Path:
+        """The absolute path, built on use: listing 10 000 images need not build 10 000 paths."""
+        return self.image_root / self.rel_path
 
 
 @dataclass(frozen=True)
@@ -80,13 +85,19 @@ class RoundRecord:
 class MaskRecord:
     image_id: int
     round_index: int
-    path: Path  # absolute
+    project_dir: Path = field(repr=False)
+    rel_path: str
     state: str
     source: str
     params: dict
     flagged: bool
     sha256: str
     updated_at: str
+
+    @property
+    def path(self) -> Path:
+        """The absolute path, built on use (see ImageRecord.path)."""
+        return self.project_dir / self.rel_path
 
 
 @dataclass(frozen=True)
@@ -371,7 +382,7 @@ class Project:
 
     def _image(self, row: sqlite3.Row) -> ImageRecord:
         image_id, rel_path, stem, sha256, width, height, channels, bit_depth, tag = row
-        return ImageRecord(image_id, rel_path, stem, self.image_root / rel_path, sha256, width, height, channels, bit_depth, tag)
+        return ImageRecord(image_id, rel_path, stem, self.image_root, sha256, width, height, channels, bit_depth, tag)
 
     def images(self, tag: str | None = None) -> list[ImageRecord]:
         if tag is not None and tag not in TAGS:
@@ -504,22 +515,28 @@ class Project:
 
     def _mask(self, row: sqlite3.Row) -> MaskRecord:
         image_id, round_idx, path, state, source, params, flagged, sha256, updated_at = row
-        return MaskRecord(int(image_id), int(round_idx), self.path / path, state, source, json.loads(params),
+        return MaskRecord(int(image_id), int(round_idx), self.path, path, state, source, json.loads(params),
                           bool(flagged), sha256, updated_at)
 
     def mask_record(self, image_id: int, round_index: int) -> MaskRecord | None:
         rows = self._query(f"SELECT {self._MASK_COLUMNS} FROM masks WHERE image_id=? AND round_idx=?", (image_id, round_index))
         return self._mask(rows[0]) if rows else None
 
-    def mask_records(self, round_index: int | None = None, state: str | None = None) -> list[MaskRecord]:
+    @staticmethod
+    def _mask_filter(round_index: int | None = None, state: str | None = None,
+                     tag: str | None = None) -> tuple[str, list[Any]]:
+        """The WHERE clause (and its parameters) of a query over masks, by round, state and image tag."""
         clauses, parameters = [], []
-        if round_index is not None:
-            clauses.append("round_idx=?")
-            parameters.append(round_index)
-        if state is not None:
-            clauses.append("state=?")
-            parameters.append(state)
-        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        for clause, value in (("round_idx=?", round_index), ("state=?", state),
+                              ("image_id IN (SELECT id FROM images WHERE tag=?)", tag)):
+            if value is not None:
+                clauses.append(clause)
+                parameters.append(value)
+        return (f"WHERE {' AND '.join(clauses)}" if clauses else ""), parameters
+
+    def mask_records(self, round_index: int | None = None, state: str | None = None,
+                     tag: str | None = None) -> list[MaskRecord]:
+        where, parameters = self._mask_filter(round_index, state, tag)
         rows = self._query(f"SELECT {self._MASK_COLUMNS} FROM masks {where} ORDER BY round_idx, image_id", parameters)
         return [self._mask(row) for row in rows]
 
@@ -663,12 +680,17 @@ class Project:
             parameters.append(round_index)
         return [tuple(row) for row in self._query(sql + " ORDER BY id", parameters)]  # type: ignore[misc]
 
-    def mask_state_counts(self) -> dict[int, dict[str, int]]:
+    def mask_state_counts(self, tag: str | None = None) -> dict[int, dict[str, int]]:
+        """{round: {state: masks, ..., "flagged": masks}} of every round with masks, in one query;
+        `tag` counts only the masks of images with that tag."""
+        where, parameters = self._mask_filter(tag=tag)
         counts: dict[int, dict[str, int]] = {}
-        for round_idx, state, count in self._query("SELECT round_idx, state, COUNT(*) FROM masks GROUP BY round_idx, state"):
-            counts.setdefault(int(round_idx), {s: 0 for s in MASK_STATES})[state] = int(count)
-        for round_idx, count in self._query("SELECT round_idx, COUNT(*) FROM masks WHERE flagged=1 GROUP BY round_idx"):
-            counts.setdefault(int(round_idx), {s: 0 for s in MASK_STATES})["flagged"] = int(count)
+        rows = self._query(f"SELECT round_idx, state, COUNT(*), SUM(flagged) FROM masks {where} GROUP BY round_idx, state",
+                           parameters)
+        for round_idx, state, count, flagged in rows:
+            round_counts = counts.setdefault(int(round_idx), {**{s: 0 for s in MASK_STATES}, "flagged": 0})
+            round_counts[state] = int(count)
+            round_counts["flagged"] += int(flagged or 0)
         return counts
 
     # ----------------------------------------------------------------- training runs

@@ -151,3 +151,23 @@ def test_reject_and_ctrl_wheel_brush_size(qtbot, make_window, review_project: Pa
     assert window.gallery_model.item_by_id(image_id).mask_state == "rejected"
     window.set_filter("to_review")
     assert window.gallery_model.row_of(image_id) is None
+
+
+def test_a_stroke_still_unsaved_when_proposals_arrive_is_kept(qtbot, make_window, review_project: Path) -> None:
+    """A round's job can end while the user paints: the window then drops its undo histories (the
+    masks on disk are the truth now), but it saves the stroke first instead of losing it."""
+    window, image_id = open_review(qtbot, make_window, review_project)
+    image = window.project.image(image_id)
+    window.review_panel.choose_tool("brush")
+    window.editor.set_brush_size(5)
+    paint_stroke(window.viewer, [(2.5, 2.5), (image.width - 3.5, image.height - 3.5)])
+    painted = window.editor.current_mask().copy()
+    assert window.project.mask_record(image_id, 0).state == "proposed"  # the autosave has not run yet
+
+    window.notify_masks_changed()  # what the review and rounds panels do when their job ends
+
+    record = window.project.mask_record(image_id, 0)
+    assert record.state == "edited"
+    np.testing.assert_array_equal(read_mask(record.path, (image.height, image.width)), painted)
+    assert window.editor.undo_stack is not None and window.editor.undo_stack.count() == 0  # a fresh history
+    np.testing.assert_array_equal(window.editor.current_mask(), painted)

@@ -48,17 +48,6 @@ def training_threads() -> int:
     return max(1, (os.cpu_count() or 2) - 1)
 
 
-def defect_mask_counts(project: Any, round_index: int) -> dict[str, int]:
-    """Mask states of a round over the defect-tagged images (a good image's empty mask needs no review)."""
-    counts = {"proposed": 0, "accepted": 0, "edited": 0, "rejected": 0, "flagged": 0}
-    defect_ids = {image.id for image in project.images("defect")}
-    for record in project.mask_records(round_index):
-        if record.image_id in defect_ids:
-            counts[record.state] = counts.get(record.state, 0) + 1
-            counts["flagged"] += int(record.flagged)
-    return counts
-
-
 NOT_AVAILABLE_STYLE = "color:#d29922"
 
 

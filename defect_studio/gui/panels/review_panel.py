@@ -31,7 +31,7 @@ from PySide6.QtWidgets import (
 from defect_studio.errors import DefectStudioError
 from defect_studio.gui.dialogs import report_error
 from defect_studio.gui.panels.cam_panel import METHOD_NAMES
-from defect_studio.gui.panels.common import JobRow, defect_mask_counts, not_available_text, optional_module
+from defect_studio.gui.panels.common import JobRow, not_available_text, optional_module
 
 if TYPE_CHECKING:
     from defect_studio.gui.main_window import MainWindow
@@ -211,12 +211,12 @@ class ReviewPanel(QWidget):
             self.round_label.setText("No round yet. " + ("Make the round-0 proposals from the CAMs." if has_classifier
                                                          else "Train a classifier first (Train tab)."))
         else:
-            counts = defect_mask_counts(project, round_index)
+            counts = project.mask_state_counts(tag="defect").get(round_index, {})  # good images need no review
             self.round_label.setText(
                 f"<b>Round {round_index}</b>: {counts.get('proposed', 0)} to review, {counts.get('accepted', 0)} accepted, "
                 f"{counts.get('edited', 0)} edited, {counts.get('rejected', 0)} rejected, {counts.get('flagged', 0)} flagged empty."
             )
-        proposals_exist = round_index is not None and bool(project and project.mask_records(round_index))
+        proposals_exist = project is not None and round_index in project.mask_state_counts()
         self.propose_button.setEnabled(pseudo is not None and has_classifier and not self.runner.busy)
         self.propose_button.setText("Make round-0 proposals" if round_index is None else
                                     ("Make the proposals again" if proposals_exist else f"Make round-{round_index} proposals"))
@@ -229,11 +229,9 @@ class ReviewPanel(QWidget):
         round_index = self.window_.current_round
         if project is None or round_index is None:
             return
-        for record in project.mask_records(round_index, state="proposed"):
-            image = project.image(record.image_id)
-            if image.tag != "defect":
-                continue
-            item = QListWidgetItem(f"{image.stem}{'   ⚑ empty' if record.flagged else ''}")
+        stems = {image.id: image.stem for image in project.images("defect")}
+        for record in project.mask_records(round_index, state="proposed", tag="defect"):
+            item = QListWidgetItem(f"{stems[record.image_id]}{'   ⚑ empty' if record.flagged else ''}")
             item.setData(Qt.ItemDataRole.UserRole, record.image_id)
             self.queue.addItem(item)
             if record.image_id == self.window_.current_image_id:
@@ -296,9 +294,7 @@ class ReviewPanel(QWidget):
 
     def _masks_changed(self) -> None:
         # Proposals were (re)made: the masks on disk are the truth now; old undo histories would lie.
-        if self.window_.project is not None:
-            for record in self.window_.project.mask_records():
-                self.editor.forget(record.image_id, record.round_index)
+        self.editor.forget_all()
         self.open_current_mask()
         self.refresh()
 

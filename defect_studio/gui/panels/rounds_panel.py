@@ -23,7 +23,6 @@ from PySide6.QtWidgets import (
 from defect_studio.gui.panels.common import (
     ConfigForm,
     JobRow,
-    defect_mask_counts,
     not_available_text,
     optional_module,
     training_threads,
@@ -205,9 +204,10 @@ class RoundsPanel(QWidget):
             self.summary_label.setText("")
             return
         seg_points, gt_points, changed_points = [], [], []
+        defect_counts = project.mask_state_counts(tag="defect")  # a good image's empty mask needs no review
         for round_record in project.rounds():
             metrics = round_record.metrics or {}
-            state_counts = defect_mask_counts(project, round_record.index)
+            state_counts = defect_counts.get(round_record.index, {})
             seg_iou = _nested(metrics, "segmenter", "best_val_defect_iou")
             gt_iou = _nested(metrics, "ground_truth", "defect_iou")
             changed = metrics.get("mask_change")
