@@ -861,6 +861,9 @@ class MainWindow(QMainWindow):
 
 
 def _device_text() -> str:
+    # This loads torch (seconds), on the GUI thread while the start-up splash shows. Loading it in a
+    # worker thread instead crashed PySide 6.12 in 1 of 4 tries (shiboken's import hook,
+    # "none_dealloc"), and the panels' first Train would otherwise load it on a click.
     try:
         from defect_studio.ml.device import describe_device
 

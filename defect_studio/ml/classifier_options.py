@@ -1,4 +1,80 @@
-"""The classifier's architecture and pooling names, importable without torch (the CLI parser needs them)."""
+"""The classifier's settings, importable without torch: the CLI parser and the window's forms need
+them before (or without) the training engine loading."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from defect_studio.errors import ModelError
 
 ARCHITECTURES = ("compact", "resnet18", "resnet34")
 POOLINGS = ("avg", "max", "topk", "lse")
+
+
+@dataclass
+class ClassifierConfig:
+    """Architecture, input and training recipe of a classifier; stored in every checkpoint."""
+
+    arch: str = "compact"
+    width: int = 16  # channels of stage 1 (compact); stages double it: w, 2w, 4w, 8w
+    blocks: tuple[int, int, int, int] = (1, 1, 1, 1)  # residual blocks per stage (compact)
+    output_stride: int = 16  # 32, 16 or 8: the last stages trade stride for dilation
+    pooling: str = "avg"  # measured on MT (docs/benchmarks/classifier-mt.md): avg beat LSE within the budget
+    topk_fraction: float = 0.05  # of the stage-4 cells, for pooling = topk
+    lse_r: float = 5.0  # sharpness of log-sum-exp pooling (large -> max, small -> mean)
+    input_size: int = 128
+    channels: int = 1
+    normalisation: str = "per-image-robust"
+    epochs: int = 60  # a cap: the time budget usually plans fewer
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    batch_size: int = 32
+    seed: int = 0
+    patience: int = 12  # epochs without a better validation AUROC before stopping
+    min_epochs: int = 8
+    val_fraction: float = 0.15
+    augment: bool = True
+    augment_strength: float = 0.5  # 0: flips only; 1: plus affine jitter, contrast, noise
+    rotate90: bool = False  # 90° turns: off by default, since many surfaces have a grain direction (MT's streaks)
+    balanced_sampling: bool = True
+    # Progressive resizing: the first `low_res_fraction` of the planned epochs train on inputs scaled by
+    # `low_res_scale` (a quarter of the compute at 0.5); the network is fully convolutional, so the last
+    # epochs at full size adapt it. 0 disables.
+    low_res_fraction: float = 0.0  # measured on MT: 0.7 lost to plain training at the same cost
+    low_res_scale: float = 0.5
+    # A wall-clock budget (the whole job): after each epoch the plan shrinks to the epochs that fit, and the
+    # learning-rate schedule follows the plan. None: no limit.
+    max_train_seconds: float | None = 600.0
+    channels_last: bool = True
+    bf16: bool = False  # bf16 autocast on the CPU (CUDA always uses autocast)
+    threads: int | None = None  # torch threads for training; None leaves the default
+    pretrained: str | None = None  # local torchvision ImageNet state_dict for resnet18/34; never downloaded
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.blocks = tuple(int(b) for b in self.blocks)  # type: ignore[assignment]
+        if self.arch not in ARCHITECTURES:
+            raise ValueError(f"unknown architecture {self.arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling {self.pooling!r}; choose one of {', '.join(POOLINGS)}")
+        if self.output_stride not in (8, 16, 32):
+            raise ValueError(f"output_stride must be 8, 16 or 32, got {self.output_stride}")
+        if len(self.blocks) != 4:
+            raise ValueError(f"blocks must give 4 stages, got {self.blocks}")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["blocks"] = list(self.blocks)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ClassifierConfig":
+        known = {f.name for f in fields(cls)}
+        try:
+            return cls(**{k: v for k, v in data.items() if k in known})
+        except (TypeError, ValueError) as error:
+            raise ModelError(f"the checkpoint's classifier config is invalid ({error}).") from error
+
+    def preprocessing_dict(self) -> dict[str, Any]:
+        return {"input_size": self.input_size, "channels": self.channels, "normalisation": self.normalisation}

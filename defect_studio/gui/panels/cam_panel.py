@@ -25,8 +25,10 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from defect_studio.gui.panels.common import JobRow, not_available_text, optional_module
+from defect_studio.gui.panels.common import JobRow
 from defect_studio.gui.viewer import HEATMAP_COLORMAPS, ImageViewer
+from defect_studio.ml.cam_cache import CamCache, cam_job
+from defect_studio.ml.cams import CAM_METHODS, SETTING_SPECS, default_settings, resolve_settings
 
 if TYPE_CHECKING:
     from defect_studio.gui.main_window import MainWindow
@@ -164,10 +166,6 @@ class CamPanel(QWidget):
         layout = QVBoxLayout(self)
         layout.setContentsMargins(10, 10, 10, 10)
         layout.setSpacing(8)
-        self.availability = QLabel(self)
-        self.availability.setWordWrap(True)
-        layout.addWidget(self.availability)
-
         box = QGroupBox("Heatmap", self)
         form = QFormLayout(box)
         self.method_combo = QComboBox(box)
@@ -244,19 +242,9 @@ class CamPanel(QWidget):
         window.project_changed.connect(lambda: self._method_changed() if self.methods else None)
         self.refresh()
 
-    # --- availability ------------------------------------------------------------------------------
-    def _modules(self) -> tuple[Any, Any] | None:
-        cams = optional_module("defect_studio.ml.cams", "CAM_METHODS")
-        cache = optional_module("defect_studio.ml.cam_cache", "CamCache", "cam_job")
-        classifier = optional_module("defect_studio.ml.classifier", "load_classifier")
-        if cams is None or cache is None or classifier is None:
-            return None
-        return cams, cache
-
     def refresh(self) -> None:
-        modules = self._modules()
-        if modules is not None and not self.methods:
-            self.methods = list(modules[0].CAM_METHODS)
+        if not self.methods:
+            self.methods = list(CAM_METHODS)
             self.method_combo.blockSignals(True)
             for method in self.methods:
                 self.method_combo.addItem(METHOD_NAMES.get(method, method), method)
@@ -265,10 +253,8 @@ class CamPanel(QWidget):
                 self.method_combo.setCurrentIndex(self.methods.index(default))
             self.method_combo.blockSignals(False)
             self._method_changed()
-        self.availability.setVisible(modules is None)
-        self.availability.setText(not_available_text("The CAM viewer") if modules is None else "")
         run = self._classifier_run()
-        enabled = modules is not None and run is not None
+        enabled = run is not None
         for widget in (self.method_combo, self.all_button, self.compare_check):
             widget.setEnabled(enabled)
         if self.window_.project is None:
@@ -296,21 +282,19 @@ class CamPanel(QWidget):
         return dict((stored or {}).get(method, {})) if isinstance(stored, dict) else {}
 
     def _method_changed(self) -> None:
-        cams = optional_module("defect_studio.ml.cams", "SETTING_SPECS")
         method = self.method
-        if cams is not None and method is not None:
-            self.settings_form.show_method(cams.SETTING_SPECS[method], {**cams.default_settings(method), **self.settings_for(method)})
+        if method is not None:
+            self.settings_form.show_method(SETTING_SPECS[method], {**default_settings(method), **self.settings_for(method)})
         self.settings_error.setVisible(False)
         self.update_overlay()
 
     def _settings_changed(self) -> None:
         project, method = self.window_.project, self.method
-        cams = optional_module("defect_studio.ml.cams", "resolve_settings")
-        if project is None or method is None or cams is None:
+        if project is None or method is None:
             return
         values = self.settings_form.values()
         try:
-            cams.resolve_settings(method, values)
+            resolve_settings(method, values)
         except Exception as error:  # a CamSettingsError: say what is wrong next to the form
             self.settings_error.setText(str(error))
             self.settings_error.setVisible(True)
@@ -347,14 +331,13 @@ class CamPanel(QWidget):
 
     # --- maps --------------------------------------------------------------------------------------
     def cached_map(self, image_id: int, method: str) -> np.ndarray | None:
-        modules = self._modules()
         run = self._classifier_run()
         project = self.window_.project
-        if modules is None or run is None or project is None:
+        if run is None or project is None:
             return None
         image = project.image(image_id)
         checkpoint_hash = self._checkpoint_hash.get(str(run.checkpoint_path), run.checkpoint_sha256)
-        cam_map = modules[1].CamCache(project.cache_dir).get(image.sha256, checkpoint_hash, method, self.settings_for(method))
+        cam_map = CamCache(project.cache_dir).get(image.sha256, checkpoint_hash, method, self.settings_for(method))
         if cam_map is not None and cam_map.shape != (image.height, image.width):
             return None
         return cam_map
@@ -367,9 +350,8 @@ class CamPanel(QWidget):
     def _next_pending(self) -> None:
         if self.runner.busy or not self._pending:
             return
-        modules = self._modules()
         project = self.window_.project
-        if modules is None or project is None:
+        if project is None:
             self._pending.clear()
             return
         image_id, method = self._pending.pop(0)
@@ -377,7 +359,6 @@ class CamPanel(QWidget):
             self._show_map(image_id, method)
             self._next_pending()
             return
-        cam_job = modules[1].cam_job
         self.status_label.setText(f"Computing {METHOD_NAMES.get(method, method)} for {project.image(image_id).stem}…")
         settings = self.settings_for(method)
         self.runner.start(lambda cancel: cam_job(project, method, settings, cancel, image_ids=[image_id]),
@@ -395,13 +376,11 @@ class CamPanel(QWidget):
             self.status_label.setText(f"{result.get('computed', 0)} map(s) computed, {result.get('cached', 0)} from the cache.")
 
     def compute_all(self) -> None:
-        modules = self._modules()
         project = self.window_.project
         method = self.method
-        if modules is None or project is None or method is None or self.runner.busy:
+        if project is None or method is None or self.runner.busy:
             return
         self._pending.clear()
-        cam_job = modules[1].cam_job
         settings = self.settings_for(method)
         self.runner.start(lambda cancel: cam_job(project, method, settings, cancel), f"CAMs ({METHOD_NAMES.get(method, method)}) for all images")
 

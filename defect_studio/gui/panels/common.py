@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import logging
 import os
-import types
 import typing
 from typing import Any, Callable
 
@@ -30,29 +28,10 @@ from defect_studio.jobs import Progress
 log = logging.getLogger(__name__)
 
 
-def optional_module(name: str, *attributes: str) -> types.ModuleType | None:
-    """The core module `name` if it is installed and has `attributes`, else None (the panel says so)."""
-    try:
-        module = importlib.import_module(name)
-    except ImportError as error:
-        log.info("%s is not available: %s", name, error)
-        return None
-    if not all(hasattr(module, attribute) for attribute in attributes):
-        return None
-    return module
-
-
 def training_threads() -> int:
     """Torch threads for a training job started from the window: one fewer than the cores, so the
     GUI thread always has a core to paint on."""
     return max(1, (os.cpu_count() or 2) - 1)
-
-
-NOT_AVAILABLE_STYLE = "color:#d29922"
-
-
-def not_available_text(what: str) -> str:
-    return f"<span style='{NOT_AVAILABLE_STYLE}'>{what} is not available in this build yet.</span>"
 
 
 class ConfigForm(QWidget):

@@ -19,7 +19,7 @@ from PySide6.QtWidgets import (
     QVBoxLayout,
 )
 
-from defect_studio.gui.panels.common import JobRow, not_available_text, optional_module
+from defect_studio.gui.panels.common import JobRow
 from defect_studio.gui.workers import JobRunner
 
 if TYPE_CHECKING:
@@ -63,14 +63,7 @@ class ExportDialog(QDialog):
         layout.addWidget(buttons)
         self.last_result: Any = None
         self.runner.succeeded.connect(self._done)
-        self.runner.finished.connect(lambda _: self.export_button.setEnabled(self._job() is not None))
-        if self._job() is None:
-            self.result.setHtml(not_available_text("Export"))
-            self.export_button.setEnabled(False)
-
-    def _job(self) -> Any:
-        module = optional_module("defect_studio.ml.export", "export_project_job")
-        return None if module is None else module.export_project_job
+        self.runner.finished.connect(lambda _: self.export_button.setEnabled(True))
 
     def _browse(self) -> None:
         folder = QFileDialog.getExistingDirectory(self, "Export into", self.folder_edit.text())
@@ -78,15 +71,16 @@ class ExportDialog(QDialog):
             self.folder_edit.setText(folder)
 
     def start_export(self) -> bool:
-        job = self._job()
         project = self.window_.project
-        if job is None or project is None or self.runner.busy:
+        if project is None or self.runner.busy:
             return False
+        from defect_studio.ml.export import export_project_job  # loads torch and onnx: only when exporting
+
         out_dir = Path(self.folder_edit.text()).expanduser()
         project.set_setting("gui.export_dir", str(out_dir))
         self.export_button.setEnabled(False)
         self.result.setHtml("Exporting…")
-        return self.runner.start(lambda cancel: job(project, out_dir, cancel), "Export")
+        return self.runner.start(lambda cancel: export_project_job(project, out_dir, cancel), "Export")
 
     def _done(self, result: object) -> None:
         self.last_result = result

@@ -31,7 +31,9 @@ from PySide6.QtWidgets import (
 from defect_studio.errors import DefectStudioError
 from defect_studio.gui.dialogs import report_error
 from defect_studio.gui.panels.cam_panel import METHOD_NAMES
-from defect_studio.gui.panels.common import JobRow, not_available_text, optional_module
+from defect_studio.gui.panels.common import JobRow
+from defect_studio.ml.cams import CAM_METHODS
+from defect_studio.ml.pseudo import PseudoLabelSettings, create_checked_round, pseudo_job
 
 if TYPE_CHECKING:
     from defect_studio.gui.main_window import MainWindow
@@ -59,6 +61,8 @@ class ReviewPanel(QWidget):
         self.method_combo = QComboBox(propose_box)
         self.method_combo.setObjectName("proposalMethod")
         self.method_combo.setToolTip("The CAM the round-0 proposals come from")
+        for method in CAM_METHODS:
+            self.method_combo.addItem(METHOD_NAMES.get(method, method), method)
         propose_form.addRow("CAM method", self.method_combo)
         self.high_spin = QDoubleSpinBox(propose_box)
         self.high_spin.setRange(0.0, 1.0)
@@ -68,6 +72,9 @@ class ReviewPanel(QWidget):
         self.low_spin.setRange(0.0, 1.0)
         self.low_spin.setSingleStep(0.05)
         self.low_spin.setToolTip("Background where the map is at most this; in between is ignored in training")
+        defaults = PseudoLabelSettings()
+        self.high_spin.setValue(defaults.high)
+        self.low_spin.setValue(defaults.low)
         thresholds = QHBoxLayout()
         thresholds.addWidget(QLabel("high"))
         thresholds.addWidget(self.high_spin)
@@ -80,9 +87,6 @@ class ReviewPanel(QWidget):
         self.propose_button.clicked.connect(self.make_proposals)
         propose_form.addRow(self.propose_button)
         propose_form.addRow(JobRow(self.runner, propose_box))
-        self.availability = QLabel(propose_box)
-        self.availability.setWordWrap(True)
-        propose_form.addRow(self.availability)
         layout.addWidget(propose_box)
 
         # --- queue -----------------------------------------------------------------------------
@@ -182,27 +186,13 @@ class ReviewPanel(QWidget):
         self.refresh()
 
     # --- state ---------------------------------------------------------------------------------------
-    def _pseudo(self) -> Any:
-        return optional_module("defect_studio.ml.pseudo", "pseudo_job", "PseudoLabelSettings", "create_checked_round")
-
     def refresh(self) -> None:
         project = self.window_.project
-        pseudo = self._pseudo()
-        cams = optional_module("defect_studio.ml.cams", "CAM_METHODS")
-        if cams is not None and self.method_combo.count() == 0:
-            for method in cams.CAM_METHODS:
-                self.method_combo.addItem(METHOD_NAMES.get(method, method), method)
-        if pseudo is not None and self.high_spin.value() == 0.0:
-            defaults = pseudo.PseudoLabelSettings()
-            self.high_spin.setValue(defaults.high)
-            self.low_spin.setValue(defaults.low)
         if project is not None:
             saved = project.get_setting("gui.proposal_method")
             index = self.method_combo.findData(saved or "region-aware")
             if index >= 0:
                 self.method_combo.setCurrentIndex(index)
-        self.availability.setVisible(pseudo is None)
-        self.availability.setText(not_available_text("Making proposals") if pseudo is None else "")
         has_classifier = project is not None and project.latest_run("classifier") is not None
         round_index = self.window_.current_round
         if project is None:
@@ -217,7 +207,7 @@ class ReviewPanel(QWidget):
                 f"{counts.get('edited', 0)} edited, {counts.get('rejected', 0)} rejected, {counts.get('flagged', 0)} flagged empty."
             )
         proposals_exist = project is not None and round_index in project.mask_state_counts()
-        self.propose_button.setEnabled(pseudo is not None and has_classifier and not self.runner.busy)
+        self.propose_button.setEnabled(has_classifier and not self.runner.busy)
         self.propose_button.setText("Make round-0 proposals" if round_index is None else
                                     ("Make the proposals again" if proposals_exist else f"Make round-{round_index} proposals"))
         self._fill_queue()
@@ -312,16 +302,15 @@ class ReviewPanel(QWidget):
     # --- actions -------------------------------------------------------------------------------------
     def make_proposals(self) -> bool:
         project = self.window_.project
-        pseudo = self._pseudo()
         method = self.method_combo.currentData()
-        if project is None or pseudo is None or method is None or self.runner.busy:
+        if project is None or method is None or self.runner.busy:
             return False
         settings = {"high": self.high_spin.value(), "low": min(self.low_spin.value(), self.high_spin.value())}
         project.set_setting("gui.proposal_method", method)
         round_index = self.window_.current_round
         if round_index is None:
             try:  # refused before an empty round is created
-                round_index = pseudo.create_checked_round(project, {
+                round_index = create_checked_round(project, {
                     "cam_method": method, "pseudo": settings, "cam_settings": self.window_.cam_panel.settings_for(method)})
             except DefectStudioError as error:
                 report_error(self, "Cannot make proposals", error)
@@ -330,7 +319,7 @@ class ReviewPanel(QWidget):
         self.editor.flush()
         index = round_index
         cam_settings = self.window_.cam_panel.settings_for(method)  # the same maps the CAM viewer shows
-        return self.runner.start(lambda cancel: pseudo.pseudo_job(project, index, method, settings, cancel, cam_settings),
+        return self.runner.start(lambda cancel: pseudo_job(project, index, method, settings, cancel, cam_settings),
                                  f"Round-{index} proposals")
 
     def choose_tool(self, tool: str) -> None:

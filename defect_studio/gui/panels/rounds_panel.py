@@ -23,11 +23,11 @@ from PySide6.QtWidgets import (
 from defect_studio.gui.panels.common import (
     ConfigForm,
     JobRow,
-    not_available_text,
-    optional_module,
     training_threads,
 )
 from defect_studio.gui.panels.train_panel import make_plot
+from defect_studio.ml.pseudo import create_checked_round, pseudo_job
+from defect_studio.ml.segmenter_options import SegmenterConfig
 
 if TYPE_CHECKING:
     from defect_studio.gui.main_window import MainWindow
@@ -127,9 +127,8 @@ class RoundsPanel(QWidget):
 
         box = QGroupBox("Next step", self)
         box_layout = QVBoxLayout(box)
-        self.form: ConfigForm | None = None
-        self.form_layout = QVBoxLayout()
-        box_layout.addLayout(self.form_layout)
+        self.form = ConfigForm(SegmenterConfig, SEGMENTER_FIELDS, self)
+        box_layout.addWidget(self.form)
         buttons = QHBoxLayout()
         self.round_button = QPushButton("Train segmenter → next round", box)
         self.round_button.setObjectName("roundButton")
@@ -143,9 +142,6 @@ class RoundsPanel(QWidget):
         buttons.addWidget(self.export_button)
         box_layout.addLayout(buttons)
         box_layout.addWidget(JobRow(self.runner, box))
-        self.availability = QLabel(box)
-        self.availability.setWordWrap(True)
-        box_layout.addWidget(self.availability)
         self.summary_label = QLabel(box)
         self.summary_label.setObjectName("roundSummary")
         self.summary_label.setWordWrap(True)
@@ -160,37 +156,19 @@ class RoundsPanel(QWidget):
         window.masks_changed.connect(self.refresh)
         self.refresh()
 
-    # --- availability ----------------------------------------------------------------------------
-    def _refine(self) -> Any:
-        refine = optional_module("defect_studio.ml.refine", "refine_job", "RefineConfig")
-        pseudo = optional_module("defect_studio.ml.pseudo", "pseudo_job", "create_checked_round")
-        if refine is not None and pseudo is not None and self.form is None:
-            segmenter = optional_module("defect_studio.ml.segmenter", "SegmenterConfig")
-            if segmenter is not None:
-                self.form = ConfigForm(segmenter.SegmenterConfig, SEGMENTER_FIELDS, self)
-                self.form_layout.addWidget(self.form)
-        return refine if pseudo is not None else None
-
-    def _export(self) -> Any:
-        return optional_module("defect_studio.ml.export", "export_segmenter")
-
     def stage_activated(self) -> None:
         self.refresh()
 
     def refresh(self) -> None:
         project = self.window_.project
-        refine, export = self._refine(), self._export()
-        missing = [name for name, module in (("Segmenter rounds", refine), ("Export", export)) if module is None]
-        self.availability.setVisible(bool(missing))
-        self.availability.setText(not_available_text(" and ".join(missing)) if missing else "")
         round_index = self.window_.current_round
-        self.round_button.setEnabled(refine is not None and round_index is not None and not self.runner.busy)
-        if project is not None and self.form is not None and not self.runner.busy:
+        self.round_button.setEnabled(round_index is not None and not self.runner.busy)
+        if project is not None and not self.runner.busy:
             saved = project.get_setting("gui.segmenter_config")
             if isinstance(saved, dict):
                 self.form.set_values(saved)
         has_segmenter = project is not None and project.latest_run("segmenter") is not None
-        self.export_button.setEnabled(export is not None and has_segmenter)
+        self.export_button.setEnabled(has_segmenter)
         self._fill_table()
 
     def _fill_table(self) -> None:
@@ -243,19 +221,19 @@ class RoundsPanel(QWidget):
         """Train the segmenter on the current round's reviewed masks (the core's refine job, one
         round), then make the next round's proposals from segmenter + CAM, in one background job."""
         project = self.window_.project
-        refine = self._refine()
-        pseudo = optional_module("defect_studio.ml.pseudo", "pseudo_job", "create_checked_round")
         round_index = self.window_.current_round
-        if project is None or refine is None or pseudo is None or round_index is None or self.runner.busy:
+        if project is None or round_index is None or self.runner.busy:
             return False
+        from defect_studio.ml.refine import RefineConfig, refine_job  # loads torch: not at start-up
+
         self.window_.editor.flush()
-        segmenter_values = self.form.values() if self.form is not None else {}
+        segmenter_values = self.form.values()
         project.set_setting("gui.segmenter_config", segmenter_values)
         round_config = project.round(round_index).config or {}
         method = round_config.get("cam_method") or round_config.get("method") or project.get_setting("gui.proposal_method") or "region-aware"
         pseudo_settings = round_config.get("pseudo") if isinstance(round_config.get("pseudo"), dict) else None
         cam_settings = round_config.get("cam_settings") if isinstance(round_config.get("cam_settings"), dict) else {}
-        config = refine.RefineConfig(method=method, cam_settings=dict(cam_settings), pseudo=dict(pseudo_settings or {}),
+        config = RefineConfig(method=method, cam_settings=dict(cam_settings), pseudo=dict(pseudo_settings or {}),
                                      segmenter={"threads": training_threads(), **segmenter_values})
         gt_dir = ground_truth_dir(project)
 
@@ -264,11 +242,11 @@ class RoundsPanel(QWidget):
         def round_job(cancel):  # type: ignore[no-untyped-def]
             summary: dict[str, Any] = {}
             if not already_trained:  # else a previous run trained it and stopped before proposing
-                summary = yield from refine.refine_job(project, 1, cancel, gt_dir=gt_dir, config=config)
+                summary = yield from refine_job(project, 1, cancel, gt_dir=gt_dir, config=config)
             if summary.get("stopped_early"):
                 return summary
-            next_round = pseudo.create_checked_round(project, config.to_dict())
-            proposals = yield from pseudo.pseudo_job(project, next_round, method, config.pseudo, cancel,
+            next_round = create_checked_round(project, config.to_dict())
+            proposals = yield from pseudo_job(project, next_round, method, config.pseudo, cancel,
                                                      config.cam_settings)
             return {**summary, "next_round": next_round, "proposals": proposals}
 

@@ -7,8 +7,9 @@ from typing import TYPE_CHECKING, Any
 import pyqtgraph as pg
 from PySide6.QtWidgets import QGroupBox, QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWidget
 
-from defect_studio.gui.panels.common import ConfigForm, JobRow, not_available_text, optional_module, training_threads
+from defect_studio.gui.panels.common import ConfigForm, JobRow, training_threads
 from defect_studio.jobs import Progress
+from defect_studio.ml.classifier_options import ClassifierConfig
 
 if TYPE_CHECKING:
     from defect_studio.gui.main_window import MainWindow
@@ -67,13 +68,10 @@ class TrainPanel(QWidget):
         layout.setContentsMargins(10, 10, 10, 10)
         layout.setSpacing(8)
 
-        self.availability = QLabel(self)
-        self.availability.setWordWrap(True)
-        layout.addWidget(self.availability)
-
         settings_box = QGroupBox("Classifier settings", self)
-        self.settings_layout = QVBoxLayout(settings_box)
-        self.form: ConfigForm | None = None
+        settings_layout = QVBoxLayout(settings_box)
+        self.form = ConfigForm(ClassifierConfig, CLASSIFIER_FIELDS, self)
+        settings_layout.addWidget(self.form)
         layout.addWidget(settings_box)
 
         buttons = QHBoxLayout()
@@ -108,29 +106,12 @@ class TrainPanel(QWidget):
         window.tags_changed.connect(self._update_enabled)
         self.refresh()
 
-    # --- availability ------------------------------------------------------------------------------
-    def _classifier_module(self) -> Any:
-        return optional_module("defect_studio.ml.classifier", "train_project_classifier_job")
-
-    def _ensure_form(self) -> bool:
-        if self.form is not None:
-            return True
-        models = optional_module("defect_studio.ml.models", "ClassifierConfig")
-        if models is None:
-            return False
-        self.form = ConfigForm(models.ClassifierConfig, CLASSIFIER_FIELDS, self)
-        self.settings_layout.addWidget(self.form)
-        return True
-
     def stage_activated(self) -> None:
         self.refresh()
 
     def refresh(self) -> None:
-        available = self._ensure_form() and self._classifier_module() is not None
-        self.availability.setText("" if available else not_available_text("Classifier training"))
-        self.availability.setVisible(not available)
         project = self.window_.project
-        if project is not None and self.form is not None:
+        if project is not None:
             saved = project.get_setting("gui.classifier_config")
             if isinstance(saved, dict):
                 self.form.set_values(saved)
@@ -138,8 +119,7 @@ class TrainPanel(QWidget):
         self._update_enabled()
 
     def _update_enabled(self) -> None:
-        available = self.form is not None and self._classifier_module() is not None
-        self.train_button.setEnabled(available and self.window_.project is not None and not self.runner.busy)
+        self.train_button.setEnabled(self.window_.project is not None and not self.runner.busy)
 
     def _show_latest_run(self) -> None:
         project = self.window_.project
@@ -162,26 +142,20 @@ class TrainPanel(QWidget):
     # --- training ----------------------------------------------------------------------------------
     def start_training(self) -> bool:
         project = self.window_.project
-        module = self._classifier_module()
-        if project is None or module is None or self.form is None:
+        if project is None:
             return False
+        from defect_studio.ml.classifier import train_project_classifier_job  # loads torch: not at start-up
+
         values = self.form.values()
         project.set_setting("gui.classifier_config", values)
         # One torch thread fewer than the cores, so the GUI thread always has a core to paint on.
-        config = self.form.config(**self._extra_overrides())
+        config = self.form.config(threads=training_threads())
         self._clear_curves()
         self.result_label.setText("Training…")
-        started = self.runner.start(lambda cancel: module.train_project_classifier_job(project, config, cancel),
+        started = self.runner.start(lambda cancel: train_project_classifier_job(project, config, cancel),
                                     "Train classifier")
         self._update_enabled()
         return started
-
-    def _extra_overrides(self) -> dict[str, Any]:
-        overrides: dict[str, Any] = {}
-        names = {f for f in getattr(self.form.config_type, "__dataclass_fields__", {})} if self.form else set()
-        if "threads" in names:
-            overrides["threads"] = training_threads()
-        return overrides
 
     def _clear_curves(self) -> None:
         for key in self.history:

@@ -1,0 +1,56 @@
+"""The segmenter's settings, importable without torch (the window's rounds form needs them before
+the training engine loads)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from defect_studio.errors import DataError
+
+
+@dataclass
+class SegmenterConfig:
+    # Chosen on MT by a sweep on ground-truth masks (docs/benchmarks/segmenter-mt.md): the U-Net at
+    # half resolution without the full-resolution branch, 192-pixel crops, Adam at 1e-3. A 1e-2 rate or
+    # 96-pixel crops leave it stuck on "everything is background" for a thousand steps and more.
+    # "unet": our own U-Net below. "smp-unet:ENCODER": segmentation-models-pytorch's Unet with a randomly
+    # initialised encoder (optional package, measured as an alternative; the channel settings do not apply).
+    architecture: str = "unet"
+    channels: tuple[int, ...] = (8, 16, 32, 64, 128)
+    stem_stride: int = 2  # 2: the U-Net runs at half resolution (a quarter of the cost)
+    detail_branch: bool = False  # with stem_stride 2: a thin full-resolution branch for the last layer
+    crop_size: int = 192
+    batch_size: int = 16
+    epochs: int = 30
+    steps_per_epoch: int = 40
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-4
+    dice_weight: float = 1.0
+    defect_crop_fraction: float = 0.5  # share of crops centred on a defect pixel (when the image has one)
+    validation_fraction: float = 0.1
+    max_validation_images: int = 60
+    seed: int = 0
+    # Refinement round k starts from round k-1's segmenter (same architecture) and then trains only
+    # `warm_start_epochs`: the expensive part, leaving the all-background plateau, is done once.
+    warm_start: bool = True
+    warm_start_epochs: int = 6
+    device: str = "auto"
+    threads: int | None = None  # torch CPU threads while training; None leaves the default
+    time_budget_s: float | None = None  # stop after the epoch that crosses it (same budget for weak and full)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any] | None) -> "SegmenterConfig":
+        values = dict(values or {})
+        known = {name for name in cls.__dataclass_fields__}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise DataError(f"unknown segmenter settings: {', '.join(unknown)}")
+        if "channels" in values:
+            values["channels"] = tuple(int(c) for c in values["channels"])
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        values = asdict(self)
+        values["channels"] = list(self.channels)
+        return values
