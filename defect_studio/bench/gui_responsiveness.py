@@ -84,16 +84,22 @@ def _spin(app: Any, seconds: float, until: Callable[[], bool] | None = None) -> 
         time.sleep(0.001)
 
 
-def prepare_brush_canvas(app: Any, window: Any, size: int = 1024) -> None:
-    """A 1024 × 1024 image with an empty mask in the editor (a scratch session: nothing is saved)."""
+def _canvas(size: int = 1024) -> Any:
+    """A synthetic size × size test image, made once: making it is the benchmark's work, not the app's."""
+    import numpy as np
+
+    yy, xx = np.mgrid[:size, :size]
+    return ((np.sin(xx / 17.0) + np.cos(yy / 23.0)) * 60 + 128).astype(np.uint8)
+
+
+def prepare_brush_canvas(app: Any, window: Any, canvas: Any) -> None:
+    """Show `canvas` with an empty mask in the editor (a scratch session: nothing is saved)."""
     import numpy as np
 
     viewer, editor = window.viewer, window.editor
-    yy, xx = np.mgrid[:size, :size]
-    image = ((np.sin(xx / 17.0) + np.cos(yy / 23.0)) * 60 + 128).astype(np.uint8)
     window.center_stack.setCurrentWidget(viewer)
-    viewer.set_image(image)
-    editor.open(-1, -1, np.zeros((size, size), bool), scratch=True)
+    viewer.set_image(canvas)
+    editor.open(-1, -1, np.zeros(canvas.shape, bool), scratch=True)
     editor.set_tool("brush")
     editor.set_brush_size(24)
     _spin(app, 0.3)
@@ -188,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         _spin(app, 1.0)
         meter = StallMeter()
-        prepare_brush_canvas(app, window)
+        canvas = _canvas()
+        prepare_brush_canvas(app, window, canvas)
 
         meter.start()
         _spin(app, 3.0)
@@ -235,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         rounds.run_round()
         _spin(app, 1.5)
         window.stage_tabs.setCurrentWidget(window.review_panel)  # the brush lives on the review stage
-        prepare_brush_canvas(app, window)
+        prepare_brush_canvas(app, window, canvas)
         brush_round = measure_brush(app, window, only_while=lambda: rounds.runner.busy) if rounds.runner.busy else []
         _spin(app, 3600, until=lambda: not rounds.runner.busy)
         meter.stop()
