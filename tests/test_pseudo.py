@@ -146,6 +146,24 @@ def test_review_cli_accept_all_and_reject(reviewed_round: Path) -> None:
     assert cli_main(["review", str(reviewed_round), "--accept", "no-such-image"]) != 0
 
 
+def test_reject_the_rest_leaves_decisions_and_good_images_alone(reviewed_round: Path) -> None:
+    """`review --reject-rest`: every defect proposal not yet decided is rejected; the user's accepts and
+    edits stay, and good images keep their empty masks (they train as background)."""
+    with Project.open(reviewed_round) as project:
+        defects = project.images("defect")
+        review.accept(project, [defects[0].stem])
+        edit = np.zeros((defects[1].height, defects[1].width), bool)
+        edit[1:3, 1:3] = True
+        review.save_edit(project, defects[1].id, edit)
+    assert cli_main(["review", str(reviewed_round), "--reject-rest"]) == 0
+    with Project.open(reviewed_round) as project:
+        states = {r.image_id: r.state for r in project.mask_records(round_index=0)}
+        assert states[defects[0].id] == "accepted" and states[defects[1].id] == "edited"
+        assert all(states[image.id] == "rejected" for image in defects[2:])
+        assert all(states[image.id] == "proposed" for image in project.images("good"))
+        assert review.reject_rest(project).changed == []  # nothing left to reject
+
+
 def test_completing_an_interrupted_round_keeps_every_existing_mask_and_decision(reviewed_round: Path) -> None:
     """refine finishes a round whose proposing stopped part-way: only images without a mask get one."""
     from defect_studio.jobs import CancelToken, run_job

@@ -76,6 +76,8 @@ def run_review(args: argparse.Namespace) -> int:
             result, verb = review.accept(project, _split_ids(args.accept), args.round), "accepted"
         elif args.reject:
             result, verb = review.reject(project, _split_ids(args.reject), args.round), "rejected"
+        elif args.reject_rest:
+            result, verb = review.reject_rest(project, args.round), "rejected"
         else:
             result, verb = review.import_masks(project, args.import_masks, args.round), "replaced by imported masks"
     _print_json_or(args, result.__dict__, [result.summary(verb)])
@@ -206,6 +208,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     action.add_argument("--accept-all", action="store_true", help="accept every proposed mask")
     action.add_argument("--accept", nargs="+", metavar="IDS", help="image ids, stems or paths (comma or space separated)")
     action.add_argument("--reject", nargs="+", metavar="IDS", help="image ids, stems or paths to leave out of training")
+    action.add_argument("--reject-rest", action="store_true",
+                        help="reject every defect image's mask still proposed (train on your edits and accepts only)")
     action.add_argument("--import-masks", type=Path, metavar="DIR", help="<stem>.png masks that replace the proposals")
     parser.add_argument("--round", type=int, help="the round (default: the latest)")
     parser.add_argument("--json", action="store_true")

@@ -87,3 +87,12 @@ def report_error(parent: QWidget | None, title: str, error: BaseException, detai
     box.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
     # open(), not exec(): no nested event loop, so a running job keeps reporting behind the dialog.
     box.open()
+
+
+def confirm(parent: QWidget | None, title: str, question: str) -> bool:
+    """Ask yes/no before a change of many records at once (Enter says yes)."""
+    if os.environ.get("DEFECT_STUDIO_NO_DIALOGS"):  # headless benchmark/screenshot runs: nobody to ask
+        return True
+    answer = QMessageBox.question(parent, title, question, QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No,
+                                  QMessageBox.StandardButton.Yes)
+    return answer == QMessageBox.StandardButton.Yes

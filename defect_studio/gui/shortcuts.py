@@ -27,6 +27,7 @@ SHORTCUTS: tuple[Shortcut, ...] = (
     Shortcut("redo", ("Ctrl+Shift+Z", "Ctrl+Y"), "Redo", "Edit"),
     Shortcut("accept_mask", ("A",), "Accept the proposed mask and go to the next one", "Review"),
     Shortcut("reject_mask", ("R",), "Reject the proposed mask and go to the next one", "Review"),
+    Shortcut("reject_rest", ("Shift+R",), "Reject every mask still to review (train on your edits and accepts)", "Review"),
     Shortcut("brush", ("B",), "Brush tool (paint defect)", "Review"),
     Shortcut("eraser", ("E",), "Eraser tool (paint background)", "Review"),
     Shortcut("pan_tool", ("Escape",), "Leave the brush/eraser (pan and zoom with the mouse)", "Review"),

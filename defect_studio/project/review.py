@@ -58,6 +58,20 @@ def accept_all(project: Any, round_index: int | None = None) -> ReviewResult:
     return result
 
 
+def reject_rest(project: Any, round_index: int | None = None) -> ReviewResult:
+    """Reject every defect image's mask still proposed in the round: those images sit this round out,
+    and only the masks the user accepted or edited (and the good images) train the segmenter. On MT,
+    30 edits a round with the rest rejected trained a segmenter 3x better than the same edits with the
+    rest used as proposed (docs/benchmarks/editing-mt.md)."""
+    index = _resolve_round(project, round_index)
+    result = ReviewResult(index)
+    stems = {image.id: image.stem for image in project.images("defect")}
+    for record in project.mask_records(round_index=index, state="proposed", tag="defect"):
+        project.review_mask(record.image_id, index, "rejected")
+        result.changed.append(stems[record.image_id])
+    return result
+
+
 def _set_state(project: Any, names: Iterable[str], state: str, round_index: int | None) -> ReviewResult:
     index = _resolve_round(project, round_index)
     result = ReviewResult(index)

@@ -171,3 +171,31 @@ def test_a_stroke_still_unsaved_when_proposals_arrive_is_kept(qtbot, make_window
     np.testing.assert_array_equal(read_mask(record.path, (image.height, image.width)), painted)
     assert window.editor.undo_stack is not None and window.editor.undo_stack.count() == 0  # a fresh history
     np.testing.assert_array_equal(window.editor.current_mask(), painted)
+
+
+def test_shift_r_rejects_the_rest_after_asking(qtbot, make_window, review_project: Path, monkeypatch) -> None:
+    """Edit one mask, then Shift+R: the edit stays, every other defect proposal is rejected, the queue
+    empties; answering No changes nothing."""
+    from PySide6.QtWidgets import QMessageBox
+
+    window, image_id = open_review(qtbot, make_window, review_project)
+    image = window.project.image(image_id)
+    window.review_panel.choose_tool("brush")
+    paint_stroke(window.viewer, [(2.5, 2.5), (image.width - 3.5, image.height - 3.5)])
+    window.editor.flush()
+    queue = window.review_panel.queue
+    to_review = queue.count()
+    assert to_review > 1 and window.review_panel.reject_rest_button.isEnabled()
+
+    answers = iter([QMessageBox.StandardButton.No, QMessageBox.StandardButton.Yes])
+    monkeypatch.setattr(QMessageBox, "question", lambda *args, **kwargs: next(answers))
+    qtbot.keyClick(window, Qt.Key.Key_R, Qt.KeyboardModifier.ShiftModifier)
+    assert queue.count() == to_review  # "No": nothing changed
+    qtbot.keyClick(window, Qt.Key.Key_R, Qt.KeyboardModifier.ShiftModifier)
+
+    assert queue.count() == 0 and not window.review_panel.reject_rest_button.isEnabled()
+    states = {r.image_id: r.state for r in window.project.mask_records(0, tag="defect")}
+    assert states.pop(image_id) == "edited"
+    assert set(states.values()) == {"rejected"}
+    assert window.gallery_model.item_by_id(next(iter(states))).mask_state == "rejected"
+    assert window.editor.undo_stack is not None and window.editor.undo_stack.count() == 1  # the stroke stays undoable

@@ -29,11 +29,12 @@ from PySide6.QtWidgets import (
 )
 
 from defect_studio.errors import DefectStudioError
-from defect_studio.gui.dialogs import report_error
+from defect_studio.gui.dialogs import confirm, report_error
 from defect_studio.gui.panels.cam_panel import METHOD_NAMES
 from defect_studio.gui.panels.common import JobRow
 from defect_studio.ml.cams import CAM_METHODS
 from defect_studio.ml.pseudo import PseudoLabelSettings, create_checked_round, pseudo_job
+from defect_studio.project import review
 
 if TYPE_CHECKING:
     from defect_studio.gui.main_window import MainWindow
@@ -109,6 +110,12 @@ class ReviewPanel(QWidget):
         self.reject_button.clicked.connect(self.reject_current)
         decide.addWidget(self.accept_button)
         decide.addWidget(self.reject_button)
+        self.reject_rest_button = QPushButton("Reject the rest  (Shift+R)", queue_box)
+        self.reject_rest_button.setObjectName("rejectRestButton")
+        self.reject_rest_button.setToolTip("Reject every mask still to review: this round trains on your edits and accepts only. "
+                                           "On Magnetic Tile that beat using unreviewed CAM proposals threefold.")
+        self.reject_rest_button.clicked.connect(self.reject_rest)
+        decide.addWidget(self.reject_rest_button)
         queue_layout.addLayout(decide)
         self.state_label = QLabel(queue_box)
         self.state_label.setObjectName("maskState")
@@ -232,6 +239,7 @@ class ReviewPanel(QWidget):
         record = self._current_record()
         for button in (self.accept_button, self.reject_button):
             button.setEnabled(record is not None)
+        self.reject_rest_button.setEnabled(self.queue.count() > 0)
         for button in (self.fill_button, self.clear_button, *self.tool_buttons.values()):
             button.setEnabled(has_session)
         self.revert_button.setEnabled(record is not None and record.state != "proposed")
@@ -364,6 +372,26 @@ class ReviewPanel(QWidget):
 
     def reject_current(self) -> None:
         self._decide("rejected")
+
+    def reject_rest(self) -> int:
+        """Reject every defect image's mask still to review in the current round (asks first); returns how many."""
+        project, round_index = self.window_.project, self.window_.current_round
+        remaining = self.queue.count()
+        if project is None or round_index is None or remaining == 0:
+            return 0
+        if not confirm(self, "Reject the rest",
+                       f"Reject the {remaining} mask(s) still to review in round {round_index}? Those images sit "
+                       "this round out; the segmenter trains on your edited and accepted masks and the good images."):
+            return 0
+        try:
+            self.editor.flush()
+            result = review.reject_rest(project, round_index)
+        except DefectStudioError as error:
+            report_error(self, "Cannot save the review", error)
+            return 0
+        self.window_.refresh_gallery()  # not notify_masks_changed: no mask changed, undo histories stay
+        self.refresh()
+        return len(result.changed)
 
     def _go_to_next_in_queue(self, after_image_id: int) -> None:
         """The next image still to review after the one just decided (wrapping round)."""
