@@ -139,13 +139,14 @@ class SimulatedReviewer:
         return f"{self.edits_per_round} edited per round, {rest}"
 
     def __call__(self, project: Any, round_index: int) -> None:
+        from defect_studio.project import review
+
         candidates = [image for image in project.images("defect") if image.id not in self.edited]
         for image in self.random.sample(candidates, min(self.edits_per_round, len(candidates))):
-            project.save_edited_mask(image.id, round_index, self.truth_of[image.stem].truth((image.height, image.width)))
+            review.save_edit(project, image.id, self.truth_of[image.stem].truth((image.height, image.width)), round_index)
             self.edited.add(image.id)
         if self.reject_unedited:
-            for record in project.mask_records(round_index, state="proposed", tag="defect"):
-                project.review_mask(record.image_id, round_index, "rejected")
+            review.reject_rest(project, round_index)  # Shift+R in the window
 
 
 def _evaluate_segmenter(model: LoadedSegmenter, test: list[DatasetSample]) -> dict[str, Any]:
