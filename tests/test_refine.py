@@ -176,6 +176,7 @@ def test_simulated_reviewer_edits_new_images_each_round_and_rejects_the_rest(dem
             assert states["rejected"] == len(defects) - states["edited"] and states["proposed"] == 0
         assert project.mask_state_counts(tag="good")[1] == {"proposed": len(project.images("good")), "accepted": 0,
                                                              "edited": 0, "rejected": 0, "flagged": 0}
+        assert project.mask_states(1) == {r.image_id: (r.state, r.flagged) for r in project.mask_records(1)}
         for record in project.mask_records(1, state="edited"):
             image = project.image(record.image_id)
             truth = samples[image.stem].truth((image.height, image.width))

@@ -67,11 +67,17 @@ MASK_STATE_LABELS = {"proposed": "to review", "accepted": "accepted", "edited": 
 class GalleryItem:
     image_id: int
     stem: str
-    path: Path
+    image_root: Path
+    rel_path: str
     sha256: str
     tag: str
     mask_state: str | None = None
     flagged: bool = False
+
+    @property
+    def path(self) -> Path:
+        """Built on use, like ImageRecord.path: a refresh of 10 000 rows builds no Path."""
+        return self.image_root / self.rel_path
 
 
 def thumbnail_array(path: Path, size: int = THUMB_SIZE) -> np.ndarray:

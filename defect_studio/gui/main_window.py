@@ -636,16 +636,14 @@ class MainWindow(QMainWindow):
             self._update_counts()
             return
         round_index = self.current_round
-        states = {}
-        if round_index is not None:
-            states = {record.image_id: record for record in self.project.mask_records(round_index)}
+        states = self.project.mask_states(round_index) if round_index is not None else {}
         items = []
         for image in self.project.images():
-            record = states.get(image.id)
-            if record is not None and record.state == "proposed" and image.tag != "defect":
-                record = None  # a good image's empty mask needs no review: no badge, not in "to review"
-            items.append(GalleryItem(image.id, image.stem, image.path, image.sha256, image.tag,
-                                     record.state if record else None, bool(record.flagged) if record else False))
+            state, flagged = states.get(image.id, (None, False))
+            if state == "proposed" and image.tag != "defect":
+                state, flagged = None, False  # a good image's empty mask needs no review: no badge, not in "to review"
+            items.append(GalleryItem(image.id, image.stem, image.image_root, image.rel_path, image.sha256, image.tag,
+                                     state, flagged))
         self.gallery_model.set_items(items, self.thumbnails)
         self._update_counts()
         if keep is not None and self.gallery_model.row_of(keep) is not None:

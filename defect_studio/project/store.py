@@ -540,6 +540,12 @@ class Project:
         rows = self._query(f"SELECT {self._MASK_COLUMNS} FROM masks {where} ORDER BY round_idx, image_id", parameters)
         return [self._mask(row) for row in rows]
 
+    def mask_states(self, round_index: int) -> dict[int, tuple[str, bool]]:
+        """{image id: (state, flagged)} of a round's masks: what a listing shows, without the records'
+        parameters and paths (a window refresh reads it for every image)."""
+        rows = self._query("SELECT image_id, state, flagged FROM masks WHERE round_idx=?", (round_index,))
+        return {int(image_id): (state, bool(flagged)) for image_id, state, flagged in rows}
+
     def locked_mask_before(self, image_id: int, round_index: int) -> MaskRecord | None:
         """The latest accepted or edited mask of this image in an earlier round."""
         rows = self._query(

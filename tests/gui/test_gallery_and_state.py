@@ -16,7 +16,7 @@ def test_ten_thousand_images_only_visible_thumbnails_are_made(qtbot, tmp_path: P
     import cv2
 
     cv2.imwrite(str(source), (np.random.default_rng(0).random((40, 50)) * 255).astype(np.uint8))
-    items = [GalleryItem(i, f"image_{i:05d}", source, f"{i:064x}", "untagged") for i in range(10_000)]
+    items = [GalleryItem(i, f"image_{i:05d}", source.parent, source.name, f"{i:064x}", "untagged") for i in range(10_000)]
     model = GalleryModel()
     cache = ThumbnailCache(tmp_path / "thumbs")
     view = GalleryView()
