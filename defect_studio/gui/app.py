@@ -118,14 +118,16 @@ def startup_splash(app: QApplication) -> QSplashScreen:
 
 
 # Loaded at start-up, under the splash, instead of on the first Train or round click (a pause of
-# about a second on the GUI thread there), and so that they are frozen with the rest below.
+# about a second on the GUI thread there), and so that they are frozen with the rest below. On the
+# GUI thread: importing torch from a worker thread crashed PySide 6.12 in 1 of 4 tries
+# ("none_dealloc" in shiboken's import hook while the GUI thread ran).
 TRAINING_ENGINE_MODULES = (
     "defect_studio.ml.classifier", "defect_studio.ml.segmenter", "defect_studio.ml.cams.compute",
     "defect_studio.ml.refine", "torchvision.transforms.v2", "torchvision.tv_tensors",
 )
 
 
-def freeze_startup_objects() -> None:
+def load_training_engine_and_freeze() -> None:
     """Load the training engine, then exempt everything loaded so far (Qt, torch, numpy, the window)
     from garbage collection. A full collection otherwise walks those ~400 000 objects: a 100-290 ms
     pause of every Python thread, measured on a 2-core machine, whichever thread triggers it (a
@@ -154,7 +156,7 @@ def run_app(project_path: Path | None = None) -> int:
         from defect_studio.gui.main_window import MainWindow  # after the splash is up: it imports a lot
 
         window = MainWindow(QSettings())
-        freeze_startup_objects()
+        load_training_engine_and_freeze()
         window.show()
         splash.finish(window)
         if project_path is not None:

@@ -860,9 +860,8 @@ class MainWindow(QMainWindow):
 
 
 def _device_text() -> str:
-    # This loads torch (seconds), on the GUI thread while the start-up splash shows. Loading it in a
-    # worker thread instead crashed PySide 6.12 in 1 of 4 tries (shiboken's import hook,
-    # "none_dealloc"), and the panels' first Train would otherwise load it on a click.
+    # Loads torch (seconds) on the GUI thread, under the start-up splash (app.TRAINING_ENGINE_MODULES
+    # says why not in a worker thread).
     try:
         from defect_studio.ml.device import describe_device
 

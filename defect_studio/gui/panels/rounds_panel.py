@@ -224,7 +224,7 @@ class RoundsPanel(QWidget):
         round_index = self.window_.current_round
         if project is None or round_index is None or self.runner.busy:
             return False
-        from defect_studio.ml.refine import RefineConfig, refine_job  # loads torch: not at start-up
+        from defect_studio.ml.refine import RefineConfig, refine_job  # on use: with a broken torch the app still opens, tags and reviews
 
         self.window_.editor.flush()
         segmenter_values = self.form.values()

@@ -144,7 +144,7 @@ class TrainPanel(QWidget):
         project = self.window_.project
         if project is None:
             return False
-        from defect_studio.ml.classifier import train_project_classifier_job  # loads torch: not at start-up
+        from defect_studio.ml.classifier import train_project_classifier_job  # on use: with a broken torch the app still opens, tags and reviews
 
         values = self.form.values()
         project.set_setting("gui.classifier_config", values)
