@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     from PySide6.QtWidgets import QApplication
 
     from defect_studio.bench.report import write_report
-    from defect_studio.gui.app import configure_application, load_training_engine_and_freeze
+    from defect_studio.gui.app import configure_application, freeze_startup_objects, load_training_engine
     from defect_studio.gui.main_window import MainWindow
     from defect_studio.project.demo_project import make_demo_project
 
@@ -188,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         window = MainWindow(QSettings())
         window.resize(1400, 900)
         window.show()
-        load_training_engine_and_freeze()  # as the app does once its window is built
+        load_training_engine()  # as the app does once its window is built
+        freeze_startup_objects()
         if not window.open_path(project_dir):
             print("could not open the demo project", file=sys.stderr)
             return 1

@@ -46,7 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         from defect_studio.gui.app import run_app
 
-        return run_app(project_path=None)
+        return run_app(project_path=None, whole_process=True)
     try:
         return int(args.handler(args) or EXIT_OK)
     except JobCancelled:

@@ -77,13 +77,13 @@ def run_demo(args: argparse.Namespace) -> int:
         return 0
     from defect_studio.gui.app import run_app
 
-    return run_app(project_path=project_dir)
+    return run_app(project_path=project_dir, whole_process=True)
 
 
 def run_open(args: argparse.Namespace) -> int:
     from defect_studio.gui.app import run_app
 
-    return run_app(project_path=Path(args.project) if args.project else None)
+    return run_app(project_path=Path(args.project) if args.project else None, whole_process=True)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -118,33 +118,41 @@ def startup_splash(app: QApplication) -> QSplashScreen:
 
 
 # Loaded at start-up, under the splash, instead of on the first Train or round click (a pause of
-# about a second on the GUI thread there), and so that they are frozen with the rest below. On the
-# GUI thread: importing torch from a worker thread crashed PySide 6.12 in 1 of 4 tries
-# ("none_dealloc" in shiboken's import hook while the GUI thread ran).
+# about a second on the GUI thread there). On the GUI thread: importing torch from a worker thread
+# crashed PySide 6.12 in 1 of 4 tries ("none_dealloc" in shiboken's import hook while the GUI thread ran).
 TRAINING_ENGINE_MODULES = (
     "defect_studio.ml.classifier", "defect_studio.ml.segmenter", "defect_studio.ml.cams.compute",
     "defect_studio.ml.refine", "torchvision.transforms.v2", "torchvision.tv_tensors",
 )
 
 
-def load_training_engine_and_freeze() -> None:
-    """Load the training engine, then exempt everything loaded so far (Qt, torch, numpy, the window)
-    from garbage collection. A full collection otherwise walks those ~400 000 objects: a 100-290 ms
-    pause of every Python thread, measured on a 2-core machine, whichever thread triggers it (a
-    training worker's allocations too). Start-up as a whole stays 5.4-6.1 s here: the panels used to
-    import these modules while the window was built."""
+def load_training_engine() -> None:
     for name in TRAINING_ENGINE_MODULES:
         try:
             importlib.import_module(name)
         except ImportError as error:  # the app still opens, tags and reviews; the job will say what is wrong
             log.warning("the training engine did not load: %s", error)
-            break
+            return
+
+
+def freeze_startup_objects() -> None:
+    """Exempt everything loaded so far (Qt, torch, numpy, the window) from garbage collection, for
+    the rest of the process. A full collection otherwise walks those ~400 000 objects: a 100-290 ms
+    pause of every Python thread, measured on a 2-core machine, whichever thread triggers it (a
+    training worker's allocations too).
+
+    Only for a process that is the app, one window until it exits: in a process that goes on
+    opening windows (the test suite), unfreezing and collecting later crashed or hung the GUI tests
+    in 3 of 15 runs."""
     gc.collect()
     gc.freeze()
 
 
-def run_app(project_path: Path | None = None) -> int:
-    """Open the main window (on `project_path` if given, else the last project) and run until it closes."""
+def run_app(project_path: Path | None = None, whole_process: bool = False) -> int:
+    """Open the main window (on `project_path` if given, else the last project) and run until it closes.
+
+    `whole_process`: this process is the app and ends with the window (`defect-studio`), so the
+    start-up objects are frozen (see freeze_startup_objects)."""
     app = QApplication.instance() or QApplication(sys.argv[:1])
     assert isinstance(app, QApplication)
     configure_application(app)
@@ -157,7 +165,9 @@ def run_app(project_path: Path | None = None) -> int:
         from defect_studio.gui.main_window import MainWindow  # after the splash is up: it imports a lot
 
         window = MainWindow(QSettings())
-        load_training_engine_and_freeze()
+        load_training_engine()
+        if whole_process:
+            freeze_startup_objects()
         window.show()
         splash.finish(window)
         if project_path is not None:
@@ -170,5 +180,4 @@ def run_app(project_path: Path | None = None) -> int:
                 QTimer.singleShot(0, lambda: offer_demo(window))
         return int(app.exec())
     finally:
-        gc.unfreeze()  # the window is gone: its objects are garbage like any other (tests run the app many times)
         sys.excepthook = previous_hook
