@@ -48,8 +48,9 @@ def accept_all(project: Any, round_index: int | None = None) -> ReviewResult:
     """Accept every proposed mask of the round (rejected and edited ones keep their state)."""
     index = _resolve_round(project, round_index)
     result = ReviewResult(index)
+    stems = {image.id: image.stem for image in project.images()}  # one query, not one per mask
     for record in project.mask_records(round_index=index):
-        stem = project.image(record.image_id).stem
+        stem = stems[record.image_id]
         if record.state == "proposed":
             project.review_mask(record.image_id, index, "accepted")
             result.changed.append(stem)
