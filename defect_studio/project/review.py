@@ -73,6 +73,26 @@ def reject_rest(project: Any, round_index: int | None = None) -> ReviewResult:
     return result
 
 
+def _decided(project: Any, record: Any, state: str) -> Any:
+    """The review rule of one mask: accepting an edited mask keeps it 'edited' (the edit already is
+    the user's label, and the round counts it as an edit); deciding what a mask already is changes nothing."""
+    if record.state == state or (state == "accepted" and record.state == "edited"):
+        return record
+    return project.review_mask(record.image_id, record.round_index, state)
+
+
+def decide(project: Any, image_id: int, state: str, round_index: int | None = None) -> Any:
+    """Accept or reject the round's mask of one image (the window's A and R keys), by the same rule
+    as `accept` and `reject`; returns the mask's record."""
+    if state not in ("accepted", "rejected"):
+        raise ValueError(f"a review decision is 'accepted' or 'rejected', got {state!r}")
+    index = _resolve_round(project, round_index)
+    record = project.mask_record(image_id, index)
+    if record is None:
+        raise ProjectError(f"{project.image(image_id).stem} has no mask in round {index} to review.")
+    return _decided(project, record, state)
+
+
 def _set_state(project: Any, names: Iterable[str], state: str, round_index: int | None) -> ReviewResult:
     index = _resolve_round(project, round_index)
     result = ReviewResult(index)
@@ -82,16 +102,15 @@ def _set_state(project: Any, names: Iterable[str], state: str, round_index: int 
         raise ProjectError(f"no mask in round {index} for: {', '.join(missing[:10])}")
     for image in records:
         current = project.mask_record(image.id, index)
-        if current.state == state:
+        if _decided(project, current, state) is current:
             result.unchanged.append(image.stem)
-            continue
-        project.review_mask(image.id, index, state)
-        result.changed.append(image.stem)
+        else:
+            result.changed.append(image.stem)
     return result
 
 
 def accept(project: Any, names: Iterable[str], round_index: int | None = None) -> ReviewResult:
-    """Accept the round's masks of these images (ids, stems or relative paths)."""
+    """Accept the round's masks of these images (ids, stems or relative paths); edited masks stay edited."""
     return _set_state(project, names, "accepted", round_index)
 
 

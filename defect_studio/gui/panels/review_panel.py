@@ -357,8 +357,7 @@ class ReviewPanel(QWidget):
             record = project.mask_record(image_id, round_index)
             if record is None:
                 return
-            if not (state == "accepted" and record.state == "edited"):  # an edit is already the user's label
-                record = project.review_mask(image_id, round_index, state)
+            record = review.decide(project, image_id, state, round_index)  # the CLI's rule: an edit stays edited
         except DefectStudioError as error:
             report_error(self, "Cannot save the review", error)
             return
