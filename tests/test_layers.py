@@ -251,3 +251,17 @@ def test_a_planted_qt_import_fails_the_rule(tmp_path: Path, module_file: str, co
     assert violations and any(expected in chain for chain in violations), violations
     if module_file in ("errors.py", "project/schema.py"):  # reached through other modules: the chain shows how
         assert any(chain.startswith("defect_studio.cli") and chain.count("->") >= 2 for chain in violations), violations
+
+
+def test_the_benchmarks_never_import_the_cli_and_the_cli_reaches_them_only_to_run_them():
+    """No cli <-> bench loop: the benchmarks take their options from bench.options and their tables from
+    defect_studio.markdown (which `evaluate` prints too); the CLI imports bench only in `bench`."""
+    graph = import_graph(PACKAGE_DIR)
+    upward = [f"{module}:{edge.line} -> {edge.target}" for module, edges in graph.items()
+              if module.startswith("defect_studio.bench") for edge in edges if edge.target.startswith("defect_studio.cli")]
+    assert not upward, upward
+    into_bench = {(module, edge.target) for module, edges in graph.items() if module.startswith("defect_studio.cli")
+                  for edge in edges if edge.target.startswith("defect_studio.bench")
+                  and not (module == "defect_studio.cli.bench_cmds" and edge.function == "run_bench")}
+    assert into_bench <= {("defect_studio.cli.bench_cmds", "defect_studio.bench.options"),
+                          ("defect_studio.cli.bench_cmds", "defect_studio.bench")}, into_bench

@@ -233,7 +233,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    from defect_studio.cli.bench_cmds import add_bench_arguments
+    from defect_studio.bench.options import add_bench_arguments
 
     parser = argparse.ArgumentParser(description=__doc__)
     add_bench_arguments(parser)

@@ -2,28 +2,13 @@
 
 from __future__ import annotations
 
-import math
 import platform
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
 from defect_studio.atomic import atomic_write_json, atomic_write_text
-
-
-def _format(value: Any) -> str:
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "–"
-        return f"{value:.3f}" if abs(value) < 100 else f"{value:.0f}"
-    return str(value)
-
-
-def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    for row in rows:
-        lines.append("| " + " | ".join(_format(row.get(column, "")) for column in columns) + " |")
-    return "\n".join(lines)
+from defect_studio.markdown import markdown_table
 
 
 def machine_summary() -> dict[str, Any]:

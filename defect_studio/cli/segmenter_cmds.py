@@ -116,7 +116,7 @@ def run_refine(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------------ evaluate
 def run_evaluate(args: argparse.Namespace) -> int:
-    from defect_studio.bench.report import markdown_table
+    from defect_studio.markdown import markdown_table
     from defect_studio.imageio import read_image
     from defect_studio.ml.evaluate import (
         SUMMARY_COLUMNS, evaluate_pairs, iterate_against_truth, load_ground_truth, per_type_rows, summary_row,

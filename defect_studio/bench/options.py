@@ -1,0 +1,33 @@
+"""The options of every benchmark, shared by `defect-studio bench` and `python -m defect_studio.bench.<name>`.
+
+The benchmarks read their options from here, never from the CLI: the CLI launches the benchmarks, and
+nothing in `bench` imports `defect_studio.cli`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+# What `defect-studio bench WHICH` runs: each a module defect_studio.bench.<name> with main(args).
+BENCH_NAMES = ("classifier", "cams", "segmenter", "full")
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of every benchmark (also used by `python -m defect_studio.bench.<name>`)."""
+    parser.add_argument("--dataset", type=Path, required=True, help="dataset folder (images/, labels.csv, ...)")
+    parser.add_argument("--quick", action="store_true", help="a small subset and few epochs (minutes)")
+    parser.add_argument("--out", type=Path, help="where to write the JSON and markdown tables")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--classifier", type=Path, help="reuse this classifier checkpoint instead of training one")
+    parser.add_argument("--rounds", type=int, help="full: refinement rounds (default 3)")
+    parser.add_argument("--method", help="full: the CAM method for round 0 (default: the best on the training split)")
+    parser.add_argument("--segmenter-epochs", type=int, help="full: segmenter epochs per round")
+    parser.add_argument("--steps-per-epoch", type=int, help="full: segmenter training steps per epoch")
+    parser.add_argument("--edits-per-round", type=int, default=0, metavar="K",
+                        help="full: a simulated user draws the ground-truth mask of K more defect images each round")
+    parser.add_argument("--reject-unedited", action="store_true",
+                        help="full: the simulated user rejects every defect proposal it did not edit")
+    parser.add_argument("--candidates", nargs="+", metavar="NAME", help="segmenter: the recipes to compare (default: all)")
+    parser.add_argument("--steps", nargs="+", type=int, metavar="N", help="segmenter: training steps per candidate")
+    parser.add_argument("--json", action="store_true", help="print progress events as JSON lines")
