@@ -63,7 +63,7 @@ def test_fused_layercam_is_the_maximum_of_the_reference_stage_maps(resnet_classi
 
 
 def test_baselines_match_on_the_projects_own_dilated_classifier(images) -> None:
-    models = pytest.importorskip("defect_studio.ml.models")
+    from defect_studio.ml import models
     model = models.build_classifier(models.ClassifierConfig(width=8, output_stride=8, input_size=64)).eval()
     with torch.no_grad():  # non-trivial weights in the zero-initialised residual branches
         for module in model.modules():

@@ -16,7 +16,7 @@ from defect_studio.imageio import read_mask
 
 
 def test_bench_cams_writes_every_variant_and_the_trivial_baseline(tmp_path: Path) -> None:
-    demo = pytest.importorskip("defect_studio.demo")
+    from defect_studio import demo
     from defect_studio.bench import cams as bench
     from defect_studio.ml.classifier import checkpoint_bytes
     from defect_studio.ml.models import ClassifierConfig, build_classifier

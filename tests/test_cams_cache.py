@@ -65,7 +65,7 @@ def test_a_damaged_cache_file_is_a_miss(tmp_path: Path) -> None:
 
 @pytest.fixture
 def project_with_classifier(tmp_path: Path):
-    demo = pytest.importorskip("defect_studio.demo")
+    from defect_studio import demo
     from defect_studio.ml.classifier import checkpoint_bytes
     from defect_studio.ml.models import ClassifierConfig, build_classifier
     from defect_studio.ml.preprocess import Preprocessing

@@ -8,11 +8,10 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+import torch  # a dependency, not an option: a broken install fails here instead of skipping
 
 from defect_studio.jobs import CancelToken, run_job
 from defect_studio.project import Project
-
-torch = pytest.importorskip("torch")
 
 
 @contextlib.contextmanager

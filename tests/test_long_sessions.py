@@ -67,7 +67,7 @@ def test_a_thousand_cam_computations_in_a_project_session_leak_nothing(tmp_path:
     """The CAM engineer's test checks hooks and RSS of bare calls; this one runs them the way a
     session does, with the project open and maps going through the on-disk cache, and watches the
     file descriptors and threads too."""
-    cams = pytest.importorskip("defect_studio.ml.cams")
+    from defect_studio.ml import cams
     from defect_studio.ml.cam_cache import CamCache
     from defect_studio.ml.preprocess import Preprocessing
     from tests.cam_fixtures import StandInClassifier, TinyStandIn

@@ -12,8 +12,7 @@ from typing import Iterator  # noqa: E402
 
 import pytest  # noqa: E402
 
-pytest.importorskip("PySide6")
-pytest.importorskip("pytestqt")
+pytest.importorskip("pytestqt")  # a test extra; PySide6 is a dependency, imported plainly below
 
 from PySide6.QtCore import QCoreApplication, QSettings, QThreadPool  # noqa: E402
 from PySide6.QtWidgets import QApplication  # noqa: E402
