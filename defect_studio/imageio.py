@@ -146,13 +146,6 @@ def read_image(path: str | os.PathLike[str], max_pixels: int = MAX_PIXELS) -> np
     return to_float01(pixels)
 
 
-def read_gray_uint8(path: str | os.PathLike[str]) -> np.ndarray:
-    """The image as 8-bit gray, for thumbnails and display."""
-    image = read_image(path)
-    gray = image[:, :, 0] if image.shape[2] == 1 else cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
-    return np.clip(gray * 255.0 + 0.5, 0, 255).astype(np.uint8)
-
-
 def encode_mask_png(mask: np.ndarray) -> bytes:
     """Binary mask -> 8-bit PNG bytes, 0 background and 255 defect."""
     if mask.ndim != 2:

@@ -9,7 +9,6 @@ once when the user leaves the image, accepts, or closes the window.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 
 import cv2
@@ -21,7 +20,6 @@ from scipy import ndimage
 from defect_studio.gui.viewer import ImageViewer
 from defect_studio.project import Project
 
-log = logging.getLogger(__name__)
 
 MIN_BRUSH, MAX_BRUSH = 1, 256
 AUTOSAVE_DELAY_MS = 400

@@ -39,13 +39,6 @@ SHORTCUTS: tuple[Shortcut, ...] = (
 )
 
 
-def shortcut(action: str) -> Shortcut:
-    for entry in SHORTCUTS:
-        if entry.action == action:
-            return entry
-    raise KeyError(action)
-
-
 def markdown_table() -> str:
     """The README's table of keys."""
     lines = ["| Keys | Action |", "|---|---|"]

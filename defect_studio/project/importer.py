@@ -25,7 +25,6 @@ class ImportReport:
     duplicates: list[tuple[str, str]] = field(default_factory=list)  # (file, same content as)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, reason)
     tagged: dict[str, int] = field(default_factory=lambda: {"folder": 0, "csv": 0})
-    retagged_untagged: int = 0
 
     def lines(self) -> list[str]:
         out = [
@@ -118,7 +117,6 @@ def import_job(project: Project, images_dir: str | os.PathLike[str], labels_csv:
             if tag and rel_path in untagged_ids:  # re-import keeps tags; only untagged images get one
                 retag[tag].append(untagged_ids[rel_path])
                 retag_source[tag] = source
-                report.retagged_untagged += 1
         else:
             try:
                 _, info = decode_image(path)

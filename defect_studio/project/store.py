@@ -22,7 +22,7 @@ import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
@@ -37,7 +37,7 @@ from defect_studio.atomic import (
 from defect_studio.errors import ProjectError
 from defect_studio.imageio import encode_mask_png, file_sha256, read_mask
 from defect_studio.project.lock import ProjectLock
-from defect_studio.project.schema import LATEST_VERSION, migrate
+from defect_studio.project.schema import migrate
 
 log = logging.getLogger(__name__)
 
@@ -772,8 +772,3 @@ def _unique_stem(rel_path: str, taken: set[str]) -> str:
         candidate = f"{qualified}__{counter}"
         counter += 1
     return candidate
-
-
-def iter_chunks(items: list, size: int) -> Iterator[list]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 import typing
 from typing import Any, Callable
@@ -25,7 +24,6 @@ from PySide6.QtWidgets import (
 from defect_studio.gui.workers import JobRunner
 from defect_studio.jobs import Progress
 
-log = logging.getLogger(__name__)
 
 
 def training_threads() -> int:
