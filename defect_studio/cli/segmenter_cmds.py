@@ -10,6 +10,7 @@ from typing import Any
 from defect_studio.cli.progress import add_progress_arguments, drive
 from defect_studio.errors import DataError, ModelError
 from defect_studio.jobs import CancelToken
+from defect_studio.project import Project
 
 DEFAULT_METHOD = "region-aware"
 
@@ -42,7 +43,6 @@ def _add_pseudo_arguments(parser: argparse.ArgumentParser) -> None:
 # ------------------------------------------------------------------------------------------ pseudo
 def run_pseudo(args: argparse.Namespace) -> int:
     from defect_studio.ml.pseudo import PseudoLabelSettings, create_checked_round, pseudo_job
-    from defect_studio.project import Project
 
     settings = PseudoLabelSettings.from_dict(_pseudo_settings(args)).to_dict()  # refuse bad values first
     with Project.open(args.project) as project:
@@ -66,7 +66,6 @@ def run_pseudo(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------------ review
 def run_review(args: argparse.Namespace) -> int:
-    from defect_studio.project import Project
     from defect_studio.project import review
 
     with Project.open(args.project) as project:
@@ -91,7 +90,6 @@ def _split_ids(values: list[str]) -> list[str]:
 # ------------------------------------------------------------------------------------------ refine
 def run_refine(args: argparse.Namespace) -> int:
     from defect_studio.ml.refine import RefineConfig, refine_job
-    from defect_studio.project import Project
 
     segmenter = {k: v for k, v in {"epochs": args.epochs, "steps_per_epoch": args.steps_per_epoch, "seed": args.seed,
                                    "device": args.device}.items() if v is not None}
@@ -121,7 +119,6 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from defect_studio.ml.evaluate import (
         SUMMARY_COLUMNS, evaluate_pairs, iterate_against_truth, load_ground_truth, per_type_rows, summary_row,
     )
-    from defect_studio.project import Project
 
     truth = load_ground_truth(args.gt)
     stems = truth.stems(args.split)
@@ -156,7 +153,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _latest_segmenter(project: Any) -> Path:
+def _latest_segmenter(project: Project) -> Path:
     run = project.latest_run("segmenter")
     if run is None:
         raise ModelError("this project has no trained segmenter yet; run defect-studio refine first.")
@@ -166,7 +163,6 @@ def _latest_segmenter(project: Any) -> Path:
 # ------------------------------------------------------------------------------------------ export
 def run_export(args: argparse.Namespace) -> int:
     from defect_studio.ml.export import export_project_job
-    from defect_studio.project import Project
 
     with Project.open(args.project) as project:
         cancel = CancelToken()

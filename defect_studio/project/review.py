@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Iterable
 
 import numpy as np
 
 from defect_studio.errors import BadImageError, DataError, ProjectError
 from defect_studio.imageio import IMAGE_EXTENSIONS, read_mask
+from defect_studio.project.store import ImageRecord, MaskRecord, Project
 
 
 @dataclass
@@ -30,21 +31,21 @@ class ReviewResult:
         return text + "."
 
 
-def latest_round(project: Any) -> int:
+def latest_round(project: Project) -> int:
     rounds = project.rounds()
     if not rounds:
         raise ProjectError("this project has no rounds yet; make proposals first (defect-studio pseudo).")
     return rounds[-1].index
 
 
-def _resolve_round(project: Any, round_index: int | None) -> int:
+def _resolve_round(project: Project, round_index: int | None) -> int:
     if round_index is None:
         return latest_round(project)
     project.round(round_index)  # a clear ProjectError for an unknown round
     return round_index
 
 
-def accept_all(project: Any, round_index: int | None = None) -> ReviewResult:
+def accept_all(project: Project, round_index: int | None = None) -> ReviewResult:
     """Accept every proposed mask of the round (rejected and edited ones keep their state)."""
     index = _resolve_round(project, round_index)
     result = ReviewResult(index)
@@ -59,7 +60,7 @@ def accept_all(project: Any, round_index: int | None = None) -> ReviewResult:
     return result
 
 
-def reject_rest(project: Any, round_index: int | None = None) -> ReviewResult:
+def reject_rest(project: Project, round_index: int | None = None) -> ReviewResult:
     """Reject every defect image's mask still proposed in the round: those images sit this round out,
     and only the masks the user accepted or edited (and the good images) train the segmenter. On MT,
     30 edits a round with the rest rejected trained a segmenter 3x better than the same edits with the
@@ -73,7 +74,7 @@ def reject_rest(project: Any, round_index: int | None = None) -> ReviewResult:
     return result
 
 
-def _decided(project: Any, record: Any, state: str) -> Any:
+def _decided(project: Project, record: MaskRecord, state: str) -> MaskRecord:
     """The review rule of one mask: accepting an edited mask keeps it 'edited' (the edit already is
     the user's label, and the round counts it as an edit); deciding what a mask already is changes nothing."""
     if record.state == state or (state == "accepted" and record.state == "edited"):
@@ -81,7 +82,7 @@ def _decided(project: Any, record: Any, state: str) -> Any:
     return project.review_mask(record.image_id, record.round_index, state)
 
 
-def decide(project: Any, image_id: int, state: str, round_index: int | None = None) -> Any:
+def decide(project: Project, image_id: int, state: str, round_index: int | None = None) -> MaskRecord:
     """Accept or reject the round's mask of one image (the window's A and R keys), by the same rule
     as `accept` and `reject`; returns the mask's record."""
     if state not in ("accepted", "rejected"):
@@ -93,15 +94,17 @@ def decide(project: Any, image_id: int, state: str, round_index: int | None = No
     return _decided(project, record, state)
 
 
-def _set_state(project: Any, names: Iterable[str], state: str, round_index: int | None) -> ReviewResult:
+def _set_state(project: Project, names: Iterable[str], state: str, round_index: int | None) -> ReviewResult:
     index = _resolve_round(project, round_index)
     result = ReviewResult(index)
-    records = project.find_images(list(names))
-    missing = [r.stem for r in records if project.mask_record(r.id, index) is None]
+    images = project.find_images(list(names))
+    masks = {image.id: project.mask_record(image.id, index) for image in images}
+    missing = [image.stem for image in images if masks[image.id] is None]
     if missing:
         raise ProjectError(f"no mask in round {index} for: {', '.join(missing[:10])}")
-    for image in records:
-        current = project.mask_record(image.id, index)
+    for image in images:
+        current = masks[image.id]
+        assert current is not None
         if _decided(project, current, state) is current:
             result.unchanged.append(image.stem)
         else:
@@ -109,22 +112,22 @@ def _set_state(project: Any, names: Iterable[str], state: str, round_index: int 
     return result
 
 
-def accept(project: Any, names: Iterable[str], round_index: int | None = None) -> ReviewResult:
+def accept(project: Project, names: Iterable[str], round_index: int | None = None) -> ReviewResult:
     """Accept the round's masks of these images (ids, stems or relative paths); edited masks stay edited."""
     return _set_state(project, names, "accepted", round_index)
 
 
-def reject(project: Any, names: Iterable[str], round_index: int | None = None) -> ReviewResult:
+def reject(project: Project, names: Iterable[str], round_index: int | None = None) -> ReviewResult:
     """Reject them: those images are left out of this round's segmenter training."""
     return _set_state(project, names, "rejected", round_index)
 
 
-def save_edit(project: Any, image_id: int, mask: np.ndarray, round_index: int | None = None) -> Any:
+def save_edit(project: Project, image_id: int, mask: np.ndarray, round_index: int | None = None) -> MaskRecord:
     """Replace the round's mask of one image by the user's edit (state 'edited', final)."""
     return project.save_edited_mask(image_id, _resolve_round(project, round_index), mask)
 
 
-def import_masks(project: Any, folder: str | Path, round_index: int | None = None) -> ReviewResult:
+def import_masks(project: Project, folder: str | Path, round_index: int | None = None) -> ReviewResult:
     """Masks `<stem>.png` from a folder become edited masks of the round.
 
     Everything is checked before anything is written: masks with no matching image, unreadable
@@ -139,7 +142,7 @@ def import_masks(project: Any, folder: str | Path, round_index: int | None = Non
     if not files:
         raise DataError(f"{folder}: no mask images found.")
     unknown, wrong_size, unreadable = [], [], []
-    loaded: list[tuple[Any, np.ndarray]] = []
+    loaded: list[tuple[ImageRecord, np.ndarray]] = []
     for path in files:
         image = by_stem.get(path.stem)
         if image is None:
