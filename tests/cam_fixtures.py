@@ -9,6 +9,8 @@ import torch
 from torchvision.models.resnet import BasicBlock
 from torch import nn
 
+from defect_studio.ml.cams import capture_stage_outputs, eval_mode
+from defect_studio.ml.good_prior import GoodImagePrior, build_good_prior
 from defect_studio.ml.preprocess import Preprocessing
 
 
@@ -80,6 +82,16 @@ class StandInClassifier:
     preprocessing: Preprocessing
     checkpoint_sha256: str = "0" * 64
     device: torch.device = torch.device("cpu")
+    good_prior: GoodImagePrior | None = None
+
+    def with_good_prior(self, good_images: list[np.ndarray], stage: int = 3, bank_size: int = 512) -> "StandInClassifier":
+        """A memory bank of the stage's features of `good_images`, as training builds it."""
+        batch, _ = self.preprocessing.prepare_batch(good_images)
+        with eval_mode(self.model), torch.no_grad(), capture_stage_outputs(self.model, [stage - 1]) as captured:
+            self.model(batch)
+            activation = captured[stage - 1]
+        self.good_prior = build_good_prior([activation], stage, bank_size)
+        return self
 
 
 class WithClassAxis(nn.Module):

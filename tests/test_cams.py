@@ -26,7 +26,9 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa:
 
 @pytest.fixture(scope="module")
 def resnet_classifier() -> StandInClassifier:
-    return StandInClassifier(ResNetStandIn(), Preprocessing(input_size=96))
+    rng = np.random.default_rng(5)
+    good = [rng.random((80, 80, 1), dtype=np.float32) for _ in range(4)]
+    return StandInClassifier(ResNetStandIn(), Preprocessing(input_size=96)).with_good_prior(good)
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +66,7 @@ def test_fused_layercam_is_the_maximum_of_the_reference_stage_maps(resnet_classi
 
 def test_baselines_match_on_the_projects_own_dilated_classifier(images) -> None:
     from defect_studio.ml import models
-    model = models.build_classifier(models.ClassifierConfig(width=8, output_stride=8, input_size=64)).eval()
+    model = models.build_classifier(models.ClassifierConfig(arch="compact", width=8, output_stride=8, input_size=64)).eval()
     with torch.no_grad():  # non-trivial weights in the zero-initialised residual branches
         for module in model.modules():
             if isinstance(module, nn.BatchNorm2d):
@@ -145,7 +147,7 @@ def test_the_model_is_left_exactly_as_it_was(method, images) -> None:
     model.stages[1].eval()  # a mixed state must come back mixed
     for parameter in model.stages[0].parameters():
         parameter.requires_grad_(False)
-    classifier = StandInClassifier(model, Preprocessing(input_size=64))
+    classifier = StandInClassifier(model, Preprocessing(input_size=64)).with_good_prior(images)
     before = model_state(model)
     with torch.no_grad():  # callers inside no_grad still get maps
         maps = cams.compute_cams(classifier, images, method)
@@ -198,8 +200,8 @@ def rss_mb() -> float:
 @pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="needs /proc")
 def test_a_thousand_calls_leak_no_hooks_and_no_memory() -> None:
     model = TinyStandIn()
-    classifier = StandInClassifier(model, Preprocessing(input_size=32))
     image = np.random.default_rng(0).random((30, 40, 1), dtype=np.float32)
+    classifier = StandInClassifier(model, Preprocessing(input_size=32)).with_good_prior([image])
     relus = [(name, id(m)) for name, m in model.named_modules() if isinstance(m, nn.ReLU)]
     methods = cams.CAM_METHODS
     for call in range(100):  # warm up allocator caches before measuring
@@ -326,7 +328,7 @@ def test_magnitude_filter_keeps_the_top_fraction_per_image() -> None:
 
 
 def test_every_method_has_defaults_and_bad_settings_are_refused() -> None:
-    assert cams.CAM_METHODS == ("gradcam", "gradcampp", "layercam", "fgbp", "region-aware")
+    assert cams.CAM_METHODS == ("gradcam", "gradcampp", "layercam", "fgbp", "region-aware", "good-prior")
     ra = cams.default_settings("region-aware")
     assert ra["fgbp_quantile"] == 0.9 and ra["region_threshold"] == 0.2 and ra["gamma"] == 0.5
     assert ra["region_margin_cells"] == 1.0 and ra["salient_stages"] == [4]
@@ -341,6 +343,10 @@ def test_every_method_has_defaults_and_bad_settings_are_refused() -> None:
         cams.resolve_settings("fgbp", {"fgbp_quantile": 1.5})
     with pytest.raises(cams.CamSettingsError, match="stages"):
         cams.resolve_settings("layercam", {"stages": [0, 5]})
+    with pytest.raises(cams.CamSettingsError, match="off, multiply, deep"):
+        cams.resolve_settings("region-aware", {"good_prior": "always"})
+    with pytest.raises(cams.CamSettingsError, match="at least 1"):
+        cams.resolve_settings("good-prior", {"neighbours": 0})
     with pytest.raises(cams.CamSettingsError, match="true or false"):
         cams.resolve_settings("fgbp", {"guided": "maybe"})
 

@@ -75,7 +75,7 @@ def project_with_classifier(tmp_path: Path):
     dataset = demo.make_demo_dataset(tmp_path / "data", count=8, size=48)
     project = Project.create(tmp_path / "project", dataset / "images")
     run_job(import_job(project, dataset / "images", dataset / "labels.csv", CancelToken()))
-    config = ClassifierConfig(width=8, input_size=64, output_stride=16, channels=1)
+    config = ClassifierConfig(arch="compact", width=8, input_size=64, output_stride=16, channels=1)
     torch.manual_seed(0)
     model = build_classifier(config).eval()
     preprocessing = Preprocessing(input_size=64, channels=1)

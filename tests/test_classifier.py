@@ -27,7 +27,7 @@ from defect_studio.ml.preprocess import Geometry, Preprocessing, letterbox_geome
 
 # Small enough to train in seconds on two shared cores, big enough to learn the demo defects.
 # One thread: on a shared CPU, two OpenMP threads can be 10x slower than one.
-TINY = dict(width=8, input_size=64, epochs=8, min_epochs=8, batch_size=8, lr=5e-3, seed=0, augment=False, threads=1)
+TINY = dict(arch="compact", width=8, input_size=64, epochs=8, min_epochs=8, batch_size=8, lr=5e-3, seed=0, augment=False, threads=1)
 
 
 
@@ -131,7 +131,7 @@ def test_per_image_normalisation_ignores_exposure() -> None:
 
 
 @pytest.mark.parametrize("output_stride,expected", [(32, [4, 8, 16, 32]), (16, [4, 8, 16, 16]), (8, [4, 8, 8, 8])])
-@pytest.mark.parametrize("arch", ["compact", "resnet18"])
+@pytest.mark.parametrize("arch", ["compact", "resnet18", "efficientnet-lite0"])
 def test_four_stages_with_the_promised_strides(arch: str, output_stride: int, expected: list[int]) -> None:
     model = build_classifier(ClassifierConfig(arch=arch, width=8, output_stride=output_stride)).eval()
     assert len(model.stages) == 4
@@ -144,7 +144,7 @@ def test_four_stages_with_the_promised_strides(arch: str, output_stride: int, ex
 @pytest.mark.parametrize("pooling", ["avg", "max", "topk", "lse"])
 def test_relu_modules_carry_every_non_linearity(pooling: str) -> None:
     """Swapping every nn.ReLU for the identity must make the network linear (so FGBP can gate them all)."""
-    model = build_classifier(ClassifierConfig(width=8, pooling="avg")).eval()
+    model = build_classifier(ClassifierConfig(arch="compact", width=8, pooling="avg")).eval()
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, nn.ReLU):
@@ -154,7 +154,7 @@ def test_relu_modules_carry_every_non_linearity(pooling: str) -> None:
     x, y = torch.randn(1, 1, 64, 64), torch.randn(1, 1, 64, 64)
     zero = model(torch.zeros_like(x))
     assert torch.allclose(model(x + y) - zero, (model(x) - zero) + (model(y) - zero), atol=1e-3)
-    pooled = build_classifier(ClassifierConfig(width=8, pooling=pooling))
+    pooled = build_classifier(ClassifierConfig(arch="compact", width=8, pooling=pooling))
     assert any(isinstance(m, nn.ReLU) for m in pooled.modules())
 
 
@@ -289,7 +289,7 @@ def test_project_with_one_class_gives_a_clear_error(demo_project: Path) -> None:
 def test_train_command(demo_project: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from defect_studio.cli import main
 
-    code = main(["train", str(demo_project), "--epochs", "2", "--width", "8", "--input-size", "64", "--device", "cpu",
+    code = main(["train", str(demo_project), "--arch", "compact", "--epochs", "2", "--width", "8", "--input-size", "64", "--device", "cpu",
                  "--threads", "1"])
     assert code == 0
     out = capsys.readouterr().out

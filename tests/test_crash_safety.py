@@ -243,7 +243,7 @@ def test_training_killed_while_saving_its_checkpoint_keeps_the_previous_model(fa
     project_dir = fast_dir / "project"
     assert _cli("import", str(project_dir), "--images", str(dataset / "images"), "--labels",
                 str(dataset / "labels.csv")).returncode == 0
-    train = ["train", str(project_dir), "--epochs", "1", "--input-size", "32", "--width", "4", "--device", "cpu"]
+    train = ["train", str(project_dir), "--arch", "compact", "--epochs", "1", "--input-size", "32", "--width", "4", "--device", "cpu"]
     first = _cli(*train)
     assert first.returncode == 0 and "Classifier saved to" in first.stdout, first.stderr
     with Project.open(project_dir) as project:
@@ -296,7 +296,7 @@ def _classified_demo_project(fast_dir: Path, seed: int) -> Path:
     base = fast_dir / "base" / "project"
     with torch_threads(1), Project.create(base, dataset / "images") as project:
         run_job(import_job(project, dataset / "images", dataset / "labels.csv", CancelToken()))
-        config = ClassifierConfig(epochs=1, min_epochs=1, input_size=32, width=4, batch_size=8, seed=0)
+        config = ClassifierConfig(arch="compact", epochs=1, min_epochs=1, input_size=32, width=4, batch_size=8, seed=0)
         run_job(train_project_classifier_job(project, config, CancelToken(), device="cpu"))
     return base
 

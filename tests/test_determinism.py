@@ -42,7 +42,7 @@ def twin_projects(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]
             project_dir = root / name
             with Project.create(project_dir, dataset / "images") as project:
                 run_job(import_job(project, dataset / "images", dataset / "labels.csv", CancelToken()))
-                config = ClassifierConfig(epochs=2, min_epochs=1, input_size=32, width=4, batch_size=8, seed=3)
+                config = ClassifierConfig(arch="compact", epochs=2, min_epochs=1, input_size=32, width=4, batch_size=8, seed=3)
                 run_job(train_project_classifier_job(project, config, CancelToken(), device="cpu"))
             projects.append(project_dir)
     return projects[0], projects[1]
@@ -90,7 +90,7 @@ def test_a_different_seed_gives_a_different_classifier(twin_projects, tmp_path: 
     dataset = twin_projects[0].parent / "dataset"
     with one_thread(), Project.create(tmp_path / "other", dataset / "images") as project:
         run_job(import_job(project, dataset / "images", dataset / "labels.csv", CancelToken()))
-        config = ClassifierConfig(epochs=2, min_epochs=1, input_size=32, width=4, batch_size=8, seed=4)
+        config = ClassifierConfig(arch="compact", epochs=2, min_epochs=1, input_size=32, width=4, batch_size=8, seed=4)
         run_job(train_project_classifier_job(project, config, CancelToken(), device="cpu"))
         other = project.latest_run("classifier")
     a = torch.load(_latest_run(twin_projects[0]).checkpoint_path, map_location="cpu", weights_only=True)["state_dict"]

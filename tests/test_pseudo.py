@@ -172,7 +172,7 @@ def test_completing_an_interrupted_round_keeps_every_existing_mask_and_decision(
     from defect_studio.ml.pseudo import pseudo_job
 
     with Project.open(reviewed_round) as project:
-        config = ClassifierConfig(epochs=1, min_epochs=1, input_size=32, width=4, batch_size=8, seed=0)
+        config = ClassifierConfig(arch="compact", epochs=1, min_epochs=1, input_size=32, width=4, batch_size=8, seed=0)
         run_job(train_project_classifier_job(project, config, CancelToken(), device="cpu"))
         defects = [i for i in project.images() if i.tag == "defect"]
         review.reject(project, [defects[0].stem])

@@ -18,6 +18,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable
 
+import cv2
 import numpy as np
 import torch
 
@@ -25,7 +26,7 @@ from defect_studio.bench.report import write_report
 from defect_studio.dataset_layout import DatasetSample, load_dataset
 from defect_studio.imageio import file_sha256, read_image, read_mask
 from defect_studio.jobs import CancelToken, run_job
-from defect_studio.ml.cams import compute_cams, default_settings
+from defect_studio.ml.cams import compute_cams, default_settings, minmax
 from defect_studio.ml.device import torch_threads
 from defect_studio.ml.metrics import ThresholdSweep
 
@@ -40,38 +41,73 @@ REFERENCE_NAME = "pytorch-grad-cam LayerCAM"
 Variant = tuple[str, str, dict[str, Any], str]  # (name, method, settings, what it tests)
 
 
-def variants(quick: bool) -> list[Variant]:
-    """The methods at their defaults, then the ablations of FGBP and the region-aware CAM."""
+PRIOR_PRODUCT = "×good-prior"  # a method name ending so is that method's map times the good-image prior
+
+
+def variants(ablations: bool = True) -> list[Variant]:
+    """The methods at their defaults and the candidates for the defaults; then (with `ablations`) one
+    component of FGBP and of the region-aware CAM switched off at a time."""
     rows: list[Variant] = [
         ("gradcam", "gradcam", {}, "baseline, stage 4"),
         ("gradcampp", "gradcampp", {}, "baseline, stage 4"),
         ("layercam", "layercam", {}, "baseline, stages 1-4 max-fused"),
+        ("layercam s3", "layercam", {"stages": [3]}, "baseline, stage 3 (stride 16) only"),
         ("layercam s4", "layercam", {"stages": [4]}, "baseline, stage 4 only"),
-        ("layercam s2-4", "layercam", {"stages": [2, 3, 4]}, "baseline, stages 2-4"),
+        ("layercam s2-3", "layercam", {"stages": [2, 3]}, "baseline, stages 2-3"),
         ("layercam s3-4", "layercam", {"stages": [3, 4]}, "baseline, stages 3-4"),
+        ("good-prior", "good-prior", {}, "distance to the good images' memory bank"),
+        ("layercam s3 × good-prior", "layercam" + PRIOR_PRODUCT, {"stages": [3]}, "product of the two maps"),
         ("fgbp", "fgbp", {}, "default"),
-        ("fgbp no guided gating", "fgbp", {"guided": False}, "ablation"),
-        ("fgbp no magnitude filter", "fgbp", {"magnitude_filter": False}, "ablation"),
-        ("fgbp no stage alignment", "fgbp", {"align_stages": False}, "ablation"),
-    ]
-    rows += [(f"fgbp q={q}", "fgbp", {"fgbp_quantile": q}, "ablation") for q in (0.5, 0.8, 0.95)]
-    rows += [
-        ("fgbp s4", "fgbp", {"stages": [4]}, "stage subset"),
+        ("fgbp s3", "fgbp", {"stages": [3]}, "stage subset"),
         ("fgbp s3-4", "fgbp", {"stages": [3, 4]}, "stage subset"),
         ("fgbp s2-4", "fgbp", {"stages": [2, 3, 4]}, "stage subset"),
         ("region-aware", "region-aware", {}, "default"),
+        ("region-aware prior off", "region-aware", {"good_prior": "off"}, "without the good-image prior"),
+        ("region-aware prior deep", "region-aware", {"good_prior": "deep"}, "prior gates the salient regions"),
+        ("region-aware s2-4", "region-aware", {"stages": [2, 3, 4]}, "stage subset"),
+        ("region-aware s3-4", "region-aware", {"stages": [3, 4]}, "stage subset"),
+        ("region-aware s3-4 salient s3-4", "region-aware", {"stages": [3, 4], "salient_stages": [3, 4]}, "stage subset"),
+        ("region-aware salient s3-4", "region-aware", {"salient_stages": [3, 4]}, "deep map from stages 3-4"),
+    ]
+    if not ablations:
+        return rows
+    rows += [
+        ("fgbp no guided gating", "fgbp", {"guided": False}, "ablation"),
+        ("fgbp no magnitude filter", "fgbp", {"magnitude_filter": False}, "ablation"),
+        ("fgbp no stage alignment", "fgbp", {"align_stages": False}, "ablation"),
         ("region-aware no guided gating", "region-aware", {"guided": False}, "ablation"),
         ("region-aware no magnitude filter", "region-aware", {"magnitude_filter": False}, "ablation"),
         ("region-aware no stage alignment", "region-aware", {"align_stages": False}, "ablation"),
         ("region-aware no per-region norm", "region-aware", {"per_region_normalisation": False}, "ablation"),
         ("region-aware no contrast weights", "region-aware", {"contrast_weights": False}, "ablation"),
         ("region-aware no deep gating", "region-aware", {"deep_gating": False}, "ablation"),
-        ("region-aware s2-4", "region-aware", {"stages": [2, 3, 4]}, "stage subset"),
-        ("region-aware s3-4", "region-aware", {"stages": [3, 4]}, "stage subset"),
-        ("region-aware salient s3-4", "region-aware", {"salient_stages": [3, 4]}, "deep map from stages 3-4"),
     ]
+    rows += [(f"fgbp q={q}", "fgbp", {"fgbp_quantile": q}, "ablation") for q in (0.5, 0.8, 0.95)]
     rows += [(f"region-aware q={q}", "region-aware", {"fgbp_quantile": q}, "ablation") for q in (0.5, 0.8, 0.95)]
     return rows
+
+
+def variant_maps(classifier: Any, images: list[np.ndarray], method: str, settings: dict[str, Any]) -> list[np.ndarray]:
+    if not method.endswith(PRIOR_PRODUCT):
+        return compute_cams(classifier, images, method, settings, BATCH_SIZE)
+    base = compute_cams(classifier, images, method.removesuffix(PRIOR_PRODUCT), settings, BATCH_SIZE)
+    prior = compute_cams(classifier, images, "good-prior", {}, BATCH_SIZE)
+    return [minmax(a * b) for a, b in zip(base, prior)]
+
+
+def percentile_ranks(score_map: np.ndarray) -> np.ndarray:
+    """Each pixel's rank within its own map, in [0, 1]: a global threshold t on these is the per-image
+    decision 'the top (1 - t) of this image's pixels'."""
+    flat = score_map.ravel()
+    ranks = np.empty(flat.size, dtype=np.float32)
+    ranks[np.argsort(flat, kind="stable")] = np.arange(flat.size, dtype=np.float32) / max(1, flat.size - 1)
+    return ranks.reshape(score_map.shape)
+
+
+def otsu_mask(score_map: np.ndarray) -> np.ndarray:
+    scaled = np.clip(score_map * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    _, mask = cv2.threshold(scaled, 0, 1, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    return mask.astype(np.float32)
 
 
 def _slug(dataset: Path) -> str:
@@ -144,6 +180,8 @@ def reference_layercam(classifier: Any, images: list[np.ndarray]) -> list[np.nda
     for start in range(0, len(images), BATCH_SIZE):
         batch, geometries = classifier.preprocessing.prepare_batch(images[start : start + BATCH_SIZE])
         with LayerCAM(wrapped, list(classifier.model.stages)) as cam:
+            # frozen stages' outputs need no gradient, and the library then misses their gradient hooks
+            cam.compute_input_gradient = True
             at_input = cam(batch.to(classifier.device), [ClassifierOutputTarget(0)] * len(batch))
         maps += [geometry.to_original(m) for geometry, m in zip(geometries, at_input)]
     classifier.model.eval()
@@ -154,6 +192,8 @@ class VariantScore:
     def __init__(self) -> None:
         self.sweep = ThresholdSweep()
         self.by_type: dict[str, ThresholdSweep] = defaultdict(ThresholdSweep)
+        self.percentile_sweep = ThresholdSweep(np.linspace(0.0, 1.0, 1001))  # per-image top x %, in 0.1 % steps
+        self.otsu = ThresholdSweep(np.array([0.0, 0.5]))  # a 0/1 mask: the tally at 0.5
         self.hits = 0
         self.count = 0
         self.seconds = 0.0
@@ -164,6 +204,8 @@ class VariantScore:
     def add(self, truth: np.ndarray, cam_map: np.ndarray, defect_type: str) -> None:
         self.sweep.add(truth, cam_map)
         self.by_type[defect_type].add(truth, cam_map)
+        self.percentile_sweep.add(truth, percentile_ranks(cam_map))
+        self.otsu.add(truth, otsu_mask(cam_map))
         self.hits += _pointing_hit(cam_map, truth)
         self.count += 1
 
@@ -186,6 +228,12 @@ class VariantScore:
         }
         for kind, sweep in sorted(self.by_type.items()):
             row[f"iou {kind}"] = sweep.at(nontrivial_t).defect_iou
+        type_ious = [sweep.at(nontrivial_t).defect_iou for sweep in self.by_type.values()]
+        row["mean_type_iou"] = float(np.nanmean(type_ious)) if type_ious else float("nan")
+        top_t, top = self.percentile_sweep.best()
+        row["defect_iou_per_image_top"] = top.defect_iou
+        row["per_image_top_%"] = round(100.0 * (1.0 - top_t), 1)
+        row["defect_iou_otsu"] = self.otsu.at(0.5).defect_iou
         return row
 
 
@@ -221,15 +269,15 @@ def main(args: argparse.Namespace) -> int:
         rows.append(every_pixel.row("mark every pixel", "none", "trivial baseline", {}, {}))
         rows[-1].update(pointing=float("nan"), ms_per_image=float("nan"))
         rows.append(reference.row(REFERENCE_NAME, "layercam", "reference library, stages 1-4 mean-fused", {}, {}))
-        for name, method, settings, what in variants(args.quick):
+        for name, method, settings, what in variants(args.quick or getattr(args, "ablations", False)):
             score = VariantScore()
-            compute_cams(classifier, images[:2], method, settings)  # warm-up
+            variant_maps(classifier, images[:2], method, settings)  # warm-up
             for batch_index, start in enumerate(range(0, len(images), BATCH_SIZE)):
                 chunk = images[start : start + BATCH_SIZE]
                 paired = batch_index < PAIRED_BATCHES
                 if paired and batch_index % 2:  # alternate who goes first, so load drift cancels
                     score.paired_reference += _timed(lambda: reference_layercam(classifier, chunk))[1]
-                maps, seconds = _timed(lambda: compute_cams(classifier, chunk, method, settings, BATCH_SIZE))
+                maps, seconds = _timed(lambda: variant_maps(classifier, chunk, method, settings))
                 if paired and not batch_index % 2:
                     score.paired_reference += _timed(lambda: reference_layercam(classifier, chunk))[1]
                 score.seconds += seconds
@@ -237,14 +285,17 @@ def main(args: argparse.Namespace) -> int:
                     score.paired_ours += seconds
                 for offset, cam_map in enumerate(maps):
                     score.add(truths[start + offset], cam_map, kinds[start + offset])
-            rows.append(score.row(name, method, what, {**default_settings(method), **settings}, settings))
-            print(f"  {name:36s} defect IoU {rows[-1]['defect_iou']:.3f} (t={rows[-1]['best_t']:.2f})  "
+            rows.append(score.row(name, method, what, {**default_settings(method.removesuffix(PRIOR_PRODUCT)), **settings}, settings))
+            print(f"  {name:36s} defect IoU {rows[-1]['defect_iou']:.3f} (t={rows[-1]['best_t']:.2f}), mean over types "
+                  f"{rows[-1]['mean_type_iou']:.3f}, per-image top {rows[-1]['defect_iou_per_image_top']:.3f}  "
                   f"{rows[-1]['ms_per_image']:.0f} ms/image", flush=True)
     rows[1]["time_vs_reference"] = 1.0
     type_columns = sorted({k for row in rows for k in row if k.startswith("iou ")})
-    main_columns = ["variant", "defect_iou", "background_iou", "miou", "best_t", "defect_iou_t>=0.05", "defect_iou@0.5", "miou@0.5",
+    main_columns = ["variant", "defect_iou", "mean_type_iou", "background_iou", "miou", "best_t", "defect_iou_t>=0.05",
+                    "defect_iou@0.5", "defect_iou_per_image_top", "per_image_top_%", "defect_iou_otsu",
                     "pointing", "ms_per_image", "time_vs_reference"]
     layercam_best = max(r["defect_iou"] for r in rows if r["method"] == "layercam")
+    layercam_prior_best = max((r["defect_iou"] for r in rows if r["method"] == "layercam" + PRIOR_PRODUCT), default=float("nan"))
     region = next(r for r in rows if r["variant"] == "region-aware")
     notes = [
         f"{len(chosen)} defect images of the train split{' (quick subset)' if args.quick else ''}; "
@@ -256,9 +307,14 @@ def main(args: argparse.Namespace) -> int:
         f"same model and mapped back the same way. time_vs_reference pairs each variant's first {PAIRED_BATCHES} batches "
         "with the reference on the same batches, run alternately, so a busy CPU affects both alike.",
         f"Region-aware defect IoU {region['defect_iou']:.3f} vs best LayerCAM variant {layercam_best:.3f} "
-        f"(+{region['defect_iou'] - layercam_best:.3f}); time {region['time_vs_reference']:.2f}x the reference.",
+        f"({region['defect_iou'] - layercam_best:+.3f}); vs the best LayerCAM × good-prior {layercam_prior_best:.3f} "
+        f"({region['defect_iou'] - layercam_prior_best:+.3f}); time {region['time_vs_reference']:.2f}x the reference.",
+        "mean_type_iou: the mean over defect types of each type's pooled defect IoU (at t >= 0.05). "
+        "defect_iou_per_image_top: each image's own top per_image_top_% pixels marked (the best such share); "
+        "defect_iou_otsu: each map thresholded at its own Otsu threshold.",
         f"Classifier {checkpoint.name}: sha256 {classifier.checkpoint_sha256[:12]}, "
-        f"{classifier.config.arch} width {classifier.config.width}, output stride {classifier.config.output_stride}, "
+        f"{classifier.config.arch}{'' if classifier.config.arch != 'compact' else f' width {classifier.config.width}'}, "
+        f"frozen stages {classifier.config.frozen_stages}, output stride {classifier.config.output_stride}, "
         f"pooling {classifier.config.pooling}, input {classifier.preprocessing.input_size}; "
         f"metrics {json.dumps({k: round(v, 3) for k, v in classifier.metrics.items() if isinstance(v, float)})}.",
     ]

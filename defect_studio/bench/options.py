@@ -20,6 +20,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, help="where to write the JSON and markdown tables")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--classifier", type=Path, help="reuse this classifier checkpoint instead of training one")
+    parser.add_argument("--ablations", action="store_true",
+                        help="cams: also every ablation of FGBP and the region-aware CAM on the whole split (--quick has them)")
     parser.add_argument("--rounds", type=int, help="full: refinement rounds (default 3)")
     parser.add_argument("--method", help="full: the CAM method for round 0 (default: the best on the training split)")
     parser.add_argument("--segmenter-epochs", type=int, help="full: segmenter epochs per round")

@@ -30,10 +30,11 @@ def run_train(args: argparse.Namespace) -> int:
         from defect_studio.errors import DataError
 
         raise DataError(str(error)) from error
-    if config.pretrained and config.arch == "compact":
+    if config.pretrained and config.arch not in ("resnet18", "resnet34"):
         from defect_studio.errors import ModelError
 
-        raise ModelError("--pretrained needs a torchvision backbone: add --arch resnet18 or --arch resnet34.")
+        raise ModelError(f"--pretrained names torchvision ResNet weights, and {config.arch} does not take them "
+                         "(EfficientNet-Lite0 has its own ImageNet weights): add --arch resnet18 or --arch resnet34.")
     cancel = CancelToken()
     with Project.open(args.project) as project:
         result = drive(train_project_classifier_job(project, config, cancel, device=args.device), args, cancel)
@@ -67,7 +68,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "with a fixed validation split, early stopping and the best epoch saved under PROJECT/models/.",
     )
     parser.add_argument("project", type=Path, help="project folder")
-    parser.add_argument("--arch", choices=ARCHITECTURES, help="backbone (default: compact)")
+    parser.add_argument("--arch", choices=ARCHITECTURES, help="backbone (default: efficientnet-lite0 with ImageNet weights; compact: trained from scratch)")
     parser.add_argument("--epochs", type=int, help="maximum epochs (early stopping may end sooner)")
     parser.add_argument("--width", type=int, help="channels of the first stage (compact)")
     parser.add_argument("--output-stride", dest="output_stride", type=int, choices=[8, 16, 32])

@@ -16,7 +16,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Generator, Iterable, Sequence
+from typing import Any, Generator, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -28,6 +28,7 @@ from defect_studio.errors import DataError, ModelError
 from defect_studio.imageio import read_image
 from defect_studio.jobs import CancelToken, EtaClock, Progress
 from defect_studio.ml.augment import augment_batch, surface_augmentation
+from defect_studio.ml.good_prior import GoodImagePrior, build_good_prior
 from defect_studio.ml.device import describe_device, peak_memory_mb, select_device, torch_threads
 from defect_studio.ml.metrics import auroc, binary_scores
 from defect_studio.ml.models import ClassifierConfig, DefectClassifier, build_classifier
@@ -122,10 +123,11 @@ def _to_device(batch: torch.Tensor, device: torch.device, channels_last: bool) -
 
 @torch.no_grad()
 def predict_cached(
-    model: nn.Module, cache: torch.Tensor, device: torch.device, config: ClassifierConfig, batch_size: int = 64,
-    scale: float = 1.0,
+    model: DefectClassifier, cache: torch.Tensor, device: torch.device, config: ClassifierConfig, batch_size: int = 64,
+    scale: float = 1.0, from_frozen: bool = False,
 ) -> np.ndarray:
-    """Defect probabilities of prepared images (optionally resized by `scale` first)."""
+    """Defect probabilities of prepared images (optionally resized by `scale` first), or of their
+    frozen-stage features (`from_frozen`)."""
     model.eval()
     out = []
     for start in range(0, len(cache), batch_size):
@@ -134,9 +136,65 @@ def predict_cached(
             batch = nn.functional.interpolate(batch, scale_factor=scale, mode="area")
         batch = _to_device(batch, device, config.channels_last)
         with _autocast(device, config):
-            logits = model(batch)
+            logits = model.forward_from_frozen(batch) if from_frozen else model(batch)
         out.append(torch.sigmoid(logits.float()).cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
+
+
+def frozen_features_cached(
+    model: DefectClassifier, cache: torch.Tensor, device: torch.device, config: ClassifierConfig, cancel: CancelToken,
+    batch_size: int = 32,
+) -> Generator[Progress, None, torch.Tensor]:
+    """The frozen stages' output for every prepared image, computed once (float16, on the CPU)."""
+    model.eval()
+    clock = EtaClock(len(cache))
+    out = []
+    for start in range(0, len(cache), batch_size):
+        cancel.raise_if_cancelled()
+        batch = _to_device(cache[start : start + batch_size].float(), device, config.channels_last)
+        with torch.no_grad():
+            out.append(model.frozen_features(batch).to("cpu", torch.float16))
+        yield clock.progress("features", min(len(cache), start + batch_size), "ImageNet features of the frozen stages")
+    return torch.cat(out).contiguous() if out else cache
+
+
+def flip_features(batch: torch.Tensor, generator: torch.Generator, rotate90: bool) -> torch.Tensor:
+    """Random horizontal / vertical flips (and 90° turns) of each feature map: the augmentation that
+    commutes with frozen convolutional stages (up to their padding)."""
+    out = batch.clone()
+    for index in range(len(out)):
+        flips = torch.rand(3, generator=generator)
+        if flips[0] < 0.5:
+            out[index] = out[index].flip(-1)
+        if flips[1] < 0.5:
+            out[index] = out[index].flip(-2)
+        if rotate90 and flips[2] < 0.5 and out.shape[-1] == out.shape[-2]:
+            out[index] = out[index].transpose(-1, -2)
+    return out
+
+
+@torch.no_grad()
+def build_prior_from_features(
+    model: DefectClassifier, features: torch.Tensor, device: torch.device, config: ClassifierConfig, batch_size: int = 32,
+) -> GoodImagePrior:
+    """The good-image prior from the good images' frozen features, at the configured stage."""
+    model.eval()
+    stage_index = config.prior_stage - 1
+
+    if stage_index < model.frozen_stages - 1:
+        raise ModelError(f"the good-image prior's stage {config.prior_stage} lies before the cached features "
+                         f"(stage {model.frozen_stages}); choose a later prior stage.")
+
+    def activations() -> Iterator[torch.Tensor]:
+        for start in range(0, len(features), batch_size):
+            x = _to_device(features[start : start + batch_size].float(), device, config.channels_last)
+            if not model.frozen_stages:
+                x = model.stem(x)
+            for stage in model.stages[model.frozen_stages : stage_index + 1]:
+                x = stage(x)
+            yield x.float().cpu()
+
+    return build_good_prior(activations(), config.prior_stage, config.prior_bank_size, seed=config.seed)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -151,7 +209,7 @@ def _versions() -> dict[str, str]:
 
 def checkpoint_bytes(
     model: nn.Module, config: ClassifierConfig, preprocessing: Preprocessing, decision_threshold: float,
-    metrics: dict[str, float], image_hashes: list[str], epoch: int,
+    metrics: dict[str, float], image_hashes: list[str], epoch: int, good_prior: GoodImagePrior | None = None,
 ) -> bytes:
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     payload = {
@@ -167,6 +225,8 @@ def checkpoint_bytes(
         "epoch": int(epoch),
         "versions": _versions(),
     }
+    if good_prior is not None:
+        payload["good_prior"] = good_prior.to_payload()
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     return buffer.getvalue()
@@ -183,6 +243,7 @@ class LoadedClassifier:
     decision_threshold: float = 0.5
     metrics: dict[str, float] = field(default_factory=dict)
     image_hashes: list[str] = field(default_factory=list)
+    good_prior: GoodImagePrior | None = None  # the good images' memory bank (checkpoints since the prior exists)
 
     def prepare(self, images: list[np.ndarray]) -> tuple[torch.Tensor, list[Geometry]]:
         """Network inputs on the model's device (with the model's memory format) and their geometries."""
@@ -221,7 +282,7 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> Loa
     config = ClassifierConfig.from_dict(dict(payload.get("config") or {}))
     config.pretrained = None  # the weights are in the checkpoint; the original file need not exist
     preprocessing = Preprocessing.from_dict(dict(payload.get("preprocessing") or {}))
-    model = build_classifier(config)
+    model = build_classifier(config, imagenet_weights=False)
     try:
         model.load_state_dict(payload["state_dict"], strict=True)
     except (KeyError, RuntimeError) as error:
@@ -240,7 +301,19 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> Loa
         decision_threshold=float(payload.get("decision_threshold", 0.5)),
         metrics=dict(payload.get("metrics") or {}),
         image_hashes=list(payload.get("image_hashes") or []),
+        good_prior=_load_prior(payload.get("good_prior"), torch_device, path),
     )
+
+
+def _load_prior(payload: Any, device: torch.device, path: Path) -> GoodImagePrior | None:
+    if payload is None:
+        return None
+    try:
+        prior = GoodImagePrior.from_payload(payload)
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise ModelError(f"{path.name}: the good-image prior in the checkpoint is damaged ({error}).") from error
+    prior.bank = prior.bank.to(device)
+    return prior
 
 
 # ----------------------------------------------------------------------------------------------
@@ -314,17 +387,21 @@ def _train(
         cache[index] = torch.from_numpy(preprocessing.prepare_array(read_image(path))[0])
         if (index + 1) % 25 == 0 or index + 1 == len(all_paths):
             yield loading.progress("load", index + 1, f"device: {describe_device(device)}")
-    n_train, n_val = len(train_samples), len(val_samples)
-    train_x, val_x, eval_x = cache[:n_train], cache[n_train : n_train + n_val], cache[n_train + n_val :]
-    train_y = np.array([s[1] == "defect" for s in train_samples], dtype=np.int64)
-    val_y = np.array([s[1] == "defect" for s in val_samples], dtype=np.int64)
-
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     model = build_classifier(config).to(device)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    # Frozen stages give the same output every epoch: compute it once and train the rest on it.
+    from_frozen = model.frozen_stages > 0
+    if from_frozen:
+        cache = yield from frozen_features_cached(model, cache, device, config, cancel)
+    n_train, n_val = len(train_samples), len(val_samples)
+    train_x, val_x, eval_x = cache[:n_train], cache[n_train : n_train + n_val], cache[n_train + n_val :]
+    train_y = np.array([s[1] == "defect" for s in train_samples], dtype=np.int64)
+    val_y = np.array([s[1] == "defect" for s in val_samples], dtype=np.int64)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = max(1, math.ceil((2 * max(train_y.sum(), len(train_y) - train_y.sum()) if config.balanced_sampling else len(train_y)) / config.batch_size))
     # Warm-up then cosine decay over the planned epochs; a time budget may shorten the plan after
     # each epoch, and the decay follows the new plan so the last epoch still ends at a low rate.
@@ -358,7 +435,7 @@ def _train(
         cancel.raise_if_cancelled()
         epoch_start = time.monotonic()
         model.train()
-        low_resolution = 0 < config.low_res_scale < 1 and epoch <= int(config.low_res_fraction * planned_epochs)
+        low_resolution = 0 < config.low_res_scale < 1 and epoch <= int(config.low_res_fraction * planned_epochs) and not from_frozen
         order = _balanced_order(train_y, generator) if config.balanced_sampling else torch.randperm(len(train_y), generator=generator).numpy()
         order = order[: steps_per_epoch * config.batch_size]
         total_loss, seen = 0.0, 0
@@ -371,11 +448,11 @@ def _train(
             if low_resolution:
                 batch = nn.functional.interpolate(batch, scale_factor=config.low_res_scale, mode="area")
             if config.augment:
-                batch = augment_batch(batch, transform)
+                batch = flip_features(batch, generator, config.rotate90) if from_frozen else augment_batch(batch, transform)
             batch = _to_device(batch, device, config.channels_last)
             target = torch.from_numpy(train_y[index]).float().to(device)
             with _autocast(device, config):
-                logits = model(batch)
+                logits = model.forward_from_frozen(batch) if from_frozen else model(batch)
             loss = loss_fn(logits.float(), target)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -386,7 +463,8 @@ def _train(
         cancel.raise_if_cancelled()
         # Low-resolution epochs are validated at their own scale (shown, never kept as the best: the
         # saved model must be the one that works at the full input size).
-        val_p = predict_cached(model, val_x, device, config, scale=config.low_res_scale if low_resolution else 1.0)
+        val_p = predict_cached(model, val_x, device, config, scale=config.low_res_scale if low_resolution else 1.0,
+                               from_frozen=from_frozen)
         val_auroc = auroc(val_y, val_p)
         val_loss = float(nn.functional.binary_cross_entropy(torch.from_numpy(val_p).double().clamp(1e-7, 1 - 1e-7), torch.from_numpy(val_y).double()))
         threshold = choose_threshold(val_y, val_p)
@@ -426,22 +504,26 @@ def _train(
     else:  # every epoch ran at low resolution (a tiny budget): keep the last state
         best_epoch, best_metrics, best_threshold = epochs_run, dict(history[-1]), 0.5
         best_metrics.pop("epoch", None)
-    train_p = predict_cached(model, train_x, device, config)
+    train_p = predict_cached(model, train_x, device, config, from_frozen=from_frozen)
     final_metrics = {**best_metrics, "train_auroc": auroc(train_y, train_p), "best_epoch": float(best_epoch),
                      "val_threshold": best_threshold, "train_images": float(n_train), "val_images": float(n_val)}
     test_probabilities: list[float] | None = None
     if len(evaluation):
         eval_y = np.array([s[1] == "defect" for s in evaluation], dtype=np.int64)
-        eval_p = predict_cached(model, eval_x, device, config)
+        eval_p = predict_cached(model, eval_x, device, config, from_frozen=from_frozen)
         scores = binary_scores(eval_y, eval_p > best_threshold)
         final_metrics.update({"test_auroc": auroc(eval_y, eval_p), "test_f1": scores.f1, "test_accuracy": scores.accuracy,
                               "test_precision": scores.precision, "test_recall": scores.recall})
         test_probabilities = eval_p.tolist()
     cancel.raise_if_cancelled()
+    yield Progress("prior", 0, 1, "memory bank of the good images' features")
+    good = torch.from_numpy(np.concatenate([train_y, val_y]) == 0)
+    good_prior = build_prior_from_features(model, torch.cat([train_x, val_x])[good], device, config)
+    cancel.raise_if_cancelled()
     seen_hashes = sorted({s[2] for s in train_samples} | {s[2] for s in val_samples})
     atomic_write_bytes(
         checkpoint_path,
-        checkpoint_bytes(model, config, preprocessing, best_threshold, final_metrics, seen_hashes, best_epoch),
+        checkpoint_bytes(model, config, preprocessing, best_threshold, final_metrics, seen_hashes, best_epoch, good_prior),
     )
     seconds = time.monotonic() - started
     result = TrainResult(

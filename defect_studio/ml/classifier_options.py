@@ -8,7 +8,21 @@ from typing import Any
 
 from defect_studio.errors import ModelError
 
-ARCHITECTURES = ("compact", "resnet18", "resnet34")
+ARCHITECTURES = ("efficientnet-lite0", "compact", "resnet18", "resnet34")
+PRETRAINED_ARCHITECTURES = ("efficientnet-lite0",)  # ImageNet weights ship with the package
+
+# What an unset (None) setting becomes, per backbone: a pretrained network wants the input scale and size
+# it was trained at and a gentler learning rate; the compact network learns everything from the tags.
+ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
+    "efficientnet-lite0": {"input_size": 256, "normalisation": "symmetric", "lr": 1e-3, "frozen_stages": 2,
+                           "output_stride": 32},
+    "compact": {"input_size": 128, "normalisation": "per-image-robust", "lr": 3e-3, "frozen_stages": 0,
+                "output_stride": 16},
+    "resnet18": {"input_size": 128, "normalisation": "per-image-robust", "lr": 3e-3, "frozen_stages": 0,
+                 "output_stride": 16},
+    "resnet34": {"input_size": 128, "normalisation": "per-image-robust", "lr": 3e-3, "frozen_stages": 0,
+                 "output_stride": 16},
+}
 POOLINGS = ("avg", "max", "topk", "lse")
 
 
@@ -16,18 +30,23 @@ POOLINGS = ("avg", "max", "topk", "lse")
 class ClassifierConfig:
     """Architecture, input and training recipe of a classifier; stored in every checkpoint."""
 
-    arch: str = "compact"
+    # EfficientNet-Lite0 with ImageNet weights: its CAMs localise MT's defects 2-3x better than any network
+    # trained from scratch on the tags (docs/benchmarks/cams-mt.md).
+    arch: str = "efficientnet-lite0"
     width: int = 16  # channels of stage 1 (compact); stages double it: w, 2w, 4w, 8w
     blocks: tuple[int, int, int, int] = (1, 1, 1, 1)  # residual blocks per stage (compact)
-    output_stride: int = 16  # 32, 16 or 8: the last stages trade stride for dilation
+    output_stride: int | None = None  # 32, 16 or 8: the last stages trade stride for dilation (None: ARCH_DEFAULTS)
+    # The stem and this many stages keep their ImageNet weights: their features are computed once per image
+    # and reused by every epoch (and by the good-image prior), which is what makes fine-tuning fit a CPU.
+    frozen_stages: int | None = None
     pooling: str = "avg"  # measured on MT (docs/benchmarks/classifier-mt.md): avg beat LSE within the budget
     topk_fraction: float = 0.05  # of the stage-4 cells, for pooling = topk
     lse_r: float = 5.0  # sharpness of log-sum-exp pooling (large -> max, small -> mean)
-    input_size: int = 128
+    input_size: int | None = None
     channels: int = 1
-    normalisation: str = "per-image-robust"
+    normalisation: str | None = None
     epochs: int = 60  # a cap: the time budget usually plans fewer
-    lr: float = 3e-3
+    lr: float | None = None
     weight_decay: float = 1e-4
     batch_size: int = 32
     seed: int = 0
@@ -50,12 +69,20 @@ class ClassifierConfig:
     bf16: bool = False  # bf16 autocast on the CPU (CUDA always uses autocast)
     threads: int | None = None  # torch threads for training; None leaves the default
     pretrained: str | None = None  # local torchvision ImageNet state_dict for resnet18/34; never downloaded
+    # The good-image prior: a memory bank of the good images' stage features, kept in the checkpoint.
+    prior_stage: int = 3  # stride 16: measured best for EfficientNet-Lite0 on MT
+    prior_bank_size: int = 8192  # coreset size: bounded memory and a fixed cost per query
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.blocks = tuple(int(b) for b in self.blocks)  # type: ignore[assignment]
         if self.arch not in ARCHITECTURES:
             raise ValueError(f"unknown architecture {self.arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+        for name, value in ARCH_DEFAULTS[self.arch].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        if not 0 <= self.frozen_stages <= 3:
+            raise ValueError(f"frozen_stages must be within 0..3 (stage 4 always trains), got {self.frozen_stages}")
         if self.pooling not in POOLINGS:
             raise ValueError(f"unknown pooling {self.pooling!r}; choose one of {', '.join(POOLINGS)}")
         if self.output_stride not in (8, 16, 32):

@@ -6,8 +6,13 @@ method (strides 4, 8, 16, 32, or 4, 8, 16, 16 / 4, 8, 8, 8 with dilated last sta
 max, top-k mean or log-sum-exp); with average pooling this equals the usual GAP + linear layer.
 Every non-linearity is an `nn.ReLU` module (never `F.relu`), so guided backpropagation can swap them.
 
-Two backbones: `compact` (our own ResNet-style net: configurable width and depth, BN + ReLU) and
-`resnet18` / `resnet34` (torchvision, optionally with local ImageNet weights).
+Backbones: `efficientnet-lite0` (ImageNet weights from a package, the default; ReLU6, which guided
+backpropagation swaps too), `compact` (our own ResNet-style net: configurable width and depth, BN + ReLU)
+and `resnet18` / `resnet34` (torchvision, optionally with local ImageNet weights).
+
+A classifier may keep its stem and first `frozen_stages` stages frozen (ImageNet features): they run in
+eval mode with no gradient for the weights, so their output for an image never changes and training
+computes it once (`frozen_features`, then `forward_from_frozen`).
 """
 
 from __future__ import annotations
@@ -76,7 +81,9 @@ class PooledHead(nn.Module):
 class DefectClassifier(nn.Module):
     """stem -> 4 stages -> pooled head; forward gives one defect logit per image."""
 
-    def __init__(self, stem: nn.Module, stages: list[nn.Module], head: PooledHead, stage_channels: list[int]) -> None:
+    def __init__(
+        self, stem: nn.Module, stages: list[nn.Module], head: PooledHead, stage_channels: list[int], frozen_stages: int = 0
+    ) -> None:
         super().__init__()
         if len(stages) != 4:
             raise ValueError("a DefectClassifier has exactly 4 stages")
@@ -84,6 +91,34 @@ class DefectClassifier(nn.Module):
         self.stages = nn.ModuleList(stages)
         self.head = head
         self.stage_channels = list(stage_channels)
+        self.frozen_stages = frozen_stages
+        for module in self._frozen_modules():
+            module.requires_grad_(False)
+        self.train()  # a new module trains, but its frozen part never does (BatchNorm statistics included)
+
+    def _frozen_modules(self) -> list[nn.Module]:
+        return [self.stem, *self.stages[: self.frozen_stages]] if self.frozen_stages else []
+
+    def train(self, mode: bool = True) -> "DefectClassifier":
+        super().train(mode)
+        for module in self._frozen_modules():  # frozen BatchNorm statistics stay the ImageNet ones
+            module.eval()
+        return self
+
+    def frozen_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The output of the frozen stem and stages (the input itself when nothing is frozen)."""
+        for module in self._frozen_modules():
+            x = module(x)
+        return x
+
+    def forward_from_frozen(self, features: torch.Tensor) -> torch.Tensor:
+        """The defect logit from `frozen_features`' output."""
+        start = self.frozen_stages
+        if not start:
+            features = self.stem(features)
+        for stage in self.stages[start:]:
+            features = stage(features)
+        return self.head(features)
 
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The activations A^1..A^4 of the stages."""
@@ -143,7 +178,7 @@ def _build_compact(config: ClassifierConfig) -> DefectClassifier:
             in_channels = channels[index]
         stages.append(nn.Sequential(*blocks))
     head = PooledHead(channels[3], config.pooling, config.topk_fraction, config.lse_r)
-    model = DefectClassifier(stem, stages, head, channels)
+    model = DefectClassifier(stem, stages, head, channels, frozen_stages=config.frozen_stages)
     _initialise(model)
     return model
 
@@ -197,7 +232,7 @@ def _build_torchvision(config: ClassifierConfig) -> DefectClassifier:
     head = PooledHead(channels[3], config.pooling, config.topk_fraction, config.lse_r)
     nn.init.normal_(head.classifier.weight, std=0.01)
     nn.init.zeros_(head.classifier.bias)
-    return DefectClassifier(stem, stages, head, channels)
+    return DefectClassifier(stem, stages, head, channels, frozen_stages=config.frozen_stages)
 
 
 def load_pretrained_backbone(net: nn.Module, path: Path) -> None:
@@ -232,7 +267,25 @@ def load_pretrained_backbone(net: nn.Module, path: Path) -> None:
     net.load_state_dict(state, strict=False)
 
 
-def build_classifier(config: ClassifierConfig) -> DefectClassifier:
+def _build_efficientnet(config: ClassifierConfig, imagenet_weights: bool) -> DefectClassifier:
+    from defect_studio.ml.backbones import EfficientNetLite0, adapt_input_channels, efficientnet_stages, load_imagenet_weights
+
+    network = EfficientNetLite0()
+    if imagenet_weights:
+        load_imagenet_weights(network)
+    network._conv_stem = adapt_input_channels(network._conv_stem, config.channels)
+    stem, stages, channels = efficientnet_stages(network, config.output_stride)
+    head = PooledHead(channels[3], config.pooling, config.topk_fraction, config.lse_r)
+    nn.init.normal_(head.classifier.weight, std=0.01)
+    nn.init.zeros_(head.classifier.bias)
+    return DefectClassifier(stem, stages, head, channels, frozen_stages=config.frozen_stages)
+
+
+def build_classifier(config: ClassifierConfig, imagenet_weights: bool = True) -> DefectClassifier:
+    """The network of `config`; `imagenet_weights=False` skips reading the packaged weights (when a
+    checkpoint's own weights are loaded over them right after)."""
+    if config.arch == "efficientnet-lite0":
+        return _build_efficientnet(config, imagenet_weights)
     if config.arch == "compact":
         return _build_compact(config)
     return _build_torchvision(config)

