@@ -27,6 +27,7 @@ from defect_studio.atomic import FAULT_ENV, configure_faults
 from defect_studio.errors import DefectStudioError, ModelError
 from defect_studio.predict import load_exported
 from defect_studio.project import Project
+from defect_studio.project.schema import MIGRATIONS
 from tests import crash_harness as harness
 from tests.image_files import gradient, write_cv2
 
@@ -213,7 +214,10 @@ def test_tag_killed_at_every_point_keeps_a_reported_tag(fast_dir: Path):
 def test_a_real_interpreter_killed_mid_import_then_status_names_the_stale_lock(fast_dir: Path):
     images = _image_folder(fast_dir / "images", count=3)
     project_dir = fast_dir / "project"
-    killed = _real_cli("import", str(project_dir), "--images", str(images), fault="kill:8")  # after the images' commit
+    # Each schema migration passes two fault points, the creation's commit two more; the next two are the
+    # images' commit: kill at its "committed" point.
+    after_images_commit = 2 * len(MIGRATIONS) + 4
+    killed = _real_cli("import", str(project_dir), "--images", str(images), fault=f"kill:{after_images_commit}")
     assert killed.returncode == -9
     lock = json.loads((project_dir / "project.lock").read_text())
     status = _real_cli("status", str(project_dir))

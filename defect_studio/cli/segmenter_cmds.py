@@ -154,7 +154,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 
 def _latest_segmenter(project: Project) -> Path:
-    run = project.latest_run("segmenter")
+    run = project.current_segmenter()  # the newest, or the one made current with use-segmenter
     if run is None:
         raise ModelError("this project has no trained segmenter yet; run defect-studio refine first.")
     return Path(run.checkpoint_path)
@@ -163,10 +163,15 @@ def _latest_segmenter(project: Project) -> Path:
 # ------------------------------------------------------------------------------------------ export
 def run_export(args: argparse.Namespace) -> int:
     from defect_studio.ml.export import export_project_job
+    from defect_studio.project.provenance import resolve_segmenter
 
     with Project.open(args.project) as project:
+        run_id = args.run
+        if args.round is not None:
+            run_id = resolve_segmenter(project, round_index=args.round).id
         cancel = CancelToken()
-        result = drive(export_project_job(project, args.out, cancel, args.segmenter, args.parity_images), args, cancel)
+        result = drive(export_project_job(project, args.out, cancel, args.segmenter, args.parity_images, run_id=run_id),
+                       args, cancel)
     parity = result["parity"]
     _print_json_or(
         args,
@@ -238,7 +243,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("export", help="ONNX + TorchScript + model card, checked against the app")
     parser.add_argument("project", type=Path)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--segmenter", type=Path, help="checkpoint to export (default: the project's latest)")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--segmenter", type=Path, help="checkpoint to export (default: the current segmenter)")
+    which.add_argument("--round", type=int, metavar="K", help="export the segmenter trained on round K's masks")
+    which.add_argument("--run", type=int, metavar="N", help="export segmenter run N (see defect-studio models)")
     parser.add_argument("--parity-images", type=int, default=8, help="held-out images for the parity check")
     add_progress_arguments(parser)
     parser.set_defaults(handler=run_export)

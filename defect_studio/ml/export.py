@@ -251,34 +251,50 @@ def remove_stale_staging(out: Path, older_than_s: float = STALE_STAGING_S) -> li
 
 
 def export_project_job(
-    project: Any, out_dir: str | Path, cancel: Any, segmenter_path: str | Path | None = None, parity_count: int = 8
+    project: Any, out_dir: str | Path, cancel: Any, segmenter_path: str | Path | None = None, parity_count: int = 8,
+    run_id: int | None = None,
 ) -> Generator[Progress, None, dict[str, Any]]:
-    """Export a project's segmenter (default: the latest) for `defect-studio export` and the GUI.
+    """Export a project's segmenter for `defect-studio export` and the GUI: training run `run_id`, or
+    the checkpoint at `segmenter_path`, or else the current segmenter (the newest, or the one the user
+    made current with `use-segmenter`). Exporting an earlier round's segmenter changes nothing in the
+    project.
 
     Parity images: the segmenter's held-out validation images first, then other project images.
-    The card records the project's round history and the training run of the exported checkpoint.
+    The card records the lineage of a recorded run (its settings, every mask it was trained on with
+    image and mask hashes, the segmenters it continued from, the models that proposed its masks) and
+    the rounds up to its own.
     """
     from defect_studio.imageio import read_image
     from defect_studio.ml.segmenter import load_segmenter
+    from defect_studio.project.provenance import checkpoint_problem, lineage, resolve_segmenter
 
+    run = None
     if segmenter_path is None:
-        run = project.latest_run("segmenter")
-        if run is None:
-            raise ModelError("this project has no trained segmenter yet; run a refinement round first.")
+        run = resolve_segmenter(project, run_id=run_id)
+        problem = checkpoint_problem(project, run)
+        if problem is not None:
+            raise ModelError(f"{problem}; nothing was exported. Make another round's segmenter current "
+                             "(defect-studio models, use-segmenter) or train this round again.")
         segmenter_path = run.checkpoint_path
     segmenter_path = Path(segmenter_path)
+    if not segmenter_path.is_file():
+        raise ModelError(f"{segmenter_path}: no such segmenter checkpoint; nothing was exported.")
     yield Progress("export", 0, 3, f"loading {segmenter_path.name}")
     loaded = load_segmenter(segmenter_path, device="cpu")
+    if run is None:  # a path: the recorded run whose checkpoint this is, if any
+        run = next((r for r in project.training_runs("segmenter") if r.checkpoint_sha256 == loaded.checkpoint_sha256), None)
     images = {image.stem: image for image in project.images()}
     held_out = [stem for stem in loaded.meta.get("validation_images", []) if stem in images]
     stems = (held_out + [stem for stem in images if stem not in held_out])[: max(1, parity_count)]
     cancel.raise_if_cancelled()
     yield Progress("export", 1, 3, f"reading {len(stems)} parity images")
     parity_images = [read_image(images[stem].path) for stem in stems]
-    run = next((r for r in project.training_runs("segmenter") if Path(r.checkpoint_path) == segmenter_path), None)
+    last_round = run.round_index if run is not None and run.round_index is not None else None
     extra = {
-        "rounds": [{"round": r.index, "status": r.status, "metrics": r.metrics} for r in project.rounds()],
+        "rounds": [{"round": r.index, "status": r.status, "metrics": r.metrics} for r in project.rounds()
+                   if last_round is None or r.index <= last_round],
         "training_run": {"id": run.id, "metrics": run.metrics, "created_at": run.created_at} if run else None,
+        "lineage": lineage(project, run) if run else None,
     }
     cancel.raise_if_cancelled()
     yield Progress("export", 2, 3, "exporting and checking parity")

@@ -26,6 +26,7 @@ from defect_studio.errors import DataError, ModelError
 from defect_studio.imageio import read_image, read_mask, write_mask
 from defect_studio.jobs import CancelToken, EtaClock, Progress
 from defect_studio.project import DECIDED_STATES
+from defect_studio.project.provenance import segmenter_to_build_on
 
 THRESHOLD_MODES = ("fixed", "percentile", "otsu")
 PSEUDO_SUBDIR = "pseudo"
@@ -143,16 +144,18 @@ def load_ignore(project: Any, record: Any, shape: tuple[int, int]) -> np.ndarray
 
 
 def segmenter_checkpoint_for_round(project: Any, round_index: int) -> Any:
-    """The latest segmenter run trained on the masks of round `round_index - 1` (None for round 0)."""
+    """The segmenter run whose predictions round `round_index`'s proposals fuse with the CAM (None for
+    round 0): the latest trained on round `round_index - 1`, or an earlier round's that the user made
+    current (`defect-studio use-segmenter`)."""
     if round_index <= 0:
         return None
-    runs = [r for r in project.training_runs("segmenter") if r.round_index == round_index - 1]
-    if not runs:
+    run = segmenter_to_build_on(project, round_index)
+    if run is None:
         raise ModelError(
             f"round {round_index} proposals need a segmenter trained on round {round_index - 1}; "
             "train it first (defect-studio refine)."
         )
-    return runs[-1]
+    return run
 
 
 def check_can_propose(project: Any, round_index: int, classifier_path: str | Path | None = None) -> None:
@@ -221,7 +224,7 @@ def pseudo_job(
 
         segmenter = load_segmenter(segmenter_run.checkpoint_path)
     cache = CamCache(project.cache_dir)
-    source = f"cam:{method}" if segmenter is None else f"segmenter-{round_index - 1}+cam:{method}"
+    source = f"cam:{method}" if segmenter is None else f"segmenter-{segmenter_run.round_index}+cam:{method}"
     clock = EtaClock(len(records))
     flagged = proposed = carried = 0
     defect_pixels = 0

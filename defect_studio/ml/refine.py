@@ -10,6 +10,7 @@ recorded with pseudo-labels. Per-round metrics go to `project.update_round`.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Generator
@@ -19,6 +20,8 @@ import numpy as np
 from defect_studio.errors import DataError
 from defect_studio.imageio import read_image
 from defect_studio.jobs import CancelToken, Progress
+from defect_studio.project.provenance import segmenter_to_build_on
+from defect_studio.project.store import RunInput
 from defect_studio.ml.pseudo import PseudoLabelSettings, create_checked_round, load_ignore, pseudo_job
 from defect_studio.ml.segmenter import (
     SegmentationSample,
@@ -56,7 +59,14 @@ def _segmenter_runs_for(project: Any, round_index: int) -> list[Any]:
 
 def training_samples(project: Any, round_index: int) -> tuple[list[SegmentationSample], list[str]]:
     """Samples from the round's masks (rejected ones left out) and their image:mask content hashes."""
-    samples, hashes = [], []
+    samples, hashes, _ = _training_set(project, round_index)
+    return samples, hashes
+
+
+def _training_set(project: Any, round_index: int) -> tuple[list[SegmentationSample], list[str], list[Any]]:
+    """training_samples, and what each sample is for the run's provenance: a RunInput per mask, and
+    the mask records (whose parameters say which models proposed them)."""
+    samples, hashes, used = [], [], []
     for record in project.mask_records(round_index=round_index):
         if record.state == "rejected":
             continue
@@ -68,7 +78,32 @@ def training_samples(project: Any, round_index: int) -> tuple[list[SegmentationS
         ignore = load_ignore(project, record, mask.shape)
         samples.append(SegmentationSample(image.stem, pixels, make_target(mask, ignore)))
         hashes.append(f"{image.sha256}:{record.sha256}")
-    return samples, hashes
+        used.append((image, record))
+    return samples, hashes, used
+
+
+def _segmenter_provenance(project: Any, round_index: int, used: list[Any], data_hash: str,
+                          start_run: Any) -> tuple[dict[str, Any], list[RunInput]]:
+    """The provenance of a segmenter trained on `used` (image, mask record) pairs of round `round_index`."""
+    inputs = [RunInput(image.id, record.round_index, record.state,
+                       image.sha256, record.sha256) for image, record in used]
+    made_by: dict[str, set[str]] = {"classifier_sha256": set(), "segmenter_sha256": set()}
+    for _, record in used:
+        for key, shas in made_by.items():
+            if record.params.get(key):
+                shas.add(str(record.params[key]))
+    rejected = sum(r.state == "rejected" for r in project.mask_records(round_index=round_index))
+    provenance = {
+        "round": round_index,
+        "round_config": project.round(round_index).config,
+        "training_data_hash": data_hash,
+        "masks_by_state": dict(sorted(Counter(record.state for _, record in used).items())),
+        "rejected_left_out": rejected,
+        "warm_start": None if start_run is None else {
+            "run": start_run.id, "round": start_run.round_index, "checkpoint_sha256": start_run.checkpoint_sha256},
+        "proposals_from": {key: sorted(shas) for key, shas in made_by.items()},
+    }
+    return provenance, inputs
 
 
 def _missing_masks(project: Any, round_index: int) -> bool:
@@ -95,14 +130,20 @@ def train_project_segmenter_job(
     from defect_studio.ml.export import training_data_hash
 
     yield Progress("loading masks", 0, None, f"round {round_index}")
-    samples, hashes = training_samples(project, round_index)
+    project.round(round_index)  # "this project has no round K"
+    samples, hashes, used = _training_set(project, round_index)
+    if not samples:
+        raise DataError(f"round {round_index} has no mask to train on (none proposed yet, or every one rejected); "
+                        "nothing was trained and nothing changed.")
     if not any((s.target == 1).any() for s in samples):
         raise DataError(f"round {round_index} has no defect pixel in any usable mask: nothing to learn from.")
     path = next_segmenter_path(project, round_index)
     meta = {"round_index": round_index, "training_data_hash": training_data_hash(hashes)}
-    previous = _segmenter_runs_for(project, round_index - 1) if config.warm_start and round_index > 0 else []
-    start_from = previous[-1].checkpoint_path if previous else None
+    # The network this round builds on: the previous round's, or an earlier one the user made current.
+    start_run = segmenter_to_build_on(project, round_index) if config.warm_start else None
+    start_from = start_run.checkpoint_path if start_run is not None else None
     result = yield from train_segmenter_job(samples, config, path, cancel, extra_meta=meta, start_from=start_from)
+    provenance, inputs = _segmenter_provenance(project, round_index, used, meta["training_data_hash"], start_run)
     project.record_training_run(
         kind="segmenter",
         config=config.to_dict(),
@@ -111,6 +152,8 @@ def train_project_segmenter_job(
         checkpoint_path=path,
         dataset_hashes=hashes,
         round_index=round_index,
+        provenance=provenance,
+        inputs=inputs,
     )
     return result
 

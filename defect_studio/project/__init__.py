@@ -9,6 +9,7 @@ from defect_studio.project.store import (
     MaskRecord,
     Project,
     RoundRecord,
+    RunInput,
     TrainingRun,
 )
 
@@ -21,5 +22,6 @@ __all__ = [
     "MaskRecord",
     "Project",
     "RoundRecord",
+    "RunInput",
     "TrainingRun",
 ]

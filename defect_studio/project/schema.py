@@ -84,6 +84,20 @@ MIGRATIONS: list[str] = [
     CREATE INDEX masks_by_round ON masks(round_idx, state);
     CREATE INDEX tag_events_by_image ON tag_events(image_id);
     """,
+    # 3: provenance of every trained model: what it was trained on (one row per image: the mask's
+    # round, state and hash for a segmenter, the tag for a classifier) and how (settings, warm start)
+    """
+    ALTER TABLE training_runs ADD COLUMN provenance TEXT NOT NULL DEFAULT '{}';
+    CREATE TABLE run_inputs (
+        run_id INTEGER NOT NULL REFERENCES training_runs(id),
+        image_id INTEGER NOT NULL REFERENCES images(id),
+        round_idx INTEGER,
+        label TEXT NOT NULL,
+        image_sha256 TEXT NOT NULL,
+        mask_sha256 TEXT,
+        PRIMARY KEY (run_id, image_id)
+    );
+    """,
 ]
 
 LATEST_VERSION = len(MIGRATIONS)

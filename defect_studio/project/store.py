@@ -20,7 +20,7 @@ import os
 import sqlite3
 import threading
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -112,6 +112,21 @@ class TrainingRun:
     checkpoint_sha256: str
     round_index: int | None
     dataset_hashes: tuple[str, ...]
+    provenance: dict = field(default_factory=dict)  # settings and lineage beyond `config` (schema 3 on; {} before)
+
+
+@dataclass(frozen=True)
+class RunInput:
+    """One image a model was trained on: a segmenter's mask (round, state, hash) or a classifier's tag."""
+
+    image_id: int
+    round_index: int | None  # the mask's round (a segmenter's input); None for a classifier's tag
+    label: str  # the mask's review state (accepted, edited, proposed) or the tag (good, defect)
+    image_sha256: str
+    mask_sha256: str | None
+
+
+CURRENT_SEGMENTER_SETTING = "current_segmenter_run"  # a run id the user chose; unset: the newest segmenter
 
 
 class Project:
@@ -701,29 +716,102 @@ class Project:
 
     # ----------------------------------------------------------------- training runs
     def _run(self, row: sqlite3.Row) -> TrainingRun:
-        run_id, kind, created_at, config, seed, metrics, checkpoint, checkpoint_sha, hashes, round_idx = row
+        run_id, kind, created_at, config, seed, metrics, checkpoint, checkpoint_sha, hashes, round_idx, provenance = row
         return TrainingRun(int(run_id), kind, created_at, json.loads(config), int(seed), json.loads(metrics),
                            self.path / checkpoint, checkpoint_sha, None if round_idx is None else int(round_idx),
-                           tuple(json.loads(hashes)))
+                           tuple(json.loads(hashes)), json.loads(provenance))
 
-    _RUN_COLUMNS = "id, kind, created_at, config, seed, metrics, checkpoint_path, checkpoint_sha256, dataset_hashes, round_idx"
+    _RUN_COLUMNS = ("id, kind, created_at, config, seed, metrics, checkpoint_path, checkpoint_sha256, dataset_hashes, "
+                    "round_idx, provenance")
 
     def record_training_run(self, kind: str, config: dict, seed: int, metrics: dict, checkpoint_path: str | os.PathLike[str],
-                            dataset_hashes: Iterable[str], round_index: int | None = None) -> TrainingRun:
+                            dataset_hashes: Iterable[str], round_index: int | None = None,
+                            provenance: dict | None = None, inputs: Iterable[RunInput] | None = None) -> TrainingRun:
+        """Record a trained model with its provenance, in one transaction: `inputs` are the images (and
+        masks) it trained on, `provenance` the settings and lineage beyond `config`. A classifier recorded
+        without `inputs` gets them from `dataset_hashes` (image hashes) and the tags it was trained on.
+        A new segmenter becomes the current one (it ends an earlier `choose_segmenter`)."""
         checkpoint_path = Path(checkpoint_path).absolute()
         try:
             relative = checkpoint_path.relative_to(self.path)
         except ValueError as error:
             raise ProjectError(f"{checkpoint_path}: checkpoints must be inside the project folder.") from error
         checkpoint_sha = file_sha256(checkpoint_path)
+        dataset_hashes = sorted(dataset_hashes)
+        provenance = dict(provenance or {})
+        now = utc_now()
         with self._transaction() as db:
+            if kind == "classifier" and inputs is None:
+                inputs, tags_as_of = self._classifier_inputs(db, dataset_hashes, now, metrics)
+                provenance.setdefault("tags_as_of", tags_as_of)
+            if kind == "classifier":
+                (last_round,) = db.execute("SELECT MAX(idx) FROM rounds").fetchone()
+                provenance.setdefault("round", last_round)  # the latest round when it was trained (None: before any)
             cursor = db.execute(
-                f"INSERT INTO training_runs({self._RUN_COLUMNS.replace('id, ', '', 1)}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (kind, utc_now(), json.dumps(config, default=str), int(seed), json.dumps(metrics, default=float),
-                 str(relative), checkpoint_sha, json.dumps(sorted(dataset_hashes)), round_index),
+                f"INSERT INTO training_runs({self._RUN_COLUMNS.replace('id, ', '', 1)}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (kind, now, json.dumps(config, default=str), int(seed), json.dumps(metrics, default=float),
+                 str(relative), checkpoint_sha, json.dumps(dataset_hashes), round_index,
+                 json.dumps(provenance, default=str)),
             )
             run_id = int(cursor.lastrowid)
+            db.executemany(
+                "INSERT INTO run_inputs(run_id, image_id, round_idx, label, image_sha256, mask_sha256) VALUES (?, ?, ?, ?, ?, ?)",
+                [(run_id, i.image_id, i.round_index, i.label, i.image_sha256, i.mask_sha256) for i in inputs or ()],
+            )
+            if kind == "segmenter":
+                db.execute("DELETE FROM settings WHERE key=?", (CURRENT_SEGMENTER_SETTING,))
         return self.training_run(run_id)
+
+    @staticmethod
+    def _classifier_inputs(db: sqlite3.Connection, image_hashes: list[str], now: str,
+                           metrics: dict) -> tuple[list[RunInput], str]:
+        """The images a classifier trained on (by hash) with the tag each had when training started
+        (from the tag history: the user may retag while a training runs in the background)."""
+        seconds = metrics.get("seconds")
+        started = now
+        if isinstance(seconds, (int, float)) and seconds == seconds and seconds >= 0:
+            started = (datetime.fromisoformat(now) - timedelta(seconds=float(seconds))).isoformat(timespec="milliseconds")
+        wanted = set(image_hashes)
+        inputs = []
+        for image_id, sha256, tag in db.execute("SELECT id, sha256, tag FROM images ORDER BY id"):
+            if sha256 not in wanted:
+                continue
+            event = db.execute("SELECT tag FROM tag_events WHERE image_id=? AND at<=? ORDER BY id DESC LIMIT 1",
+                               (image_id, started)).fetchone()
+            inputs.append(RunInput(int(image_id), None, event[0] if event else tag, sha256, None))
+        return inputs, started
+
+    def run_inputs(self, run_id: int) -> list[RunInput]:
+        """What run `run_id` was trained on, by image id ([] for a run recorded before schema 3)."""
+        rows = self._query("SELECT image_id, round_idx, label, image_sha256, mask_sha256 FROM run_inputs "
+                           "WHERE run_id=? ORDER BY image_id", (run_id,))
+        return [RunInput(int(i), None if r is None else int(r), label, image_sha, mask_sha)
+                for i, r, label, image_sha, mask_sha in rows]
+
+    def chosen_segmenter(self) -> TrainingRun | None:
+        """The segmenter run the user made current (choose_segmenter), or None: the newest is current."""
+        run_id = self.get_setting(CURRENT_SEGMENTER_SETTING)
+        if run_id is None:
+            return None
+        rows = self._query(f"SELECT {self._RUN_COLUMNS} FROM training_runs WHERE id=? AND kind='segmenter'", (int(run_id),))
+        return self._run(rows[0]) if rows else None
+
+    def current_segmenter(self) -> TrainingRun | None:
+        """The segmenter the project uses (export, evaluate, the next round's proposals): the one the
+        user chose, else the newest."""
+        return self.chosen_segmenter() or self.latest_run("segmenter")
+
+    def choose_segmenter(self, run_id: int | None) -> None:
+        """Make segmenter run `run_id` the current one (None: the newest again). Nothing is deleted:
+        later rounds, masks and models stay as they are."""
+        if run_id is None:
+            with self._transaction() as db:
+                db.execute("DELETE FROM settings WHERE key=?", (CURRENT_SEGMENTER_SETTING,))
+            return
+        run = self.training_run(run_id)
+        if run.kind != "segmenter":
+            raise ProjectError(f"run {run_id} is a {run.kind}, not a segmenter.")
+        self.set_setting(CURRENT_SEGMENTER_SETTING, int(run_id))
 
     def training_run(self, run_id: int) -> TrainingRun:
         rows = self._query(f"SELECT {self._RUN_COLUMNS} FROM training_runs WHERE id=?", (run_id,))

@@ -27,10 +27,11 @@ if TYPE_CHECKING:
 
 
 class ExportDialog(QDialog):
-    def __init__(self, window: "MainWindow") -> None:
+    def __init__(self, window: "MainWindow", run_id: int | None = None) -> None:
         super().__init__(window)
         self.setObjectName("exportDialog")
-        self.setWindowTitle("Export the segmenter")
+        self.run_id = run_id  # a segmenter training run (the Models dialog); None: the current segmenter
+        self.setWindowTitle("Export the segmenter" if run_id is None else f"Export segmenter run {run_id}")
         self.window_ = window
         self.runner: JobRunner = getattr(window, "export_runner", None) or window.make_runner("Export")
         window.export_runner = self.runner  # type: ignore[attr-defined]
@@ -40,7 +41,9 @@ class ExportDialog(QDialog):
         row = QHBoxLayout()
         project = window.project
         default = project.path / "exports" / "latest" if project is not None else Path.home() / "defect-studio-export"
-        saved = project.get_setting("gui.export_dir") if project is not None else None
+        saved = project.get_setting("gui.export_dir") if project is not None and run_id is None else None
+        if project is not None and run_id is not None:
+            default = project.path / "exports" / f"run-{run_id}"
         self.folder_edit = QLineEdit(str(saved or default), self)
         self.folder_edit.setObjectName("exportFolder")
         browse = QPushButton("Browse…", self)
@@ -77,10 +80,12 @@ class ExportDialog(QDialog):
         from defect_studio.ml.export import export_project_job  # loads torch and onnx: only when exporting
 
         out_dir = Path(self.folder_edit.text()).expanduser()
-        project.set_setting("gui.export_dir", str(out_dir))
+        if self.run_id is None:
+            project.set_setting("gui.export_dir", str(out_dir))
         self.export_button.setEnabled(False)
         self.result.setHtml("Exporting…")
-        return self.runner.start(lambda cancel: export_project_job(project, out_dir, cancel), "Export")
+        run_id = self.run_id
+        return self.runner.start(lambda cancel: export_project_job(project, out_dir, cancel, run_id=run_id), "Export")
 
     def _done(self, result: object) -> None:
         self.last_result = result

@@ -138,8 +138,14 @@ class RoundsPanel(QWidget):
         self.export_button.setObjectName("exportButton")
         self.export_button.setToolTip("Export the latest segmenter as ONNX + TorchScript with a model card (Ctrl+E)")
         self.export_button.clicked.connect(self.open_export_dialog)
+        self.models_button = QPushButton("Models…", box)
+        self.models_button.setObjectName("modelsButton")
+        self.models_button.setToolTip("Every trained model with the masks and settings it was trained on; "
+                                      "make an earlier round's segmenter current, or export it")
+        self.models_button.clicked.connect(self.open_models_dialog)
         buttons.addWidget(self.round_button)
         buttons.addWidget(self.export_button)
+        buttons.addWidget(self.models_button)
         box_layout.addLayout(buttons)
         box_layout.addWidget(JobRow(self.runner, box))
         self.summary_label = QLabel(box)
@@ -269,6 +275,15 @@ class RoundsPanel(QWidget):
 
     def _round_done(self, result: object) -> None:
         self.window_.notify_masks_changed()
+
+    def open_models_dialog(self) -> None:
+        from defect_studio.gui.panels.models_dialog import ModelsDialog
+
+        if self.window_.project is None:
+            return
+        dialog = ModelsDialog(self.window_, on_change=self.refresh)
+        dialog.open()
+        self.models_dialog = dialog
 
     def open_export_dialog(self) -> None:
         from defect_studio.gui.panels.export_dialog import ExportDialog
