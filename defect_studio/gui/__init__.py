@@ -2,9 +2,7 @@
 
 It calls the Qt-free core (project store, jobs, ml) and never re-implements it: long operations
 run as job generators in `workers.JobRunner`, everything else is a direct call on the project.
+
+Importing this package loads no Qt (`app.run_app` checks first that Qt can start here); the
+modules that draw take pyqtgraph from `plotting`, which configures it.
 """
-
-import pyqtgraph as _pg
-
-# Arrays are row-major (H×W) everywhere in the core; tell pyqtgraph once, before any ImageItem exists.
-_pg.setConfigOptions(imageAxisOrder="row-major", antialias=True)

@@ -1,30 +1,54 @@
-"""Starting the desktop app: `run_app()` is what `defect-studio` (no subcommand) and `defect-studio demo` call."""
+"""Starting the desktop app: `run_app()` is what `defect-studio` (no subcommand) and `defect-studio demo` call.
+
+Qt is imported inside the functions, not at the top: `run_app` first checks that Qt can open a
+window here (platform_check), because a missing system library or display makes Qt abort the
+process, and importing Qt's GUI module fails outright without some of those libraries.
+"""
 
 from __future__ import annotations
 
 import gc
 import importlib
+import importlib.resources
 import logging
 import os
 import sys
 import traceback
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
-from PySide6.QtCore import QCoreApplication, QSettings, Qt, QTimer
-from PySide6.QtGui import QColor, QIcon, QPainter, QPalette, QPixmap
-from PySide6.QtWidgets import QApplication, QMessageBox, QSplashScreen
+from defect_studio.errors import DefectStudioError
+from defect_studio.gui.platform_check import qt_start_problem
 
-from defect_studio.gui.dialogs import install_log_file, report_error
+if TYPE_CHECKING:
+    from PySide6.QtGui import QPalette
+    from PySide6.QtWidgets import QApplication, QSplashScreen
+
+    from defect_studio.gui.main_window import MainWindow
 
 log = logging.getLogger(__name__)
 
 ORGANISATION = "defect-studio"
 APPLICATION = "defect-studio"
-RESOURCES = Path(__file__).resolve().parents[2] / "resources"
+
+
+def resource_file(*parts: str) -> Path | None:
+    """A file of the app's resources (stylesheet, icons: package data, see pyproject.toml), or
+    None when this install lacks it (then the app runs unstyled, and says so in the log)."""
+    try:
+        path = importlib.resources.files("defect_studio.resources").joinpath(*parts)
+    except ModuleNotFoundError:
+        path = None
+    if path is None or not path.is_file():
+        log.warning("resource %s is missing from this install of defect-studio; reinstall it", "/".join(parts))
+        return None
+    return Path(str(path))
 
 
 def dark_palette() -> QPalette:
+    from PySide6.QtGui import QColor, QPalette
+
     palette = QPalette()
     colours = {
         QPalette.ColorRole.Window: "#0d1117",
@@ -51,6 +75,9 @@ def dark_palette() -> QPalette:
 
 def configure_application(app: QApplication) -> None:
     """Names (for QSettings), theme, icon. Idempotent, so tests can call it on their QApplication."""
+    from PySide6.QtCore import QCoreApplication
+    from PySide6.QtGui import QIcon
+
     # Jobs run in Python threads: hand the GIL back to the GUI thread every 2 ms (default 5 ms),
     # which keeps brush repaints under a frame while a job runs Python code between torch calls.
     sys.setswitchinterval(0.002)
@@ -59,25 +86,32 @@ def configure_application(app: QApplication) -> None:
     if app.style().name().lower() != "fusion":
         app.setStyle("Fusion")
         app.setPalette(dark_palette())
-    style = RESOURCES / "style.qss"
-    if style.is_file():
+    style = resource_file("style.qss")
+    if style is not None:
         sheet = style.read_text(encoding="utf-8")
         if app.styleSheet() != sheet:  # re-applying repolishes every widget: skip when unchanged
             app.setStyleSheet(sheet)
-    icon = RESOURCES / "icons" / "app.svg"
-    if icon.is_file():
+    icon = resource_file("icons", "app.svg")
+    if icon is not None:
         app.setWindowIcon(QIcon(str(icon)))
 
 
 def _excepthook(kind: type[BaseException], error: BaseException, tb: TracebackType | None) -> None:
     """An exception escaping a slot: log the traceback, show a dialog, keep the app running."""
+    from PySide6.QtWidgets import QApplication
+
+    from defect_studio.gui.dialogs import report_error
+
     details = "".join(traceback.format_exception(kind, error, tb))
     log.error("uncaught exception:\n%s", details)
     if QApplication.instance() is not None and not isinstance(error, KeyboardInterrupt):
         report_error(QApplication.activeWindow(), "Unexpected error", error, details)
 
 
-def offer_demo(window: "MainWindow") -> None:  # noqa: F821
+def offer_demo(window: MainWindow) -> None:
+    from PySide6.QtCore import Qt
+    from PySide6.QtWidgets import QMessageBox
+
     box = QMessageBox(window)
     box.setWindowTitle("Welcome to defect-studio")
     box.setText("<b>No project is open.</b><br><br>Open a folder of images to start a project, "
@@ -99,6 +133,10 @@ def offer_demo(window: "MainWindow") -> None:  # noqa: F821
 
 def startup_splash(app: QApplication) -> QSplashScreen:
     """A window at once: building the main window imports torch, which takes seconds on a cold disk."""
+    from PySide6.QtCore import Qt
+    from PySide6.QtGui import QPainter, QPalette, QPixmap
+    from PySide6.QtWidgets import QSplashScreen
+
     palette = dark_palette()  # the theme's colours, whatever the platform style left in app.palette()
     pixmap = QPixmap(420, 160)
     pixmap.fill(palette.color(QPalette.ColorRole.Window))
@@ -152,12 +190,31 @@ def run_app(project_path: Path | None = None, whole_process: bool = False) -> in
     """Open the main window (on `project_path` if given, else the last project) and run until it closes.
 
     `whole_process`: this process is the app and ends with the window (`defect-studio`), so the
-    start-up objects are frozen (see freeze_startup_objects)."""
+    start-up objects are frozen (see freeze_startup_objects).
+
+    Returns the exit code: 0 once the window closed, or DefectStudioError.exit_code (2) after one
+    line on stderr when Qt cannot open a window here (a missing system library or display)."""
+    if not _application_exists():
+        problem = qt_start_problem()
+        if problem is not None:
+            print(problem, file=sys.stderr)
+            return DefectStudioError.exit_code
+    try:
+        from PySide6.QtCore import QSettings, QTimer
+        from PySide6.QtWidgets import QApplication
+    except ImportError as error:  # a system library that platform_check does not know of
+        print(f"defect-studio cannot open its window: Qt does not load: {error}", file=sys.stderr)
+        return DefectStudioError.exit_code
+    from defect_studio.gui.dialogs import install_log_file
+
     app = QApplication.instance() or QApplication(sys.argv[:1])
     assert isinstance(app, QApplication)
     configure_application(app)
-    log_path = install_log_file()
-    log.info("defect-studio starting; log file %s", log_path)
+    try:
+        log.info("defect-studio starting; log file %s", install_log_file())
+    except OSError as error:  # a read-only home folder: the app runs all the same
+        print(f"defect-studio: cannot write its log file ({error}); error details go to this terminal only",
+              file=sys.stderr)
     previous_hook = sys.excepthook
     sys.excepthook = _excepthook
     try:
@@ -181,3 +238,9 @@ def run_app(project_path: Path | None = None, whole_process: bool = False) -> in
         return int(app.exec())
     finally:
         sys.excepthook = previous_hook
+
+
+def _application_exists() -> bool:
+    """A QApplication made before run_app (tests, the smoke check): Qt has loaded already."""
+    widgets = sys.modules.get("PySide6.QtWidgets")
+    return widgets is not None and widgets.QApplication.instance() is not None

@@ -15,7 +15,6 @@ import cv2
 import numpy as np
 from PySide6.QtCore import QObject, QTimer, Signal
 from PySide6.QtGui import QUndoCommand, QUndoGroup, QUndoStack
-from scipy import ndimage
 
 from defect_studio.gui.viewer import ImageViewer
 from defect_studio.project import Project
@@ -23,6 +22,19 @@ from defect_studio.project import Project
 
 MIN_BRUSH, MAX_BRUSH = 1, 256
 AUTOSAVE_DELAY_MS = 400
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """`mask` (H×W, nonzero = defect) with every hole filled: background that no 4-connected path
+    of background joins to the image's edge (as scipy.ndimage.binary_fill_holes does)."""
+    height, width = mask.shape
+    # A one-pixel background frame joins every edge-touching background region into one, so a
+    # single flood fill from a corner reaches all of them; what it does not reach is a hole.
+    outside = np.zeros((height + 2, width + 2), np.uint8)
+    outside[1:-1, 1:-1] = mask > 0
+    flood_mask = np.zeros((height + 4, width + 4), np.uint8)  # OpenCV wants it 2 px larger
+    cv2.floodFill(outside, flood_mask, (0, 0), 2, flags=4)
+    return outside[1:-1, 1:-1] != 2
 
 
 @dataclass
@@ -275,7 +287,7 @@ class MaskEditor(QObject):
     def fill_holes(self) -> bool:
         if self.session is None:
             return False
-        return self._replace_all(ndimage.binary_fill_holes(self.session.mask > 0), "Fill holes")
+        return self._replace_all(fill_holes(self.session.mask), "Fill holes")
 
     def clear(self) -> bool:
         if self.session is None:

@@ -11,7 +11,6 @@ from typing import Callable
 
 import cv2
 import numpy as np
-import pyqtgraph as pg
 from PySide6.QtCore import QPointF, QRectF, Qt, Signal
 from PySide6.QtGui import QColor, QImage, QPainter, QPainterPath, QPen, QWheelEvent
 from PySide6.QtWidgets import (
@@ -25,6 +24,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from defect_studio.gui.plotting import pg
 from defect_studio.imageio import to_float01
 
 HEATMAP_COLORMAPS = ("turbo", "inferno", "viridis", "plasma")
@@ -222,10 +222,11 @@ class ImageViewer(pg.GraphicsView):
         if fit or changed:
             self.fit()
 
-    def fit(self) -> None:
+    def fit(self, padding: float = 0.02) -> None:
+        """Show the whole image; `padding` is the margin around it, as a fraction of its size."""
         if self.image_shape is not None:
             height, width = self.image_shape
-            self.view_box.setRange(QRectF(0, 0, width, height), padding=0.02)
+            self.view_box.setRange(QRectF(0, 0, width, height), padding=padding)
 
     def set_colormap(self, name: str) -> None:
         colormap = pg.colormap.get(name)

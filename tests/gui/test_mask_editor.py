@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PySide6.QtCore import QEvent, QPoint, QPointF, Qt
 from PySide6.QtGui import QMouseEvent
 from PySide6.QtTest import QTest
@@ -199,3 +200,34 @@ def test_shift_r_rejects_the_rest_after_asking(qtbot, make_window, review_projec
     assert set(states.values()) == {"rejected"}
     assert window.gallery_model.item_by_id(next(iter(states))).mask_state == "rejected"
     assert window.editor.undo_stack is not None and window.editor.undo_stack.count() == 1  # the stroke stays undoable
+
+
+def test_fill_holes_fills_enclosed_background_only() -> None:
+    from defect_studio.gui.mask_editor import fill_holes
+
+    ring = np.zeros((9, 9), bool)
+    ring[2:7, 2:7] = True
+    ring[3:6, 3:6] = False
+    np.testing.assert_array_equal(fill_holes(ring), np.pad(np.ones((5, 5), bool), 2))
+    # Background open to the edge is not a hole, even through a one-pixel gap.
+    cup = ring.copy()
+    cup[2, 4] = False
+    np.testing.assert_array_equal(fill_holes(cup), cup)
+    # Joined to the outside only diagonally: a hole (4-connected background, as in scipy).
+    corner = np.zeros((5, 5), bool)
+    corner[1, 1:4] = corner[3, 1:4] = corner[1:4, 1] = corner[1:4, 3] = True
+    corner[1, 3] = False
+    assert fill_holes(corner)[2, 2]
+    assert not fill_holes(np.zeros((4, 6), bool)).any()
+    assert fill_holes(np.ones((1, 1), bool)).all()
+
+
+def test_fill_holes_agrees_with_scipy_on_random_masks() -> None:
+    ndimage = pytest.importorskip("scipy.ndimage")  # the reference only; the app does not use scipy
+    from defect_studio.gui.mask_editor import fill_holes
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        height, width = rng.integers(1, 48, 2)
+        mask = rng.random((height, width)) < rng.uniform(0.2, 0.8)
+        np.testing.assert_array_equal(fill_holes(mask), ndimage.binary_fill_holes(mask))

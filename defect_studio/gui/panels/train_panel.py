@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-import pyqtgraph as pg
 from PySide6.QtWidgets import QGroupBox, QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWidget
 
 from defect_studio.gui.panels.common import ConfigForm, JobRow, training_threads
+from defect_studio.gui.plotting import pg
 from defect_studio.jobs import Progress
 from defect_studio.ml.classifier_options import ClassifierConfig
 
