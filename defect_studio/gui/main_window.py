@@ -19,6 +19,7 @@ from PySide6.QtCore import (
     QObject,
     QRunnable,
     QSettings,
+    QSize,
     Qt,
     QThreadPool,
     QTimer,
@@ -186,6 +187,29 @@ class StageTabs(QTabWidget):
         super().setCurrentWidget(widget)
 
 
+class StagePage(QScrollArea):
+    """A stage panel that scrolls vertically and is never narrower than the panel needs: the dock
+    cannot be made so narrow that a control is cut off at its right edge (there is no horizontal
+    scroll bar to reach it)."""
+
+    def __init__(self, panel: QWidget, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.setObjectName(f"{panel.objectName()}Scroll")
+        self.setWidgetResizable(True)
+        self.setFrameShape(QFrame.Shape.NoFrame)
+        self.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.setWidget(panel)
+        self.viewport().setObjectName("stageViewport")
+
+    def minimumSizeHint(self) -> QSize:  # noqa: N802
+        hint = super().minimumSizeHint()
+        panel = self.widget()
+        if panel is None:
+            return hint
+        needed = panel.minimumSizeHint().width() + self.verticalScrollBar().sizeHint().width() + 2 * self.frameWidth()
+        return QSize(max(hint.width(), needed), hint.height())
+
+
 class MainWindow(QMainWindow):
     project_changed = Signal()
     current_image_changed = Signal(object)  # image id or None
@@ -294,21 +318,13 @@ class MainWindow(QMainWindow):
             (self.rounds_panel, "Rounds", "Refinement rounds, segmenter training and export"),
         ):
             # Scrollable, so the window fits small screens (1366 × 768 laptops) whatever a panel holds.
-            scroller = QScrollArea(self.stage_tabs)
-            scroller.setObjectName(f"{panel.objectName()}Scroll")
-            scroller.setWidgetResizable(True)
-            scroller.setFrameShape(QFrame.Shape.NoFrame)
-            scroller.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
-            scroller.setWidget(panel)
-            scroller.viewport().setObjectName("stageViewport")
+            scroller = StagePage(panel, self.stage_tabs)
             panel.setAttribute(Qt.WidgetAttribute.WA_StyledBackground, True)
             panel.setProperty("stagePanel", True)
-            panel.setMinimumHeight(panel.minimumSizeHint().height())
             self._panel_of_page[scroller] = panel
             index = self.stage_tabs.addTab(scroller, title)
             self.stage_tabs.setTabToolTip(index, tip)
-        dock.setWidget(self.stage_tabs)
-        dock.setMinimumWidth(360)
+        dock.setWidget(self.stage_tabs)  # its minimum width is the widest panel's (StagePage)
         self.addDockWidget(Qt.DockWidgetArea.RightDockWidgetArea, dock)
         self.stage_dock = dock
 

@@ -1,10 +1,12 @@
 """Screenshots of every stage on the demo project, for the README and for checking by eye.
 
-    python -m defect_studio.gui.screenshots --out docs/screenshots [--images 60]
+    xvfb-run -s "-screen 0 1600x1000x24" python -m defect_studio.gui.screenshots --out docs/screenshots
 
-Runs the real window offscreen (or under Xvfb when DISPLAY is set): opens a fresh demo project,
-tags, trains a small classifier, shows CAMs (single and side by side), makes proposals, paints
-an edit, runs a refinement round and opens the export dialog, grabbing the window at each step.
+Runs the real window on the X server of DISPLAY (Xvfb above: the README's screenshots are taken
+so, at 1600×1000), or offscreen without one: opens a fresh demo project, tags, trains a small
+classifier, shows CAMs (single and side by side), makes proposals, paints an edit, runs a
+refinement round and opens the export dialog, taking a picture of the window at each step (from
+the X server's screen when there is one).
 """
 
 from __future__ import annotations
@@ -36,8 +38,15 @@ def settle(app: Any, seconds: float = 0.4) -> None:
 
 
 def grab(widget: Any, path: Path) -> Path:
+    """The widget as the screen shows it: read back from the X server under xcb, else rendered."""
+    from PySide6.QtWidgets import QApplication
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    if not widget.grab().save(str(path)):
+    if QApplication.platformName() == "xcb":
+        picture = widget.screen().grabWindow(widget.winId())
+    else:
+        picture = widget.grab()
+    if not picture.save(str(path)):
         raise OSError(f"could not write {path}")
     print(f"wrote {path}")
     return path
@@ -58,7 +67,7 @@ def paint_stroke(app: Any, viewer: Any, points: list[tuple[float, float]]) -> No
     QTest.mouseRelease(viewport, Qt.MouseButton.LeftButton, Qt.KeyboardModifier.NoModifier, widget_points[-1].toPoint())
 
 
-def capture(out_dir: Path, images: int, work_dir: Path) -> list[Path]:
+def capture(out_dir: Path, images: int, work_dir: Path, size: tuple[int, int]) -> list[Path]:
     import numpy as np
     from PySide6.QtCore import QSettings, Qt
     from PySide6.QtWidgets import QApplication
@@ -73,7 +82,7 @@ def capture(out_dir: Path, images: int, work_dir: Path) -> list[Path]:
     QSettings.setPath(QSettings.Format.IniFormat, QSettings.Scope.UserScope, str(work_dir / "settings"))
     project_dir = make_demo_project(work_dir / "demo", count=images)
     window = MainWindow(QSettings())
-    window.resize(1500, 920)
+    window.setGeometry(0, 0, *size)
     window.show()
     shots: list[Path] = []
     try:
@@ -179,12 +188,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Capture screenshots of each stage on the demo project.")
     parser.add_argument("--out", type=Path, default=Path("docs/screenshots"))
     parser.add_argument("--images", type=int, default=60, help="demo images (fewer is faster)")
+    parser.add_argument("--size", default="1600x1000", help="window size, WIDTHxHEIGHT (default 1600x1000)")
     args = parser.parse_args(argv)
-    # Headless unless a display was asked for; error dialogs are logged, not shown (nobody to click them).
-    os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+    try:
+        width, height = (int(part) for part in args.size.lower().split("x"))
+    except ValueError:
+        parser.error(f"--size wants WIDTHxHEIGHT, such as 1600x1000, not {args.size!r}")
+    if not os.environ.get("DISPLAY"):
+        os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+    # Error dialogs are logged, not shown: nobody is there to click them.
     os.environ.setdefault("DEFECT_STUDIO_NO_DIALOGS", "1")
     with tempfile.TemporaryDirectory(prefix="ds-screenshots-") as temp:
-        shots = capture(args.out, args.images, Path(temp))
+        shots = capture(args.out, args.images, Path(temp), (width, height))
     print(f"{len(shots)} screenshots in {args.out}")
     return 0
 

@@ -73,9 +73,9 @@ def test_cam_methods_change_the_overlay_and_compare_view_links_zoom(qtbot, make_
         assert abs(np.mean(other.view_box.viewRange()[1]) - np.mean(first[1])) < 0.1
         assert abs(np.ptp(other.view_box.viewRange()[0]) - np.ptp(first[0])) < 1.0
 
-    # The grid follows the pane's shape: a wide pane puts the five maps in one row, a tall one in one column.
+    # The grid follows the pane's shape: a wide pane puts every map in one row, a tall one in one column.
     compare.resize(1500, 260)
-    qtbot.waitUntil(lambda: compare.columns == 5)
+    qtbot.waitUntil(lambda: compare.columns == len(compare.viewers))
     compare.resize(300, 1400)
     qtbot.waitUntil(lambda: compare.columns == 1)
 
@@ -158,3 +158,68 @@ def test_compare_grid_columns_fit_the_image_shape() -> None:
     assert best_columns(5, 300, 1400, 4, 3) == 1  # tall pane
     assert best_columns(4, 800, 600, 4, 3) == 2  # 2 × 2 fills a 4:3 pane exactly
     assert best_columns(5, 600, 800, 4, 3) == 2  # the old fixed 3 columns left half the height empty
+
+
+def test_cam_tab_opens_on_the_method_the_project_proposes_with(qtbot, make_window, gui_root: Path,
+                                                                review_project: Path) -> None:
+    from defect_studio.jobs import CancelToken, run_job
+    from defect_studio.ml.refine import DEFAULT_METHOD
+    from defect_studio.project import Project
+    from defect_studio.project.importer import import_job
+
+    # The latest round's method, as the refinement loop reads it.
+    path = gui_root / "projects" / "layercam-round"
+    with Project.create(path, gui_root / "dataset" / "images") as project:
+        run_job(import_job(project, gui_root / "dataset" / "images", None, CancelToken()))
+        project.create_round({"cam_method": "layercam"})
+    window = open_project(make_window, path)
+    assert window.cam_panel.method == "layercam"
+    # The user's own choice stays until the project's method changes.
+    window.cam_panel.set_method("gradcampp")
+    window.notify_masks_changed()
+    assert window.cam_panel.method == "gradcampp"
+    window.close()
+
+    # No method in the round: the one last chosen for proposals in the Review tab.
+    with Project.open(review_project) as project:
+        project.set_setting("gui.proposal_method", "fgbp")
+    window = open_project(make_window, review_project)
+    assert window.cam_panel.method == "fgbp"
+    window.close()
+
+    # A project without rounds: the core's default.
+    fresh = gui_root / "projects" / "no-rounds"
+    with Project.create(fresh, gui_root / "dataset" / "images") as project:
+        run_job(import_job(project, gui_root / "dataset" / "images", None, CancelToken()))
+    window = open_project(make_window, fresh)
+    assert window.cam_panel.method == DEFAULT_METHOD
+
+
+def test_showing_maps_writes_nothing_and_a_bad_stages_list_is_a_message(qtbot, make_window, project_copy: Path,
+                                                                         monkeypatch) -> None:
+    from PySide6.QtWidgets import QLineEdit
+
+    window = open_project(make_window, project_copy)
+    panel = window.cam_panel
+    writes: list[str] = []
+    real_set_setting = window.project.set_setting
+    monkeypatch.setattr(window.project, "set_setting", lambda key, value: (writes.append(key), real_set_setting(key, value)))
+    window.stage_tabs.setCurrentWidget(panel)
+    for image in window.project.images("defect")[:3]:
+        window.select_image(image.id)
+    panel.threshold_slider.setValue(30)
+    panel.set_method("fgbp")
+    qtbot.waitUntil(lambda: not panel.runner.busy, timeout=60_000)
+    assert writes == []  # looking at maps is not a change to save
+
+    stages = panel.settings_form.findChild(QLineEdit, "cam_stages")
+    stages.setText("1, x")
+    stages.editingFinished.emit()  # no exception: a message beside the form
+    assert panel.settings_error.isVisible()
+    assert "stages" in panel.settings_error.text() and "x" in panel.settings_error.text()
+    assert writes == [] and panel.settings_for("fgbp") == {}
+    stages.setText("3, 2")
+    stages.editingFinished.emit()
+    assert not panel.settings_error.isVisible()
+    assert writes == ["gui.cam_settings"] and panel.settings_for("fgbp") == {"stages": [2, 3]}
+    qtbot.waitUntil(lambda: not panel.runner.busy, timeout=60_000)

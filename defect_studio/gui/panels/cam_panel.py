@@ -25,10 +25,17 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from defect_studio.gui.panels.common import JobRow
+from defect_studio.gui.panels.common import JobRow, proposal_method
 from defect_studio.gui.viewer import HEATMAP_COLORMAPS, ImageViewer
 from defect_studio.ml.cam_cache import CamCache, cam_job
-from defect_studio.ml.cams import CAM_METHODS, SETTING_SPECS, default_settings, resolve_settings
+from defect_studio.ml.cams import (
+    CAM_METHODS,
+    SETTING_SPECS,
+    STAGE_COUNT,
+    CamSettingsError,
+    default_settings,
+    resolve_settings,
+)
 
 if TYPE_CHECKING:
     from defect_studio.gui.main_window import MainWindow
@@ -42,6 +49,11 @@ METHOD_NAMES = {
 }
 
 
+def method_label(method: str) -> str:
+    """A method's name for people; a method the GUI has no name for shows the core's name."""
+    return METHOD_NAMES.get(method, method)
+
+
 def best_columns(count: int, width: float, height: float, image_width: float, image_height: float) -> int:
     """How many columns show `count` images of that shape largest in a width × height area."""
 
@@ -53,37 +65,57 @@ def best_columns(count: int, width: float, height: float, image_width: float, im
 
 
 class CompareView(QWidget):
-    """One viewer per method, zoom and pan linked to the first; the grid follows the image's shape."""
+    """One viewer per method, zoom and pan linked to the first. The tiles take the image's shape and
+    the largest size that fits the pane in the best grid, packed together and centred: no bands
+    between rows, whatever the pane's shape."""
+
+    SPACING = 2
 
     def __init__(self, methods: list[str], parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.setObjectName("compareView")
-        self.grid = QGridLayout(self)
+        self.tiles = QWidget(self)
+        self.tiles.setObjectName("compareTiles")
+        self.grid = QGridLayout(self.tiles)
         self.grid.setContentsMargins(0, 0, 0, 0)
-        self.grid.setSpacing(2)
+        self.grid.setSpacing(self.SPACING)
         self.columns = 0
         self.viewers: dict[str, ImageViewer] = {}
         for method in methods:
-            viewer = ImageViewer(self, title=f" {METHOD_NAMES.get(method, method)} ")
+            viewer = ImageViewer(self.tiles, title=f" {method_label(method)} ")
             viewer.setObjectName(f"compare_{method}")
+            viewer.setMinimumSize(1, 1)  # the tile size is set from the pane, not from the viewer
             if self.viewers:
                 viewer.link_to(next(iter(self.viewers.values())))
             self.viewers[method] = viewer
         self.relayout()
 
     def relayout(self) -> None:
-        """Re-grid for the current size and image shape (a wide image in a tall pane: one column)."""
+        """Re-grid and resize the tiles for the pane's size and the image's shape (a wide image in a
+        tall pane: one column), then fit the image in them."""
         first = next(iter(self.viewers.values()), None)
-        image_height, image_width = first.image_shape if first is not None and first.image_shape else (3, 4)
-        columns = best_columns(len(self.viewers), max(1, self.width()), max(1, self.height()), image_width, image_height)
-        if columns == self.columns:
+        if first is None:
             return
-        self.columns = columns
-        for position, viewer in enumerate(self.viewers.values()):
-            self.grid.removeWidget(viewer)
-            self.grid.addWidget(viewer, position // columns, position % columns)
-        if first is not None and first.image_shape:
-            first.fit()
+        image_height, image_width = first.image_shape or (3, 4)
+        count, spacing = len(self.viewers), self.SPACING
+        width, height = max(1, self.width()), max(1, self.height())
+        columns = best_columns(count, width, height, image_width, image_height)
+        rows = -(-count // columns)
+        scale = min((width - spacing * (columns - 1)) / columns / image_width,
+                    (height - spacing * (rows - 1)) / rows / image_height)
+        tile_width, tile_height = max(1, int(image_width * scale)), max(1, int(image_height * scale))
+        if columns != self.columns:
+            self.columns = columns
+            for position, viewer in enumerate(self.viewers.values()):
+                self.grid.removeWidget(viewer)
+                self.grid.addWidget(viewer, position // columns, position % columns)
+        for viewer in self.viewers.values():
+            viewer.setFixedSize(tile_width, tile_height)
+        grid_width = columns * tile_width + spacing * (columns - 1)
+        grid_height = rows * tile_height + spacing * (rows - 1)
+        self.tiles.setGeometry((width - grid_width) // 2, (height - grid_height) // 2, grid_width, grid_height)
+        if first.image_shape:
+            first.fit(padding=0)  # the tile has the image's shape: no margin needed
 
     def resizeEvent(self, event: Any) -> None:  # noqa: N802
         super().resizeEvent(event)
@@ -100,13 +132,11 @@ class CamSettingsForm(QWidget):
         self.layout_ = QFormLayout(self)
         self.layout_.setContentsMargins(0, 0, 0, 0)
         self._getters: dict[str, Any] = {}
-        self._defaults: dict[str, Any] = {}
 
     def show_method(self, specs: Any, values: dict[str, Any]) -> None:
         while self.layout_.rowCount():
             self.layout_.removeRow(0)
         self._getters.clear()
-        self._defaults = {spec.name: spec.default for spec in specs}
         for spec in specs:
             value = values.get(spec.name, spec.default)
             label = spec.name.replace("_", " ")
@@ -117,7 +147,7 @@ class CamSettingsForm(QWidget):
                 self._getters[spec.name] = widget.isChecked
             elif isinstance(spec.default, int):
                 widget = QSpinBox(self)
-                widget.setRange(1, 4 if spec.name == "stage" else 10_000)
+                widget.setRange(1, STAGE_COUNT if spec.name == "stage" else 10_000)
                 widget.setValue(int(value))
                 widget.editingFinished.connect(self.changed.emit)
                 self._getters[spec.name] = widget.value
@@ -129,7 +159,7 @@ class CamSettingsForm(QWidget):
                 widget.setValue(float(value))
                 widget.editingFinished.connect(self.changed.emit)
                 self._getters[spec.name] = widget.value
-            else:
+            else:  # a list of stages, typed as "1, 2, 3": the core parses and checks it
                 widget = QLineEdit(", ".join(str(v) for v in value) if isinstance(value, list) else str(value), self)
                 widget.editingFinished.connect(self.changed.emit)
                 self._getters[spec.name] = widget.text
@@ -138,16 +168,8 @@ class CamSettingsForm(QWidget):
             self.layout_.addRow(label, widget)
 
     def values(self) -> dict[str, Any]:
-        """Only the settings that differ from the defaults (so default maps share one cache key)."""
-        values = {}
-        for name, getter in self._getters.items():
-            value = getter()
-            default = self._defaults[name]
-            if isinstance(default, list):
-                value = [int(part) for part in str(value).replace("[", "").replace("]", "").split(",") if part.strip()]
-            if value != default:
-                values[name] = value
-        return values
+        """Every setting as its widget holds it (list settings as the typed text), for `resolve_settings`."""
+        return {name: getter() for name, getter in self._getters.items()}
 
 
 class CamPanel(QWidget):
@@ -156,8 +178,8 @@ class CamPanel(QWidget):
         self.setObjectName("camPanel")
         self.window_ = window
         self.runner = window.make_runner("Compute CAMs")
-        self.methods: list[str] = []
         self.active = False
+        self._followed_proposal_method: str | None = None  # see follow_proposal_method
         self._checkpoint_hash: dict[str, str] = {}  # checkpoint path -> the hash the cache is keyed by
         self._pending: list[tuple[int, str]] = []  # (image id, method) still to compute for the screen
         self._current_map: np.ndarray | None = None
@@ -171,6 +193,9 @@ class CamPanel(QWidget):
         self.method_combo = QComboBox(box)
         self.method_combo.setObjectName("camMethod")
         self.method_combo.setToolTip("Which class activation map to show")
+        self.methods = list(CAM_METHODS)  # whatever the core offers: the GUI has no list of its own
+        for method in self.methods:
+            self.method_combo.addItem(method_label(method), method)
         self.method_combo.currentIndexChanged.connect(lambda _: self._method_changed())
         form.addRow("Method", self.method_combo)
         self.colormap_combo = QComboBox(box)
@@ -200,12 +225,12 @@ class CamPanel(QWidget):
         self.outline_check = QCheckBox("Show the thresholded outline", box)
         self.outline_check.setChecked(True)
         self.outline_check.toggled.connect(lambda _: self._update_outline())
-        form.addRow("", self.outline_check)
+        form.addRow(self.outline_check)
         self.compare_check = QCheckBox("Compare all methods side by side", box)
         self.compare_check.setObjectName("camCompare")
         self.compare_check.setToolTip("One view per method on the same image; zoom and pan move together")
         self.compare_check.toggled.connect(self.set_compare)
-        form.addRow("", self.compare_check)
+        form.addRow(self.compare_check)
         layout.addWidget(box)
 
         settings_box = QGroupBox("Method settings", self)
@@ -238,21 +263,31 @@ class CamPanel(QWidget):
         self.runner.finished.connect(lambda _: self._next_pending())
         window.current_image_changed.connect(lambda _: self.update_overlay() if self.active else None)
         window.image_loaded.connect(lambda _: self.update_overlay(request=False) if self.active and self.compare_check.isChecked() else None)
-        window.project_changed.connect(self.refresh)
-        window.project_changed.connect(lambda: self._method_changed() if self.methods else None)
+        window.project_changed.connect(self._project_changed)
+        window.masks_changed.connect(self.follow_proposal_method)
+        self._method_changed()
         self.refresh()
 
+    def _project_changed(self) -> None:
+        self._followed_proposal_method = None
+        self.refresh()
+        if not self.follow_proposal_method():
+            self._method_changed()  # the same method, but this project's settings of it
+
+    def follow_proposal_method(self) -> bool:
+        """Show the method the project's proposals come from, when that is new (a project opened,
+        a round made with another method); otherwise leave the user's choice alone. True if it switched."""
+        project = self.window_.project
+        method = proposal_method(project) if project is not None else None
+        if method is None or method == self._followed_proposal_method or method not in self.methods:
+            return False
+        self._followed_proposal_method = method
+        if method == self.method:
+            return False
+        self.set_method(method)
+        return True
+
     def refresh(self) -> None:
-        if not self.methods:
-            self.methods = list(CAM_METHODS)
-            self.method_combo.blockSignals(True)
-            for method in self.methods:
-                self.method_combo.addItem(METHOD_NAMES.get(method, method), method)
-            default = self.window_.project.get_setting("gui.cam_method") if self.window_.project else None
-            if default in self.methods:
-                self.method_combo.setCurrentIndex(self.methods.index(default))
-            self.method_combo.blockSignals(False)
-            self._method_changed()
         run = self._classifier_run()
         enabled = run is not None
         for widget in (self.method_combo, self.all_button, self.compare_check):
@@ -292,14 +327,16 @@ class CamPanel(QWidget):
         project, method = self.window_.project, self.method
         if project is None or method is None:
             return
-        values = self.settings_form.values()
         try:
-            resolve_settings(method, values)
-        except Exception as error:  # a CamSettingsError: say what is wrong next to the form
+            resolved = resolve_settings(method, self.settings_form.values())
+        except CamSettingsError as error:  # say what is wrong next to the form
             self.settings_error.setText(str(error))
             self.settings_error.setVisible(True)
             return
         self.settings_error.setVisible(False)
+        defaults = default_settings(method)
+        # Only the settings that differ from the defaults, so default maps share one cache key.
+        values = {name: value for name, value in resolved.items() if value != defaults[name]}
         stored = project.get_setting("gui.cam_settings") or {}
         if stored.get(method, {}) == values:
             return
@@ -359,10 +396,10 @@ class CamPanel(QWidget):
             self._show_map(image_id, method)
             self._next_pending()
             return
-        self.status_label.setText(f"Computing {METHOD_NAMES.get(method, method)} for {project.image(image_id).stem}…")
+        self.status_label.setText(f"Computing {method_label(method)} for {project.image(image_id).stem}…")
         settings = self.settings_for(method)
         self.runner.start(lambda cancel: cam_job(project, method, settings, cancel, image_ids=[image_id]),
-                          f"CAM {METHOD_NAMES.get(method, method)}")
+                          f"CAM {method_label(method)}")
 
     def _on_job_done(self, result: object) -> None:
         if isinstance(result, dict) and result.get("checkpoint_sha256") and result.get("classifier"):
@@ -382,7 +419,7 @@ class CamPanel(QWidget):
             return
         self._pending.clear()
         settings = self.settings_for(method)
-        self.runner.start(lambda cancel: cam_job(project, method, settings, cancel), f"CAMs ({METHOD_NAMES.get(method, method)}) for all images")
+        self.runner.start(lambda cancel: cam_job(project, method, settings, cancel), f"CAMs ({method_label(method)}) for all images")
 
     # --- drawing -----------------------------------------------------------------------------------
     def update_overlay(self, request: bool = True) -> None:
@@ -390,8 +427,6 @@ class CamPanel(QWidget):
         viewer = self.window_.viewer
         image_id = self.window_.current_image_id
         method = self.method
-        if self.window_.project is not None and method:
-            self.window_.project.set_setting("gui.cam_method", method)
         if not self.active or image_id is None or method is None or self._classifier_run() is None:
             viewer.set_heatmap(None)
             viewer.set_outline(None)
@@ -410,7 +445,7 @@ class CamPanel(QWidget):
             if request:
                 self._request(image_id, method)
         else:
-            self.status_label.setText(f"{METHOD_NAMES.get(method, method)}: map from the cache.")
+            self.status_label.setText(f"{method_label(method)}: map from the cache.")
 
     def _show_map(self, image_id: int, method: str) -> None:
         if self.active and image_id == self.window_.current_image_id:

@@ -32,6 +32,22 @@ def training_threads() -> int:
     return max(1, (os.cpu_count() or 2) - 1)
 
 
+def proposal_method(project: Any) -> str | None:
+    """The CAM method the project's proposals come from: the latest round's (what the refinement
+    loop reads), else the one last chosen in the Review tab, else the core's default; None when
+    the training engine cannot load."""
+    rounds = project.rounds()
+    made_with = (rounds[-1].config or {}) if rounds else {}
+    method = made_with.get("cam_method") or made_with.get("method") or project.get_setting("gui.proposal_method")
+    if method:
+        return str(method)
+    try:  # on use: with a broken torch the app still opens, tags and reviews
+        from defect_studio.ml.refine import DEFAULT_METHOD
+    except ImportError:
+        return None
+    return DEFAULT_METHOD
+
+
 class ConfigForm(QWidget):
     """A form for chosen fields of a config dataclass, with the dataclass's defaults and types."""
 

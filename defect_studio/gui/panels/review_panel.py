@@ -30,8 +30,8 @@ from PySide6.QtWidgets import (
 
 from defect_studio.errors import DefectStudioError
 from defect_studio.gui.dialogs import confirm, report_error
-from defect_studio.gui.panels.cam_panel import METHOD_NAMES
-from defect_studio.gui.panels.common import JobRow
+from defect_studio.gui.panels.cam_panel import method_label
+from defect_studio.gui.panels.common import JobRow, proposal_method
 from defect_studio.ml.cams import CAM_METHODS
 from defect_studio.ml.pseudo import PseudoLabelSettings, create_checked_round, pseudo_job
 from defect_studio.project import review
@@ -63,7 +63,7 @@ class ReviewPanel(QWidget):
         self.method_combo.setObjectName("proposalMethod")
         self.method_combo.setToolTip("The CAM the round-0 proposals come from")
         for method in CAM_METHODS:
-            self.method_combo.addItem(METHOD_NAMES.get(method, method), method)
+            self.method_combo.addItem(method_label(method), method)
         propose_form.addRow("CAM method", self.method_combo)
         self.high_spin = QDoubleSpinBox(propose_box)
         self.high_spin.setRange(0.0, 1.0)
@@ -110,13 +110,14 @@ class ReviewPanel(QWidget):
         self.reject_button.clicked.connect(self.reject_current)
         decide.addWidget(self.accept_button)
         decide.addWidget(self.reject_button)
+        queue_layout.addLayout(decide)
+        # On a row of its own: beside Accept and Reject it made the panel wider than the dock.
         self.reject_rest_button = QPushButton("Reject the rest  (Shift+R)", queue_box)
         self.reject_rest_button.setObjectName("rejectRestButton")
         self.reject_rest_button.setToolTip("Reject every mask still to review: this round trains on your edits and accepts only. "
                                            "On Magnetic Tile that beat using unreviewed CAM proposals threefold.")
         self.reject_rest_button.clicked.connect(self.reject_rest)
-        decide.addWidget(self.reject_rest_button)
-        queue_layout.addLayout(decide)
+        queue_layout.addWidget(self.reject_rest_button)
         self.state_label = QLabel(queue_box)
         self.state_label.setObjectName("maskState")
         queue_layout.addWidget(self.state_label)
@@ -197,7 +198,7 @@ class ReviewPanel(QWidget):
         project = self.window_.project
         if project is not None:
             saved = project.get_setting("gui.proposal_method")
-            index = self.method_combo.findData(saved or "region-aware")
+            index = self.method_combo.findData(saved or proposal_method(project))
             if index >= 0:
                 self.method_combo.setCurrentIndex(index)
         has_classifier = project is not None and project.latest_run("classifier") is not None

@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import pyqtgraph as pg
 from PySide6.QtWidgets import (
     QAbstractItemView,
     QGroupBox,
@@ -23,9 +22,11 @@ from PySide6.QtWidgets import (
 from defect_studio.gui.panels.common import (
     ConfigForm,
     JobRow,
+    proposal_method,
     training_threads,
 )
 from defect_studio.gui.panels.train_panel import make_plot
+from defect_studio.gui.plotting import pg
 from defect_studio.ml.pseudo import create_checked_round, pseudo_job
 from defect_studio.ml.segmenter_options import SegmenterConfig
 
@@ -143,7 +144,7 @@ class RoundsPanel(QWidget):
         self.models_button.setToolTip("Every trained model with the masks and settings it was trained on; "
                                       "make an earlier round's segmenter current, or export it")
         self.models_button.clicked.connect(self.open_models_dialog)
-        buttons.addWidget(self.round_button)
+        box_layout.addWidget(self.round_button)  # a row of its own: beside the others it widened the dock
         buttons.addWidget(self.export_button)
         buttons.addWidget(self.models_button)
         box_layout.addLayout(buttons)
@@ -230,13 +231,13 @@ class RoundsPanel(QWidget):
         round_index = self.window_.current_round
         if project is None or round_index is None or self.runner.busy:
             return False
-        from defect_studio.ml.refine import RefineConfig, refine_job  # on use: with a broken torch the app still opens, tags and reviews
+        from defect_studio.ml.refine import DEFAULT_METHOD, RefineConfig, refine_job  # on use: with a broken torch the app still opens, tags and reviews
 
         self.window_.editor.flush()
         segmenter_values = self.form.values()
         project.set_setting("gui.segmenter_config", segmenter_values)
         round_config = project.round(round_index).config or {}
-        method = round_config.get("cam_method") or round_config.get("method") or project.get_setting("gui.proposal_method") or "region-aware"
+        method = proposal_method(project) or DEFAULT_METHOD
         pseudo_settings = round_config.get("pseudo") if isinstance(round_config.get("pseudo"), dict) else None
         cam_settings = round_config.get("cam_settings") if isinstance(round_config.get("cam_settings"), dict) else {}
         config = RefineConfig(method=method, cam_settings=dict(cam_settings), pseudo=dict(pseudo_settings or {}),
