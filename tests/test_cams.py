@@ -331,8 +331,8 @@ def test_every_method_has_defaults_and_bad_settings_are_refused() -> None:
     assert cams.CAM_METHODS == ("gradcam", "gradcampp", "layercam", "fgbp", "region-aware", "good-prior")
     ra = cams.default_settings("region-aware")
     assert ra["fgbp_quantile"] == 0.9 and ra["region_threshold"] == 0.2 and ra["gamma"] == 0.5
-    assert ra["region_margin_cells"] == 1.0 and ra["salient_stages"] == [4]
-    assert cams.default_settings("fgbp")["stages"] == [1, 2, 3, 4]
+    assert ra["region_margin_cells"] == 1.0 and ra["salient_stages"] == [3] and ra["good_prior"] == "deep"
+    assert cams.default_settings("fgbp")["stages"] == [2, 3]
     ra["gamma"] = 9  # a copy: changing it does not change the defaults
     assert cams.default_settings("region-aware")["gamma"] == 0.5
     with pytest.raises(cams.CamSettingsError, match="no setting"):

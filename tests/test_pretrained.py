@@ -173,3 +173,33 @@ def test_good_prior_without_a_memory_bank_is_a_clear_message() -> None:
     with pytest.raises(CamSettingsError, match="train the classifier again"):
         compute_cams(OldCheckpoint(), [image], "good-prior")
     assert compute_cams(OldCheckpoint(), [image], "region-aware")[0].shape == (50, 60)  # works without the prior
+
+
+@pytest.mark.slow
+def test_pretrained_segmenter_trains_and_exports_with_parity(demo_dataset: Path, tmp_path: Path) -> None:
+    """The U-Net over the ImageNet encoder: its frozen stages keep ImageNet's weights through training, and
+    the exported ONNX / TorchScript models give the in-app masks (TF padding survives export)."""
+    from defect_studio.ml.export import export_segmenter
+    from defect_studio.ml.segmenter import (
+        EfficientNetUnet, SegmentationSample, SegmenterConfig, load_segmenter, make_target, train_segmenter_job,
+    )
+
+    samples = []
+    for sample in load_dataset(demo_dataset):
+        if sample.split == "train":
+            image = read_image(sample.image_path)
+            mask = read_mask(sample.mask_path) if sample.mask_path else np.zeros(image.shape[:2], bool)
+            samples.append(SegmentationSample(sample.stem, image, make_target(mask)))
+    config = SegmenterConfig(architecture="efficientnet-lite0-unet", crop_size=64, batch_size=8, epochs=2,
+                             steps_per_epoch=4, seed=0, threads=1)
+    checkpoint = tmp_path / "segmenter.pt"
+    run_job(train_segmenter_job(samples[:60], config, checkpoint, CancelToken()))
+    loaded = load_segmenter(checkpoint, device="cpu")
+    assert isinstance(loaded.model, EfficientNetUnet)
+    imagenet = backbones.imagenet_efficientnet_lite0()
+    stem_weights = backbones.adapt_input_channels(imagenet._conv_stem, loaded.model.in_channels).weight
+    assert torch.equal(loaded.model.encoder[0][0].weight, stem_weights)  # frozen: still ImageNet's
+    assert torch.equal(loaded.model.encoder[2][0]._depthwise_conv.weight, imagenet._blocks[3]._depthwise_conv.weight)
+    images = [sample.image.astype(np.float32) for sample in samples[:2]]
+    _, parity = export_segmenter(loaded, tmp_path / "export", images, {})
+    assert parity.passed and parity.onnx_max_abs_diff < 1e-3

@@ -29,6 +29,7 @@ BATCHNORM_MOMENTUM = 0.01
 STEM_CHANNELS = 32
 HEAD_CHANNELS = 1280
 IMAGENET_CLASSES = 1000
+TRACED_SIZE = 64  # stands for any size that every stride divides, while a graph is traced for export
 
 # (kernel, stride, expansion, output channels, repeats) per block group of EfficientNet-B0/Lite0
 BLOCK_GROUPS = (
@@ -46,8 +47,14 @@ class Conv2dSame(nn.Conv2d):
     """A convolution with TensorFlow's "same" padding (asymmetric for strided layers)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pad_h = self._same_padding(x.shape[-2], 0)
-        pad_w = self._same_padding(x.shape[-1], 1)
+        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+            # Exported graphs take dynamic sizes, padded to the model's size multiple: every strided layer then
+            # sees an even size, whose padding is the same for all sizes (a size read while tracing would be
+            # frozen into the graph, or turn the padding into shape arithmetic the exporters handle badly).
+            pad_h, pad_w = self._same_padding(TRACED_SIZE, 0), self._same_padding(TRACED_SIZE, 1)
+        else:
+            pad_h = self._same_padding(x.shape[-2], 0)
+            pad_w = self._same_padding(x.shape[-1], 1)
         if pad_h or pad_w:
             x = F.pad(x, [pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2])
         return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)

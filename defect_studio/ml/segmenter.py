@@ -168,12 +168,87 @@ class LibraryUnet(nn.Module):
         return self.network((pixels - self.input_mean) / self.input_std)
 
 
-def build_segmenter(in_channels: int, config: "SegmenterConfig") -> SegmenterNet:
-    """The network a config describes: training, loading and export all build it here."""
+class EfficientNetUnet(nn.Module):
+    """A U-Net decoder over EfficientNet-Lite0's stride 2-32 stages, the encoder starting from ImageNet.
+
+    The stem and the stride-4 and stride-8 blocks may stay frozen (`frozen_stages`): ImageNet's edge and
+    texture detectors need no retraining, and their backward pass is most of the cost on a CPU. Each decoder
+    level upsamples, concatenates the skip and applies one 3×3 convolution; the last runs at stride 2 and the
+    logits are upsampled, as in SegmenterNet. Input scaled (x - 0.5) / 0.5, as the weights expect.
+    """
+
+    DECODER_CHANNELS = (16, 24, 40, 64)  # at strides 2, 4, 8, 16
+    fixed_normalisation = True  # training must not replace the input scaling with data statistics
+
+    def __init__(self, in_channels: int, frozen_stages: int = 2, imagenet_weights: bool = False) -> None:
+        super().__init__()
+        from defect_studio.ml.backbones import EfficientNetLite0, adapt_input_channels, load_imagenet_weights
+
+        network = EfficientNetLite0()
+        if imagenet_weights:
+            load_imagenet_weights(network)
+        network._conv_stem = adapt_input_channels(network._conv_stem, in_channels)
+        blocks = list(network._blocks)
+        self.in_channels = in_channels
+        self.stem_stride = 2
+        self.size_multiple = 32
+        self.frozen_stages = frozen_stages
+        self.register_buffer("input_mean", torch.full((1, in_channels, 1, 1), 0.5))
+        self.register_buffer("input_std", torch.full((1, in_channels, 1, 1), 0.5))
+        # encoder levels at strides 2, 4, 8, 16, 32 (channels 16, 24, 40, 112, 320)
+        self.encoder = nn.ModuleList([
+            nn.Sequential(network._conv_stem, network._bn0, network.stem_relu, blocks[0]),
+            nn.Sequential(*blocks[1:3]),
+            nn.Sequential(*blocks[3:5]),
+            nn.Sequential(*blocks[5:11]),
+            nn.Sequential(*blocks[11:16]),
+        ])
+        skip_channels = (16, 24, 40, 112)
+        deeper = (*self.DECODER_CHANNELS[1:], 320)
+        self.decoders = nn.ModuleList(
+            nn.Sequential(
+                nn.Conv2d(deeper[i] + skip_channels[i], self.DECODER_CHANNELS[i], 3, padding=1, bias=False),
+                nn.BatchNorm2d(self.DECODER_CHANNELS[i]),
+                nn.ReLU(inplace=True),
+            )
+            for i in range(len(skip_channels))
+        )
+        self.head = nn.Conv2d(self.DECODER_CHANNELS[0], 1, 1)
+        nn.init.constant_(self.head.bias, HEAD_PRIOR_LOGIT)
+        for level in self.encoder[: frozen_stages + 1]:
+            level.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "EfficientNetUnet":
+        super().train(mode)
+        for level in self.encoder[: self.frozen_stages + 1]:  # frozen BatchNorm keeps ImageNet's statistics
+            level.eval()
+        return self
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = (pixels - self.input_mean) / self.input_std
+        skips = []
+        for level in self.encoder:
+            x = level(x)
+            skips.append(x)
+        x = skips.pop()
+        for index in reversed(range(len(self.decoders))):
+            x = F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
+            x = self.decoders[index](torch.cat([x, skips[index]], dim=1))
+        return F.interpolate(self.head(x), scale_factor=2.0, mode="bilinear", align_corners=False)
+
+
+SEGMENTER_ARCHITECTURES = ("unet", "efficientnet-lite0-unet", "smp-unet:ENCODER")
+
+
+def build_segmenter(in_channels: int, config: "SegmenterConfig", imagenet_weights: bool = False) -> SegmenterNet:
+    """The network a config describes: training, loading and export all build it here. `imagenet_weights`
+    starts a pretrained encoder from ImageNet (training); a loaded checkpoint brings its own weights."""
     if config.architecture.startswith("smp-unet:"):
         return LibraryUnet(in_channels, config.architecture.split(":", 1)[1])  # type: ignore[return-value]
+    if config.architecture == "efficientnet-lite0-unet":
+        return EfficientNetUnet(in_channels, config.frozen_stages, imagenet_weights)  # type: ignore[return-value]
     if config.architecture != "unet":
-        raise DataError(f"unknown segmenter architecture {config.architecture!r} (unet or smp-unet:ENCODER)")
+        raise DataError(f"unknown segmenter architecture {config.architecture!r} ({', '.join(SEGMENTER_ARCHITECTURES)})")
     return SegmenterNet(in_channels, config.channels, config.stem_stride, config.detail_branch)
 
 
@@ -397,14 +472,16 @@ def _train_segmenter(
         train_indices, validation_indices = list(range(len(samples))), []
     train_samples = [samples[i] for i in train_indices]
     validation_samples = [samples[i] for i in validation_indices]
-    model = build_segmenter(in_channels, config)
-    mean, std = input_statistics(train_samples, in_channels)
-    model.input_mean.copy_(torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
-    model.input_std.copy_(torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+    model = build_segmenter(in_channels, config, imagenet_weights=True)
+    if not getattr(model, "fixed_normalisation", False):
+        mean, std = input_statistics(train_samples, in_channels)
+        model.input_mean.copy_(torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        model.input_std.copy_(torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
     started_from = _warm_start(model, start_from) if start_from is not None else None
     epochs = min(config.warm_start_epochs, config.epochs) if started_from else config.epochs
     model.to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(  # a warm-started network needs no long warm-up
         optimizer, max_lr=config.learning_rate, total_steps=epochs * config.steps_per_epoch,
         pct_start=0.05 if started_from else 0.15,

@@ -16,8 +16,11 @@ class SegmenterConfig:
     # 96-pixel crops leave it stuck on "everything is background" for a thousand steps and more.
     # "unet": our own U-Net below. "smp-unet:ENCODER": segmentation-models-pytorch's Unet with a randomly
     # initialised encoder (optional package, measured as an alternative; the channel settings do not apply).
+    # "efficientnet-lite0-unet": a U-Net decoder over the ImageNet EfficientNet-Lite0 (the channel settings do
+    # not apply; its stem and first `frozen_stages` stages keep their ImageNet weights).
     architecture: str = "unet"
     channels: tuple[int, ...] = (8, 16, 32, 64, 128)
+    frozen_stages: int = 2
     stem_stride: int = 2  # 2: the U-Net runs at half resolution (a quarter of the cost)
     detail_branch: bool = False  # with stem_stride 2: a thin full-resolution branch for the last layer
     crop_size: int = 192

@@ -33,8 +33,11 @@ def _stage_specs(default: list[int], what: str) -> SettingSpec:
     return SettingSpec("stages", default, f"stages (1 = finest, stride 4 ... 4 = deepest) {what}")
 
 
+# Stage defaults measured on MT with the default EfficientNet-Lite0 classifier (docs/benchmarks/cams-mt.md):
+# its stride-8 and stride-16 stages (2-3) outline defects; the stride-32 stage (4) is too coarse and, fused by
+# the maximum, swamps them (FGBP 0.19 with stages 1-4, 0.30 with 2-3).
 _FGBP_SPECS = (
-    _stage_specs([1, 2, 3, 4], "fused by the element-wise maximum"),
+    _stage_specs([2, 3], "fused by the element-wise maximum"),
     SettingSpec("guided", True, "guided-backprop gating at every ReLU (gradient passes where input > 0 and gradient > 0)"),
     SettingSpec("magnitude_filter", True, "keep only the largest gradient magnitudes of each stage"),
     SettingSpec("fgbp_quantile", 0.9, "q: keep gradients with |G| >= the q-quantile of |G| per stage and image"),
@@ -43,11 +46,11 @@ _FGBP_SPECS = (
 )
 
 _REGION_SPECS = (
-    _stage_specs([1, 2, 3, 4], "whose FGBP maps are fused inside the salient regions"),
+    _stage_specs([2, 3], "whose FGBP maps are fused inside the salient regions"),
     SettingSpec("guided", True, "guided-backprop gating at every ReLU"),
     SettingSpec("magnitude_filter", True, "keep only the largest gradient magnitudes of each stage"),
     SettingSpec("fgbp_quantile", 0.9, "q of the FGBP magnitude filter"),
-    SettingSpec("salient_stages", [4], "stages whose FGBP maps (max-fused) form the deep map R"),
+    SettingSpec("salient_stages", [3], "stages whose FGBP maps (max-fused) form the deep map R"),
     SettingSpec("align_stages", True, "shift each stage map onto its cells' measured receptive-field centres "
                 "(stride-2 convolutions centre a cell half a cell off the usual upsampling grid)"),
     SettingSpec("region_threshold", 0.2, "tau_r: salient regions are the connected components of R >= tau_r"),
@@ -57,7 +60,7 @@ _REGION_SPECS = (
     SettingSpec("ring_cells", 1.0, "width of the ring around a region, in cells of the deepest salient stage"),
     SettingSpec("deep_gating", True, "multiply the fused map by R_soft^gamma"),
     SettingSpec("gamma", 0.5, "exponent of the soft deep gating"),
-    SettingSpec("good_prior", "multiply", "the good-image prior: off; multiply (the fused map times prior^power); "
+    SettingSpec("good_prior", "deep", "the good-image prior: off; multiply (the fused map times prior^power); "
                 "deep (the deep map R times the prior, so regions must also look unlike every good image)"),
     SettingSpec("prior_power", 1.0, "exponent of the good-image prior where it is used"),
 )
