@@ -258,12 +258,16 @@ def test_stage_offsets_match_the_geometry_of_stride_2_convolutions() -> None:
         assert offsets[index] == pytest.approx((expected, expected), abs=1.0)
 
 
+# method.md's stages for a ResNet-style network (the defaults follow the EfficientNet classifier's)
+ALL_STAGES = {"stages": [1, 2, 3, 4], "salient_stages": [4]}
+
+
 @pytest.mark.parametrize("seed,centre", [(7, (60, 150)), (8, (120, 60))])
 def test_aligned_region_aware_peaks_on_the_defect_and_unaligned_misses(blob_classifier, seed, centre) -> None:
     image, defect = blob_image((180, 240), [(*centre, 14, 0.9)], seed=seed)
 
     def peak(settings: dict) -> tuple[int, int]:
-        cam_map = cams.compute_cam(blob_classifier, image, "region-aware", settings)
+        cam_map = cams.compute_cam(blob_classifier, image, "region-aware", {**ALL_STAGES, **settings})
         return np.unravel_index(np.argmax(cam_map), cam_map.shape)
 
     assert defect[peak({})]
@@ -272,8 +276,8 @@ def test_aligned_region_aware_peaks_on_the_defect_and_unaligned_misses(blob_clas
 
 def test_contrast_weights_are_normalised_and_switchable(blob_classifier) -> None:
     image, _ = blob_image((60, 80), [(20, 50, 8, 0.9)], seed=3)
-    weighted = cams.compute_region_aware_parts(blob_classifier, [image])[0]
-    uniform = cams.compute_region_aware_parts(blob_classifier, [image], {"contrast_weights": False})[0]
+    weighted = cams.compute_region_aware_parts(blob_classifier, [image], ALL_STAGES)[0]
+    uniform = cams.compute_region_aware_parts(blob_classifier, [image], {**ALL_STAGES, "contrast_weights": False})[0]
     for weights in weighted.weights.values():
         assert sum(weights.values()) == pytest.approx(1.0)
         assert len(set(np.round(list(weights.values()), 6))) > 1  # stages differ in contrast
@@ -284,7 +288,7 @@ def test_contrast_weights_are_normalised_and_switchable(blob_classifier) -> None
 
 def test_per_region_normalisation_lifts_a_faint_defect(blob_classifier) -> None:
     image, _ = blob_image((90, 128), [(22, 22, 8, 0.9), (66, 100, 6, 0.4)], seed=4)
-    settings = {"region_threshold": 0.25, "deep_gating": False}
+    settings = {**ALL_STAGES, "region_threshold": 0.25, "deep_gating": False}
     with_norm = cams.compute_region_aware_parts(blob_classifier, [image], settings)[0]
     without = cams.compute_region_aware_parts(blob_classifier, [image], {**settings, "per_region_normalisation": False})[0]
     faint = with_norm.regions == with_norm.regions[66, 100]
