@@ -199,6 +199,8 @@ def test_showing_maps_writes_nothing_and_a_bad_stages_list_is_a_message(qtbot, m
                                                                          monkeypatch) -> None:
     from PySide6.QtWidgets import QLineEdit
 
+    from defect_studio.ml.cams import default_settings
+
     window = open_project(make_window, project_copy)
     panel = window.cam_panel
     writes: list[str] = []
@@ -218,8 +220,9 @@ def test_showing_maps_writes_nothing_and_a_bad_stages_list_is_a_message(qtbot, m
     assert panel.settings_error.isVisible()
     assert "stages" in panel.settings_error.text() and "x" in panel.settings_error.text()
     assert writes == [] and panel.settings_for("fgbp") == {}
-    stages.setText("3, 2")
+    wanted = [1, 4] if default_settings("fgbp")["stages"] != [1, 4] else [2, 3]  # not the default
+    stages.setText(f"{wanted[1]}, {wanted[0]}")  # the core sorts them
     stages.editingFinished.emit()
     assert not panel.settings_error.isVisible()
-    assert writes == ["gui.cam_settings"] and panel.settings_for("fgbp") == {"stages": [2, 3]}
+    assert writes == ["gui.cam_settings"] and panel.settings_for("fgbp") == {"stages": wanted}
     qtbot.waitUntil(lambda: not panel.runner.busy, timeout=60_000)

@@ -148,10 +148,11 @@ def test_the_walker_finds_a_cut_off_button(qtbot) -> None:
 
 
 @pytest.mark.parametrize("size", SCREEN_SIZES, ids=[f"{w}x{h}" for w, h in SCREEN_SIZES])
-def test_every_dock_control_is_reachable_at_common_screen_sizes(qtbot, make_window, project_copy: Path,
+def test_every_dock_control_is_reachable_at_common_screen_sizes(qtbot, make_window, review_project: Path,
                                                                 size: tuple[int, int]) -> None:
+    # A project with a round to review and no classifier: every control shows, no CAM job starts.
     window = make_window()
-    assert window.open_path(project_copy)
+    assert window.open_path(review_project)
     window.resize(*size)
     qtbot.waitUntil(lambda: (window.width(), window.height()) == size)
     window.select_image(window.project.images("defect")[0].id)  # the review queue, the mask tools
