@@ -18,7 +18,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "bench", help="benchmarks on a dataset in the README layout",
         description="classifier: candidate architectures; cams: every CAM method and ablation; "
         "segmenter: segmenter recipes on ground-truth masks, with CPU time per step; "
-        "full (default): the whole weak loop against full supervision.",
+        "full (default): the whole weak loop against full supervision; "
+        "mislabels: flip 5 % of the train tags, how many the mislabel queue puts in its top 50.",
     )
     parser.add_argument("which", nargs="?", choices=BENCH_NAMES, default="full")
     add_bench_arguments(parser)

@@ -51,6 +51,7 @@ FILTERS: dict[str, str] = {
     "defect": "Defect",
     "to_review": "To review",
     "flagged": "Flagged",
+    "suspect": "Suspect tags",  # the mislabel queue, most suspect first
 }
 
 TAG_COLOURS = {"good": QColor("#3fb950"), "defect": QColor("#f85149")}
@@ -73,6 +74,8 @@ class GalleryItem:
     tag: str
     mask_state: str | None = None
     flagged: bool = False
+    suspect_rank: int | None = None  # place in the mislabel queue (1 = most suspect); None: not a suspect
+    suspect_reason: str = ""
 
     @property
     def path(self) -> Path:
@@ -220,10 +223,14 @@ class GalleryModel(QAbstractListModel):
             return item.mask_state == "proposed"
         if name == "flagged":
             return item.flagged
+        if name == "suspect":
+            return item.suspect_rank is not None
         return True
 
     def _apply_filter(self) -> None:
         self._rows = [item for item in self._all if self._matches(item)]
+        if self.filter_name == "suspect":
+            self._rows.sort(key=lambda item: item.suspect_rank)  # type: ignore[arg-type, return-value]
         self._row_of = {item.image_id: row for row, item in enumerate(self._rows)}
 
     def update_tags(self, image_ids: Iterable[int], tag: str) -> None:
@@ -256,6 +263,10 @@ class GalleryModel(QAbstractListModel):
     def item(self, row: int) -> GalleryItem:
         return self._rows[row]
 
+    def all_items(self) -> list[GalleryItem]:
+        """Every item, whatever the filter (the suspect-tags filter annotates them before filtering)."""
+        return self._all
+
     def item_by_id(self, image_id: int) -> GalleryItem | None:
         return self._by_id.get(image_id)
 
@@ -284,7 +295,8 @@ class GalleryModel(QAbstractListModel):
             return self.thumbnails.get(item) if self.thumbnails is not None else None
         if role == Qt.ItemDataRole.ToolTipRole:
             state = MASK_STATE_LABELS.get(item.mask_state or "", "no mask")
-            return f"{item.stem}\ntag: {item.tag}\nmask: {state}{' · flagged' if item.flagged else ''}"
+            suspect = f"\nsuspect tag #{item.suspect_rank}: {item.suspect_reason}" if item.suspect_rank else ""
+            return f"{item.stem}\ntag: {item.tag}\nmask: {state}{' · flagged' if item.flagged else ''}{suspect}"
         if role == IMAGE_ID_ROLE:
             return item.image_id
         if role == TAG_ROLE:

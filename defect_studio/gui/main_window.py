@@ -51,6 +51,7 @@ from defect_studio.gui.dialogs import log_file, report_error
 from defect_studio.gui.gallery import FILTERS, GalleryItem, GalleryModel, GalleryView, ThumbnailCache, IMAGE_ID_ROLE
 from defect_studio.gui.mask_editor import MaskEditor
 from defect_studio.gui.shortcuts import SHORTCUTS, html_sheet
+from defect_studio.gui.suspects import SuspectTags
 from defect_studio.gui.viewer import ImageViewer
 from defect_studio.gui.workers import JobRunner
 from defect_studio.imageio import decode_image
@@ -242,6 +243,7 @@ class MainWindow(QMainWindow):
         self._build_actions_and_menus()
         self.import_runner = self.make_runner("Import")
         self.import_runner.succeeded.connect(self._on_import_done)
+        self.suspects = SuspectTags(self)  # the gallery's "Suspect tags" filter (the mislabel queue)
         self._restore_window_state()
         self._update_title()
         self._update_counts()
@@ -273,7 +275,8 @@ class MainWindow(QMainWindow):
         layout.setContentsMargins(6, 6, 6, 6)
         self.filter_combo = QComboBox(container)
         self.filter_combo.setObjectName("filterCombo")
-        self.filter_combo.setToolTip("Show only some images: untagged, good, defect, masks to review, flagged masks")
+        self.filter_combo.setToolTip("Show only some images: untagged, good, defect, masks to review, flagged masks, "
+                                     "suspect tags (the tags the models contradict, most suspect first)")
         for key, label in FILTERS.items():
             self.filter_combo.addItem(label, key)
         self.filter_combo.currentIndexChanged.connect(lambda _: self.set_filter(self.filter_combo.currentData()))
@@ -393,6 +396,7 @@ class MainWindow(QMainWindow):
         tag_menu.addAction(self._action("tag_good", "Tag &good", lambda: self.tag_selected("good")))
         tag_menu.addAction(self._action("tag_defect", "Tag &defect", lambda: self.tag_selected("defect")))
         tag_menu.addAction(self._action("untag", "&Untag", lambda: self.tag_selected("untagged")))
+        tag_menu.addAction(self._action("confirm_tag", "&Confirm tag (suspect tags)", lambda: self.suspects.confirm_selected()))
         tag_menu.addSeparator()
         tag_menu.addAction(self._action("next_image", "&Next image", lambda: self.step_image(+1)))
         tag_menu.addAction(self._action("previous_image", "&Previous image", lambda: self.step_image(-1)))
@@ -660,6 +664,7 @@ class MainWindow(QMainWindow):
                 state, flagged = None, False  # a good image's empty mask needs no review: no badge, not in "to review"
             items.append(GalleryItem(image.id, image.stem, image.image_root, image.rel_path, image.sha256, image.tag,
                                      state, flagged))
+        self.suspects.annotate(items)
         self.gallery_model.set_items(items, self.thumbnails)
         self._update_counts()
         if keep is not None and self.gallery_model.row_of(keep) is not None:
@@ -670,6 +675,7 @@ class MainWindow(QMainWindow):
             self.filter_combo.setCurrentIndex(self.filter_combo.findData(name))
             return
         keep = self.current_image_id
+        self.suspects.annotate(self.gallery_model.all_items(), active=name == "suspect")
         self.gallery_model.set_filter(name)
         self._update_counts()
         row = self.gallery_model.row_of(keep) if keep is not None else None
@@ -677,6 +683,8 @@ class MainWindow(QMainWindow):
             self.select_row(row)
         elif self.gallery_model.rowCount() > 0:
             self.select_row(0)
+        if name == "suspect":
+            self.suspects.activated()
 
     def select_row(self, row: int) -> None:
         index = self.gallery_model.index(row)
@@ -711,6 +719,8 @@ class MainWindow(QMainWindow):
     def _on_gallery_current(self, current: QModelIndex, previous: QModelIndex) -> None:
         image_id = current.data(IMAGE_ID_ROLE) if current.isValid() else None
         self.show_image(image_id)
+        if self.gallery_model.filter_name == "suspect" and self.suspects.status_for(image_id):
+            self.statusBar().showMessage(self.suspects.status_for(image_id))
 
     def show_image(self, image_id: int | None) -> None:
         if image_id == self.current_image_id:

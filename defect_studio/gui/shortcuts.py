@@ -23,6 +23,7 @@ SHORTCUTS: tuple[Shortcut, ...] = (
     Shortcut("tag_good", ("G",), "Tag the selected images good", "Tag"),
     Shortcut("tag_defect", ("D",), "Tag the selected images defect", "Tag"),
     Shortcut("untag", ("U",), "Remove the tag of the selected images", "Tag"),
+    Shortcut("confirm_tag", ("C",), "Confirm the tag of the selected images (they leave the suspect-tags filter)", "Tag"),
     Shortcut("undo", ("Ctrl+Z",), "Undo: the last mask edit in the Review tab, else the last tag change", "Edit"),
     Shortcut("redo", ("Ctrl+Shift+Z", "Ctrl+Y"), "Redo", "Edit"),
     Shortcut("accept_mask", ("A",), "Accept the proposed mask and go to the next one", "Review"),

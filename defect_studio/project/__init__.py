@@ -10,6 +10,7 @@ from defect_studio.project.store import (
     Project,
     RoundRecord,
     RunInput,
+    TagReview,
     TrainingRun,
 )
 
@@ -23,5 +24,6 @@ __all__ = [
     "Project",
     "RoundRecord",
     "RunInput",
+    "TagReview",
     "TrainingRun",
 ]

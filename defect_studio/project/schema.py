@@ -98,6 +98,20 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (run_id, image_id)
     );
     """,
+    # 4: decisions taken on the mislabel queue: a tag confirmed or flipped (undoable: undone_at)
+    """
+    CREATE TABLE tag_reviews (
+        id INTEGER PRIMARY KEY,
+        image_id INTEGER NOT NULL REFERENCES images(id),
+        action INTEGER NOT NULL,
+        decision TEXT NOT NULL CHECK (decision IN ('confirmed', 'flipped')),
+        old_tag TEXT NOT NULL,
+        new_tag TEXT NOT NULL,
+        at TEXT NOT NULL,
+        undone_at TEXT
+    );
+    CREATE INDEX tag_reviews_by_image ON tag_reviews(image_id);
+    """,
 ]
 
 LATEST_VERSION = len(MIGRATIONS)

@@ -126,6 +126,20 @@ class RunInput:
     mask_sha256: str | None
 
 
+@dataclass(frozen=True)
+class TagReview:
+    """A decision taken on the mislabel queue: a tag confirmed, or flipped to the other tag."""
+
+    id: int
+    action: int  # reviews taken together (one command, one key press) share it and are undone together
+    image_id: int
+    decision: str  # confirmed | flipped
+    old_tag: str
+    new_tag: str
+    at: str
+    undone_at: str | None
+
+
 CURRENT_SEGMENTER_SETTING = "current_segmenter_run"  # a run id the user chose; unset: the newest segmenter
 
 
@@ -480,6 +494,74 @@ class Project:
                     db.execute("INSERT INTO tag_events(image_id, tag, source, at) VALUES (?, ?, ?, ?)",
                                (int(image_id), tag, source, now))
         return changed
+
+    # ----------------------------------------------------------------- the mislabel queue's decisions
+    _REVIEW_COLUMNS = "id, action, image_id, decision, old_tag, new_tag, at, undone_at"
+
+    def review_tags(self, image_ids: Iterable[int], decision: str) -> list[TagReview]:
+        """Confirm the tags of images, or flip them (good <-> defect), as one action in one transaction.
+        A flip changes the tag like `set_tags` (with its history); both are remembered, so the mislabel
+        queue leaves these images out, and `undo_tag_review` takes the action back."""
+        if decision not in ("confirmed", "flipped"):
+            raise ValueError(f"decision must be confirmed or flipped, got {decision!r}")
+        image_ids = list(dict.fromkeys(int(i) for i in image_ids))
+        now = utc_now()
+        with self._transaction() as db:
+            (last,) = db.execute("SELECT MAX(action) FROM tag_reviews").fetchone()
+            action = 1 if last is None else int(last) + 1
+            for image_id in image_ids:
+                row = db.execute("SELECT stem, tag FROM images WHERE id=?", (image_id,)).fetchone()
+                if row is None:
+                    raise ProjectError(f"no image with id {image_id} in this project.")
+                stem, tag = row
+                if tag not in ("good", "defect"):
+                    raise ProjectError(f"{stem} is not tagged good or defect: there is no tag to {'confirm' if decision == 'confirmed' else 'flip'}.")
+                new_tag = tag if decision == "confirmed" else ("defect" if tag == "good" else "good")
+                if new_tag != tag:
+                    db.execute("UPDATE images SET tag=?, tag_source='user', tagged_at=? WHERE id=?", (new_tag, now, image_id))
+                    db.execute("INSERT INTO tag_events(image_id, tag, source, at) VALUES (?, ?, 'user', ?)",
+                               (image_id, new_tag, now))
+                db.execute("INSERT INTO tag_reviews(action, image_id, decision, old_tag, new_tag, at) VALUES (?, ?, ?, ?, ?, ?)",
+                           (action, image_id, decision, tag, new_tag, now))
+        return [r for r in self.tag_reviews() if r.action == action]
+
+    def tag_reviews(self, include_undone: bool = False) -> list[TagReview]:
+        """Decisions taken on the mislabel queue, oldest first."""
+        where = "" if include_undone else "WHERE undone_at IS NULL"
+        return [TagReview(int(i), int(a), int(image), d, old, new, at, undone)
+                for i, a, image, d, old, new, at, undone in
+                self._query(f"SELECT {self._REVIEW_COLUMNS} FROM tag_reviews {where} ORDER BY id")]
+
+    def settled_tags(self) -> dict[int, str]:
+        """{image id: tag} of the images whose current tag the user confirmed or chose on the queue."""
+        rows = self._query("SELECT r.image_id, r.new_tag FROM tag_reviews r JOIN images i ON i.id=r.image_id "
+                           "WHERE r.undone_at IS NULL AND r.new_tag=i.tag ORDER BY r.id")
+        return {int(image_id): tag for image_id, tag in rows}
+
+    def undo_tag_review(self) -> list[TagReview]:
+        """Take back the latest action still in effect: a flipped tag goes back to what it was, a
+        confirmation is forgotten. Refused, changing nothing, when a flipped image was retagged since."""
+        with self._transaction() as db:
+            row = db.execute("SELECT MAX(action) FROM tag_reviews WHERE undone_at IS NULL").fetchone()
+            if row[0] is None:
+                return []
+            action = int(row[0])
+            rows = db.execute(f"SELECT {self._REVIEW_COLUMNS} FROM tag_reviews WHERE action=? AND undone_at IS NULL",
+                              (action,)).fetchall()
+            reviews = [TagReview(int(i), int(a), int(image), d, old, new, at, undone) for i, a, image, d, old, new, at, undone in rows]
+            now = utc_now()
+            for review in reviews:
+                stem, tag = db.execute("SELECT stem, tag FROM images WHERE id=?", (review.image_id,)).fetchone()
+                if review.decision == "flipped" and tag != review.new_tag:
+                    raise ProjectError(f"cannot undo the flip of {stem} to {review.new_tag}: it has been tagged {tag} "
+                                       "since. Nothing was undone.")
+                if review.decision == "flipped":
+                    db.execute("UPDATE images SET tag=?, tag_source='user', tagged_at=? WHERE id=?",
+                               (review.old_tag, now, review.image_id))
+                    db.execute("INSERT INTO tag_events(image_id, tag, source, at) VALUES (?, ?, 'user', ?)",
+                               (review.image_id, review.old_tag, now))
+            db.execute("UPDATE tag_reviews SET undone_at=? WHERE action=? AND undone_at IS NULL", (now, action))
+        return reviews
 
     def tag_history(self, image_id: int) -> list[tuple[str, str, str]]:
         """(tag, source, time) oldest first."""
