@@ -300,7 +300,10 @@ def _classified_demo_project(fast_dir: Path, seed: int) -> Path:
     base = fast_dir / "base" / "project"
     with torch_threads(1), Project.create(base, dataset / "images") as project:
         run_job(import_job(project, dataset / "images", dataset / "labels.csv", CancelToken()))
-        config = ClassifierConfig(arch="compact", epochs=1, min_epochs=1, input_size=32, width=4, batch_size=8, seed=0)
+        # output stride 8: the default CAM's stride-16 stage of a one-epoch classifier at 32 px is a 2×2 map whose
+        # guided gradients are often all zero, so no proposal would mark anything and refine would have nothing to do
+        config = ClassifierConfig(arch="compact", epochs=1, min_epochs=1, input_size=32, width=4, batch_size=8, seed=0,
+                                  output_stride=8)
         run_job(train_project_classifier_job(project, config, CancelToken(), device="cpu"))
     return base
 

@@ -57,6 +57,9 @@ from defect_studio.ml.segmenter import (
 
 ROUNDS = 3
 FULL_SEGMENTER: dict[str, Any] = {}  # the app's defaults
+# The classifier trains a fixed number of epochs here, not to the app's wall-clock budget: the quality numbers
+# must not depend on how busy the machine is (8 epochs is what the budget gives on an idle 2-core machine).
+FULL_CLASSIFIER: dict[str, Any] = dict(epochs=8, min_epochs=8, max_train_seconds=None, threads=None)
 QUICK_SEGMENTER = dict(channels=[8, 16, 32], crop_size=48, batch_size=8, epochs=3, warm_start_epochs=1, steps_per_epoch=8)
 QUICK_SIZES = {"train_defect": 24, "train_good": 24, "test_defect": 12, "test_good": 12}
 QUICK_ROUNDS = 2
@@ -243,7 +246,7 @@ def run(dataset: Path, quick: bool, out: Path, seed: int, classifier_path: Path 
             clock.run("import", lambda: run_job(import_job(project, dataset / "images", labels_csv, CancelToken()), show))
             # ---- classifier
             if classifier_path is None:
-                config = candidate_config(DEFAULT_CANDIDATE, seed, quick)
+                config = candidate_config(DEFAULT_CANDIDATE, seed, quick, **({} if quick else FULL_CLASSIFIER))
                 clock.run("classifier", lambda: run_job(train_project_classifier_job(project, config, CancelToken()), show))
                 classifier_path = Path(project.latest_run("classifier").checkpoint_path)
                 classifier_note = f"trained here ({DEFAULT_CANDIDATE})"
