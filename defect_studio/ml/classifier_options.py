@@ -14,14 +14,16 @@ PRETRAINED_ARCHITECTURES = ("efficientnet-lite0",)  # ImageNet weights ship with
 # What an unset (None) setting becomes, per backbone: a pretrained network wants the input scale and size
 # it was trained at and a gentler learning rate; the compact network learns everything from the tags.
 ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
+    # ImageNet features need few epochs: on MT the best validation epoch was the 4th-6th of 8, on the demo
+    # the 7th-11th of 23 (docs/benchmarks/cams-mt.md); a short plan keeps the demo's first training short.
     "efficientnet-lite0": {"input_size": 256, "normalisation": "symmetric", "lr": 1e-3, "frozen_stages": 2,
-                           "output_stride": 32},
+                           "output_stride": 32, "epochs": 12, "patience": 4, "min_epochs": 4},
     "compact": {"input_size": 128, "normalisation": "per-image-robust", "lr": 3e-3, "frozen_stages": 0,
-                "output_stride": 16},
+                "output_stride": 16, "epochs": 60, "patience": 12, "min_epochs": 8},
     "resnet18": {"input_size": 128, "normalisation": "per-image-robust", "lr": 3e-3, "frozen_stages": 0,
-                 "output_stride": 16},
+                 "output_stride": 16, "epochs": 60, "patience": 12, "min_epochs": 8},
     "resnet34": {"input_size": 128, "normalisation": "per-image-robust", "lr": 3e-3, "frozen_stages": 0,
-                 "output_stride": 16},
+                 "output_stride": 16, "epochs": 60, "patience": 12, "min_epochs": 8},
 }
 POOLINGS = ("avg", "max", "topk", "lse")
 
@@ -45,13 +47,13 @@ class ClassifierConfig:
     input_size: int | None = None
     channels: int = 1
     normalisation: str | None = None
-    epochs: int = 60  # a cap: the time budget usually plans fewer
+    epochs: int | None = None  # a cap: the time budget may plan fewer (None: ARCH_DEFAULTS)
     lr: float | None = None
     weight_decay: float = 1e-4
     batch_size: int = 32
     seed: int = 0
-    patience: int = 12  # epochs without a better validation AUROC before stopping
-    min_epochs: int = 8
+    patience: int | None = None  # epochs without a better validation AUROC before stopping
+    min_epochs: int | None = None
     val_fraction: float = 0.15
     augment: bool = True
     augment_strength: float = 0.5  # 0: flips only; 1: plus affine jitter, contrast, noise
