@@ -18,6 +18,7 @@ from defect_studio.atomic import configure_faults
 from defect_studio.cli import main
 from defect_studio.errors import BadImageError, DefectStudioError
 from defect_studio.imageio import decode_image, read_mask
+from defect_studio.project.schema import MIGRATIONS
 from defect_studio.project import Project
 from tests.image_files import (
     gradient, write_cv2, write_float_tiff, write_palette_png, write_png_header_only, write_tiff_header_only,
@@ -341,7 +342,7 @@ def test_a_full_disk_during_import_and_tagging_is_a_message(tmp_path: Path, caps
     for index in range(5):
         write_cv2(images / ("good" if index % 2 else "defect") / f"i{index}.png", distinct(index))
     project_dir = tmp_path / "p"
-    configure_faults("enospc:4")  # 2 migrations, the creation, then the images' commit
+    configure_faults(f"enospc:{len(MIGRATIONS) + 2}")  # each migration, the creation, then the images' commit
     try:
         assert main(["import", str(project_dir), "--images", str(images)]) == 2
     finally:

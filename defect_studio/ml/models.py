@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from defect_studio.errors import ModelError
+from defect_studio.ml.backbones import EfficientNetLite0, adapt_input_channels, efficientnet_stages, load_imagenet_weights
 from defect_studio.ml.classifier_options import ClassifierConfig  # re-exported: the config lives without torch
 
 
@@ -268,8 +269,6 @@ def load_pretrained_backbone(net: nn.Module, path: Path) -> None:
 
 
 def _build_efficientnet(config: ClassifierConfig, imagenet_weights: bool) -> DefectClassifier:
-    from defect_studio.ml.backbones import EfficientNetLite0, adapt_input_channels, efficientnet_stages, load_imagenet_weights
-
     network = EfficientNetLite0()
     if imagenet_weights:
         load_imagenet_weights(network)

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from defect_studio.atomic import atomic_open
 from defect_studio.errors import DataError, ModelError
 from defect_studio.jobs import CancelToken, EtaClock, Progress
+from defect_studio.ml.backbones import EfficientNetLite0, adapt_input_channels, load_imagenet_weights
 from defect_studio.ml.device import peak_memory_mb, select_device, torch_threads
 from defect_studio.ml.metrics import SegmentationTally, ThresholdSweep
 from defect_studio.ml.segmenter_options import SegmenterConfig  # re-exported: the config lives without torch
@@ -182,8 +183,6 @@ class EfficientNetUnet(nn.Module):
 
     def __init__(self, in_channels: int, frozen_stages: int = 2, imagenet_weights: bool = False) -> None:
         super().__init__()
-        from defect_studio.ml.backbones import EfficientNetLite0, adapt_input_channels, load_imagenet_weights
-
         network = EfficientNetLite0()
         if imagenet_weights:
             load_imagenet_weights(network)
