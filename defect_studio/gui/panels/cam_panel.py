@@ -46,6 +46,7 @@ METHOD_NAMES = {
     "layercam": "LayerCAM",
     "fgbp": "FGBP",
     "region-aware": "Region-aware",
+    "good-prior": "Good-image prior",
 }
 
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import dataclasses
 import os
 import typing
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from PySide6.QtCore import Qt
 from PySide6.QtWidgets import (
     QCheckBox,
+    QComboBox,
     QDoubleSpinBox,
     QFormLayout,
     QHBoxLayout,
@@ -51,9 +52,14 @@ def proposal_method(project: Any) -> str | None:
 class ConfigForm(QWidget):
     """A form for chosen fields of a config dataclass, with the dataclass's defaults and types."""
 
-    def __init__(self, config_type: type, fields: list[tuple[str, str, str]], parent: QWidget | None = None) -> None:
+    def __init__(
+        self, config_type: type, fields: list[tuple[str, str, str]], parent: QWidget | None = None,
+        choices: dict[str, Sequence[str]] | None = None,
+    ) -> None:
         super().__init__(parent)
         self.config_type = config_type
+        self.choices = dict(choices or {})
+        self.combos: dict[str, QComboBox] = {}
         self._editors: dict[str, Callable[[], Any]] = {}
         self._setters: dict[str, Callable[[Any], None]] = {}
         defaults = config_type()
@@ -73,6 +79,14 @@ class ConfigForm(QWidget):
             layout.addRow(label, widget)
 
     def _editor_for(self, name: str, value: Any, hint: Any) -> QWidget:
+        if name in self.choices:
+            combo = QComboBox(self)
+            combo.addItems(list(self.choices[name]))
+            combo.setCurrentText(str(value))
+            self.combos[name] = combo
+            self._editors[name] = combo.currentText
+            self._setters[name] = lambda v, c=combo: c.setCurrentText(str(v))
+            return combo
         if isinstance(value, bool):
             box = QCheckBox(self)
             box.setChecked(value)
@@ -113,7 +127,9 @@ class ConfigForm(QWidget):
                 setter(value)
 
     def config(self, **overrides: Any) -> Any:
-        return dataclasses.replace(self.config_type(), **{**self.values(), **overrides})
+        # Built anew, not replaced on the defaults: a setting the form does not show then takes the default
+        # that goes with the chosen values (the classifier's per-backbone defaults).
+        return self.config_type(**{**self.values(), **overrides})
 
 
 class JobRow(QWidget):

@@ -9,12 +9,14 @@ from PySide6.QtWidgets import QGroupBox, QHBoxLayout, QLabel, QPushButton, QVBox
 from defect_studio.gui.panels.common import ConfigForm, JobRow, training_threads
 from defect_studio.gui.plotting import pg
 from defect_studio.jobs import Progress
-from defect_studio.ml.classifier_options import ClassifierConfig
+from defect_studio.ml.classifier_options import ARCH_DEFAULTS, ARCHITECTURES, ClassifierConfig
 
 if TYPE_CHECKING:
     from defect_studio.gui.main_window import MainWindow
 
 CLASSIFIER_FIELDS = [
+    ("arch", "Backbone", "efficientnet-lite0: ImageNet features fine-tuned on your tags (its CAMs outline defects); "
+     "compact: a small network trained from scratch"),
     ("epochs", "Epochs", "Most epochs to train (early stopping may end sooner)"),
     ("batch_size", "Batch size", "Images per step"),
     ("lr", "Learning rate", "Initial learning rate"),
@@ -70,7 +72,8 @@ class TrainPanel(QWidget):
 
         settings_box = QGroupBox("Classifier settings", self)
         settings_layout = QVBoxLayout(settings_box)
-        self.form = ConfigForm(ClassifierConfig, CLASSIFIER_FIELDS, self)
+        self.form = ConfigForm(ClassifierConfig, CLASSIFIER_FIELDS, self, choices={"arch": ARCHITECTURES})
+        self.form.combos["arch"].currentTextChanged.connect(self._show_backbone_defaults)
         settings_layout.addWidget(self.form)
         layout.addWidget(settings_box)
 
@@ -108,6 +111,11 @@ class TrainPanel(QWidget):
 
     def stage_activated(self) -> None:
         self.refresh()
+
+    def _show_backbone_defaults(self, arch: str) -> None:
+        """A new backbone brings its own input size, learning rate and epochs into the form."""
+        defaults = ClassifierConfig(arch=arch)
+        self.form.set_values({name: getattr(defaults, name) for name in ARCH_DEFAULTS[arch]})
 
     def refresh(self) -> None:
         project = self.window_.project
