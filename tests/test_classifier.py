@@ -295,3 +295,13 @@ def test_train_command(demo_project: Path, capsys: pytest.CaptureFixture[str]) -
     out = capsys.readouterr().out
     assert "classifier-1.pt" in out and "validation AUROC" in out
     assert main(["train", str(demo_project), "--pretrained", str(demo_project / "nothing.pth")]) == ModelError.exit_code
+
+
+def test_small_images_are_not_enlarged_to_the_default_input() -> None:
+    from defect_studio.ml.classifier import fit_input_size
+
+    assert fit_input_size(ClassifierConfig(), 128).input_size == 128  # the demo: 4x less compute than 256
+    assert fit_input_size(ClassifierConfig(), 150).input_size == 160
+    assert fit_input_size(ClassifierConfig(), 20).input_size == 64
+    assert fit_input_size(ClassifierConfig(), 1000).input_size == 256  # larger images: the configured input
+    assert fit_input_size(ClassifierConfig(arch="compact", input_size=96), 300).input_size == 96

@@ -10,6 +10,7 @@ atomically at the end, so a cancelled run leaves any previous checkpoint untouch
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import io
 import math
@@ -568,12 +569,21 @@ def project_validation_seed(project: Any, default: int) -> int:
     return int(seed)
 
 
+def fit_input_size(config: ClassifierConfig, largest_side: int) -> ClassifierConfig:
+    """The config with an input no larger than the project's largest image needs (rounded up to 32 px):
+    enlarging every image adds no detail, only cost (the demo's 128-px images train 4x faster at 128 than
+    at the EfficientNet default of 256)."""
+    fitting = max(64, 32 * math.ceil(largest_side / 32))
+    return dataclasses.replace(config, input_size=fitting) if fitting < config.input_size else config
+
+
 def train_project_classifier_job(
     project: Any, config: ClassifierConfig, cancel: CancelToken, device: str = "auto"
 ) -> Generator[Progress, None, TrainResult]:
     """Train on the project's tagged images; record the run; a cancelled run leaves the project as it was."""
     records = [r for r in project.images() if r.tag in LABELS]
     check_two_classes([r.tag for r in records])
+    config = fit_input_size(config, max(max(r.height, r.width) for r in records))
     samples = [(Path(r.path), r.tag, r.sha256) for r in records]
     seed = project_validation_seed(project, config.seed)
     held_out = validation_split([(r.sha256, r.tag) for r in records], config.val_fraction, seed)
