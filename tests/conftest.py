@@ -45,3 +45,22 @@ def demo_project(tmp_path: Path, demo_dataset: Path) -> Path:
     with Project.create(project_dir, demo_dataset / "images") as project:
         run_job(import_job(project, demo_dataset / "images", demo_dataset / "labels.csv", CancelToken()))
     return project_dir
+
+
+@pytest.fixture()
+def reviewed_round(demo_project: Path) -> Path:
+    """Round 0 with a simple proposal for every tagged image (no CAMs needed for reviewing)."""
+    import numpy as np
+
+    from defect_studio.project import Project
+
+    with Project.open(demo_project) as project:
+        project.create_round({})
+        for image in project.images():
+            if image.tag == "untagged":
+                continue
+            mask = np.zeros((image.height, image.width), bool)
+            if image.tag == "defect":
+                mask[:4, :4] = True
+            project.save_mask_proposal(image.id, 0, mask, "test", {})
+    return demo_project

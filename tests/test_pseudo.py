@@ -84,21 +84,6 @@ def test_bad_settings_are_refused() -> None:
         PseudoLabelSettings.from_dict({"hgh": 0.5})
 
 
-@pytest.fixture()
-def reviewed_round(demo_project: Path):
-    """Round 0 with a simple proposal for every tagged image (no CAMs needed for reviewing)."""
-    with Project.open(demo_project) as project:
-        project.create_round({})
-        for image in project.images():
-            if image.tag == "untagged":
-                continue
-            mask = np.zeros((image.height, image.width), bool)
-            if image.tag == "defect":
-                mask[:4, :4] = True
-            project.save_mask_proposal(image.id, 0, mask, "test", {})
-    return demo_project
-
-
 def test_accept_reject_and_events(reviewed_round: Path) -> None:
     with Project.open(reviewed_round) as project:
         defects = [i for i in project.images() if i.tag == "defect"]

@@ -14,21 +14,6 @@ from defect_studio.errors import ProjectError
 from defect_studio.project import Project, review
 
 
-@pytest.fixture()
-def reviewed_round(demo_project: Path) -> Path:
-    """Round 0 with a simple proposal for every tagged image (no CAMs needed for reviewing)."""
-    with Project.open(demo_project) as project:
-        project.create_round({})
-        for image in project.images():
-            if image.tag == "untagged":
-                continue
-            mask = np.zeros((image.height, image.width), bool)
-            if image.tag == "defect":
-                mask[:4, :4] = True
-            project.save_mask_proposal(image.id, 0, mask, "test", {})
-    return demo_project
-
-
 def _edit(project: Project, image) -> np.ndarray:
     edit = np.zeros((image.height, image.width), bool)
     edit[2:9, 3:7] = True
