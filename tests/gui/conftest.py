@@ -21,6 +21,14 @@ DEMO_COUNT = 24
 DEMO_SIZE = 64
 
 
+@pytest.fixture(autouse=True, scope="session")
+def training_engine_loaded() -> None:
+    """As the app does under its splash: the jobs' modules imported on the GUI thread before any worker runs."""
+    from defect_studio.gui.app import load_training_engine
+
+    load_training_engine()
+
+
 @pytest.fixture(scope="session")
 def demo_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from defect_studio.demo import make_demo_dataset
