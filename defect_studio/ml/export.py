@@ -12,6 +12,7 @@ and handles the dynamic height/width of this all-convolutional network.
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import json
 import os
@@ -20,7 +21,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generator, Sequence
+from typing import Any, Generator, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -53,6 +54,21 @@ class ParityResult:
 def _mask_iou(a: np.ndarray, b: np.ndarray) -> float:
     union = np.count_nonzero(a | b)
     return 1.0 if union == 0 else np.count_nonzero(a & b) / union
+
+
+@contextlib.contextmanager
+def garbage_collection_paused() -> Iterator[None]:
+    """No garbage collection in any thread while graphs are traced or loaded. The window exports in a worker thread,
+    and a collection started by the GUI thread in the middle of torch.jit.trace or torch.onnx.export aborted
+    the process (twice in two full test runs, at the same export). A few seconds without collection cost
+    nothing; cycles made meanwhile are collected afterwards."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def _export_onnx(model: SegmenterNet, path: Path) -> None:
@@ -202,14 +218,16 @@ def export_segmenter(
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
         try:
-            _export_onnx(model, staging / MODEL_FILE)
-            _export_torchscript(model, staging / TORCHSCRIPT_FILE)
+            with garbage_collection_paused():
+                _export_onnx(model, staging / MODEL_FILE)
+                _export_torchscript(model, staging / TORCHSCRIPT_FILE)
         except Exception as error:
             raise ModelError(f"exporting the segmenter failed: {str(error)[:300]}") from error
         cpu_loaded = LoadedSegmenter(model, loaded.meta, torch.device("cpu"), loaded.checkpoint_sha256)
         card = build_model_card(cpu_loaded, card_extra)
         atomic_write_json(staging / CARD_FILE, card)  # the parity check reads the card like predict does
-        parity = check_parity(cpu_loaded, staging, parity_images, max_abs_diff, min_mask_iou)
+        with garbage_collection_paused():  # torch.jit.load builds script modules too
+            parity = check_parity(cpu_loaded, staging, parity_images, max_abs_diff, min_mask_iou)
         if not parity.passed:
             raise ModelError(
                 "export refused: the exported model does not reproduce the in-app model "
