@@ -79,23 +79,26 @@ def build_good_prior(
     return GoodImagePrior(stage, locations[chosen].contiguous(), neighbourhood)
 
 
-def distance_maps(prior: GoodImagePrior, activation: torch.Tensor, neighbours: int = 1) -> torch.Tensor:
-    """B×h×w: each location's mean distance to its `neighbours` nearest good locations.
+def nearest_distances(queries: torch.Tensor, bank: torch.Tensor, neighbours: int = 1) -> torch.Tensor:
+    """N×C queries -> each one's mean distance to its `neighbours` nearest bank vectors.
 
     Neighbours are found by matrix products (fast), and their distances then computed from the differences:
-    the product form loses all precision for a location that nearly matches the bank (the square root of
-    a small difference of large numbers). Image by image, so no map depends on its batch."""
+    the product form loses all precision for a query that nearly matches the bank (the square root of a
+    small difference of large numbers)."""
+    k = max(1, min(neighbours, bank.shape[0]))
+    nearest = []
+    for start in range(0, queries.shape[0], QUERY_CHUNK):
+        chunk = queries[start : start + QUERY_CHUNK]
+        found = torch.cdist(chunk, bank).topk(k, dim=1, largest=False).indices  # chunk×k
+        nearest.append((chunk[:, None, :] - bank[found]).norm(dim=2).mean(dim=1))
+    return torch.cat(nearest) if nearest else queries.new_zeros(0)
+
+
+def distance_maps(prior: GoodImagePrior, activation: torch.Tensor, neighbours: int = 1) -> torch.Tensor:
+    """B×h×w: each location's mean distance to its `neighbours` nearest good locations (`nearest_distances`),
+    image by image, so no map depends on its batch (matrix products round differently for other sizes)."""
     features = local_features(activation, prior.neighbourhood)
     batch, _, height, width = features.shape
     bank = prior.bank.to(features.device)
-    k = max(1, min(neighbours, bank.shape[0]))
-    maps = []
-    for image in features:
-        queries = image.flatten(1).T  # (h·w)×C
-        nearest = []
-        for start in range(0, queries.shape[0], QUERY_CHUNK):
-            chunk = queries[start : start + QUERY_CHUNK]
-            found = torch.cdist(chunk, bank).topk(k, dim=1, largest=False).indices  # chunk×k
-            nearest.append((chunk[:, None, :] - bank[found]).norm(dim=2).mean(dim=1))
-        maps.append(torch.cat(nearest).view(height, width))
+    maps = [nearest_distances(image.flatten(1).T, bank, neighbours).view(height, width) for image in features]
     return torch.stack(maps) if maps else features.new_zeros((0, height, width))

@@ -36,11 +36,10 @@ from defect_studio.errors import DataError, ModelError
 from defect_studio.imageio import read_image
 from defect_studio.jobs import CancelToken, EtaClock, Progress
 from defect_studio.ml.cams.compute import capture_stage_outputs
-from defect_studio.ml.good_prior import MAX_CANDIDATES, greedy_coreset, local_features
+from defect_studio.ml.good_prior import MAX_CANDIDATES, greedy_coreset, local_features, nearest_distances
 from defect_studio.project.mislabels import QUEUE_FORMAT, SUSPECT_THRESHOLD, save_queue
 
 FOLDS = 5
-QUERY_CHUNK = 4096
 DEFAULT_BANK_SIZE = 4096  # per fold; the checkpoint's own bank size when smaller
 SIGNALS = ("classifier", "good_prior", "segmenter")
 
@@ -110,17 +109,6 @@ def classifier_evidence(classifier: Any, images: Sequence[np.ndarray], batch_siz
     return (np.concatenate(probabilities) if probabilities else np.zeros(0, np.float32)), features
 
 
-def _nearest_distance(queries: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
-    """Each query's distance to its nearest bank vector (found by cdist, measured by the difference:
-    see good_prior.distance_maps)."""
-    out = []
-    for start in range(0, queries.shape[0], QUERY_CHUNK):
-        chunk = queries[start : start + QUERY_CHUNK]
-        nearest = torch.cdist(chunk, bank).argmin(dim=1)
-        out.append((chunk - bank[nearest]).norm(dim=1))
-    return torch.cat(out) if out else queries.new_zeros(0)
-
-
 def leave_fold_out_prior(features: Sequence[torch.Tensor], bank_from: np.ndarray, folds: np.ndarray,
                          bank_size: int, seed: int = 0, cancel: CancelToken | None = None) -> np.ndarray:
     """Each image's largest distance to a coreset of the `bank_from` images' locations outside its fold."""
@@ -140,7 +128,7 @@ def leave_fold_out_prior(features: Sequence[torch.Tensor], bank_from: np.ndarray
         queries = [features[i] for i in members]
         if not queries:
             continue
-        distances = _nearest_distance(torch.cat(queries), bank)
+        distances = nearest_distances(torch.cat(queries), bank)
         offset = 0
         for index, query in zip(members, queries):
             part = distances[offset : offset + len(query)]
