@@ -180,20 +180,14 @@ def build_prior_from_features(
 ) -> GoodImagePrior:
     """The good-image prior from the good images' frozen features, at the configured stage."""
     model.eval()
-    stage_index = config.prior_stage - 1
-
-    if stage_index < model.frozen_stages - 1:
+    if config.prior_stage < model.frozen_stages:
         raise ModelError(f"the good-image prior's stage {config.prior_stage} lies before the cached features "
                          f"(stage {model.frozen_stages}); choose a later prior stage.")
 
     def activations() -> Iterator[torch.Tensor]:
         for start in range(0, len(features), batch_size):
             x = _to_device(features[start : start + batch_size].float(), device, config.channels_last)
-            if not model.frozen_stages:
-                x = model.stem(x)
-            for stage in model.stages[model.frozen_stages : stage_index + 1]:
-                x = stage(x)
-            yield x.float().cpu()
+            yield model.stage_from_frozen(x, config.prior_stage).float().cpu()
 
     return build_good_prior(activations(), config.prior_stage, config.prior_bank_size, seed=config.seed)
 

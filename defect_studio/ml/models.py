@@ -112,14 +112,17 @@ class DefectClassifier(nn.Module):
             x = module(x)
         return x
 
+    def stage_from_frozen(self, features: torch.Tensor, stage: int = 4) -> torch.Tensor:
+        """The activation of `stage` (1-based, after the frozen ones) from `frozen_features`' output."""
+        if not self.frozen_stages:
+            features = self.stem(features)
+        for module in self.stages[self.frozen_stages : stage]:
+            features = module(features)
+        return features
+
     def forward_from_frozen(self, features: torch.Tensor) -> torch.Tensor:
         """The defect logit from `frozen_features`' output."""
-        start = self.frozen_stages
-        if not start:
-            features = self.stem(features)
-        for stage in self.stages[start:]:
-            features = stage(features)
-        return self.head(features)
+        return self.head(self.stage_from_frozen(features))
 
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The activations A^1..A^4 of the stages."""
