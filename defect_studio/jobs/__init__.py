@@ -12,6 +12,7 @@ import json
 import threading
 import time
 from dataclasses import asdict, dataclass, field
+from enum import Enum
 from typing import Any, Callable, Generator, TypeVar
 
 Result = TypeVar("Result")
@@ -40,6 +41,17 @@ class CancelToken:
             raise JobCancelled("cancelled by the user")
 
 
+class ProgressKind(str, Enum):
+    """What a progress event is, for code to match on (`stage` and `message` are text for people)."""
+
+    STEP = "step"  # a step of a stage; the default
+    EPOCH = "epoch"  # a finished training epoch; its metrics are that epoch's curves
+    RESULT = "result"  # a job's closing summary; its metrics are the final ones
+
+    def __str__(self) -> str:
+        return self.value
+
+
 @dataclass
 class Progress:
     stage: str
@@ -48,6 +60,7 @@ class Progress:
     message: str = ""
     metrics: dict[str, float] = field(default_factory=dict)
     eta_s: float | None = None
+    kind: ProgressKind = ProgressKind.STEP
 
     @property
     def fraction(self) -> float | None:
@@ -75,8 +88,9 @@ class EtaClock:
             return None
         return self.elapsed() / done * max(0, self.total - done)
 
-    def progress(self, stage: str, done: int, message: str = "", metrics: dict[str, Any] | None = None) -> Progress:
-        return Progress(stage, done, self.total, message, dict(metrics or {}), self.eta(done))
+    def progress(self, stage: str, done: int, message: str = "", metrics: dict[str, Any] | None = None,
+                 kind: ProgressKind = ProgressKind.STEP) -> Progress:
+        return Progress(stage, done, self.total, message, dict(metrics or {}), self.eta(done), kind)
 
 
 def run_job(job: Job[Result], on_progress: Callable[[Progress], None] | None = None) -> Result:

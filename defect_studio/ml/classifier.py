@@ -27,7 +27,7 @@ from defect_studio.atomic import atomic_write_bytes
 from defect_studio.dataset_layout import LABELS, check_two_classes
 from defect_studio.errors import DataError, ModelError
 from defect_studio.imageio import read_image
-from defect_studio.jobs import CancelToken, EtaClock, Progress
+from defect_studio.jobs import CancelToken, EtaClock, Progress, ProgressKind
 from defect_studio.ml.augment import augment_batch, surface_augmentation
 from defect_studio.ml.good_prior import GoodImagePrior, build_good_prior
 from defect_studio.ml.device import describe_device, peak_memory_mb, select_device, torch_threads
@@ -479,7 +479,7 @@ def _train(
             epochs_since_best += 1
         elapsed = time.monotonic() - started
         message = f"epoch {epoch}/{planned_epochs}" + (" at low resolution" if low_resolution else "") + (" (best)" if improved else "")
-        yield clock.progress("train", epoch, message, metrics)
+        yield clock.progress("train", epoch, message, metrics, kind=ProgressKind.EPOCH)
         if epoch >= config.min_epochs and epochs_since_best >= config.patience:
             break
         if config.max_train_seconds is not None:
@@ -536,7 +536,8 @@ def _train(
         validation_hashes=[s[2] for s in val_samples],
         test_probabilities=test_probabilities,
     )
-    yield Progress("done", epochs_run, config.epochs, f"saved {checkpoint_path.name}", final_metrics)
+    yield Progress("done", epochs_run, config.epochs, f"saved {checkpoint_path.name}", final_metrics,
+                   kind=ProgressKind.RESULT)
     return result
 
 

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from defect_studio.atomic import atomic_open
 from defect_studio.errors import DataError, ModelError
-from defect_studio.jobs import CancelToken, EtaClock, Progress
+from defect_studio.jobs import CancelToken, EtaClock, Progress, ProgressKind
 from defect_studio.ml.backbones import EfficientNetLite0, adapt_input_channels, load_imagenet_weights
 from defect_studio.ml.device import peak_memory_mb, select_device, torch_threads
 from defect_studio.ml.metrics import SegmentationTally, ThresholdSweep
@@ -544,6 +544,7 @@ def _train_segmenter(
             epoch + 1,
             f"epoch {epoch + 1}/{epochs}",
             {"loss": record["loss"], "val_defect_iou": record["val_defect_iou"]},
+            kind=ProgressKind.EPOCH,
         )
         if over_budget and not last_epoch:
             break
