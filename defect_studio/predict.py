@@ -57,6 +57,27 @@ def sigmoid(logits: np.ndarray) -> np.ndarray:
     return (1.0 / (1.0 + np.exp(-np.clip(logits, -60.0, 60.0)))).astype(np.float32)
 
 
+IMAGE_SCORE_TOP_K = 16  # pixels: an image's defect score is the mean of its 16 highest probabilities
+
+
+def image_score(probability: np.ndarray, top_k: int = IMAGE_SCORE_TOP_K) -> float:
+    """How sure the segmenter is that the image holds a defect: the mean of its `top_k` highest pixel
+    probabilities (a lone hot pixel does not count, a defect the size of a small blowhole does)."""
+    flat = np.asarray(probability, dtype=np.float32).ravel()
+    k = min(max(1, top_k), flat.size)
+    return float(np.partition(flat, flat.size - k)[flat.size - k :].mean())
+
+
+def decide_mask(probability: np.ndarray, threshold: float, image_gate: dict[str, Any] | None) -> np.ndarray:
+    """The defect mask: pixels at or above `threshold`, and none at all where the image's score is below
+    the gate calibrated on held-out good images (`image_gate`: {"top_k", "min_score"}; None: no gate)."""
+    mask = probability >= threshold
+    if image_gate and image_score(probability, int(image_gate.get("top_k", IMAGE_SCORE_TOP_K))) < float(
+            image_gate["min_score"]):
+        mask[:] = False
+    return mask
+
+
 @dataclass
 class ExportedSegmenter:
     """An exported model directory loaded for onnxruntime inference."""
@@ -77,6 +98,10 @@ class ExportedSegmenter:
     def threshold(self) -> float:
         return float(self.card["threshold"])
 
+    @property
+    def image_gate(self) -> dict[str, Any] | None:
+        return self.card.get("image_gate")
+
     def probability(self, image: np.ndarray) -> np.ndarray:
         """float H×W×C image in [0, 1] -> H×W defect probability."""
         if image.ndim != 3 or image.shape[2] not in (1, 3):
@@ -90,7 +115,7 @@ class ExportedSegmenter:
         return sigmoid(logits[0, 0, :height, :width])
 
     def mask(self, image: np.ndarray) -> np.ndarray:
-        return self.probability(image) >= self.threshold
+        return decide_mask(self.probability(image), self.threshold, self.image_gate)
 
 
 def load_exported(model_dir: str | Path) -> ExportedSegmenter:

@@ -16,6 +16,7 @@ from defect_studio.ml.evaluate import evaluate_pairs
 from defect_studio.ml.segmenter import (
     IGNORE,
     CropSampler,
+    LoadedSegmenter,
     SegmentationSample,
     SegmenterConfig,
     SegmenterNet,
@@ -23,6 +24,7 @@ from defect_studio.ml.segmenter import (
     make_target,
     segmentation_loss,
     train_segmenter_job,
+    _validate,
 )
 
 TINY = dict(channels=(8, 16, 32), crop_size=48, batch_size=8, epochs=6, steps_per_epoch=12, learning_rate=1e-2, seed=0)
@@ -185,3 +187,38 @@ def test_threads_setting_holds_while_training_and_is_restored(tmp_path: Path) ->
         assert during == [1, 1] and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(previous)
+
+
+class BrightnessNet(torch.nn.Module):
+    """A stand-in segmenter whose defect probability rises with the pixel's brightness."""
+
+    in_channels, size_multiple = 1, 1
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return 20.0 * (pixels - 0.5)
+
+
+def _speckled(size: int, brightness: float, box: tuple[slice, slice]) -> np.ndarray:
+    image = np.zeros((size, size, 1), np.float32)
+    image[box] = brightness
+    return image
+
+
+def test_image_gate_silences_faint_blobs_on_good_images() -> None:
+    """Held-out good images with a faint bright speck: the gate learnt on validation empties their masks,
+    while the defect image (a bright blob) keeps its mask."""
+    blob, speck = (slice(8, 20), slice(8, 20)), (slice(30, 34), slice(30, 34))
+    defect_image = _speckled(48, 1.0, blob)
+    defect_target = np.zeros((48, 48), np.uint8)
+    defect_target[blob] = 1
+    good = [SegmentationSample(f"good{i}", _speckled(48, 0.7, speck), np.zeros((48, 48), np.uint8)) for i in range(3)]
+    samples = [SegmentationSample("defect", defect_image, defect_target), *good]
+    threshold, gate, metrics = _validate(BrightnessNet(), samples, torch.device("cpu"))
+    assert gate is not None and metrics["gated_images"] == 3
+    assert metrics["defect_iou"] == pytest.approx(1.0)
+    model = LoadedSegmenter(BrightnessNet(), {"threshold": threshold, "image_gate": gate}, torch.device("cpu"))
+    assert not model.mask(good[0].image).any()
+    assert model.mask(defect_image)[blob].all()
+    # Without the specks there is nothing to silence, and no gate.
+    clean = [SegmentationSample(f"good{i}", np.zeros((48, 48, 1), np.float32), np.zeros((48, 48), np.uint8)) for i in range(3)]
+    assert _validate(BrightnessNet(), [samples[0], *clean], torch.device("cpu"))[1] is None

@@ -163,7 +163,8 @@ def build_model_card(loaded: LoadedSegmenter, extra: dict[str, Any] | None = Non
     meta = loaded.meta
     card = {
         "format": "defect-studio-model-card/1",
-        "task": "binary defect segmentation (one logit per pixel; defect where sigmoid(logit) >= threshold)",
+        "task": ("binary defect segmentation (one logit per pixel; defect where sigmoid(logit) >= threshold, "
+                 "in images whose score passes image_gate)"),
         "files": {"onnx": MODEL_FILE, "torchscript": TORCHSCRIPT_FILE},
         "input": {
             "name": "image",
@@ -182,6 +183,8 @@ def build_model_card(loaded: LoadedSegmenter, extra: dict[str, Any] | None = Non
             "normalisation (mean/std) is inside the network",
         ],
         "threshold": float(meta.get("threshold", 0.5)),
+        # An image whose score (mean of its top_k probabilities) is under min_score gets an empty mask.
+        "image_gate": meta.get("image_gate"),
         "checkpoint_sha256": loaded.checkpoint_sha256,
         "training": {
             "config": meta.get("config"),

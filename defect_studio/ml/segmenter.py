@@ -35,7 +35,7 @@ from defect_studio.ml.backbones import EfficientNetLite0, adapt_input_channels, 
 from defect_studio.ml.device import peak_memory_mb, select_device, torch_threads
 from defect_studio.ml.metrics import SegmentationTally, ThresholdSweep
 from defect_studio.ml.segmenter_options import SegmenterConfig  # re-exported: the config lives without torch
-from defect_studio.predict import match_channels, to_network_input
+from defect_studio.predict import IMAGE_SCORE_TOP_K, decide_mask, image_score, match_channels, to_network_input
 
 IGNORE = 255
 CHECKPOINT_FORMAT = "defect-studio-segmenter/1"
@@ -341,13 +341,17 @@ class LoadedSegmenter:
     def threshold(self) -> float:
         return float(self.meta.get("threshold", 0.5))
 
+    @property
+    def image_gate(self) -> dict[str, Any] | None:
+        return self.meta.get("image_gate")
+
     @torch.no_grad()
     def probability(self, image: np.ndarray) -> np.ndarray:
         """float H×W×C image in [0, 1] -> H×W defect probability at the image's own resolution."""
         return predict_probability(self.model, image, self.device)
 
     def mask(self, image: np.ndarray) -> np.ndarray:
-        return self.probability(image) >= self.threshold
+        return decide_mask(self.probability(image), self.threshold, self.image_gate)
 
 
 @torch.no_grad()
@@ -490,6 +494,7 @@ def _train_segmenter(
     clock = EtaClock(epochs)
     started = time.monotonic()
     best_score, best_threshold, best_epoch = -math.inf, 0.5, -1
+    best_gate: dict[str, Any] | None = None
     best_sha = ""
     history: list[dict[str, float]] = []
     for epoch in range(epochs):
@@ -509,7 +514,7 @@ def _train_segmenter(
             scheduler.step()
             losses.append(float(loss.detach()))
         cancel.raise_if_cancelled()
-        threshold, validation = _validate(model, validation_samples, device)
+        threshold, image_gate, validation = _validate(model, validation_samples, device)
         score = validation.get("defect_iou", float("nan"))
         if math.isnan(score):
             score = -float(np.mean(losses))
@@ -525,11 +530,13 @@ def _train_segmenter(
         over_budget = config.time_budget_s is not None and time.monotonic() - started >= config.time_budget_s
         if score > best_score or best_epoch < 0:
             best_score, best_threshold, best_epoch = score, threshold, epoch + 1
+            best_gate = image_gate
             meta = {
                 "in_channels": in_channels,
                 "size_multiple": model.size_multiple,
                 "config": config.to_dict(),
                 "threshold": threshold,
+                "image_gate": image_gate,
                 "epoch": epoch + 1,
                 "validation": validation,
                 "trained_images": [s.key for s in train_samples],
@@ -552,6 +559,7 @@ def _train_segmenter(
         "best_epoch": best_epoch,
         "best_val_defect_iou": best_score,
         "threshold": best_threshold,
+        "image_gate": best_gate,
         "epochs_run": len(history),
         "train_s": time.monotonic() - started,
         "seconds_per_epoch": float(np.mean([h["epoch_s"] for h in history])),
@@ -577,27 +585,59 @@ def _warm_start(model: SegmenterNet, checkpoint_path: str | Path) -> str | None:
     return previous.checkpoint_sha256
 
 
+VALIDATION_THRESHOLDS = np.linspace(0.05, 0.95, 19)
+
+
 def _validate(
     model: SegmenterNet, samples: Sequence[SegmentationSample], device: torch.device
-) -> tuple[float, dict[str, float]]:
-    """(best threshold, metrics at it) on whole validation images, ignored pixels left out."""
+) -> tuple[float, dict[str, Any] | None, dict[str, float]]:
+    """(best threshold, image gate, metrics at them) on whole validation images, ignored pixels left out.
+
+    The pixel threshold and the image gate are chosen together for the pooled defect IoU: the gate
+    empties the mask of an image whose score (image_score) is under it, so a segmenter that leaves faint
+    blobs on good images stops flagging them where the held-out images say that pays."""
     if not samples:
-        return 0.5, {}
-    sweep = ThresholdSweep(thresholds=np.linspace(0.05, 0.95, 19))
+        return 0.5, None, {}
+    sweeps, scores = [], []
     for sample in samples:
         probability = predict_probability(model, sample.image, device)
         valid = sample.target != IGNORE
+        sweep = ThresholdSweep(thresholds=VALIDATION_THRESHOLDS)
         sweep.add(sample.target[valid] == 1, probability[valid])
-    if all(t.true_positive + t.false_negative == 0 for t in sweep.tallies[:1]):
-        return 0.5, sweep.at(0.5).as_dict()  # no defect pixels held out: nothing to tune
-    threshold, tally = sweep.best()
-    return threshold, tally.as_dict()
+        sweeps.append(sweep)
+        scores.append(image_score(probability))
+    true_positive = np.array([[t.true_positive for t in s.tallies] for s in sweeps], dtype=np.float64)
+    false_positive = np.array([[t.false_positive for t in s.tallies] for s in sweeps], dtype=np.float64)
+    positives = true_positive[:, 0] + np.array([s.tallies[0].false_negative for s in sweeps], dtype=np.float64)
+    if positives.sum() == 0:  # no defect pixels held out: nothing to tune
+        return 0.5, None, _pooled(sweeps, np.ones(len(sweeps), bool), 0.5).as_dict()
+    best = (-1.0, 0.5, 0.0)
+    for gate in sorted({0.0, *scores}):  # gate 0 keeps every image; ties keep the weaker gate
+        kept = np.array(scores) >= gate
+        iou = true_positive[kept].sum(0) / np.maximum(false_positive[kept].sum(0) + positives.sum(), 1.0)
+        index = int(np.argmax(iou))
+        if iou[index] > best[0] + 1e-9:
+            best = (float(iou[index]), float(VALIDATION_THRESHOLDS[index]), gate)
+    _, threshold, gate = best
+    kept = np.array(scores) >= gate
+    image_gate = {"top_k": IMAGE_SCORE_TOP_K, "min_score": gate} if gate > 0.0 else None
+    metrics = _pooled(sweeps, kept, threshold).as_dict()
+    metrics["gated_images"] = int((~kept).sum())
+    return threshold, image_gate, metrics
 
 
-def evaluate_probabilities(
-    loaded: LoadedSegmenter, images: Sequence[np.ndarray], truths: Sequence[np.ndarray]
-) -> SegmentationTally:
-    tally = SegmentationTally()
-    for image, truth in zip(images, truths):
-        tally.add(truth, loaded.mask(image))
-    return tally
+def _pooled(sweeps: Sequence[ThresholdSweep], kept: np.ndarray, threshold: float) -> SegmentationTally:
+    """The validation images' tally at `threshold`, the images not `kept` predicted empty."""
+    total = SegmentationTally()
+    for sweep, keep in zip(sweeps, kept):
+        tally = sweep.at(threshold)
+        if keep:
+            total.true_positive += tally.true_positive
+            total.false_positive += tally.false_positive
+            total.false_negative += tally.false_negative
+            total.true_negative += tally.true_negative
+        else:
+            total.false_negative += tally.true_positive + tally.false_negative
+            total.true_negative += tally.true_negative + tally.false_positive
+        total.images += tally.images
+    return total
