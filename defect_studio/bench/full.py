@@ -38,6 +38,7 @@ from defect_studio.bench.report import write_report
 from defect_studio.dataset_layout import DatasetSample, load_dataset
 from defect_studio.imageio import read_image, read_mask
 from defect_studio.jobs import CancelToken, Progress, run_job
+from defect_studio.key_values import parse_key_values
 from defect_studio.ml.device import describe_device, peak_memory_mb, select_device
 from defect_studio.ml.evaluate import (
     SUMMARY_COLUMNS,
@@ -216,7 +217,8 @@ def _pseudo_ablation(project: Any, classifier_sha: str, method: str, cam_setting
 
 def run(dataset: Path, quick: bool, out: Path, seed: int, classifier_path: Path | None, as_json: bool,
         rounds: int | None = None, segmenter_overrides: dict[str, Any] | None = None,
-        method: str | None = None, edits_per_round: int = 0, reject_unedited: bool = False) -> dict[str, Any]:
+        method: str | None = None, edits_per_round: int = 0, reject_unedited: bool = False,
+        keep_project: Path | None = None) -> dict[str, Any]:
     from defect_studio.bench.classifier import DEFAULT_CANDIDATE, candidate_config
     from defect_studio.ml.cams import resolve_settings
     from defect_studio.ml.classifier import train_project_classifier_job
@@ -335,6 +337,9 @@ def run(dataset: Path, quick: bool, out: Path, seed: int, classifier_path: Path 
                 train_segmenter_job(gt_samples(), SegmenterConfig.from_dict(upper_bound), full_path, CancelToken()), show))
             full_metrics = clock.run("evaluation", lambda: _evaluate_segmenter(load_segmenter(full_path), test))
     finally:
+        if keep_project is not None and (work / "project").is_dir():
+            shutil.copytree(work / "project", keep_project, dirs_exist_ok=True)
+            print(f"kept the project in {keep_project}", file=sys.stderr)
         shutil.rmtree(work, ignore_errors=True)
 
     weak_total = sum(weak_seconds.values())
@@ -405,10 +410,11 @@ def main(args: argparse.Namespace) -> int:
     out = Path(args.out) if getattr(args, "out", None) else Path("bench-results")
     overrides = {k: v for k, v in {"epochs": getattr(args, "segmenter_epochs", None),
                                    "steps_per_epoch": getattr(args, "steps_per_epoch", None)}.items() if v is not None}
+    overrides.update(parse_key_values(getattr(args, "segmenter_set", None), "--segmenter-set", as_json=True))
     run(Path(args.dataset), bool(args.quick), out, int(getattr(args, "seed", 0)),
         getattr(args, "classifier", None), bool(getattr(args, "json", False)), getattr(args, "rounds", None), overrides,
         getattr(args, "method", None), int(getattr(args, "edits_per_round", 0) or 0),
-        bool(getattr(args, "reject_unedited", False)))
+        bool(getattr(args, "reject_unedited", False)), getattr(args, "keep_project", None))
     return 0
 
 

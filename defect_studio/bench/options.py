@@ -30,6 +30,11 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help="full: a simulated user draws the ground-truth mask of K more defect images each round")
     parser.add_argument("--reject-unedited", action="store_true",
                         help="full: the simulated user rejects every defect proposal it did not edit")
+    parser.add_argument("--segmenter-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="full: a segmenter setting for every round and the bound (JSON value), e.g. "
+                             "architecture=efficientnet-lite0-unet; repeatable")
+    parser.add_argument("--keep-project", type=Path, metavar="DIR",
+                        help="full: keep the benchmark's project (models, masks, rounds) in DIR to open in the app")
     parser.add_argument("--candidates", nargs="+", metavar="NAME", help="segmenter: the recipes to compare (default: all)")
     parser.add_argument("--steps", nargs="+", type=int, metavar="N", help="segmenter: training steps per candidate")
     parser.add_argument("--json", action="store_true", help="print progress events as JSON lines")

@@ -8,25 +8,15 @@ from pathlib import Path
 
 from defect_studio.cli.progress import add_progress_arguments, drive
 from defect_studio.jobs import CancelToken
-from defect_studio.ml.cams import CAM_METHODS, CamSettingsError, SETTING_SPECS
-
-
-def parse_settings(pairs: list[str] | None) -> dict[str, str]:
-    """['q=0.8', 'stages=2,3,4'] -> {'q': '0.8', 'stages': '2,3,4'}; values are coerced by the CAM module."""
-    settings: dict[str, str] = {}
-    for pair in pairs or []:
-        name, sep, value = pair.partition("=")
-        if not sep or not name.strip():
-            raise CamSettingsError(f"--set expects key=value, got {pair!r}.")
-        settings[name.strip()] = value.strip()
-    return settings
+from defect_studio.key_values import parse_key_values
+from defect_studio.ml.cams import CAM_METHODS, SETTING_SPECS
 
 
 def run_cam(args: argparse.Namespace) -> int:
     from defect_studio.ml.cam_cache import cam_job
     from defect_studio.project import Project
 
-    settings = parse_settings(args.set)
+    settings = parse_key_values(args.set, "--set")
     with Project.open(args.project) as project:
         cancel = CancelToken()
         result = drive(
