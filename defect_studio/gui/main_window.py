@@ -1,30 +1,18 @@
 """The main window: gallery (left), viewer (centre), one panel per stage (right), status bar.
 
-It owns the open `Project`, the current image and the current round, and hands them to the
-panels; panels call the core directly or through a `JobRunner` made by `make_runner`.
+It lays these out and wires them to the `Session` it owns: it opens projects, shows the image
+chosen in the gallery, tags, and fulfils the panels' requests (select an image, show a stage,
+put a widget in the centre). The panels get the session, never the window.
 """
 
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from PySide6.QtCore import (
-    QByteArray,
-    QItemSelectionModel,
-    QModelIndex,
-    QObject,
-    QRunnable,
-    QSettings,
-    QSize,
-    Qt,
-    QThreadPool,
-    QTimer,
-    Signal,
-)
+from PySide6.QtCore import QByteArray, QItemSelectionModel, QModelIndex, QSettings, Qt, QTimer
 from PySide6.QtGui import QAction, QCloseEvent, QKeySequence, QUndoCommand, QUndoStack
 from PySide6.QtWidgets import (
     QComboBox,
@@ -32,15 +20,12 @@ from PySide6.QtWidgets import (
     QDialogButtonBox,
     QDockWidget,
     QFileDialog,
-    QFrame,
     QLabel,
     QMainWindow,
     QMessageBox,
     QProgressBar,
     QPushButton,
-    QScrollArea,
     QStackedWidget,
-    QTabWidget,
     QTextBrowser,
     QVBoxLayout,
     QWidget,
@@ -49,12 +34,15 @@ from PySide6.QtWidgets import (
 from defect_studio.errors import DefectStudioError
 from defect_studio.gui.dialogs import log_file, report_error
 from defect_studio.gui.gallery import FILTERS, GalleryItem, GalleryModel, GalleryView, ThumbnailCache, IMAGE_ID_ROLE
+from defect_studio.gui.image_loader import ImageLoader
 from defect_studio.gui.mask_editor import MaskEditor
+from defect_studio.gui.panels.common import format_eta
+from defect_studio.gui.session import Session, Stage
 from defect_studio.gui.shortcuts import SHORTCUTS, html_sheet
+from defect_studio.gui.stage_tabs import StagePage, StageTabs
 from defect_studio.gui.suspects import SuspectTags
 from defect_studio.gui.viewer import ImageViewer
 from defect_studio.gui.workers import JobRunner
-from defect_studio.imageio import decode_image
 from defect_studio.jobs import Progress
 from defect_studio.project import Project
 from defect_studio.project.store import DB_NAME
@@ -63,85 +51,6 @@ log = logging.getLogger(__name__)
 
 PROJECT_SUBFOLDER = ".defect-studio"  # default project folder inside an image folder
 SYNC_DECODE_PIXELS = 2_000_000  # larger images are decoded off the GUI thread
-
-
-class _ImageTask(QRunnable):
-    def __init__(self, loader: "ImageLoader", image_id: int, path: Path) -> None:
-        super().__init__()
-        self._loader, self._image_id, self._path = loader, image_id, path
-
-    def run(self) -> None:
-        try:
-            pixels, _ = decode_image(self._path)
-        except Exception as error:  # reported in the status bar, never a crash
-            self._loader.failed.emit(self._image_id, str(error))
-        else:
-            self._loader._ready.emit(self._image_id, pixels)
-
-
-class ImageLoader(QObject):
-    """Decoded images by id: a small LRU cache, filled on the GUI thread or by one background thread."""
-
-    loaded = Signal(int, object)
-    failed = Signal(int, str)
-    _ready = Signal(int, object)
-
-    def __init__(self, parent: QObject | None = None, capacity: int = 6) -> None:
-        super().__init__(parent)
-        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
-        self._pending: set[int] = set()
-        self._capacity = capacity
-        self._pool = QThreadPool(self)
-        self._pool.setMaxThreadCount(1)
-        self._ready.connect(self._store)
-
-    def cached(self, image_id: int) -> np.ndarray | None:
-        pixels = self._cache.get(image_id)
-        if pixels is not None:
-            self._cache.move_to_end(image_id)
-        return pixels
-
-    def load_now(self, image_id: int, path: Path) -> np.ndarray:
-        pixels, _ = decode_image(path)
-        self._remember(image_id, pixels)
-        return pixels
-
-    def request(self, image_id: int, path: Path) -> None:
-        if image_id in self._cache or image_id in self._pending:
-            return
-        self._pending.add(image_id)
-        self._pool.start(_ImageTask(self, image_id, path))
-
-    def clear(self) -> None:
-        self._pool.clear()
-        self._pool.waitForDone()
-        self._cache.clear()
-        self._pending.clear()
-
-    def shutdown(self) -> None:
-        self.clear()
-
-    def _remember(self, image_id: int, pixels: np.ndarray) -> None:
-        self._cache[image_id] = pixels
-        while len(self._cache) > self._capacity:
-            self._cache.popitem(last=False)
-
-    def _store(self, image_id: int, pixels: object) -> None:
-        self._pending.discard(image_id)
-        assert isinstance(pixels, np.ndarray)
-        self._remember(image_id, pixels)
-        self.loaded.emit(image_id, pixels)
-
-
-def format_eta(seconds: float | None) -> str:
-    if seconds is None:
-        return ""
-    seconds = int(round(seconds))
-    if seconds >= 3600:
-        return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
-    if seconds >= 60:
-        return f"{seconds // 60} min {seconds % 60:02d} s"
-    return f"{seconds} s"
 
 
 class TagCommand(QUndoCommand):
@@ -165,68 +74,28 @@ class TagCommand(QUndoCommand):
             self._window._write_tags(ids, tag)
 
 
-class StageTabs(QTabWidget):
-    """Tabs whose pages are scroll areas; `currentWidget()` and `setCurrentWidget()` speak of the panels."""
-
-    def __init__(self, parent: QWidget | None = None) -> None:
-        super().__init__(parent)
-        self.panel_of_page: dict[QWidget, QWidget] = {}
-
-    def currentWidget(self) -> QWidget:  # noqa: N802
-        page = super().currentWidget()
-        return self.panel_of_page.get(page, page)
-
-    def widget(self, index: int) -> QWidget:
-        page = super().widget(index)
-        return self.panel_of_page.get(page, page)
-
-    def setCurrentWidget(self, widget: QWidget) -> None:  # noqa: N802
-        for page, panel in self.panel_of_page.items():
-            if panel is widget:
-                super().setCurrentWidget(page)
-                return
-        super().setCurrentWidget(widget)
-
-
-class StagePage(QScrollArea):
-    """A stage panel that scrolls vertically and is never narrower than the panel needs: the dock
-    cannot be made so narrow that a control is cut off at its right edge (there is no horizontal
-    scroll bar to reach it)."""
-
-    def __init__(self, panel: QWidget, parent: QWidget | None = None) -> None:
-        super().__init__(parent)
-        self.setObjectName(f"{panel.objectName()}Scroll")
-        self.setWidgetResizable(True)
-        self.setFrameShape(QFrame.Shape.NoFrame)
-        self.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
-        self.setWidget(panel)
-        self.viewport().setObjectName("stageViewport")
-
-    def minimumSizeHint(self) -> QSize:  # noqa: N802
-        hint = super().minimumSizeHint()
-        panel = self.widget()
-        if panel is None:
-            return hint
-        needed = panel.minimumSizeHint().width() + self.verticalScrollBar().sizeHint().width() + 2 * self.frameWidth()
-        return QSize(max(hint.width(), needed), hint.height())
-
-
 class MainWindow(QMainWindow):
-    project_changed = Signal()
-    current_image_changed = Signal(object)  # image id or None
-    image_loaded = Signal(int)  # the current image's pixels are in the viewer
-    masks_changed = Signal()  # rounds or mask states changed
-    tags_changed = Signal()
-
     def __init__(self, settings: QSettings | None = None) -> None:
         super().__init__()
         self.setObjectName("mainWindow")
         self.setWindowTitle("defect-studio")
         self.settings = settings or QSettings()
-        self.project: Project | None = None
-        self.current_image_id: int | None = None
-        self.current_pixels: np.ndarray | None = None
-        self.runners: list[JobRunner] = []
+        self.session = Session(self)
+        # Connected before the panels connect theirs: the gallery and the counts are up to date
+        # when a panel hears of a change.
+        self.session.masks_changed.connect(self.refresh_gallery)
+        self.session.mask_state_changed.connect(self._on_mask_state_changed)
+        self.session.mask_states_changed.connect(self.refresh_gallery)
+        self.session.image_requested.connect(self.select_image)
+        self.session.step_requested.connect(self.step_image)
+        self.session.tag_requested.connect(self.tag_selected)
+        self.session.rescan_requested.connect(self.rescan_images)
+        self.session.stage_requested.connect(self._show_stage)
+        self.session.central_widget_requested.connect(self._show_in_centre)
+        self.session.job_started.connect(self._on_job_started)
+        self.session.job_progress.connect(self._on_job_progress)
+        self.session.job_finished.connect(self._on_job_finished)
+        self.session.job_failed.connect(lambda runner, error, details: report_error(self, f"{runner.title} failed", error, details))
         self.thumbnails: ThumbnailCache | None = None
         self.tag_stack = QUndoStack(self)
         self._actions: dict[str, QAction] = {}
@@ -237,7 +106,7 @@ class MainWindow(QMainWindow):
         self._build_central()
         self._build_gallery_dock()
         self.editor = MaskEditor(self.viewer, self)
-        self.editor.mask_saved.connect(self._on_mask_saved)
+        self.editor.mask_saved.connect(self.session.notify_mask_state)
         self._build_stage_dock()
         self._build_status_bar()
         self._build_actions_and_menus()
@@ -308,11 +177,16 @@ class MainWindow(QMainWindow):
         self.stage_tabs = StageTabs(dock)
         self.stage_tabs.setObjectName("stageTabs")
         self._panel_of_page = self.stage_tabs.panel_of_page
-        self.tag_panel = TagPanel(self)
-        self.train_panel = TrainPanel(self)
-        self.cam_panel = CamPanel(self)
-        self.review_panel = ReviewPanel(self)
-        self.rounds_panel = RoundsPanel(self)
+        session = self.session
+        self.tag_panel = TagPanel(session, self)
+        self.train_panel = TrainPanel(session, self)
+        self.cam_panel = CamPanel(session, self.viewer, self)
+        self.review_panel = ReviewPanel(session, self.editor, self)
+        self.rounds_panel = RoundsPanel(session, self.editor, self)
+        self.panel_of_stage: dict[Stage, QWidget] = {
+            Stage.TAG: self.tag_panel, Stage.TRAIN: self.train_panel, Stage.CAMS: self.cam_panel,
+            Stage.REVIEW: self.review_panel, Stage.ROUNDS: self.rounds_panel,
+        }
         for panel, title, tip in (
             (self.tag_panel, "Tag", "Tag images good or defect (G / D / U)"),
             (self.train_panel, "Train", "Train the good/defect classifier"),
@@ -348,7 +222,7 @@ class MainWindow(QMainWindow):
         self.job_cancel.setObjectName("statusCancel")
         self.job_cancel.setToolTip("Cancel the running job; the previous results stay as they were")
         self.job_cancel.setVisible(False)
-        self.job_cancel.clicked.connect(self._cancel_visible_job)
+        self.job_cancel.clicked.connect(self.session.cancel_jobs)
         self.counts_label = QLabel(self)
         self.counts_label.setObjectName("countsLabel")
         bar.addWidget(self.device_label)
@@ -458,27 +332,42 @@ class MainWindow(QMainWindow):
             self.editor.flush()
         except DefectStudioError as error:
             log.warning("could not save the last edit: %s", error)
-        for runner in self.runners:
-            runner.shutdown()
+        self.session.shutdown_jobs()
         self.cam_panel.shutdown()
         self.image_loader.shutdown()
         if self.thumbnails is not None:
             self.thumbnails.shutdown()
         self._close_project()
 
-    # ================================================================= jobs
+    # ================================================================= the session, as the window's API
+    @property
+    def project(self) -> Project | None:
+        return self.session.project
+
+    @property
+    def current_image_id(self) -> int | None:
+        return self.session.image_id
+
+    @property
+    def current_pixels(self) -> np.ndarray | None:
+        return self.session.pixels
+
+    @property
+    def current_round(self) -> int | None:
+        return self.session.round
+
     def make_runner(self, title: str) -> JobRunner:
         """A JobRunner whose progress shows in the status bar; joined when the window closes."""
-        runner = JobRunner(title, self)
-        runner.started.connect(lambda _title, r=runner: self._on_job_started(r))
-        runner.progress.connect(lambda event, r=runner: self._on_job_progress(r, event))
-        runner.finished.connect(lambda outcome, r=runner: self._on_job_finished(r, outcome))
-        runner.failed.connect(lambda error, details, r=runner: report_error(self, f"{r.title} failed", error, details))
-        self.runners.append(runner)
-        return runner
+        return self.session.make_runner(title)
 
     def busy_runners(self) -> list[JobRunner]:
-        return [runner for runner in self.runners if runner.busy]
+        return self.session.busy_runners()
+
+    def notify_masks_changed(self) -> None:
+        """Rounds or mask records changed (new proposals, a new round): refresh everything."""
+        self.session.notify_masks_changed()
+
+    # ================================================================= jobs
 
     def _on_job_started(self, runner: JobRunner) -> None:
         self.job_label.setText(f"{runner.title}…")
@@ -497,7 +386,7 @@ class MainWindow(QMainWindow):
         self.job_label.setText(text)
 
     def _on_job_finished(self, runner: JobRunner, outcome: str) -> None:
-        still_running = self.busy_runners()
+        still_running = self.session.busy_runners()
         if still_running:
             self.job_label.setText(f"{still_running[0].title}…")
             return
@@ -505,10 +394,6 @@ class MainWindow(QMainWindow):
         self.job_cancel.setVisible(False)
         messages = {"succeeded": "finished", "cancelled": "cancelled; previous results kept", "failed": "failed"}
         self.job_label.setText(f"{runner.title} {messages.get(outcome, outcome)}")
-
-    def _cancel_visible_job(self) -> None:
-        for runner in self.busy_runners():
-            runner.cancel()
 
     # ================================================================= projects
     def open_project_dialog(self) -> None:
@@ -592,16 +477,15 @@ class MainWindow(QMainWindow):
     def set_project(self, project: Project | None) -> None:
         """Show `project` (the window owns it from now on and closes it)."""
         self._close_project()
-        self.project = project
         self.tag_stack.clear()
         self.editor.set_project(project)
         if project is not None:
             self.thumbnails = ThumbnailCache(project.cache_dir / "thumbs", parent=self)
             self.center_stack.setCurrentWidget(self.viewer)
             self.settings.setValue("project/last", str(project.path))
+        self.session.set_project(project)
         self.refresh_gallery()
         self._update_title()
-        self.project_changed.emit()
         if project is not None and self.gallery_model.rowCount() > 0:
             self.select_row(0)
         if project is not None and project.took_over_stale_lock:
@@ -618,18 +502,16 @@ class MainWindow(QMainWindow):
         except DefectStudioError as error:
             log.warning("could not save the last edit: %s", error)
         self.editor.set_project(None)
-        for runner in self.runners:
-            runner.shutdown()  # a job must not outlive the project it writes to
+        self.session.shutdown_jobs()  # a job must not outlive the project it writes to
         self.cam_panel.shutdown()
         self.image_loader.shutdown()
         if self.thumbnails is not None:
             self.thumbnails.shutdown()
             self.thumbnails.deleteLater()
             self.thumbnails = None
-        self.project.close()
-        self.project = None
-        self.current_image_id = None
-        self.current_pixels = None
+        project = self.project
+        self.session.set_project(None)
+        project.close()
         self.viewer.set_image(None)
         self.center_stack.setCurrentWidget(self.empty_hint)
 
@@ -638,14 +520,6 @@ class MainWindow(QMainWindow):
             self.setWindowTitle("defect-studio")
         else:
             self.setWindowTitle(f"{self.project.image_root.name} — defect-studio  [{self.project.path}]")
-
-    # ================================================================= rounds
-    @property
-    def current_round(self) -> int | None:
-        if self.project is None:
-            return None
-        rounds = self.project.rounds()
-        return rounds[-1].index if rounds else None
 
     # ================================================================= gallery
     def refresh_gallery(self) -> None:
@@ -729,34 +603,33 @@ class MainWindow(QMainWindow):
             self.editor.flush()  # leaving an image never loses its edit
         except DefectStudioError as error:
             report_error(self, "Cannot save the mask", error)
-        self.current_image_id = image_id
-        self.current_pixels = None
+        pixels = None
         if image_id is None or self.project is None:
             self.viewer.set_image(None)
         else:
             image = self.project.image(image_id)
-            cached = self.image_loader.cached(image_id)
-            if cached is not None:
-                self._display_pixels(image_id, cached)
-            elif image.width * image.height <= SYNC_DECODE_PIXELS:
+            pixels = self.image_loader.cached(image_id)
+            if pixels is None and image.width * image.height <= SYNC_DECODE_PIXELS:
                 # Small images decode in a few milliseconds: show them at once (and keep keyboard flow exact).
                 try:
-                    self._display_pixels(image_id, self.image_loader.load_now(image_id, image.path))
+                    pixels = self.image_loader.load_now(image_id, image.path)
                 except DefectStudioError as error:
-                    self._image_failed(image_id, str(error))
-            else:  # a large image decodes in the background; the viewer shows it when it is ready
-                self.viewer.set_image(None)
+                    self.statusBar().showMessage(str(error), 8000)
+            elif pixels is None:  # a large image decodes in the background; the viewer shows it when it is ready
                 self.image_loader.request(image_id, image.path)
+            if pixels is None:
+                self.viewer.set_image(None)
+            else:
+                self.viewer.set_image(pixels, fit=False)
             self.viewer.set_title(f" {image.stem} · {image.width}×{image.height} · {image.tag} ")
             self._prefetch_neighbour()
-        self.current_image_changed.emit(image_id)
+        self.session.set_image(image_id, pixels)
 
     def _display_pixels(self, image_id: int, pixels: np.ndarray) -> None:
         if image_id != self.current_image_id:
             return  # the user has moved on
-        self.current_pixels = pixels
         self.viewer.set_image(pixels, fit=False)
-        self.image_loaded.emit(image_id)
+        self.session.set_pixels(image_id, pixels)
 
     def _image_failed(self, image_id: int, message: str) -> None:
         if image_id == self.current_image_id:
@@ -797,7 +670,7 @@ class MainWindow(QMainWindow):
             image = self.project.image(self.current_image_id)
             self.viewer.set_title(f" {image.stem} · {image.width}×{image.height} · {image.tag} ")
         self._update_counts()
-        self.tags_changed.emit()
+        self.session.notify_tags_changed()
 
     # ================================================================= undo / redo
     def _undo_target(self) -> QUndoStack | None:
@@ -817,15 +690,10 @@ class MainWindow(QMainWindow):
             stack.redo()
 
     # ================================================================= masks
-    def _on_mask_saved(self, image_id: int, round_index: int, state: str) -> None:
+    def _on_mask_state_changed(self, image_id: int, round_index: int, state: str) -> None:
         if round_index == self.current_round:
             self.gallery_model.update_mask_state(image_id, state)
         self._update_counts()
-
-    def notify_masks_changed(self) -> None:
-        """Rounds or mask records changed (new proposals, a new round): refresh everything."""
-        self.refresh_gallery()
-        self.masks_changed.emit()
 
     def toggle_overlays(self) -> None:
         visible = not self.viewer.mask_layer.isVisible()
@@ -834,7 +702,10 @@ class MainWindow(QMainWindow):
 
     def _on_stage_changed(self, index: int) -> None:
         widget = self.stage_tabs.widget(index)
-        for panel in (self.tag_panel, self.train_panel, self.cam_panel, self.review_panel, self.rounds_panel):
+        for stage, panel in self.panel_of_stage.items():
+            if panel is widget:
+                self.session.set_stage(stage)  # before the panels hear of it: they ask which stage shows
+        for panel in self.panel_of_stage.values():
             active = panel is widget
             handler = getattr(panel, "stage_activated", None)
             if active and handler is not None:
@@ -842,6 +713,19 @@ class MainWindow(QMainWindow):
             deactivate = getattr(panel, "stage_deactivated", None)
             if not active and deactivate is not None:
                 deactivate()
+
+    def _show_stage(self, stage: str) -> None:
+        self.stage_tabs.setCurrentWidget(self.panel_of_stage[Stage(stage)])
+
+    def _show_in_centre(self, widget: QWidget | None) -> None:
+        """A panel's view in the centre (the CAM comparison), or None: the image viewer again."""
+        if widget is None:
+            if self.project is not None:
+                self.center_stack.setCurrentWidget(self.viewer)
+            return
+        if self.center_stack.indexOf(widget) < 0:
+            self.center_stack.addWidget(widget)
+        self.center_stack.setCurrentWidget(widget)
 
     def _update_counts(self) -> None:
         counts = self.gallery_model.counts()
@@ -852,6 +736,7 @@ class MainWindow(QMainWindow):
             text += f" · round {round_index}: {counts['to_review']} to review"
         self.counts_label.setText(text)
         self.gallery_count_label.setText(f"{self.gallery_model.rowCount()} shown of {counts['images']}")
+        self.session.set_counts(counts)
 
     # ================================================================= help
     def show_shortcut_sheet(self) -> None:

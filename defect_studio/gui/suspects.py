@@ -9,19 +9,36 @@ applied, so the row stays put while you work down the list.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from PySide6.QtGui import QUndoCommand
+from PySide6.QtGui import QUndoCommand, QUndoStack
+from PySide6.QtWidgets import QStatusBar
 
 from defect_studio.errors import DefectStudioError
 from defect_studio.gui.dialogs import report_error
 from defect_studio.project.mislabels import SUSPECT_THRESHOLD, confirm_tags, load_queue, stale_reason
 
 if TYPE_CHECKING:
-    from defect_studio.gui.gallery import GalleryItem
-    from defect_studio.gui.main_window import MainWindow
+    from defect_studio.gui.gallery import GalleryItem, GalleryModel
+    from defect_studio.gui.workers import JobRunner
+    from defect_studio.project import Project
 
 FILTER = "suspect"
+
+
+class GalleryWindow(Protocol):
+    """What the filter needs of the window whose gallery it filters (the main window)."""
+
+    project: "Project | None"
+    current_image_id: int | None
+    gallery_model: "GalleryModel"
+    tag_stack: QUndoStack
+
+    def make_runner(self, title: str) -> "JobRunner": ...
+    def refresh_gallery(self) -> None: ...
+    def selected_image_ids(self) -> list[int]: ...
+    def step_image(self, step: int) -> None: ...
+    def statusBar(self) -> QStatusBar: ...  # noqa: N802
 
 
 class ConfirmTagsCommand(QUndoCommand):
@@ -51,7 +68,7 @@ class ConfirmTagsCommand(QUndoCommand):
 
 
 class SuspectTags:
-    def __init__(self, window: "MainWindow") -> None:
+    def __init__(self, window: GalleryWindow) -> None:
         self.window = window
         self.runner = window.make_runner("Suspect tags")
         self.runner.succeeded.connect(lambda _: self._ranked())

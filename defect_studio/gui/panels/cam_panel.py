@@ -4,7 +4,7 @@ are computed for the shown image in the background (then cached by the core's `c
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from PySide6.QtCore import Qt, Signal
@@ -25,7 +25,8 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from defect_studio.gui.panels.common import JobRow, proposal_method
+from defect_studio.gui.panels.common import JobRow, cam_settings_for, proposal_method
+from defect_studio.gui.session import Session
 from defect_studio.gui.viewer import HEATMAP_COLORMAPS, ImageViewer
 from defect_studio.ml.cam_cache import CamCache, cam_job
 from defect_studio.ml.cams import (
@@ -36,9 +37,6 @@ from defect_studio.ml.cams import (
     default_settings,
     resolve_settings,
 )
-
-if TYPE_CHECKING:
-    from defect_studio.gui.main_window import MainWindow
 
 METHOD_NAMES = {
     "gradcam": "Grad-CAM",
@@ -174,11 +172,15 @@ class CamSettingsForm(QWidget):
 
 
 class CamPanel(QWidget):
-    def __init__(self, window: "MainWindow") -> None:
-        super().__init__(window)
+    """The CAM stage; it draws on `viewer`, the window's image viewer, and shows the comparison of
+    all methods in the window's centre (through the session)."""
+
+    def __init__(self, session: Session, viewer: ImageViewer, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
         self.setObjectName("camPanel")
-        self.window_ = window
-        self.runner = window.make_runner("Compute CAMs")
+        self.session = session
+        self.viewer = viewer
+        self.runner = session.make_runner("Compute CAMs")
         self.active = False
         self._followed_proposal_method: str | None = None  # see follow_proposal_method
         self._checkpoint_hash: dict[str, str] = {}  # checkpoint path -> the hash the cache is keyed by
@@ -262,10 +264,11 @@ class CamPanel(QWidget):
 
         self.runner.succeeded.connect(self._on_job_done)
         self.runner.finished.connect(lambda _: self._next_pending())
-        window.current_image_changed.connect(lambda _: self.update_overlay() if self.active else None)
-        window.image_loaded.connect(lambda _: self.update_overlay(request=False) if self.active and self.compare_check.isChecked() else None)
-        window.project_changed.connect(self._project_changed)
-        window.masks_changed.connect(self.follow_proposal_method)
+        session.image_changed.connect(lambda _: self.update_overlay() if self.active else None)
+        session.image_loaded.connect(lambda _: self.update_overlay(request=False) if self.active and self.compare_check.isChecked() else None)
+        session.project_changed.connect(self._project_changed)
+        session.masks_changed.connect(self.follow_proposal_method)
+        session.classifier_changed.connect(self.classifier_changed)
         self._method_changed()
         self.refresh()
 
@@ -278,7 +281,7 @@ class CamPanel(QWidget):
     def follow_proposal_method(self) -> bool:
         """Show the method the project's proposals come from, when that is new (a project opened,
         a round made with another method); otherwise leave the user's choice alone. True if it switched."""
-        project = self.window_.project
+        project = self.session.project
         method = proposal_method(project) if project is not None else None
         if method is None or method == self._followed_proposal_method or method not in self.methods:
             return False
@@ -293,7 +296,7 @@ class CamPanel(QWidget):
         enabled = run is not None
         for widget in (self.method_combo, self.all_button, self.compare_check):
             widget.setEnabled(enabled)
-        if self.window_.project is None:
+        if self.session.project is None:
             self.status_label.setText("")
         elif run is None:
             self.status_label.setText("Train a classifier first (Train tab); its CAMs show here.")
@@ -304,7 +307,7 @@ class CamPanel(QWidget):
         self.refresh()
 
     def _classifier_run(self) -> Any:
-        project = self.window_.project
+        project = self.session.project
         return project.latest_run("classifier") if project is not None else None
 
     @property
@@ -313,9 +316,7 @@ class CamPanel(QWidget):
 
     def settings_for(self, method: str) -> dict[str, Any]:
         """The user's settings of `method` (only those changed from the defaults), kept in the project."""
-        project = self.window_.project
-        stored = project.get_setting("gui.cam_settings") if project is not None else None
-        return dict((stored or {}).get(method, {})) if isinstance(stored, dict) else {}
+        return cam_settings_for(self.session.project, method)
 
     def _method_changed(self) -> None:
         method = self.method
@@ -325,7 +326,7 @@ class CamPanel(QWidget):
         self.update_overlay()
 
     def _settings_changed(self) -> None:
-        project, method = self.window_.project, self.method
+        project, method = self.session.project, self.method
         if project is None or method is None:
             return
         try:
@@ -358,8 +359,8 @@ class CamPanel(QWidget):
             return
         self.active = False
         self._pending.clear()
-        self.window_.viewer.set_heatmap(None)
-        self.window_.viewer.set_outline(None)
+        self.viewer.set_heatmap(None)
+        self.viewer.set_outline(None)
         if self.compare_check.isChecked():
             self.compare_check.setChecked(False)
 
@@ -370,7 +371,7 @@ class CamPanel(QWidget):
     # --- maps --------------------------------------------------------------------------------------
     def cached_map(self, image_id: int, method: str) -> np.ndarray | None:
         run = self._classifier_run()
-        project = self.window_.project
+        project = self.session.project
         if run is None or project is None:
             return None
         image = project.image(image_id)
@@ -388,7 +389,7 @@ class CamPanel(QWidget):
     def _next_pending(self) -> None:
         if self.runner.busy or not self._pending:
             return
-        project = self.window_.project
+        project = self.session.project
         if project is None:
             self._pending.clear()
             return
@@ -414,7 +415,7 @@ class CamPanel(QWidget):
             self.status_label.setText(f"{result.get('computed', 0)} map(s) computed, {result.get('cached', 0)} from the cache.")
 
     def compute_all(self) -> None:
-        project = self.window_.project
+        project = self.session.project
         method = self.method
         if project is None or method is None or self.runner.busy:
             return
@@ -425,8 +426,8 @@ class CamPanel(QWidget):
     # --- drawing -----------------------------------------------------------------------------------
     def update_overlay(self, request: bool = True) -> None:
         """Show the current image's map for the chosen method (or ask for it in the background)."""
-        viewer = self.window_.viewer
-        image_id = self.window_.current_image_id
+        viewer = self.viewer
+        image_id = self.session.image_id
         method = self.method
         if not self.active or image_id is None or method is None or self._classifier_run() is None:
             viewer.set_heatmap(None)
@@ -449,11 +450,11 @@ class CamPanel(QWidget):
             self.status_label.setText(f"{method_label(method)}: map from the cache.")
 
     def _show_map(self, image_id: int, method: str) -> None:
-        if self.active and image_id == self.window_.current_image_id:
+        if self.active and image_id == self.session.image_id:
             self.update_overlay(request=False)
 
     def _update_outline(self) -> None:
-        viewer = self.window_.viewer
+        viewer = self.viewer
         threshold = self.threshold_slider.value() / 100
         if self.compare_check.isChecked() and self.compare_view is not None:
             for compare_viewer in self.compare_view.viewers.values():
@@ -470,39 +471,36 @@ class CamPanel(QWidget):
         self._update_outline()
 
     def _opacity_changed(self, value: int) -> None:
-        self.window_.viewer.set_heat_opacity(value / 100)
+        self.viewer.set_heat_opacity(value / 100)
         if self.compare_view is not None:
             for viewer in self.compare_view.viewers.values():
                 viewer.set_heat_opacity(value / 100)
 
     def _colormap_changed(self) -> None:
         name = self.colormap_combo.currentData()
-        self.window_.viewer.set_colormap(name)
+        self.viewer.set_colormap(name)
         if self.compare_view is not None:
             for viewer in self.compare_view.viewers.values():
                 viewer.set_colormap(name)
 
     # --- comparison --------------------------------------------------------------------------------
     def set_compare(self, on: bool) -> None:
-        stack = self.window_.center_stack
         if on and self.methods:
             if self.compare_view is None:
-                self.compare_view = CompareView(self.methods, stack)
-                stack.addWidget(self.compare_view)
+                self.compare_view = CompareView(self.methods, self)  # the window moves it into its centre
                 for viewer in self.compare_view.viewers.values():
                     viewer.set_colormap(self.colormap_combo.currentData())
-            stack.setCurrentWidget(self.compare_view)
+            self.session.request_central_widget(self.compare_view)
             self.update_overlay()
         else:
-            if self.window_.project is not None:
-                stack.setCurrentWidget(self.window_.viewer)
+            self.session.request_central_widget(None)
             if self.active:
                 self.update_overlay()
 
     def _update_compare(self, request: bool) -> None:
         assert self.compare_view is not None
-        image_id = self.window_.current_image_id
-        pixels = self.window_.current_pixels
+        image_id = self.session.image_id
+        pixels = self.session.pixels
         first = True
         for method, viewer in self.compare_view.viewers.items():
             shape_changed = pixels is not None and viewer.image_shape != pixels.shape[:2]

@@ -1,4 +1,5 @@
-"""Small pieces the stage panels share: optional core modules, config forms, a progress row."""
+"""Small pieces the stage panels (and the window's status bar) share: project settings the panels
+read, config forms, a progress row, the ETA's wording."""
 
 from __future__ import annotations
 
@@ -26,6 +27,16 @@ from defect_studio.gui.workers import JobRunner
 from defect_studio.jobs import Progress
 
 
+def format_eta(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    seconds = int(round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+    if seconds >= 60:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds} s"
+
 
 def training_threads() -> int:
     """Torch threads for a training job started from the window: one fewer than the cores, so the
@@ -47,6 +58,13 @@ def proposal_method(project: Any) -> str | None:
     except ImportError:
         return None
     return DEFAULT_METHOD
+
+
+def cam_settings_for(project: Any, method: str) -> dict[str, Any]:
+    """The user's settings of the CAM `method` (only those changed from the defaults), kept in the
+    project: what the CAM tab shows and what proposals are made with."""
+    stored = project.get_setting("gui.cam_settings") if project is not None else None
+    return dict((stored or {}).get(method, {})) if isinstance(stored, dict) else {}
 
 
 class ConfigForm(QWidget):
@@ -165,8 +183,6 @@ class JobRow(QWidget):
         self.cancel_button.setEnabled(True)
 
     def _progress(self, event: Progress) -> None:
-        from defect_studio.gui.main_window import format_eta
-
         if event.total:
             self.bar.setRange(0, 1000)
             self.bar.setValue(int(1000 * (event.fraction or 0.0)))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from PySide6.QtWidgets import (
     QDialog,
@@ -17,29 +17,27 @@ from PySide6.QtWidgets import (
     QPushButton,
     QTextBrowser,
     QVBoxLayout,
+    QWidget,
 )
 
 from defect_studio.gui.panels.common import JobRow
+from defect_studio.gui.session import Session
 from defect_studio.gui.workers import JobRunner
-
-if TYPE_CHECKING:
-    from defect_studio.gui.main_window import MainWindow
 
 
 class ExportDialog(QDialog):
-    def __init__(self, window: "MainWindow", run_id: int | None = None) -> None:
-        super().__init__(window)
+    def __init__(self, session: Session, parent: QWidget | None = None, run_id: int | None = None) -> None:
+        super().__init__(parent)
         self.setObjectName("exportDialog")
         self.run_id = run_id  # a segmenter training run (the Models dialog); None: the current segmenter
         self.setWindowTitle("Export the segmenter" if run_id is None else f"Export segmenter run {run_id}")
-        self.window_ = window
-        self.runner: JobRunner = getattr(window, "export_runner", None) or window.make_runner("Export")
-        window.export_runner = self.runner  # type: ignore[attr-defined]
+        self.session = session
+        self.runner: JobRunner = session.shared_runner("export", "Export")  # one export at a time, from any dialog
         layout = QVBoxLayout(self)
         layout.addWidget(QLabel("Writes <code>model.onnx</code>, <code>model.torchscript.pt</code> and "
                                 "<code>model-card.json</code>, after checking that both give the same masks as the app."))
         row = QHBoxLayout()
-        project = window.project
+        project = session.project
         default = project.path / "exports" / "latest" if project is not None else Path.home() / "defect-studio-export"
         saved = project.get_setting("gui.export_dir") if project is not None and run_id is None else None
         if project is not None and run_id is not None:
@@ -74,7 +72,7 @@ class ExportDialog(QDialog):
             self.folder_edit.setText(folder)
 
     def start_export(self) -> bool:
-        project = self.window_.project
+        project = self.session.project
         if project is None or self.runner.busy:
             return False
         from defect_studio.ml.export import export_project_job  # loads torch and onnx: only when exporting

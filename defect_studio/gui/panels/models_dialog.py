@@ -3,7 +3,7 @@ earlier round's segmenter the current one, or export it, without losing later wo
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 from PySide6.QtWidgets import (
     QAbstractItemView,
@@ -17,10 +17,12 @@ from PySide6.QtWidgets import (
     QTableWidget,
     QTableWidgetItem,
     QVBoxLayout,
+    QWidget,
 )
 
 from defect_studio.errors import DefectStudioError
 from defect_studio.gui.dialogs import report_error
+from defect_studio.gui.session import Session
 from defect_studio.project.provenance import (
     describe_run_lines,
     model_rows,
@@ -29,18 +31,15 @@ from defect_studio.project.provenance import (
     use_segmenter,
 )
 
-if TYPE_CHECKING:
-    from defect_studio.gui.main_window import MainWindow
-
 COLUMNS = ("", "Run", "Kind", "Round", "Trained on", "Trained", "Checkpoint")
 
 
 class ModelsDialog(QDialog):
-    def __init__(self, window: "MainWindow", on_change: Callable[[], None] | None = None) -> None:
-        super().__init__(window)
+    def __init__(self, session: Session, parent: QWidget | None = None, on_change: Callable[[], None] | None = None) -> None:
+        super().__init__(parent)
         self.setObjectName("modelsDialog")
         self.setWindowTitle("Models and what they were trained on")
-        self.window_ = window
+        self.session = session
         self._on_change = on_change
         self.rows: list[dict] = []
         layout = QVBoxLayout(self)
@@ -86,7 +85,7 @@ class ModelsDialog(QDialog):
         self.refresh()
 
     def refresh(self) -> None:
-        project = self.window_.project
+        project = self.session.project
         selected = self.selected_row()
         self.rows = model_rows(project) if project is not None else []
         self.table.setRowCount(0)
@@ -111,7 +110,7 @@ class ModelsDialog(QDialog):
 
     def _show_selected(self) -> None:
         row = self.selected_row()
-        project = self.window_.project
+        project = self.session.project
         is_segmenter = row is not None and row["kind"] == "segmenter"
         self.use_button.setEnabled(is_segmenter and not row["current"])  # type: ignore[index]
         self.export_button.setEnabled(is_segmenter and row["file"] == "ok")  # type: ignore[index]
@@ -127,7 +126,7 @@ class ModelsDialog(QDialog):
             self._on_change()
 
     def make_current(self) -> bool:
-        row, project = self.selected_row(), self.window_.project
+        row, project = self.selected_row(), self.session.project
         if row is None or project is None:
             return False
         try:
@@ -140,8 +139,8 @@ class ModelsDialog(QDialog):
         return True
 
     def use_newest(self) -> None:
-        if self.window_.project is not None:
-            use_newest_segmenter(self.window_.project)
+        if self.session.project is not None:
+            use_newest_segmenter(self.session.project)
             self._changed()
 
     def export_selected(self) -> None:
@@ -150,6 +149,6 @@ class ModelsDialog(QDialog):
         row = self.selected_row()
         if row is None or row["kind"] != "segmenter":
             return
-        dialog = ExportDialog(self.window_, run_id=row["run"])
+        dialog = ExportDialog(self.session, self.parentWidget(), run_id=row["run"])
         dialog.open()
         self.export_dialog = dialog

@@ -7,7 +7,7 @@ the proposal, undo/redo per stroke. Every change is saved through the project st
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from PySide6.QtCore import Qt
@@ -30,23 +30,24 @@ from PySide6.QtWidgets import (
 
 from defect_studio.errors import DefectStudioError
 from defect_studio.gui.dialogs import confirm, report_error
+from defect_studio.gui.mask_editor import MaskEditor
 from defect_studio.gui.panels.cam_panel import method_label
-from defect_studio.gui.panels.common import JobRow, proposal_method
+from defect_studio.gui.panels.common import JobRow, cam_settings_for, proposal_method
+from defect_studio.gui.session import Session, Stage
 from defect_studio.ml.cams import CAM_METHODS
 from defect_studio.ml.pseudo import PseudoLabelSettings, create_checked_round, pseudo_job
 from defect_studio.project import review
 
-if TYPE_CHECKING:
-    from defect_studio.gui.main_window import MainWindow
-
 
 class ReviewPanel(QWidget):
-    def __init__(self, window: "MainWindow") -> None:
-        super().__init__(window)
+    """The review stage; it edits masks with `editor` on the window's image viewer."""
+
+    def __init__(self, session: Session, editor: MaskEditor, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
         self.setObjectName("reviewPanel")
-        self.window_ = window
-        self.editor = window.editor
-        self.runner = window.make_runner("Pseudo-labels")
+        self.session = session
+        self.editor = editor
+        self.runner = session.make_runner("Pseudo-labels")
         self.active = False
         layout = QVBoxLayout(self)
         layout.setContentsMargins(10, 10, 10, 10)
@@ -158,10 +159,10 @@ class ReviewPanel(QWidget):
         grid.addLayout(size_row, 1, 0, 1, 3)
         self.undo_button = QPushButton("Undo", edit_box)
         self.undo_button.setToolTip("Undo the last stroke (Ctrl+Z)")
-        self.undo_button.clicked.connect(window.undo)
+        self.undo_button.clicked.connect(self.undo)
         self.redo_button = QPushButton("Redo", edit_box)
         self.redo_button.setToolTip("Redo (Ctrl+Shift+Z)")
-        self.redo_button.clicked.connect(window.redo)
+        self.redo_button.clicked.connect(self.redo)
         self.fill_button = QPushButton("Fill holes", edit_box)
         self.fill_button.setToolTip("Fill the holes inside the defect regions (Ctrl+F)")
         self.fill_button.clicked.connect(self.fill_holes)
@@ -185,24 +186,24 @@ class ReviewPanel(QWidget):
         self.editor.mask_saved.connect(lambda *_: self.refresh())  # an edited mask leaves the queue
         self.editor.undo_group.canUndoChanged.connect(lambda _: self._update_buttons())
         self.editor.undo_group.canRedoChanged.connect(lambda _: self._update_buttons())
-        self.runner.succeeded.connect(lambda _: window.notify_masks_changed())
+        self.runner.succeeded.connect(lambda _: session.notify_masks_changed())
         self.runner.finished.connect(lambda _: self.refresh())
-        window.current_image_changed.connect(self._image_changed)
-        window.project_changed.connect(self.refresh)
-        window.masks_changed.connect(self._masks_changed)
-        window.tags_changed.connect(self.refresh)
+        session.image_changed.connect(self._image_changed)
+        session.project_changed.connect(self.refresh)
+        session.masks_changed.connect(self._masks_changed)
+        session.tags_changed.connect(self.refresh)
         self.refresh()
 
     # --- state ---------------------------------------------------------------------------------------
     def refresh(self) -> None:
-        project = self.window_.project
+        project = self.session.project
         if project is not None:
             saved = project.get_setting("gui.proposal_method")
             index = self.method_combo.findData(saved or proposal_method(project))
             if index >= 0:
                 self.method_combo.setCurrentIndex(index)
         has_classifier = project is not None and project.latest_run("classifier") is not None
-        round_index = self.window_.current_round
+        round_index = self.session.round
         if project is None:
             self.round_label.setText("No project open.")
         elif round_index is None:
@@ -223,8 +224,8 @@ class ReviewPanel(QWidget):
 
     def _fill_queue(self) -> None:
         self.queue.clear()
-        project = self.window_.project
-        round_index = self.window_.current_round
+        project = self.session.project
+        round_index = self.session.round
         if project is None or round_index is None:
             return
         stems = {image.id: image.stem for image in project.images("defect")}
@@ -232,7 +233,7 @@ class ReviewPanel(QWidget):
             item = QListWidgetItem(f"{stems[record.image_id]}{'   ⚑ empty' if record.flagged else ''}")
             item.setData(Qt.ItemDataRole.UserRole, record.image_id)
             self.queue.addItem(item)
-            if record.image_id == self.window_.current_image_id:
+            if record.image_id == self.session.image_id:
                 self.queue.setCurrentItem(item)
 
     def _update_buttons(self) -> None:
@@ -248,13 +249,13 @@ class ReviewPanel(QWidget):
         self.undo_button.setEnabled(stack is not None and stack.canUndo())
         self.redo_button.setEnabled(stack is not None and stack.canRedo())
         if record is None:
-            self.state_label.setText("This image has no mask in this round." if self.window_.current_round is not None else "")
+            self.state_label.setText("This image has no mask in this round." if self.session.round is not None else "")
         else:
             source = record.source
             self.state_label.setText(f"Mask: <b>{record.state}</b> · source {source}{' · flagged empty' if record.flagged else ''}")
 
     def _current_record(self) -> Any:
-        project, image_id, round_index = self.window_.project, self.window_.current_image_id, self.window_.current_round
+        project, image_id, round_index = self.session.project, self.session.image_id, self.session.round
         if project is None or image_id is None or round_index is None:
             return None
         return project.mask_record(image_id, round_index)
@@ -270,7 +271,7 @@ class ReviewPanel(QWidget):
 
     def open_current_mask(self) -> None:
         """Put the current image's mask of the current round in the editor (empty for an untouched defect image)."""
-        project, image_id, round_index = self.window_.project, self.window_.current_image_id, self.window_.current_round
+        project, image_id, round_index = self.session.project, self.session.image_id, self.session.round
         if project is None or image_id is None or round_index is None:
             self.editor.close_session()
             return
@@ -289,7 +290,7 @@ class ReviewPanel(QWidget):
             self.editor.close_session()
             return
         self.editor.open(image_id, round_index, mask)
-        self.window_.viewer.mask_layer.setVisible(not self.window_.cam_panel.active)
+        self.editor.viewer.mask_layer.setVisible(self.session.current_stage != Stage.CAMS)  # the CAMs show alone
 
     def _masks_changed(self) -> None:
         # Proposals were (re)made: the masks on disk are the truth now; old undo histories would lie.
@@ -299,41 +300,41 @@ class ReviewPanel(QWidget):
 
     def stage_activated(self) -> None:
         self.active = True
-        self.window_.viewer.mask_layer.setVisible(True)
+        self.editor.viewer.mask_layer.setVisible(True)
         self.refresh()
 
     def stage_deactivated(self) -> None:
         if self.active:
             self.active = False
             self.choose_tool("")
-        self.window_.viewer.mask_layer.setVisible(not self.window_.cam_panel.active)
+        self.editor.viewer.mask_layer.setVisible(self.session.current_stage != Stage.CAMS)
 
     # --- actions -------------------------------------------------------------------------------------
     def make_proposals(self) -> bool:
-        project = self.window_.project
+        project = self.session.project
         method = self.method_combo.currentData()
         if project is None or method is None or self.runner.busy:
             return False
         settings = {"high": self.high_spin.value(), "low": min(self.low_spin.value(), self.high_spin.value())}
         project.set_setting("gui.proposal_method", method)
-        round_index = self.window_.current_round
+        round_index = self.session.round
         if round_index is None:
             try:  # refused before an empty round is created
                 round_index = create_checked_round(project, {
-                    "cam_method": method, "pseudo": settings, "cam_settings": self.window_.cam_panel.settings_for(method)})
+                    "cam_method": method, "pseudo": settings, "cam_settings": cam_settings_for(project, method)})
             except DefectStudioError as error:
                 report_error(self, "Cannot make proposals", error)
                 return False
-            self.window_.notify_masks_changed()
+            self.session.notify_masks_changed()
         self.editor.flush()
         index = round_index
-        cam_settings = self.window_.cam_panel.settings_for(method)  # the same maps the CAM viewer shows
+        cam_settings = cam_settings_for(project, method)  # the same maps the CAM viewer shows
         return self.runner.start(lambda cancel: pseudo_job(project, index, method, settings, cancel, cam_settings),
                                  f"Round-{index} proposals")
 
     def choose_tool(self, tool: str) -> None:
-        if tool and self.window_.stage_tabs.currentWidget() is not self:
-            self.window_.stage_tabs.setCurrentWidget(self)  # B/E jump to the review stage
+        if tool and self.session.current_stage != Stage.REVIEW:
+            self.session.request_stage(Stage.REVIEW)  # B/E jump to the review stage
         self.editor.set_tool(tool)
 
     def _tool_changed(self, tool: str) -> None:
@@ -349,8 +350,18 @@ class ReviewPanel(QWidget):
     def fill_holes(self) -> None:
         self.editor.fill_holes()
 
+    def undo(self) -> None:
+        stack = self.editor.undo_stack
+        if stack is not None and stack.canUndo():
+            stack.undo()
+
+    def redo(self) -> None:
+        stack = self.editor.undo_stack
+        if stack is not None and stack.canRedo():
+            stack.redo()
+
     def _decide(self, state: str) -> None:
-        project, image_id, round_index = self.window_.project, self.window_.current_image_id, self.window_.current_round
+        project, image_id, round_index = self.session.project, self.session.image_id, self.session.round
         if project is None or image_id is None or round_index is None:
             return
         try:
@@ -362,8 +373,7 @@ class ReviewPanel(QWidget):
         except DefectStudioError as error:
             report_error(self, "Cannot save the review", error)
             return
-        self.window_.gallery_model.update_mask_state(image_id, record.state)
-        self.window_._update_counts()
+        self.session.notify_mask_state(image_id, round_index, record.state)
         self.refresh()
         self._go_to_next_in_queue(image_id)
 
@@ -375,7 +385,7 @@ class ReviewPanel(QWidget):
 
     def reject_rest(self) -> int:
         """Reject every defect image's mask still to review in the current round (asks first); returns how many."""
-        project, round_index = self.window_.project, self.window_.current_round
+        project, round_index = self.session.project, self.session.round
         remaining = self.queue.count()
         if project is None or round_index is None or remaining == 0:
             return 0
@@ -389,7 +399,7 @@ class ReviewPanel(QWidget):
         except DefectStudioError as error:
             report_error(self, "Cannot save the review", error)
             return 0
-        self.window_.refresh_gallery()  # not notify_masks_changed: no mask changed, undo histories stay
+        self.session.notify_mask_states_changed()  # not notify_masks_changed: no mask changed, undo histories stay
         self.refresh()
         return len(result.changed)
 
@@ -399,13 +409,13 @@ class ReviewPanel(QWidget):
         if not ids:
             return
         later = [image_id for image_id in ids if image_id > after_image_id]
-        self.window_.select_image(later[0] if later else ids[0])
+        self.session.request_image(later[0] if later else ids[0])
 
     def _queue_clicked(self, item: QListWidgetItem) -> None:
-        self.window_.select_image(item.data(Qt.ItemDataRole.UserRole))
+        self.session.request_image(item.data(Qt.ItemDataRole.UserRole))
 
     def revert_current(self) -> None:
-        project, image_id, round_index = self.window_.project, self.window_.current_image_id, self.window_.current_round
+        project, image_id, round_index = self.session.project, self.session.image_id, self.session.round
         if project is None or image_id is None or round_index is None:
             return
         self.editor.flush()
@@ -416,5 +426,5 @@ class ReviewPanel(QWidget):
             return
         self.editor.forget(image_id, round_index)
         self.open_current_mask()
-        self.window_.gallery_model.update_mask_state(image_id, record.state)
+        self.session.notify_mask_state(image_id, round_index, record.state)
         self.refresh()

@@ -4,7 +4,7 @@ the export dialog."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from PySide6.QtWidgets import (
     QAbstractItemView,
@@ -19,6 +19,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from defect_studio.gui.mask_editor import MaskEditor
 from defect_studio.gui.panels.common import (
     ConfigForm,
     JobRow,
@@ -27,11 +28,10 @@ from defect_studio.gui.panels.common import (
 )
 from defect_studio.gui.panels.train_panel import make_plot
 from defect_studio.gui.plotting import pg
+from defect_studio.gui.session import Session
+from defect_studio.jobs import Progress, ProgressKind
 from defect_studio.ml.pseudo import create_checked_round, pseudo_job
 from defect_studio.ml.segmenter_options import SegmenterConfig
-
-if TYPE_CHECKING:
-    from defect_studio.gui.main_window import MainWindow
 
 COLUMNS = ("Round", "Status", "Acc.", "Edit.", "Rej.", "Open", "Edited px", "Δ mask", "Seg IoU", "GT IoU")
 COLUMN_TIPS = ("Round index", "proposing → proposed → training → trained (or converged)", "Masks accepted as proposed",
@@ -83,11 +83,14 @@ def ground_truth_dir(project: Any) -> Path | None:
 
 
 class RoundsPanel(QWidget):
-    def __init__(self, window: "MainWindow") -> None:
-        super().__init__(window)
+    """The rounds stage; `editor` is flushed before a round trains, so the last stroke counts."""
+
+    def __init__(self, session: Session, editor: MaskEditor, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
         self.setObjectName("roundsPanel")
-        self.window_ = window
-        self.runner = window.make_runner("Refinement round")
+        self.session = session
+        self.editor = editor
+        self.runner = session.make_runner("Refinement round")
         layout = QVBoxLayout(self)
         layout.setContentsMargins(10, 10, 10, 10)
         layout.setSpacing(8)
@@ -159,16 +162,16 @@ class RoundsPanel(QWidget):
         self.runner.started.connect(lambda _: self._clear_live())
         self.runner.progress.connect(self._on_progress)
         self.runner.finished.connect(lambda _: self.refresh())
-        window.project_changed.connect(self.refresh)
-        window.masks_changed.connect(self.refresh)
+        session.project_changed.connect(self.refresh)
+        session.masks_changed.connect(self.refresh)
         self.refresh()
 
     def stage_activated(self) -> None:
         self.refresh()
 
     def refresh(self) -> None:
-        project = self.window_.project
-        round_index = self.window_.current_round
+        project = self.session.project
+        round_index = self.session.round
         self.round_button.setEnabled(round_index is not None and not self.runner.busy)
         if project is not None and not self.runner.busy:
             saved = project.get_setting("gui.segmenter_config")
@@ -179,7 +182,7 @@ class RoundsPanel(QWidget):
         self._fill_table()
 
     def _fill_table(self) -> None:
-        project = self.window_.project
+        project = self.session.project
         self.table.setRowCount(0)
         if project is None:
             self.plot.setXRange(-0.5, 2.5)
@@ -227,13 +230,13 @@ class RoundsPanel(QWidget):
     def run_round(self) -> bool:
         """Train the segmenter on the current round's reviewed masks (the core's refine job, one
         round), then make the next round's proposals from segmenter + CAM, in one background job."""
-        project = self.window_.project
-        round_index = self.window_.current_round
+        project = self.session.project
+        round_index = self.session.round
         if project is None or round_index is None or self.runner.busy:
             return False
         from defect_studio.ml.refine import DEFAULT_METHOD, RefineConfig, refine_job  # on use: with a broken torch the app still opens, tags and reviews
 
-        self.window_.editor.flush()
+        self.editor.flush()
         segmenter_values = self.form.values()
         project.set_setting("gui.segmenter_config", segmenter_values)
         round_config = project.round(round_index).config or {}
@@ -265,8 +268,8 @@ class RoundsPanel(QWidget):
         self.live_loss.setData([], [])
         self.live_iou.setData([], [])
 
-    def _on_progress(self, event: Any) -> None:
-        if event.stage != "train segmenter":
+    def _on_progress(self, event: Progress) -> None:
+        if event.kind != ProgressKind.EPOCH:  # the round's only training is the segmenter's
             return
         for key, curve in (("loss", self.live_loss), ("val_defect_iou", self.live_iou)):
             value = event.metrics.get(key)
@@ -275,22 +278,22 @@ class RoundsPanel(QWidget):
                 curve.setData([p[0] for p in self.live_points[key]], [p[1] for p in self.live_points[key]])
 
     def _round_done(self, result: object) -> None:
-        self.window_.notify_masks_changed()
+        self.session.notify_masks_changed()
 
     def open_models_dialog(self) -> None:
         from defect_studio.gui.panels.models_dialog import ModelsDialog
 
-        if self.window_.project is None:
+        if self.session.project is None:
             return
-        dialog = ModelsDialog(self.window_, on_change=self.refresh)
+        dialog = ModelsDialog(self.session, self, on_change=self.refresh)
         dialog.open()
         self.models_dialog = dialog
 
     def open_export_dialog(self) -> None:
         from defect_studio.gui.panels.export_dialog import ExportDialog
 
-        if self.window_.project is None:
+        if self.session.project is None:
             return
-        dialog = ExportDialog(self.window_)
+        dialog = ExportDialog(self.session, self)
         dialog.open()
         self.export_dialog = dialog

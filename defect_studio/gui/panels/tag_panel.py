@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from PySide6.QtWidgets import QGridLayout, QGroupBox, QLabel, QPushButton, QVBoxLayout, QWidget
 
-if TYPE_CHECKING:
-    from defect_studio.gui.main_window import MainWindow
+from defect_studio.gui.session import Session
 
 
 class TagPanel(QWidget):
-    def __init__(self, window: "MainWindow") -> None:
-        super().__init__(window)
+    def __init__(self, session: Session, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
         self.setObjectName("tagPanel")
-        self.window_ = window
+        self.session = session
         layout = QVBoxLayout(self)
         layout.setContentsMargins(10, 10, 10, 10)
         layout.setSpacing(10)
@@ -37,11 +34,11 @@ class TagPanel(QWidget):
         self.untag_button = QPushButton("Untag  (U)", buttons)
         self.previous_button = QPushButton("◀  Previous", buttons)
         self.next_button = QPushButton("Next  ▶", buttons)
-        self.good_button.clicked.connect(lambda: window.tag_selected("good"))
-        self.defect_button.clicked.connect(lambda: window.tag_selected("defect"))
-        self.untag_button.clicked.connect(lambda: window.tag_selected("untagged"))
-        self.previous_button.clicked.connect(lambda: window.step_image(-1))
-        self.next_button.clicked.connect(lambda: window.step_image(+1))
+        self.good_button.clicked.connect(lambda: session.request_tag("good"))
+        self.defect_button.clicked.connect(lambda: session.request_tag("defect"))
+        self.untag_button.clicked.connect(lambda: session.request_tag("untagged"))
+        self.previous_button.clicked.connect(lambda: session.request_step(-1))
+        self.next_button.clicked.connect(lambda: session.request_step(+1))
         for button, tip in ((self.good_button, "Tag the selected images good (G)"),
                             (self.defect_button, "Tag the selected images defect (D)"),
                             (self.untag_button, "Remove the tag (U)")):
@@ -61,18 +58,17 @@ class TagPanel(QWidget):
         counts_layout.addWidget(self.counts_label)
         self.rescan_button = QPushButton("Import new images from the folder", counts_box)
         self.rescan_button.setToolTip("Look for images added to the project's image folder since the last import")
-        self.rescan_button.clicked.connect(window.rescan_images)
+        self.rescan_button.clicked.connect(session.request_rescan)
         counts_layout.addWidget(self.rescan_button)
         layout.addWidget(counts_box)
         layout.addStretch(1)
 
-        window.tags_changed.connect(self.refresh)
-        window.project_changed.connect(self.refresh)
-        window.gallery_model.modelReset.connect(self.refresh)
+        session.project_changed.connect(self.refresh)
+        session.counts_changed.connect(lambda _: self.refresh())
         self.refresh()
 
     def refresh(self) -> None:
-        project = self.window_.project
+        project = self.session.project
         enabled = project is not None
         for button in (self.good_button, self.defect_button, self.untag_button, self.previous_button,
                        self.next_button, self.rescan_button):
@@ -80,11 +76,11 @@ class TagPanel(QWidget):
         if project is None:
             self.counts_label.setText("No project open.")
             return
-        counts = self.window_.gallery_model.counts()
+        counts = self.session.counts
         ready = counts.get("good", 0) >= 2 and counts.get("defect", 0) >= 2
         self.counts_label.setText(
             f"<table cellspacing='4'>"
-            f"<tr><td>Images</td><td align='right'><b>{counts['images']}</b></td></tr>"
+            f"<tr><td>Images</td><td align='right'><b>{counts.get('images', 0)}</b></td></tr>"
             f"<tr><td><span style='color:#3fb950'>●</span> Good</td><td align='right'><b>{counts.get('good', 0)}</b></td></tr>"
             f"<tr><td><span style='color:#f85149'>●</span> Defect</td><td align='right'><b>{counts.get('defect', 0)}</b></td></tr>"
             f"<tr><td><span style='color:#8b949e'>●</span> Untagged</td><td align='right'><b>{counts.get('untagged', 0)}</b></td></tr>"

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from PySide6.QtWidgets import QGroupBox, QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWidget
 
 from defect_studio.gui.panels.common import ConfigForm, JobRow, training_threads
 from defect_studio.gui.plotting import pg
-from defect_studio.jobs import Progress
+from defect_studio.gui.session import Session
+from defect_studio.jobs import Progress, ProgressKind
 from defect_studio.ml.classifier_options import ARCH_DEFAULTS, ARCHITECTURES, ClassifierConfig
-
-if TYPE_CHECKING:
-    from defect_studio.gui.main_window import MainWindow
 
 CLASSIFIER_FIELDS = [
     ("arch", "Backbone", "efficientnet-lite0: ImageNet features fine-tuned on your tags (its CAMs outline defects); "
@@ -60,11 +58,11 @@ def _format_metric(value: float) -> str:
 
 
 class TrainPanel(QWidget):
-    def __init__(self, window: "MainWindow") -> None:
-        super().__init__(window)
+    def __init__(self, session: Session, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
         self.setObjectName("trainPanel")
-        self.window_ = window
-        self.runner = window.make_runner("Train classifier")
+        self.session = session
+        self.runner = session.make_runner("Train classifier")
         self.history: dict[str, list[tuple[float, float]]] = {key: [] for key in CURVE_STYLE}
         layout = QVBoxLayout(self)
         layout.setContentsMargins(10, 10, 10, 10)
@@ -105,8 +103,8 @@ class TrainPanel(QWidget):
         self.runner.progress.connect(self._on_progress)
         self.runner.succeeded.connect(self._on_succeeded)
         self.runner.finished.connect(lambda _: self._update_enabled())
-        window.project_changed.connect(self.refresh)
-        window.tags_changed.connect(self._update_enabled)
+        session.project_changed.connect(self.refresh)
+        session.tags_changed.connect(self._update_enabled)
         self.refresh()
 
     def stage_activated(self) -> None:
@@ -118,7 +116,7 @@ class TrainPanel(QWidget):
         self.form.set_values({name: getattr(defaults, name) for name in ARCH_DEFAULTS[arch]})
 
     def refresh(self) -> None:
-        project = self.window_.project
+        project = self.session.project
         if project is not None:
             saved = project.get_setting("gui.classifier_config")
             if isinstance(saved, dict):
@@ -127,10 +125,10 @@ class TrainPanel(QWidget):
         self._update_enabled()
 
     def _update_enabled(self) -> None:
-        self.train_button.setEnabled(self.window_.project is not None and not self.runner.busy)
+        self.train_button.setEnabled(self.session.project is not None and not self.runner.busy)
 
     def _show_latest_run(self) -> None:
-        project = self.window_.project
+        project = self.session.project
         run = project.latest_run("classifier") if project is not None else None
         if run is None:
             self.result_label.setText("No classifier trained yet." if project is not None else "")
@@ -149,7 +147,7 @@ class TrainPanel(QWidget):
 
     # --- training ----------------------------------------------------------------------------------
     def start_training(self) -> bool:
-        project = self.window_.project
+        project = self.session.project
         if project is None:
             return False
         from defect_studio.ml.classifier import train_project_classifier_job  # on use: with a broken torch the app still opens, tags and reviews
@@ -182,14 +180,14 @@ class TrainPanel(QWidget):
                 self.curves[key].setData(list(xs), list(ys))
 
     def _on_progress(self, event: Progress) -> None:
-        # Per-epoch events carry the curves' metrics; the closing "done" event repeats the best ones.
-        if event.stage != "done" and any(key in event.metrics for key in CURVE_STYLE):
+        # Epoch events carry the curves' metrics (the closing result repeats the best ones: not a point).
+        if event.kind == ProgressKind.EPOCH and any(key in event.metrics for key in CURVE_STYLE):
             epoch = float(event.metrics.get("epoch", event.step))
             self._add_point(epoch, event.metrics)
 
     def _on_succeeded(self, result: object) -> None:
         self._show_latest_run()
-        self.window_.cam_panel.classifier_changed()
+        self.session.notify_classifier_changed()
 
     def point_count(self, key: str) -> int:
         return len(self.history[key])
