@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -139,16 +140,24 @@ def test_good_prior_marks_what_no_good_image_has() -> None:
     assert float(distances[10:, :4].max()) < 0.5 * float(distances.max())
 
 
-@pytest.mark.slow
-def test_fine_tuned_efficientnet_and_its_good_prior_find_the_demo_defects(demo_dataset: Path, tmp_path: Path) -> None:
-    """End to end on tiny data: ImageNet features fine-tuned on tags; the checkpoint carries the good images'
-    memory bank; the prior and the region-aware CAM localise the defects far better than marking every pixel."""
+@pytest.fixture(scope="module")
+def fine_tuned_classifier(demo_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """The default EfficientNet classifier fine-tuned on the demo's tags (checkpoint, training metrics)."""
     samples = load_dataset(demo_dataset)
     train = [(s.image_path, s.label, file_sha256(s.image_path)) for s in samples if s.split == "train"]
     config = ClassifierConfig(input_size=128, epochs=3, min_epochs=3, batch_size=16, threads=1, prior_bank_size=2048)
-    checkpoint = tmp_path / "classifier.pt"
+    checkpoint = tmp_path_factory.mktemp("classifier") / "classifier.pt"
     result = run_job(train_classifier_job(train, config, checkpoint, CancelToken(), "cpu"))
-    assert result.metrics["val_auroc"] > 0.8
+    return checkpoint, result.metrics
+
+
+@pytest.mark.slow
+def test_fine_tuned_efficientnet_and_its_good_prior_find_the_demo_defects(demo_dataset: Path, fine_tuned_classifier) -> None:
+    """End to end on tiny data: ImageNet features fine-tuned on tags; the checkpoint carries the good images'
+    memory bank; the prior and the region-aware CAM localise the defects far better than marking every pixel."""
+    checkpoint, metrics = fine_tuned_classifier
+    assert metrics["val_auroc"] > 0.8
+    samples = load_dataset(demo_dataset)
     classifier = load_classifier(checkpoint)
     assert classifier.good_prior is not None and classifier.good_prior.bank.shape[0] <= 2048
     assert classifier.good_prior.stage == 3
@@ -203,3 +212,63 @@ def test_pretrained_segmenter_trains_and_exports_with_parity(demo_dataset: Path,
     images = [sample.image.astype(np.float32) for sample in samples[:2]]
     _, parity = export_segmenter(loaded, tmp_path / "export", images, {})
     assert parity.passed and parity.onnx_max_abs_diff < 1e-3
+
+
+def _demo_segmentation_samples(demo_dataset: Path, split: str) -> list:
+    from defect_studio.ml.segmenter import SegmentationSample, make_target
+
+    samples = []
+    for sample in load_dataset(demo_dataset):
+        if sample.split == split:
+            image = read_image(sample.image_path)
+            mask = read_mask(sample.mask_path) if sample.mask_path else np.zeros(image.shape[:2], bool)
+            samples.append(SegmentationSample(sample.stem, image, make_target(mask)))
+    return samples
+
+
+@pytest.mark.slow
+def test_segmenter_on_the_classifiers_frozen_encoder_encodes_each_image_once(
+        demo_dataset: Path, fine_tuned_classifier, tmp_path: Path) -> None:
+    """The segmenter decodes the fine-tuned classifier's own features: its encoder is the classifier's (and stays
+    so), every training image is encoded once and crops are cut from the features, and it finds the defects."""
+    from defect_studio.ml.evaluate import evaluate_pairs
+    from defect_studio.ml.export import export_segmenter
+    from defect_studio.ml.segmenter import SegmenterConfig, load_segmenter, train_segmenter_job
+
+    classifier_path, _ = fine_tuned_classifier
+    train = _demo_segmentation_samples(demo_dataset, "train")
+    config = SegmenterConfig(architecture="efficientnet-lite0-unet", frozen_stages=4, encoder_weights="classifier",
+                             crop_size=64, batch_size=8, epochs=4, steps_per_epoch=10, learning_rate=3e-3, seed=0,
+                             threads=1)
+    events = []
+    checkpoint = tmp_path / "segmenter.pt"
+    job = train_segmenter_job(train, config, checkpoint, CancelToken(), classifier_path=classifier_path)
+    run_job(job, events.append)
+    encoding = [event for event in events if event.stage == "encode images"]
+    assert encoding[-1].message.startswith(f"{encoding[-1].total} encoded")
+    again = []  # the next round's training (same classifier): every image's features are reused
+    run_job(train_segmenter_job(train, dataclasses.replace(config, epochs=1, steps_per_epoch=1), tmp_path / "again.pt",
+                                CancelToken(), classifier_path=classifier_path), again.append)
+    assert [e.message.split(",")[0] for e in again if e.stage == "encode images"][-1] == "0 encoded"
+    loaded = load_segmenter(checkpoint, device="cpu")
+    classifier = load_classifier(classifier_path, "cpu").model
+    assert torch.equal(loaded.model.encoder[3][0]._depthwise_conv.weight, classifier.stages[2][0]._depthwise_conv.weight)
+    assert loaded.meta["encoder_from"].startswith("classifier ")
+    test = _demo_segmentation_samples(demo_dataset, "test")
+    metrics = evaluate_pairs((s.target == 1, loaded.mask(s.image), bool((s.target == 1).any()), None) for s in test)
+    assert metrics["defect_iou"] > 0.3
+    _, parity = export_segmenter(loaded, tmp_path / "export", [s.image for s in test[:2]], {})
+    assert parity.passed
+
+
+def test_classifier_encoder_needs_a_classifier(demo_dataset: Path, tmp_path: Path) -> None:
+    from defect_studio.errors import DataError
+    from defect_studio.ml.segmenter import SegmenterConfig, train_segmenter_job
+
+    config = SegmenterConfig(architecture="efficientnet-lite0-unet", frozen_stages=4, encoder_weights="classifier",
+                             epochs=1, steps_per_epoch=1)
+    with pytest.raises(DataError, match="needs a trained classifier"):
+        run_job(train_segmenter_job(_demo_segmentation_samples(demo_dataset, "train")[:8], config,
+                                    tmp_path / "s.pt", CancelToken()))
+    with pytest.raises(DataError, match="encoder_weights"):
+        SegmenterConfig.from_dict({"encoder_weights": "hub"})

@@ -334,7 +334,8 @@ def run(dataset: Path, quick: bool, out: Path, seed: int, classifier_path: Path 
 
             full_path = work / "segmenter-gt.pt"
             full_result = clock.run("upper bound training", lambda: run_job(
-                train_segmenter_job(gt_samples(), SegmenterConfig.from_dict(upper_bound), full_path, CancelToken()), show))
+                train_segmenter_job(gt_samples(), SegmenterConfig.from_dict(upper_bound), full_path, CancelToken(),
+                                    classifier_path=classifier_path), show))
             full_metrics = clock.run("evaluation", lambda: _evaluate_segmenter(load_segmenter(full_path), test))
     finally:
         if keep_project is not None and (work / "project").is_dir():

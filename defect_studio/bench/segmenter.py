@@ -28,6 +28,7 @@ from defect_studio.dataset_layout import DatasetSample, load_dataset
 from defect_studio.imageio import read_image
 from defect_studio.jobs import CancelToken, run_job
 from defect_studio.ml.device import torch_threads
+from defect_studio.ml.encoded_crops import EncodedCropSampler, encode_samples
 from defect_studio.ml.evaluate import evaluate_pairs
 from defect_studio.ml.segmenter import (
     CropSampler,
@@ -54,6 +55,8 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "defect crops 30 %, lr 3e-3": dict(defect_crop_fraction=0.3, learning_rate=3e-3),
     "width 12": dict(channels=(12, 24, 48, 96, 192)),
     "width 16": dict(channels=(16, 32, 64, 128, 256)),
+    "efficientnet-lite0-unet": dict(architecture="efficientnet-lite0-unet"),
+    "efficientnet-lite0-unet, frozen encoder": dict(architecture="efficientnet-lite0-unet", frozen_stages=4),
     "smp Unet resnet18": dict(architecture="smp-unet:resnet18"),
     "smp Unet mobilenet_v2": dict(architecture="smp-unet:mobilenet_v2"),
 }
@@ -83,13 +86,21 @@ def cpu_seconds_per_step(config: SegmenterConfig, samples: list[SegmentationSamp
     with torch_threads(1):
         torch.manual_seed(config.seed)
         model = build_segmenter(samples[0].image.shape[2], config).train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate)
-        sampler = CropSampler(samples, config, model.in_channels)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate)
+        if getattr(model, "encoder_frozen", False):  # training decodes features encoded once per image
+            some = samples[:: max(1, len(samples) // 32)]
+            encoded, _ = run_job(encode_samples(model, [s.key for s in some], [s.image for s in some],
+                                                [s.target for s in some], torch.device("cpu"), CancelToken()))
+            sampler = EncodedCropSampler(encoded, config.crop_size, config.batch_size, config.defect_crop_fraction,
+                                         config.seed, model.size_multiple)
+            network = model.decode
+        else:
+            sampler, network = CropSampler(samples, config, model.in_channels), model
         times = []
         for _ in range(steps + 1):
             images, targets = sampler.batch()
             started = time.perf_counter()
-            loss = segmentation_loss(model(images), targets, config.dice_weight)
+            loss = segmentation_loss(network(images), targets, config.dice_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -151,7 +162,8 @@ def main(args: argparse.Namespace) -> int:
         out, name, f"Segmenter recipes on {dataset.name}: trained on ground-truth masks, scored on the test split",
         [("Candidates", rows, COLUMNS), ("Test defect IoU per defect type", rows, ["candidate", "steps", *type_columns])],
         [f"{len(training)} training images, {len(testing)} test images; trained on {device}; one seed ({args.seed}).",
-         "cpu s/step: median of 4 training steps on this machine's CPU with one torch thread, all candidates in one run.",
+         "cpu s/step: median of 4 training steps on this machine's CPU with one torch thread, all candidates in one run "
+         "(a frozen encoder's candidate: decoder steps on features encoded once per image, as it trains).",
          f"Every candidate is the app's default recipe with the named change; {STEPS_PER_EPOCH} steps per epoch, "
          "best epoch chosen on 10 % of the training images."],
         extra={"candidates": {n: CANDIDATES[n] for n in names}},

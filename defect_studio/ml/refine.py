@@ -124,9 +124,13 @@ def next_segmenter_path(project: Any, round_index: int) -> Path:
 
 
 def train_project_segmenter_job(
-    project: Any, round_index: int, config: SegmenterConfig, cancel: CancelToken
+    project: Any, round_index: int, config: SegmenterConfig, cancel: CancelToken,
+    classifier_path: str | Path | None = None,
 ) -> Generator[Progress, None, SegmenterTrainingResult]:
-    """Train on round `round_index`'s masks and record the run; a cancelled run records nothing."""
+    """Train on round `round_index`'s masks and record the run; a cancelled run records nothing.
+    `classifier_path` (default: the project's latest classifier) starts the segmenter's encoder when the
+    config's encoder_weights is "classifier"."""
+    from defect_studio.ml.cam_cache import default_classifier_path
     from defect_studio.ml.export import training_data_hash
 
     yield Progress("loading masks", 0, None, f"round {round_index}")
@@ -142,7 +146,10 @@ def train_project_segmenter_job(
     # The network this round builds on: the previous round's, or an earlier one the user made current.
     start_run = segmenter_to_build_on(project, round_index) if config.warm_start else None
     start_from = start_run.checkpoint_path if start_run is not None else None
-    result = yield from train_segmenter_job(samples, config, path, cancel, extra_meta=meta, start_from=start_from)
+    if config.encoder_weights == "classifier" and classifier_path is None:
+        classifier_path = default_classifier_path(project)
+    result = yield from train_segmenter_job(samples, config, path, cancel, extra_meta=meta, start_from=start_from,
+                                            classifier_path=classifier_path)
     provenance, inputs = _segmenter_provenance(project, round_index, used, meta["training_data_hash"], start_run)
     project.record_training_run(
         kind="segmenter",
@@ -265,7 +272,7 @@ def refine_job(
             break
         project.update_round(round_index, status="training", metrics=metrics)
         started = time.monotonic()
-        result = yield from train_project_segmenter_job(project, round_index, segmenter_config, cancel)
+        result = yield from train_project_segmenter_job(project, round_index, segmenter_config, cancel, classifier_path)
         timings["train_s"] = time.monotonic() - started
         metrics.update({"segmenter": {k: v for k, v in result.metrics.items()}, **timings})
         project.update_round(round_index, status="trained", metrics=metrics)

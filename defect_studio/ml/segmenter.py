@@ -32,6 +32,13 @@ from defect_studio.atomic import atomic_open
 from defect_studio.errors import DataError, ModelError
 from defect_studio.jobs import CancelToken, EtaClock, Progress, ProgressKind
 from defect_studio.ml.backbones import EfficientNetLite0, adapt_input_channels, load_imagenet_weights
+from defect_studio.ml.encoded_crops import (
+    FEATURE_BUDGET_BYTES,
+    EncodedCropSampler,
+    EncodedSample,
+    encode_samples,
+    feature_bytes,
+)
 from defect_studio.ml.device import peak_memory_mb, select_device, torch_threads
 from defect_studio.ml.metrics import SegmentationTally, ThresholdSweep
 from defect_studio.ml.segmenter_options import SegmenterConfig  # re-exported: the config lives without torch
@@ -179,6 +186,8 @@ class EfficientNetUnet(nn.Module):
     """
 
     DECODER_CHANNELS = (16, 24, 40, 64)  # at strides 2, 4, 8, 16
+    LEVEL_CHANNELS = (16, 24, 40, 112, 320)  # the encoder's outputs
+    LEVEL_STRIDES = (2, 4, 8, 16, 32)
     fixed_normalisation = True  # training must not replace the input scaling with data statistics
 
     def __init__(self, in_channels: int, frozen_stages: int = 2, imagenet_weights: bool = False) -> None:
@@ -202,7 +211,7 @@ class EfficientNetUnet(nn.Module):
             nn.Sequential(*blocks[5:11]),
             nn.Sequential(*blocks[11:16]),
         ])
-        skip_channels = (16, 24, 40, 112)
+        skip_channels = self.LEVEL_CHANNELS[:-1]
         deeper = (*self.DECODER_CHANNELS[1:], 320)
         self.decoders = nn.ModuleList(
             nn.Sequential(
@@ -223,17 +232,48 @@ class EfficientNetUnet(nn.Module):
             level.eval()
         return self
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+    @property
+    def encoder_frozen(self) -> bool:
+        """Whether no encoder weight trains: its features can then be computed once per image and reused."""
+        return self.frozen_stages + 1 >= len(self.encoder)
+
+    def encode(self, pixels: torch.Tensor) -> list[torch.Tensor]:
+        """The encoder's outputs at strides 2, 4, 8, 16 and 32."""
         x = (pixels - self.input_mean) / self.input_std
-        skips = []
+        levels = []
         for level in self.encoder:
             x = level(x)
-            skips.append(x)
-        x = skips.pop()
+            levels.append(x)
+        return levels
+
+    def decode(self, levels: Sequence[torch.Tensor]) -> torch.Tensor:
+        """One logit per input pixel from `encode`'s outputs."""
+        x = levels[-1]
         for index in reversed(range(len(self.decoders))):
             x = F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
-            x = self.decoders[index](torch.cat([x, skips[index]], dim=1))
+            x = self.decoders[index](torch.cat([x, levels[index]], dim=1))
         return F.interpolate(self.head(x), scale_factor=2.0, mode="bilinear", align_corners=False)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(pixels))
+
+    def load_classifier_encoder(self, classifier: nn.Module) -> None:
+        """Start the encoder from a trained EfficientNet-Lite0 defect classifier (its stem and four stages,
+        without the classification head convolution): the features that already tell defect from good."""
+        own = self.encoder.state_dict()
+        copied = {}
+        for key, value in classifier.state_dict().items():
+            if key.startswith("stem."):
+                copied["0." + key[len("stem."):]] = value
+            elif key.startswith("stages."):
+                stage, rest = key[len("stages."):].split(".", 1)
+                copied[f"{int(stage) + 1}.{rest}"] = value
+        copied = {k: v for k, v in copied.items() if k in own}
+        missing = sorted(set(own) - set(copied))
+        if missing or any(copied[k].shape != own[k].shape for k in own):
+            raise ModelError("the classifier is not an EfficientNet-Lite0 with this segmenter's input channels "
+                             f"({len(missing)} encoder weights without a counterpart); use encoder_weights=imagenet.")
+        self.encoder.load_state_dict(copied)
 
 
 SEGMENTER_ARCHITECTURES = ("unet", "efficientnet-lite0-unet", "smp-unet:ENCODER")
@@ -444,11 +484,14 @@ def train_segmenter_job(
     cancel: CancelToken,
     extra_meta: dict[str, Any] | None = None,
     start_from: str | Path | None = None,
+    classifier_path: str | Path | None = None,
 ) -> Generator[Progress, None, SegmenterTrainingResult]:
     """Train on `samples`; the checkpoint at `checkpoint_path` is replaced (atomically) only by the best epoch.
 
     `start_from`: a segmenter checkpoint whose weights (and input statistics) initialise the
     network when its architecture matches; otherwise training starts from random init.
+    `classifier_path`: the defect classifier whose encoder starts the segmenter's when the config's
+    `encoder_weights` is "classifier".
 
     The best epoch is the one with the highest defect IoU on a held-out part of the samples (at the
     threshold that is best there; that threshold is stored in the checkpoint).
@@ -456,7 +499,8 @@ def train_segmenter_job(
     if not samples:
         raise DataError("no masks to train the segmenter on (every image rejected or none reviewed).")
     with torch_threads(config.threads):
-        return (yield from _train_segmenter(samples, config, Path(checkpoint_path), cancel, extra_meta, start_from))
+        return (yield from _train_segmenter(samples, config, Path(checkpoint_path), cancel, extra_meta, start_from,
+                                            classifier_path))
 
 
 def _train_segmenter(
@@ -466,16 +510,25 @@ def _train_segmenter(
     cancel: CancelToken,
     extra_meta: dict[str, Any] | None,
     start_from: str | Path | None,
+    classifier_path: str | Path | None = None,
 ) -> Generator[Progress, None, SegmenterTrainingResult]:
     torch.manual_seed(config.seed)
     device = select_device(config.device)
-    in_channels = 1 if all(s.image.shape[2] == 1 for s in samples) else 3
+    encoder_classifier = _encoder_classifier(config, classifier_path)
+    if encoder_classifier is not None:  # the classifier's encoder sees the images as the classifier does
+        in_channels = encoder_classifier.preprocessing.channels
+    else:
+        in_channels = 1 if all(s.image.shape[2] == 1 for s in samples) else 3
     train_indices, validation_indices = _validation_split(samples, config)
     if not train_indices:
         train_indices, validation_indices = list(range(len(samples))), []
     train_samples = [samples[i] for i in train_indices]
     validation_samples = [samples[i] for i in validation_indices]
     model = build_segmenter(in_channels, config, imagenet_weights=True)
+    encoder_from = "imagenet" if isinstance(model, EfficientNetUnet) else None
+    if encoder_classifier is not None:
+        model.load_classifier_encoder(encoder_classifier.model)
+        encoder_from = f"classifier {encoder_classifier.checkpoint_sha256}"
     if not getattr(model, "fixed_normalisation", False):
         mean, std = input_statistics(train_samples, in_channels)
         model.input_mean.copy_(torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
@@ -489,7 +542,18 @@ def _train_segmenter(
         optimizer, max_lr=config.learning_rate, total_steps=epochs * config.steps_per_epoch,
         pct_start=0.05 if started_from else 0.15,
     )
-    sampler = CropSampler(train_samples, config, in_channels)
+    encoded = None
+    if _caches_features(model, samples):
+        # The frozen encoder's features, once per image (validation images first: fewer, and the same job).
+        validation_encoded, _ = yield from encode_samples(
+            model, [s.key for s in validation_samples], [s.image for s in validation_samples],
+            [s.target for s in validation_samples], device, cancel)
+        encoded, _ = yield from encode_samples(model, [s.key for s in train_samples], [s.image for s in train_samples],
+                                               [s.target for s in train_samples], device, cancel)
+        sampler: Any = EncodedCropSampler(encoded, config.crop_size, config.batch_size, config.defect_crop_fraction,
+                                          config.seed, model.size_multiple)
+    else:
+        sampler = CropSampler(train_samples, config, in_channels)
     use_amp = device.type == "cuda"
     clock = EtaClock(epochs)
     started = time.monotonic()
@@ -503,10 +567,13 @@ def _train_segmenter(
         losses = []
         for _ in range(config.steps_per_epoch):
             cancel.raise_if_cancelled()
-            images, targets = sampler.batch()
-            images, targets = images.to(device), targets.to(device)
+            inputs, targets = sampler.batch()
+            targets = targets.to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                logits = model(images)
+                if encoded is None:
+                    logits = model(inputs.to(device))
+                else:
+                    logits = model.decode([level.to(device) for level in inputs])
             loss = segmentation_loss(logits, targets, config.dice_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -514,7 +581,8 @@ def _train_segmenter(
             scheduler.step()
             losses.append(float(loss.detach()))
         cancel.raise_if_cancelled()
-        threshold, image_gate, validation = _validate(model, validation_samples, device)
+        threshold, image_gate, validation = _validate(model, validation_samples, device,
+                                                      None if encoded is None else validation_encoded)
         score = validation.get("defect_iou", float("nan"))
         if math.isnan(score):
             score = -float(np.mean(losses))
@@ -543,6 +611,7 @@ def _train_segmenter(
                 "validation_images": [s.key for s in validation_samples],
                 "torch": str(torch.__version__),
                 "started_from": started_from,
+                "encoder_from": encoder_from,
                 **(extra_meta or {}),
             }
             best_sha = save_segmenter(checkpoint_path, model, meta)
@@ -585,11 +654,46 @@ def _warm_start(model: SegmenterNet, checkpoint_path: str | Path) -> str | None:
     return previous.checkpoint_sha256
 
 
+def _encoder_classifier(config: SegmenterConfig, classifier_path: str | Path | None) -> Any:
+    """The loaded classifier whose encoder starts the segmenter's (config.encoder_weights "classifier"), or None."""
+    if config.architecture != "efficientnet-lite0-unet" or config.encoder_weights != "classifier":
+        return None
+    if classifier_path is None:
+        raise DataError("encoder_weights=classifier needs a trained classifier (train one first), "
+                        "or set encoder_weights=imagenet.")
+    from defect_studio.ml.classifier import load_classifier
+
+    classifier = load_classifier(classifier_path, "cpu")
+    if classifier.preprocessing.normalisation != "symmetric":  # the segmenter scales its input (x - 0.5) / 0.5
+        raise ModelError(f"the classifier scales its input by {classifier.preprocessing.normalisation!r}, not as "
+                         "EfficientNet's ImageNet weights do; use encoder_weights=imagenet.")
+    return classifier
+
+
+def _caches_features(model: nn.Module, samples: Sequence[SegmentationSample]) -> bool:
+    """Whether training encodes every image once (a frozen encoder, and features that fit the budget)."""
+    if not getattr(model, "encoder_frozen", False):
+        return False
+    shapes = [s.target.shape for s in samples]
+    return feature_bytes(shapes, EfficientNetUnet.LEVEL_CHANNELS, EfficientNetUnet.LEVEL_STRIDES) <= FEATURE_BUDGET_BYTES
+
+
+@torch.no_grad()
+def _probability_from_features(model: nn.Module, sample: EncodedSample, size: tuple[int, int],
+                               device: torch.device) -> np.ndarray:
+    was_training = model.training
+    model.eval()
+    logits = model.decode([level[None].float().to(device) for level in sample.levels])
+    model.train(was_training)
+    return torch.sigmoid(logits[0, 0, : size[0], : size[1]].float()).cpu().numpy()
+
+
 VALIDATION_THRESHOLDS = np.linspace(0.05, 0.95, 19)
 
 
 def _validate(
-    model: SegmenterNet, samples: Sequence[SegmentationSample], device: torch.device
+    model: SegmenterNet, samples: Sequence[SegmentationSample], device: torch.device,
+    encoded: Sequence[EncodedSample] | None = None,
 ) -> tuple[float, dict[str, Any] | None, dict[str, float]]:
     """(best threshold, image gate, metrics at them) on whole validation images, ignored pixels left out.
 
@@ -599,8 +703,11 @@ def _validate(
     if not samples:
         return 0.5, None, {}
     sweeps, scores = [], []
-    for sample in samples:
-        probability = predict_probability(model, sample.image, device)
+    for index, sample in enumerate(samples):
+        if encoded is None:
+            probability = predict_probability(model, sample.image, device)
+        else:
+            probability = _probability_from_features(model, encoded[index], sample.target.shape, device)
         valid = sample.target != IGNORE
         sweep = ThresholdSweep(thresholds=VALIDATION_THRESHOLDS)
         sweep.add(sample.target[valid] == 1, probability[valid])

@@ -9,6 +9,9 @@ from typing import Any
 from defect_studio.errors import DataError
 
 
+ENCODER_WEIGHTS = ("imagenet", "classifier")
+
+
 @dataclass
 class SegmenterConfig:
     # Chosen on MT by a sweep on ground-truth masks (docs/benchmarks/segmenter-mt.md): the U-Net at
@@ -20,7 +23,8 @@ class SegmenterConfig:
     # not apply; its stem and first `frozen_stages` stages keep their ImageNet weights).
     architecture: str = "unet"
     channels: tuple[int, ...] = (8, 16, 32, 64, 128)
-    frozen_stages: int = 2
+    frozen_stages: int = 2  # efficientnet-lite0-unet: encoder levels after the stem kept fixed (4: all of it)
+    encoder_weights: str = "imagenet"  # efficientnet-lite0-unet: "imagenet", or "classifier" (the project's)
     stem_stride: int = 2  # 2: the U-Net runs at half resolution (a quarter of the cost)
     detail_branch: bool = False  # with stem_stride 2: a thin full-resolution branch for the last layer
     crop_size: int = 192
@@ -51,6 +55,8 @@ class SegmenterConfig:
             raise DataError(f"unknown segmenter settings: {', '.join(unknown)}")
         if "channels" in values:
             values["channels"] = tuple(int(c) for c in values["channels"])
+        if values.get("encoder_weights", "imagenet") not in ENCODER_WEIGHTS:
+            raise DataError(f"encoder_weights must be one of {', '.join(ENCODER_WEIGHTS)}, got {values['encoder_weights']!r}")
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
