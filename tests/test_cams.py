@@ -370,3 +370,16 @@ def test_the_settings_module_loads_without_torch() -> None:
     code = "import sys, defect_studio.ml.cams, defect_studio.cli.cam_cmds; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+def test_input_scale_looks_at_the_image_larger_and_keeps_the_original_frame(blob_classifier) -> None:
+    """input_scale 2: the network sees the image at twice its training size; the map is still one value per
+    original pixel, finer (a different map), and it still peaks on the defect."""
+    image, defect = blob_image((60, 80), [(20, 50, 5, 0.9)], seed=3)
+    at_training_size = cams.compute_cam(blob_classifier, image, "fgbp")
+    larger = cams.compute_cam(blob_classifier, image, "fgbp", {"input_scale": 2})
+    assert larger.shape == at_training_size.shape == image.shape[:2]
+    assert not np.allclose(larger, at_training_size)
+    assert defect[np.unravel_index(np.argmax(larger), larger.shape)]
+    with pytest.raises(cams.CamSettingsError, match="0.25..4"):
+        cams.resolve_settings("layercam", {"input_scale": 10})

@@ -472,9 +472,13 @@ def _compute(
     device = torch.device(getattr(classifier, "device", "cpu"))
     good_prior = getattr(classifier, "good_prior", None)
     results: list[Any] = []
+    scale = resolved.get("input_scale", 1.0)
+    if scale != 1.0:  # the fully convolutional network looks at the image larger (or smaller) than it trained at
+        preprocessing = dataclasses.replace(
+            preprocessing, input_size=max(32, int(round(preprocessing.input_size * scale / 32)) * 32))
     for indices in _batches(len(images), max(1, batch_size)):
         chunk = [images[i] for i in indices]
-        if hasattr(classifier, "prepare"):  # LoadedClassifier: on its device, in its memory format
+        if hasattr(classifier, "prepare") and scale == 1.0:  # LoadedClassifier: on its device, in its memory format
             batch, geometries = classifier.prepare(chunk)
         else:
             batch, geometries = preprocessing.prepare_batch(chunk)

@@ -69,13 +69,17 @@ _PRIOR_SPECS = (
     SettingSpec("neighbours", 1, "the distance to this many nearest good locations, averaged"),
 )
 
+# Every method: the network may look at the image larger than the classifier was trained at (finer maps).
+_INPUT_SCALE = SettingSpec("input_scale", 1.0, "the network input at this multiple of the classifier's input size "
+                           "(above 1: finer maps for small defects, at the square of the cost)")
+
 SETTING_SPECS: dict[str, tuple[SettingSpec, ...]] = {
-    "gradcam": (SettingSpec("stage", 4, "stage whose activations and mean gradients make the map"),),
-    "gradcampp": (SettingSpec("stage", 4, "stage whose activations and second-order weights make the map"),),
-    "layercam": (_stage_specs([1, 2, 3, 4], "fused by the element-wise maximum"),),
-    "fgbp": _FGBP_SPECS,
-    "region-aware": _REGION_SPECS,
-    "good-prior": _PRIOR_SPECS,
+    "gradcam": (SettingSpec("stage", 4, "stage whose activations and mean gradients make the map"), _INPUT_SCALE),
+    "gradcampp": (SettingSpec("stage", 4, "stage whose activations and second-order weights make the map"), _INPUT_SCALE),
+    "layercam": (_stage_specs([1, 2, 3, 4], "fused by the element-wise maximum"), _INPUT_SCALE),
+    "fgbp": (*_FGBP_SPECS, _INPUT_SCALE),
+    "region-aware": (*_REGION_SPECS, _INPUT_SCALE),
+    "good-prior": (*_PRIOR_SPECS, _INPUT_SCALE),
 }
 
 
@@ -125,6 +129,8 @@ def _coerce(method: str, name: str, default: Any, value: Any) -> Any:
             raise CamSettingsError(f"{where} must be within [0, 1), got {value}.")
         if name in ("gamma", "region_margin_cells", "ring_cells", "prior_power") and value < 0.0:
             raise CamSettingsError(f"{where} must not be negative, got {value}.")
+        if name == "input_scale" and not 0.25 <= value <= 4.0:
+            raise CamSettingsError(f"{where} must be within 0.25..4, got {value}.")
         return value
     if isinstance(default, list):
         if isinstance(value, (int, float)) and not isinstance(value, bool):
