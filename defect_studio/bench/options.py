@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 
 # What `defect-studio bench WHICH` runs: each a module defect_studio.bench.<name> with main(args).
-BENCH_NAMES = ("classifier", "cams", "segmenter", "full", "mislabels")
+BENCH_NAMES = ("classifier", "cams", "segmenter", "full", "mislabels", "assist")
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:

@@ -19,7 +19,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="classifier: candidate architectures; cams: every CAM method and ablation; "
         "segmenter: segmenter recipes on ground-truth masks, with CPU time per step; "
         "full (default): the whole weak loop against full supervision; "
-        "mislabels: flip 5 % of the train tags, how many the mislabel queue puts in its top 50.",
+        "mislabels: flip 5 % of the train tags, how many the mislabel queue puts in its top 50; "
+        "assist: actions per ground-truth mask for a scripted user with the brush and with the assist tool.",
     )
     parser.add_argument("which", nargs="?", choices=BENCH_NAMES, default="full")
     add_bench_arguments(parser)

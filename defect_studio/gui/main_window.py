@@ -106,6 +106,7 @@ class MainWindow(QMainWindow):
         self._build_central()
         self._build_gallery_dock()
         self.editor = MaskEditor(self.viewer, self)
+        self.editor.message.connect(lambda text: self.statusBar().showMessage(text, 6000))  # what the assist tool did
         self.editor.mask_saved.connect(self.session.notify_mask_state)
         self._build_stage_dock()
         self._build_status_bar()
@@ -282,6 +283,7 @@ class MainWindow(QMainWindow):
         review_menu.addSeparator()
         review_menu.addAction(self._action("brush", "&Brush", lambda: self.review_panel.choose_tool("brush")))
         review_menu.addAction(self._action("eraser", "&Eraser", lambda: self.review_panel.choose_tool("eraser")))
+        review_menu.addAction(self._action("assist", "A&ssist (grow from a stroke)", lambda: self.review_panel.choose_tool("assist")))
         review_menu.addAction(self._action("pan_tool", "&Pan / zoom", lambda: self.review_panel.choose_tool("")))
         review_menu.addAction(self._action("brush_smaller", "Smaller brush", lambda: self.editor.set_brush_size(self.editor.brush_size - max(1, self.editor.brush_size // 6))))
         review_menu.addAction(self._action("brush_larger", "Larger brush", lambda: self.editor.set_brush_size(self.editor.brush_size + max(1, self.editor.brush_size // 6))))

@@ -1,4 +1,8 @@
-"""The mask editor: brush and eraser strokes, fill holes, clear, revert, with one undo step per stroke.
+"""The mask editor: brush, eraser and assist strokes, fill holes, clear, revert, with one undo step per stroke.
+
+The assist tool: a click or a loose stroke inside a defect grows into the defect's region
+(`defect_studio.ml.assist.grow_region`, with the round's proposal as a hint), merged into the mask on
+release; with Shift held at the press, the grown region is removed instead.
 
 Each image gets its own `QUndoStack` (gathered in a `QUndoGroup`, whose active stack follows the
 image on screen). A stroke's undo command keeps only its bounding box and the pixels that were
@@ -13,14 +17,17 @@ from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
-from PySide6.QtCore import QObject, QTimer, Signal
-from PySide6.QtGui import QUndoCommand, QUndoGroup, QUndoStack
+from PySide6.QtCore import QObject, Qt, QTimer, Signal
+from PySide6.QtGui import QGuiApplication, QUndoCommand, QUndoGroup, QUndoStack
 
+from defect_studio.errors import DefectStudioError
 from defect_studio.gui.viewer import ImageViewer
+from defect_studio.ml.assist import DEFAULT_ASSIST_METHOD, grow_region, merge_region
 from defect_studio.project import Project
 
 
 MIN_BRUSH, MAX_BRUSH = 1, 256
+TOOLS = ("", "brush", "eraser", "assist")
 AUTOSAVE_DELAY_MS = 400
 
 
@@ -48,6 +55,8 @@ class MaskEditSession:
     unsaved: bool = False
     stroke_count: int = field(default=0)
     scratch: bool = False  # never saved (benchmarks, previews)
+    prior: np.ndarray | None = None  # the round's proposal, the assist tool's hint (read on first use)
+    prior_loaded: bool = False
 
 
 class RegionSwapCommand(QUndoCommand):
@@ -91,10 +100,11 @@ class RegionSwapCommand(QUndoCommand):
 class MaskEditor(QObject):
     """Edits the mask of the image shown in `viewer`; one session per (image, round)."""
 
-    tool_changed = Signal(str)  # "brush", "eraser" or "" (pan)
+    tool_changed = Signal(str)  # "brush", "eraser", "assist" or "" (pan)
     brush_size_changed = Signal(int)
     mask_saved = Signal(int, int, str)  # image id, round, state
     mask_changed = Signal()
+    message = Signal(str)  # what the assist tool did, or why it did nothing (for the status bar)
 
     def __init__(self, viewer: ImageViewer, parent: QObject | None = None) -> None:
         super().__init__(parent)
@@ -109,6 +119,9 @@ class MaskEditor(QObject):
         self._stroke_box: list[int] | None = None
         self._last_point: tuple[int, int] | None = None
         self._hover: tuple[float, float] | None = None
+        self._assist_points: list[tuple[int, int]] | None = None
+        self._assist_subtract = False
+        self.assist_method = DEFAULT_ASSIST_METHOD
         self._autosave = QTimer(self)
         self._autosave.setSingleShot(True)
         self._autosave.setInterval(AUTOSAVE_DELAY_MS)
@@ -150,6 +163,8 @@ class MaskEditor(QObject):
 
     def close_session(self) -> None:
         self.flush()
+        self._assist_points = None
+        self.viewer.show_stroke(None)
         self.session = None
         self.undo_group.setActiveStack(None)
         self.viewer.mask_layer.set_mask(None)
@@ -178,7 +193,7 @@ class MaskEditor(QObject):
 
     # --- tools -----------------------------------------------------------------------------------
     def set_tool(self, tool: str) -> None:
-        if tool not in ("", "brush", "eraser"):
+        if tool not in TOOLS:
             raise ValueError(tool)
         self.tool = tool
         self.viewer.mask_layer.set_tool_active(bool(tool) and self.session is not None)
@@ -203,6 +218,11 @@ class MaskEditor(QObject):
     def _press(self, x: float, y: float) -> None:
         if self.session is None or not self.tool:
             return
+        if self.tool == "assist":  # the stroke only marks seeds: nothing is painted until the release
+            self._assist_points = [(int(round(x - 0.5)), int(round(y - 0.5)))]
+            self._assist_subtract = bool(self.viewer.mask_layer.modifiers & Qt.KeyboardModifier.ShiftModifier)
+            self.viewer.show_stroke(self._assist_points, self.brush_size, self._assist_subtract)
+            return
         self._stroke_snapshot = self.session.mask.copy()
         point = (int(round(x - 0.5)), int(round(y - 0.5)))
         self._stroke_box = [point[0], point[1], point[0] + 1, point[1] + 1]
@@ -210,6 +230,12 @@ class MaskEditor(QObject):
         self._paint_segment(point, point)
 
     def _move(self, x: float, y: float) -> None:
+        if self._assist_points is not None:
+            point = (int(round(x - 0.5)), int(round(y - 0.5)))
+            if point != self._assist_points[-1]:
+                self._assist_points.append(point)
+                self.viewer.show_stroke(self._assist_points, self.brush_size, self._assist_subtract)
+            return
         if self._last_point is None:
             return
         point = (int(round(x - 0.5)), int(round(y - 0.5)))
@@ -218,6 +244,12 @@ class MaskEditor(QObject):
             self._last_point = point
 
     def _release(self, x: float, y: float) -> None:
+        if self._assist_points is not None:
+            self._move(x, y)
+            points, self._assist_points = self._assist_points, None
+            self.viewer.show_stroke(None)
+            self.assist_stroke(points, subtract=self._assist_subtract)
+            return
         if self._last_point is None:
             return
         self._move(x, y)
@@ -267,6 +299,53 @@ class MaskEditor(QObject):
         label = "Brush stroke" if self.tool == "brush" else "Eraser stroke"
         session.stack.push(RegionSwapCommand(self, session, (x0, y0, x1, y1), old, label))
         self._changed(session, (x0, y0, x1, y1), refresh=False)
+
+    def assist_stroke(self, points: list[tuple[int, int]], subtract: bool = False) -> bool:
+        """Grow the defect under `points` (image pixels; one point is a click) and add it to the mask, or
+        remove it with `subtract`: one undo step holding the grown region's window only. False, with a
+        `message`, when nothing changed."""
+        session = self.session
+        if session is None or not points:
+            return False
+        pixels = self.viewer.pixels
+        if pixels is None or pixels.shape[:2] != session.mask.shape:
+            self.message.emit("The image is still loading: try the assist stroke again in a moment.")
+            return False
+        radius = max(1, int(round(self.brush_size / 2.0 - 0.5)))
+        # Milliseconds for a pit, up to a few hundred for a stroke across a large defect (the window is
+        # bounded): done here, so the result is one ordinary undo step, with a busy cursor meanwhile.
+        QGuiApplication.setOverrideCursor(Qt.CursorShape.WaitCursor)
+        try:
+            prior = None if subtract else self._prior(session)  # the proposal hints at defect, not at what to remove
+            grown = grow_region(pixels, [points], radius, prior=prior, method=self.assist_method)
+        finally:
+            QGuiApplication.restoreOverrideCursor()
+        if grown.empty:
+            self.message.emit(grown.message or "Nothing grew from the stroke; the mask is unchanged.")
+            return False
+        x0, y0, x1, y1 = grown.box
+        old = session.mask[y0:y1, x0:x1].copy()
+        if not merge_region(session.mask, grown, subtract):
+            self.message.emit("The grown region is already background: nothing to remove." if subtract
+                              else "The grown region is already in the mask: nothing to add.")
+            return False
+        session.stroke_count += 1
+        session.stack.push(RegionSwapCommand(self, session, grown.box, old, "Assist (remove)" if subtract else "Assist"))
+        self._changed(session, grown.box)
+        changed = int(np.count_nonzero(old != session.mask[y0:y1, x0:x1]))
+        self.message.emit(grown.message or f"Assist: {changed} px {'removed from' if subtract else 'added to'} the mask.")
+        return True
+
+    def _prior(self, session: MaskEditSession) -> np.ndarray | None:
+        """The round's proposal for the image (the assist tool's hint), read once per session."""
+        if not session.prior_loaded and self.project is not None and not session.scratch:
+            try:
+                proposal = self.project.load_proposal(session.image_id, session.round_index)
+            except DefectStudioError:
+                proposal = None  # a missing or unreadable proposal: grow from the stroke alone
+            session.prior = proposal if proposal is not None and proposal.shape == session.mask.shape else None
+            session.prior_loaded = True
+        return session.prior
 
     # --- whole-mask operations ------------------------------------------------------------------
     def _replace_all(self, new_mask: np.ndarray, text: str) -> bool:

@@ -31,7 +31,8 @@ SHORTCUTS: tuple[Shortcut, ...] = (
     Shortcut("reject_rest", ("Shift+R",), "Reject every mask still to review (train on your edits and accepts)", "Review"),
     Shortcut("brush", ("B",), "Brush tool (paint defect)", "Review"),
     Shortcut("eraser", ("E",), "Eraser tool (paint background)", "Review"),
-    Shortcut("pan_tool", ("Escape",), "Leave the brush/eraser (pan and zoom with the mouse)", "Review"),
+    Shortcut("assist", ("W",), "Assist tool: a click or loose stroke inside a defect grows its mask (Shift+drag removes)", "Review"),
+    Shortcut("pan_tool", ("Escape",), "Leave the brush/eraser/assist (pan and zoom with the mouse)", "Review"),
     Shortcut("brush_smaller", ("[",), "Smaller brush (also Ctrl+wheel)", "Review"),
     Shortcut("brush_larger", ("]",), "Larger brush (also Ctrl+wheel)", "Review"),
     Shortcut("fill_holes", ("Ctrl+F",), "Fill holes in the mask", "Review"),
@@ -64,6 +65,7 @@ def html_sheet() -> str:
         "<tr><th colspan='2' align='left' style='padding-top:10px'>Mouse</th></tr>"
         "<tr><td>wheel / right-drag</td><td>zoom; left-drag pans when no brush is active</td></tr>"
         "<tr><td>Ctrl+wheel</td><td>brush size</td></tr>"
+        "<tr><td>Shift+drag</td><td>assist tool: remove the grown region instead of adding it</td></tr>"
         "<tr><td>Ctrl/Shift+click</td><td>select several images in the gallery for bulk tagging</td></tr>"
     )
     return "<table cellspacing='2'>" + "".join(rows) + "</table>"

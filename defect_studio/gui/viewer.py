@@ -2,7 +2,8 @@
 
 Layers, bottom to top: the image (`ImageItem`), the heatmap (`ImageItem` with a colormap and an
 opacity), the mask (`MaskLayer`, a premultiplied ARGB buffer of which only the dirty rectangle is
-refreshed and repainted while painting), the threshold outline (a path), the brush cursor.
+refreshed and repainted while painting), the threshold outline (a path), the assist tool's stroke
+while it is drawn, the brush cursor.
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ class MaskLayer(QGraphicsObject):
         self.on_release: Callable[[float, float], None] | None = None
         self.on_hover: Callable[[float, float] | None, None] | None = None
         self.after_paint: Callable[[], None] | None = None  # the responsiveness benchmark times repaints
+        self.modifiers = Qt.KeyboardModifier.NoModifier  # of the last press (Shift: the assist tool subtracts)
         self.setAcceptHoverEvents(True)
         self.setAcceptedMouseButtons(Qt.MouseButton.NoButton)
 
@@ -135,6 +137,7 @@ class MaskLayer(QGraphicsObject):
     def mousePressEvent(self, event: QGraphicsSceneMouseEvent) -> None:  # noqa: N802
         if self.painting_enabled and event.button() == Qt.MouseButton.LeftButton and self.on_press is not None:
             event.accept()
+            self.modifiers = event.modifiers()
             self.on_press(event.pos().x(), event.pos().y())
         else:
             event.ignore()
@@ -183,18 +186,22 @@ class ImageViewer(pg.GraphicsView):
         outline_pen.setCosmetic(True)
         self.outline_item.setPen(outline_pen)
         self.outline_item.setZValue(3)
+        self.stroke_item = QGraphicsPathItem()  # the assist stroke being drawn, as wide as the brush
+        self.stroke_item.setZValue(3.5)
+        self.stroke_item.setVisible(False)
         self.cursor_item = QGraphicsEllipseItem()
         cursor_pen = QPen(QColor(255, 255, 255, 220), 1.5)
         cursor_pen.setCosmetic(True)
         self.cursor_item.setPen(cursor_pen)
         self.cursor_item.setZValue(4)
         self.cursor_item.setVisible(False)
-        for item in (self.image_item, self.heat_item, self.mask_layer, self.outline_item, self.cursor_item):
+        for item in (self.image_item, self.heat_item, self.mask_layer, self.outline_item, self.stroke_item, self.cursor_item):
             self.view_box.addItem(item)
         self.title_item: pg.TextItem | None = None
         if title:
             self.set_title(title)
         self.image_shape: tuple[int, int] | None = None
+        self.pixels: np.ndarray | None = None  # the image's native pixels, as given (the assist tool reads them)
         self.heatmap: np.ndarray | None = None
         self.set_colormap("turbo")
 
@@ -207,6 +214,7 @@ class ImageViewer(pg.GraphicsView):
         self.title_item.setText(text)
 
     def set_image(self, pixels: np.ndarray | None, fit: bool = True) -> None:
+        self.pixels = pixels
         if pixels is None:
             self.image_item.clear()
             self.image_shape = None
@@ -264,6 +272,24 @@ class ImageViewer(pg.GraphicsView):
         x, y = position
         self.cursor_item.setRect(QRectF(x - diameter / 2, y - diameter / 2, diameter, diameter))
         self.cursor_item.setVisible(True)
+
+    def show_stroke(self, points: list[tuple[int, int]] | None, width: float = 1.0, subtract: bool = False) -> None:
+        """Draw the assist tool's stroke through pixel centres, `width` image pixels wide (None hides it)."""
+        if not points:
+            self.stroke_item.setVisible(False)
+            return
+        path = QPainterPath(QPointF(points[0][0] + 0.5, points[0][1] + 0.5))
+        for x, y in points[1:]:
+            path.lineTo(QPointF(x + 0.5, y + 0.5))
+        if len(points) == 1:  # a click: a dot
+            path.lineTo(QPointF(points[0][0] + 0.51, points[0][1] + 0.5))
+        colour = QColor(80, 160, 255, 170) if subtract else QColor(255, 220, 60, 170)
+        pen = QPen(colour, max(1.0, float(width)))
+        pen.setCapStyle(Qt.PenCapStyle.RoundCap)
+        pen.setJoinStyle(Qt.PenJoinStyle.RoundJoin)
+        self.stroke_item.setPen(pen)
+        self.stroke_item.setPath(path)
+        self.stroke_item.setVisible(True)
 
     def link_to(self, other: "ImageViewer") -> None:
         """Zoom and pan follow `other`'s."""

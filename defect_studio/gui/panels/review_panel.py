@@ -134,6 +134,8 @@ class ReviewPanel(QWidget):
             ("", "Pan  (Esc)", "Pan and zoom with the mouse"),
             ("brush", "Brush  (B)", "Paint defect pixels"),
             ("eraser", "Eraser  (E)", "Paint background pixels"),
+            ("assist", "Assist  (W)", "Click or stroke loosely inside a defect: its region grows into the mask "
+                                     "(Shift+drag removes the grown region)"),
         )):
             button = QPushButton(text, edit_box)
             button.setCheckable(True)
@@ -142,7 +144,7 @@ class ReviewPanel(QWidget):
             button.clicked.connect(lambda _=False, t=tool: self.choose_tool(t))
             self.tool_group.addButton(button)
             self.tool_buttons[tool] = button
-            grid.addWidget(button, 0, column)
+            grid.addWidget(button, *divmod(column, 3))  # Assist starts the second row: four in a row widen the dock
         self.tool_buttons[""].setChecked(True)
         size_row = QHBoxLayout()
         self.size_slider = QSlider(Qt.Orientation.Horizontal, edit_box)
@@ -156,7 +158,7 @@ class ReviewPanel(QWidget):
         size_row.addWidget(QLabel("Size"))
         size_row.addWidget(self.size_slider, 1)
         size_row.addWidget(self.size_label)
-        grid.addLayout(size_row, 1, 0, 1, 3)
+        grid.addLayout(size_row, 1, 1, 1, 2)
         self.undo_button = QPushButton("Undo", edit_box)
         self.undo_button.setToolTip("Undo the last stroke (Ctrl+Z)")
         self.undo_button.clicked.connect(self.undo)
