@@ -706,15 +706,7 @@ class MainWindow(QMainWindow):
         widget = self.stage_tabs.widget(index)
         for stage, panel in self.panel_of_stage.items():
             if panel is widget:
-                self.session.set_stage(stage)  # before the panels hear of it: they ask which stage shows
-        for panel in self.panel_of_stage.values():
-            active = panel is widget
-            handler = getattr(panel, "stage_activated", None)
-            if active and handler is not None:
-                handler()
-            deactivate = getattr(panel, "stage_deactivated", None)
-            if not active and deactivate is not None:
-                deactivate()
+                self.session.set_stage(stage)  # each panel shows or hides its overlays itself
 
     def _show_stage(self, stage: str) -> None:
         self.stage_tabs.setCurrentWidget(self.panel_of_stage[Stage(stage)])

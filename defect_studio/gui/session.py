@@ -35,7 +35,7 @@ class Session(QObject):
     image_changed = Signal(object)  # the current image's id, or None
     image_loaded = Signal(int)  # the current image's pixels are decoded (`pixels`) and shown
     round_changed = Signal(object)  # the current round's index, or None
-    stage_changed = Signal(str)  # the Stage just shown
+    stage_changed = Signal(str)  # the Stage just shown: its panel activates, the others deactivate
     tags_changed = Signal()
     masks_changed = Signal()  # rounds or mask records changed: the masks on disk are new
     mask_state_changed = Signal(int, int, str)  # image id, round, state: one mask was saved or reviewed

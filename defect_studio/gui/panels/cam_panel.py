@@ -26,7 +26,7 @@ from PySide6.QtWidgets import (
 )
 
 from defect_studio.gui.panels.common import JobRow, cam_settings_for, proposal_method
-from defect_studio.gui.session import Session
+from defect_studio.gui.session import Session, Stage
 from defect_studio.gui.viewer import HEATMAP_COLORMAPS, ImageViewer
 from defect_studio.ml.cam_cache import CamCache, cam_job
 from defect_studio.ml.cams import (
@@ -269,6 +269,7 @@ class CamPanel(QWidget):
         session.project_changed.connect(self._project_changed)
         session.masks_changed.connect(self.follow_proposal_method)
         session.classifier_changed.connect(self.classifier_changed)
+        session.stage_changed.connect(lambda stage: self.stage_activated() if stage == Stage.CAMS else self.stage_deactivated())
         self._method_changed()
         self.refresh()
 

@@ -194,6 +194,7 @@ class ReviewPanel(QWidget):
         session.project_changed.connect(self.refresh)
         session.masks_changed.connect(self._masks_changed)
         session.tags_changed.connect(self.refresh)
+        session.stage_changed.connect(lambda stage: self.stage_activated() if stage == Stage.REVIEW else self.stage_deactivated())
         self.refresh()
 
     # --- state ---------------------------------------------------------------------------------------

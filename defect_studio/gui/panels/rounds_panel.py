@@ -28,7 +28,7 @@ from defect_studio.gui.panels.common import (
 )
 from defect_studio.gui.panels.train_panel import make_plot
 from defect_studio.gui.plotting import pg
-from defect_studio.gui.session import Session
+from defect_studio.gui.session import Session, Stage
 from defect_studio.jobs import Progress, ProgressKind
 from defect_studio.ml.pseudo import create_checked_round, pseudo_job
 from defect_studio.ml.segmenter_options import SegmenterConfig
@@ -164,6 +164,7 @@ class RoundsPanel(QWidget):
         self.runner.finished.connect(lambda _: self.refresh())
         session.project_changed.connect(self.refresh)
         session.masks_changed.connect(self.refresh)
+        session.stage_changed.connect(lambda stage: self.stage_activated() if stage == Stage.ROUNDS else None)
         self.refresh()
 
     def stage_activated(self) -> None:

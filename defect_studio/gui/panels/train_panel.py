@@ -8,7 +8,7 @@ from PySide6.QtWidgets import QGroupBox, QHBoxLayout, QLabel, QPushButton, QVBox
 
 from defect_studio.gui.panels.common import ConfigForm, JobRow, training_threads
 from defect_studio.gui.plotting import pg
-from defect_studio.gui.session import Session
+from defect_studio.gui.session import Session, Stage
 from defect_studio.jobs import Progress, ProgressKind
 from defect_studio.ml.classifier_options import ARCH_DEFAULTS, ARCHITECTURES, ClassifierConfig
 
@@ -105,6 +105,7 @@ class TrainPanel(QWidget):
         self.runner.finished.connect(lambda _: self._update_enabled())
         session.project_changed.connect(self.refresh)
         session.tags_changed.connect(self._update_enabled)
+        session.stage_changed.connect(lambda stage: self.stage_activated() if stage == Stage.TRAIN else None)
         self.refresh()
 
     def stage_activated(self) -> None:
