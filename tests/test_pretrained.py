@@ -272,3 +272,17 @@ def test_classifier_encoder_needs_a_classifier(demo_dataset: Path, tmp_path: Pat
                                     tmp_path / "s.pt", CancelToken()))
     with pytest.raises(DataError, match="encoder_weights"):
         SegmenterConfig.from_dict({"encoder_weights": "hub"})
+
+
+def test_a_compact_classifier_lends_no_encoder_and_the_segmenter_says_so(demo_dataset: Path, tmp_path: Path) -> None:
+    from defect_studio.ml.segmenter import SegmenterConfig, train_segmenter_job
+
+    samples = load_dataset(demo_dataset)
+    train = [(s.image_path, s.label, file_sha256(s.image_path)) for s in samples if s.split == "train"][:24]
+    compact = ClassifierConfig(arch="compact", width=8, input_size=64, epochs=1, min_epochs=1, batch_size=8, threads=1)
+    run_job(train_classifier_job(train, compact, tmp_path / "compact.pt", CancelToken(), "cpu"))
+    config = SegmenterConfig(architecture="efficientnet-lite0-unet", frozen_stages=4, encoder_weights="classifier",
+                             crop_size=64, batch_size=4, epochs=1, steps_per_epoch=1, threads=1)
+    result = run_job(train_segmenter_job(_demo_segmentation_samples(demo_dataset, "train")[:12], config,
+                                         tmp_path / "s.pt", CancelToken(), classifier_path=tmp_path / "compact.pt"))
+    assert result.metrics["encoder_from"].startswith("imagenet (the classifier is compact")

@@ -68,6 +68,9 @@ def variants(ablations: bool = True) -> list[Variant]:
         ("region-aware salient s3-4", "region-aware", {"salient_stages": [3, 4]}, "deep map from stages 3-4"),
         ("region-aware s1-4 salient s4", "region-aware", {"stages": [1, 2, 3, 4], "salient_stages": [4], "good_prior": "off"},
          "method.md's stages for a ResNet, no prior"),
+        ("fgbp input ×1.5", "fgbp", {"input_scale": 1.5}, "the image 1.5× larger than the classifier trained on"),
+        ("region-aware input ×1.5", "region-aware", {"input_scale": 1.5}, "the image 1.5× larger"),
+        ("layercam s2-3 input ×1.5", "layercam", {"stages": [2, 3], "input_scale": 1.5}, "the image 1.5× larger"),
     ]
     if not ablations:
         return rows

@@ -514,7 +514,7 @@ def _train_segmenter(
 ) -> Generator[Progress, None, SegmenterTrainingResult]:
     torch.manual_seed(config.seed)
     device = select_device(config.device)
-    encoder_classifier = _encoder_classifier(config, classifier_path)
+    encoder_classifier, encoder_from = _encoder_classifier(config, classifier_path)
     if encoder_classifier is not None:  # the classifier's encoder sees the images as the classifier does
         in_channels = encoder_classifier.preprocessing.channels
     else:
@@ -525,10 +525,8 @@ def _train_segmenter(
     train_samples = [samples[i] for i in train_indices]
     validation_samples = [samples[i] for i in validation_indices]
     model = build_segmenter(in_channels, config, imagenet_weights=True)
-    encoder_from = "imagenet" if isinstance(model, EfficientNetUnet) else None
     if encoder_classifier is not None:
         model.load_classifier_encoder(encoder_classifier.model)
-        encoder_from = f"classifier {encoder_classifier.checkpoint_sha256}"
     if not getattr(model, "fixed_normalisation", False):
         mean, std = input_statistics(train_samples, in_channels)
         model.input_mean.copy_(torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
@@ -636,6 +634,7 @@ def _train_segmenter(
         "validation_images": len(validation_samples),
         "peak_memory_mb": peak_memory_mb(device),
         "started_from": started_from,
+        "encoder_from": encoder_from,
     }
     return SegmenterTrainingResult(checkpoint_path, best_sha, best_threshold, metrics, history)
 
@@ -654,20 +653,27 @@ def _warm_start(model: SegmenterNet, checkpoint_path: str | Path) -> str | None:
     return previous.checkpoint_sha256
 
 
-def _encoder_classifier(config: SegmenterConfig, classifier_path: str | Path | None) -> Any:
-    """The loaded classifier whose encoder starts the segmenter's (config.encoder_weights "classifier"), or None."""
-    if config.architecture != "efficientnet-lite0-unet" or config.encoder_weights != "classifier":
-        return None
+def _encoder_classifier(config: SegmenterConfig, classifier_path: str | Path | None) -> tuple[Any, str | None]:
+    """(the loaded classifier whose encoder starts the segmenter's, or None; where the encoder starts from).
+
+    With encoder_weights "classifier", a classifier of another backbone (the compact network) or input
+    scaling cannot lend its encoder: the segmenter then starts from ImageNet, and says so."""
+    if config.architecture != "efficientnet-lite0-unet":
+        return None, None
+    if config.encoder_weights != "classifier":
+        return None, "imagenet"
     if classifier_path is None:
         raise DataError("encoder_weights=classifier needs a trained classifier (train one first), "
                         "or set encoder_weights=imagenet.")
     from defect_studio.ml.classifier import load_classifier
 
     classifier = load_classifier(classifier_path, "cpu")
+    if classifier.config.arch != "efficientnet-lite0":
+        return None, f"imagenet (the classifier is {classifier.config.arch}, it has no EfficientNet encoder to lend)"
     if classifier.preprocessing.normalisation != "symmetric":  # the segmenter scales its input (x - 0.5) / 0.5
-        raise ModelError(f"the classifier scales its input by {classifier.preprocessing.normalisation!r}, not as "
-                         "EfficientNet's ImageNet weights do; use encoder_weights=imagenet.")
-    return classifier
+        return None, (f"imagenet (the classifier scales its input by {classifier.preprocessing.normalisation!r}, "
+                      "not as the ImageNet weights do)")
+    return classifier, f"classifier {classifier.checkpoint_sha256}"
 
 
 def _caches_features(model: nn.Module, samples: Sequence[SegmentationSample]) -> bool:
