@@ -4,11 +4,12 @@ reach the gallery, the status bar and the other panels."""
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 from typing import Iterator
 
 import pytest
-from PySide6.QtCore import Qt
+from PySide6.QtCore import QCoreApplication, QEvent, Qt
 
 from defect_studio.gui.session import Session, Stage
 from defect_studio.jobs import Progress, ProgressKind
@@ -22,10 +23,21 @@ def opened(review_project: Path) -> Iterator[Project]:
     project.close()
 
 
-def test_the_tag_panel_asks_the_session_and_shows_its_counts(qtbot, opened: Project) -> None:
+@pytest.fixture
+def session(qtbot) -> Iterator[Session]:  # type: ignore[no-untyped-def]
+    """A session with no window. Deleted, and its Python cycles collected, here on the GUI thread: left
+    to the garbage collector, a Qt object may be freed later from a job's worker thread (a crash)."""
+    made = Session()
+    yield made
+    made.shutdown_jobs()
+    made.deleteLater()
+    QCoreApplication.sendPostedEvents(None, QEvent.Type.DeferredDelete)
+    gc.collect()
+
+
+def test_the_tag_panel_asks_the_session_and_shows_its_counts(qtbot, session: Session, opened: Project) -> None:
     from defect_studio.gui.panels.tag_panel import TagPanel
 
-    session = Session()
     panel = TagPanel(session)
     qtbot.addWidget(panel)
     assert not panel.good_button.isEnabled()  # no project yet
@@ -44,10 +56,10 @@ def test_the_tag_panel_asks_the_session_and_shows_its_counts(qtbot, opened: Proj
     session.set_project(None)
 
 
-def test_the_train_curves_take_epoch_events_only(qtbot) -> None:
+def test_the_train_curves_take_epoch_events_only(qtbot, session: Session) -> None:
     from defect_studio.gui.panels.train_panel import TrainPanel
 
-    panel = TrainPanel(Session())
+    panel = TrainPanel(session)
     qtbot.addWidget(panel)
     metrics = {"loss": 0.7, "val_loss": 0.6, "val_auroc": 0.8, "val_f1": 0.7}
     panel.runner.progress.emit(Progress("train", 1, 3, "epoch 1/3", dict(metrics), kind=ProgressKind.EPOCH))
@@ -58,14 +70,14 @@ def test_the_train_curves_take_epoch_events_only(qtbot) -> None:
     assert panel.point_count("loss") == 2 and panel.history["loss"][-1] == (2.0, 0.5)
 
 
-def test_the_live_segmenter_curve_takes_epoch_events_only(qtbot) -> None:
+def test_the_live_segmenter_curve_takes_epoch_events_only(qtbot, session: Session) -> None:
     from defect_studio.gui.mask_editor import MaskEditor
     from defect_studio.gui.panels.rounds_panel import RoundsPanel
     from defect_studio.gui.viewer import ImageViewer
 
     viewer = ImageViewer()
     qtbot.addWidget(viewer)
-    panel = RoundsPanel(Session(), MaskEditor(viewer, viewer))
+    panel = RoundsPanel(session, MaskEditor(viewer, viewer))
     qtbot.addWidget(panel)
     panel.runner.progress.emit(Progress("loading masks", 0, None, "round 0"))
     panel.runner.progress.emit(Progress("train segmenter", 1, 2, "epoch 1/2", {"loss": 0.4, "val_defect_iou": 0.2},
@@ -74,8 +86,7 @@ def test_the_live_segmenter_curve_takes_epoch_events_only(qtbot) -> None:
     assert panel.live_points == {"loss": [(1.0, 0.4)], "val_defect_iou": [(1.0, 0.2)]}
 
 
-def test_runners_report_through_the_session_and_are_joined(qtbot) -> None:
-    session = Session()
+def test_runners_report_through_the_session_and_are_joined(qtbot, session: Session) -> None:
     runner = session.make_runner("Count")
     assert session.shared_runner("export", "Export") is session.shared_runner("export", "Export")
     started, progress, finished = [], [], []
@@ -106,8 +117,7 @@ def test_runners_report_through_the_session_and_are_joined(qtbot) -> None:
     session.shutdown_jobs()
 
 
-def test_the_round_and_the_image_as_the_session_tells_them(qtbot, opened: Project) -> None:
-    session = Session()
+def test_the_round_and_the_image_as_the_session_tells_them(qtbot, session: Session, opened: Project) -> None:
     rounds: list[object] = []
     session.round_changed.connect(rounds.append)
     session.set_project(opened)
