@@ -10,10 +10,8 @@ from defect_studio.cli.progress import add_progress_arguments, drive
 from defect_studio.jobs import CancelToken
 
 
-def run_train(args: argparse.Namespace) -> int:
-    from defect_studio.ml.classifier import train_project_classifier_job
+def _config_from_arguments(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from defect_studio.ml.models import ClassifierConfig
-    from defect_studio.project import Project
 
     settings = {}
     for name in ("arch", "epochs", "width", "output_stride", "pooling", "input_size", "seed", "lr", "batch_size", "threads"):
@@ -22,6 +20,8 @@ def run_train(args: argparse.Namespace) -> int:
             settings[name] = value
     if args.pretrained is not None:
         settings["pretrained"] = str(Path(args.pretrained).resolve())
+    if args.no_augment:
+        settings["augment"] = False
     if args.max_minutes is not None:
         settings["max_train_seconds"] = float(args.max_minutes) * 60.0 if args.max_minutes > 0 else None
     try:
@@ -35,9 +35,28 @@ def run_train(args: argparse.Namespace) -> int:
 
         raise ModelError(f"--pretrained names torchvision ResNet weights, and {config.arch} does not take them "
                          "(EfficientNet-Lite0 has its own ImageNet weights): add --arch resnet18 or --arch resnet34.")
+    return config
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from defect_studio.ml.distributed import launched_by_torchrun
+
+    config = _config_from_arguments(args)
+    if launched_by_torchrun():
+        return _run_train_rank(args, config)
+    if args.nproc is not None and args.nproc > 1:
+        return _launch_workers(args)
+    from defect_studio.ml.classifier import train_project_classifier_job
+    from defect_studio.project import Project
+
     cancel = CancelToken()
     with Project.open(args.project) as project:
         result = drive(train_project_classifier_job(project, config, cancel, device=args.device), args, cancel)
+    _print_summary(result, args)
+    return 0
+
+
+def _print_summary(result, args: argparse.Namespace) -> None:  # type: ignore[no-untyped-def]
     summary = {
         "checkpoint": str(result.checkpoint_path),
         "device": result.device,
@@ -56,7 +75,98 @@ def run_train(args: argparse.Namespace) -> int:
             f"train AUROC {summary.get('train_auroc', float('nan')):.4f}\n"
             f"  best epoch {result.best_epoch} of {result.epochs_run}, {result.seconds:.0f} s on {result.device}"
         )
+
+
+def _launch_workers(args: argparse.Namespace) -> int:
+    """`--nproc N` on one machine: the same command under torchrun with N workers (the exit code is torchrun's)."""
+    import signal
+    import subprocess
+
+    from defect_studio.cli import EXIT_CANCELLED
+    from defect_studio.ml.distributed import torchrun_command
+
+    arguments = ["train", str(Path(args.project).absolute()), "--device", args.device]
+    for name, option in _OPTIONS.items():
+        value = getattr(args, name, None)
+        if value is not None:
+            arguments += [option, str(Path(value).absolute()) if name == "pretrained" else str(value)]
+    if args.no_augment:
+        arguments.append("--no-augment")
+    if args.json:
+        arguments.append("--json")
+    # Ctrl+C reaches the workers directly (the terminal signals the whole process group) and they cancel
+    # cleanly; this launcher waits for them instead of leaving first. (A Python handler, unlike SIG_IGN,
+    # is not inherited by the children.)
+    interrupted: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(signum))
+    try:
+        code = subprocess.run(torchrun_command(args.nproc, arguments), check=False).returncode
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    # torchrun exits with 1 whatever ended its workers; a Ctrl+C ends the command as a cancel does.
+    return EXIT_CANCELLED if interrupted and code != 0 else code
+
+
+def _run_train_rank(args: argparse.Namespace, config) -> int:  # type: ignore[no-untyped-def]
+    """One rank of `torchrun ... -m defect_studio train PROJECT`: rank 0 opens the project, reads the plan
+    and sends it; every rank checks it sees the project folder and the images; all train; rank 0 alone
+    writes the checkpoint and records the run."""
+    from defect_studio.errors import DefectStudioError
+    from defect_studio.ml.classifier import begin_project_training, plan_project_training, record_project_training, train_classifier_job
+    from defect_studio.ml.distributed import check_shared_folder, process_group
+    from defect_studio.project import Project
+
+    cancel = CancelToken()
+    with process_group(args.device) as (ranks, rank_device):
+        project = None
+        try:
+            plan_or_error = None
+            if ranks.is_writer:
+                try:
+                    project = Project.open(args.project)
+                    plan_or_error = plan_project_training(project, config)
+                except DefectStudioError as error:
+                    plan_or_error = error
+            # Rank 0's refusal reaches every rank: none is left waiting for a plan that never comes.
+            plan = ranks.from_rank0(plan_or_error)
+            if isinstance(plan, DefectStudioError):
+                if ranks.is_writer:
+                    raise plan
+                return plan.exit_code  # rank 0 says why
+            check_shared_folder(ranks, plan.project_dir, [path for path, _, _ in plan.samples])
+            checkpoint_path = ranks.from_rank0(begin_project_training(project, plan) if ranks.is_writer else None)
+            job = train_classifier_job(plan.samples, plan.config, checkpoint_path, cancel, rank_device,
+                                       validation_keys=plan.held_out, ranks=ranks)
+            if not ranks.is_writer:
+                _run_quietly(job, cancel)
+                return 0
+            result = drive(job, args, cancel)
+            record_project_training(project, plan, checkpoint_path, result)
+        finally:
+            if project is not None:
+                project.close()
+    _print_summary(result, args)
     return 0
+
+
+def _run_quietly(job, cancel: CancelToken) -> None:  # type: ignore[no-untyped-def]
+    """A rank other than 0: no progress display (rank 0 shows the run); Ctrl+C cancels like on rank 0."""
+    import signal
+
+    from defect_studio.jobs import run_job
+
+    def on_interrupt(signum: int, frame: object) -> None:
+        if cancel.cancelled:
+            raise KeyboardInterrupt
+        cancel.cancel()
+
+    signal.signal(signal.SIGINT, on_interrupt)
+    run_job(job)
+
+
+_OPTIONS = {"arch": "--arch", "epochs": "--epochs", "width": "--width", "output_stride": "--output-stride",
+            "pooling": "--pooling", "input_size": "--input-size", "lr": "--lr", "batch_size": "--batch-size",
+            "seed": "--seed", "max_minutes": "--max-minutes", "pretrained": "--pretrained", "threads": "--threads"}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -77,10 +187,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--lr", type=float)
     parser.add_argument("--batch-size", dest="batch_size", type=int)
     parser.add_argument("--seed", type=int)
+    parser.add_argument("--no-augment", dest="no_augment", action="store_true",
+                        help="train without augmentation (reproducible comparisons, e.g. one process against several)")
     parser.add_argument("--max-minutes", dest="max_minutes", type=float, help="time budget of the whole job (default 10; 0: no limit); the epoch plan shrinks to fit it")
     parser.add_argument("--pretrained", type=Path, metavar="FILE",
                         help="local torchvision ImageNet weights for --arch resnet18/resnet34 (never downloaded)")
     parser.add_argument("--threads", type=int, help="CPU threads for training (default: torch's choice)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--nproc", type=int, metavar="N",
+                        help="train with N processes on this machine (torch.distributed: one per GPU, or gloo on the CPU); "
+                        "for several machines run `torchrun ... -m defect_studio train PROJECT` (README)")
     add_progress_arguments(parser)
     parser.set_defaults(handler=run_train)

@@ -27,10 +27,11 @@ from defect_studio.atomic import atomic_write_bytes
 from defect_studio.dataset_layout import LABELS, check_two_classes
 from defect_studio.errors import DataError, ModelError
 from defect_studio.imageio import read_image
-from defect_studio.jobs import CancelToken, EtaClock, Progress, ProgressKind
+from defect_studio.jobs import CancelToken, EtaClock, JobCancelled, Progress, ProgressKind
 from defect_studio.ml.augment import augment_batch, surface_augmentation
 from defect_studio.ml.good_prior import GoodImagePrior, build_good_prior
 from defect_studio.ml.device import describe_device, peak_memory_mb, select_device, torch_threads
+from defect_studio.ml.distributed import Ranks, with_global_batch_norm
 from defect_studio.ml.metrics import auroc, binary_scores
 from defect_studio.ml.models import ClassifierConfig, DefectClassifier, build_classifier
 from defect_studio.ml.preprocess import Geometry, Preprocessing
@@ -336,34 +337,107 @@ def train_classifier_job(
     device: str = "auto",
     validation_keys: Iterable[str] | None = None,
     evaluation: Sequence[Sample] = (),
+    ranks: Ranks | None = None,
 ) -> Generator[Progress, None, TrainResult]:
     """Train on `samples` [(image path, good|defect, sha256)]; write the best epoch to checkpoint_path.
 
     The validation images are `validation_keys` (hashes) when given, else a seeded stratified split
     (`validation_split`). `evaluation` samples (a benchmark's test split) are only scored at the end,
     into the result's metrics as test_*; they never influence training or model choice.
+
+    `ranks` (a torchrun process group, see `distributed.py`): every rank runs this job with the same
+    arguments; each prepares its shard of the images, the trainable part trains under
+    DistributedDataParallel on its share of each global batch of `config.batch_size`, and rank 0 alone
+    builds the good-image prior and writes the checkpoint. `device` may then name the rank's GPU ('cuda:1').
     """
+    ranks = ranks or Ranks.single()
     checkpoint_path = Path(checkpoint_path)
     check_two_classes([label for _, label, _ in samples])
-    torch_device = select_device(device)
+    if config.batch_size % ranks.world_size:
+        raise DataError(f"the batch of {config.batch_size} images does not split evenly over {ranks.world_size} "
+                        f"processes; choose a batch size that is a multiple of {ranks.world_size}.")
+    torch_device = torch.device(device) if device.startswith("cuda:") else select_device(device)
     with torch_threads(config.threads):
-        result = yield from _train(samples, config, checkpoint_path, cancel, torch_device, validation_keys, evaluation)
+        result = yield from _train(samples, config, checkpoint_path, cancel, torch_device, validation_keys, evaluation, ranks)
     return result
 
 
-def _train(
-    samples: Sequence[Sample],
-    config: ClassifierConfig,
-    checkpoint_path: Path,
-    cancel: CancelToken,
-    device: torch.device,
-    validation_keys: Iterable[str] | None,
-    evaluation: Sequence[Sample],
-) -> Generator[Progress, None, TrainResult]:
-    started = time.monotonic()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    preprocessing = Preprocessing(config.input_size, config.channels, config.normalisation)
+@dataclass
+class _TrainingData:
+    """The prepared images (or their frozen-stage features) of every split, in memory on every rank."""
+
+    train_samples: list[Sample]
+    val_samples: list[Sample]
+    train_x: torch.Tensor
+    val_x: torch.Tensor
+    eval_x: torch.Tensor
+    train_y: np.ndarray
+    val_y: np.ndarray
+    from_frozen: bool
+
+
+@dataclass
+class _Optimisation:
+    """AdamW with warm-up + cosine decay over the planned epochs; a time budget may shorten the plan
+    after each epoch, and the decay follows the new plan so the last epoch still ends at a low rate."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    plan: dict[str, int]
+    steps_per_epoch: int
+    loss_fn: nn.Module
+
+    def replan(self, planned_epochs: int) -> None:
+        self.plan["total_steps"] = planned_epochs * self.steps_per_epoch
+        self.plan["warmup"] = max(1, int(0.1 * self.plan["total_steps"]))
+
+
+@dataclass
+class _Best:
+    """The best epoch so far (by validation AUROC, then loss) and the early-stopping count."""
+
+    key: tuple[float, float] = (-math.inf, -math.inf)
+    epoch: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+    threshold: float = 0.5
+    state: dict[str, torch.Tensor] | None = None
+    epochs_since: int = 0
+
+    def consider(self, epoch: int, metrics: dict[str, float], threshold: float, model: nn.Module, low_resolution: bool) -> bool:
+        """Keep `epoch` when it beats the best so far (a low-resolution epoch never counts); True if kept."""
+        key = (metrics["val_auroc"] if not math.isnan(metrics["val_auroc"]) else -1.0, -metrics["val_loss"])
+        if low_resolution:
+            return False
+        if key <= self.key:
+            self.epochs_since += 1
+            return False
+        self.key, self.epoch, self.metrics, self.threshold, self.epochs_since = key, epoch, dict(metrics), threshold, 0
+        self.state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
+        return True
+
+
+class _TrainingForward(nn.Module):
+    """The classifier's training forward pass (from cached frozen features or from images) as a module's
+    `forward`, so DistributedDataParallel can wrap it; it holds the classifier, it copies nothing."""
+
+    def __init__(self, model: DefectClassifier, from_frozen: bool) -> None:
+        super().__init__()
+        self.model = model
+        self.from_frozen = from_frozen
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_from_frozen(batch) if self.from_frozen else self.model(batch)
+
+
+def _raise_if_cancelled(cancel: CancelToken, ranks: Ranks) -> None:
+    """A cancel on any rank stops every rank at the same step (a lone rank leaving would hang the others)."""
+    if ranks.any(cancel.cancelled):
+        raise JobCancelled("cancelled by the user")
+
+
+def _split_samples(
+    samples: Sequence[Sample], config: ClassifierConfig, validation_keys: Iterable[str] | None
+) -> tuple[list[Sample], list[Sample]]:
     keys_and_labels = [(sha, label) for _, label, sha in samples]
     held_out = set(validation_keys) if validation_keys is not None else validation_split(keys_and_labels, config.val_fraction, config.seed)
     train_samples = [s for s in samples if s[2] not in held_out]
@@ -371,19 +445,37 @@ def _train(
     check_two_classes([label for _, label, _ in train_samples], what="training (after holding out the validation images)")
     if not val_samples:
         raise DataError("too few tagged images to hold out a validation set; tag at least two images of each class.")
+    return train_samples, val_samples
 
-    all_paths = [s[0] for s in (*train_samples, *val_samples, *evaluation)]
-    loading = EtaClock(len(all_paths))
-    yield Progress("load", 0, len(all_paths), f"device: {describe_device(device)}; preparing {len(all_paths)} images")
+
+def _load_images(
+    paths: Sequence[Path], preprocessing: Preprocessing, cancel: CancelToken, device: torch.device
+) -> Generator[Progress, None, torch.Tensor]:
+    """The prepared network inputs of `paths` (float16, on the CPU)."""
+    loading = EtaClock(len(paths))
     size = preprocessing.input_size
-    cache = torch.empty((len(all_paths), preprocessing.channels, size, size), dtype=torch.float16)
-    for index, path in enumerate(all_paths):
+    cache = torch.empty((len(paths), preprocessing.channels, size, size), dtype=torch.float16)
+    for index, path in enumerate(paths):
         cancel.raise_if_cancelled()
         cache[index] = torch.from_numpy(preprocessing.prepare_array(read_image(path))[0])
-        if (index + 1) % 25 == 0 or index + 1 == len(all_paths):
+        if (index + 1) % 25 == 0 or index + 1 == len(paths):
             yield loading.progress("load", index + 1, f"device: {describe_device(device)}")
+    return cache
+
+
+def _prepare_data(
+    samples: Sequence[Sample], config: ClassifierConfig, preprocessing: Preprocessing, cancel: CancelToken,
+    device: torch.device, validation_keys: Iterable[str] | None, evaluation: Sequence[Sample], ranks: Ranks,
+) -> Generator[Progress, None, tuple[_TrainingData, DefectClassifier]]:
+    """Split, load and prepare every image once (each rank its shard, then shared), build the network
+    and, when its first stages are frozen, replace the images by their features (computed once)."""
+    train_samples, val_samples = _split_samples(samples, config, validation_keys)
+    all_paths = [s[0] for s in (*train_samples, *val_samples, *evaluation)]
+    shard = ranks.shard(len(all_paths))
+    share = f" (this process: {len(shard)} of them)" if ranks.distributed else ""
+    yield Progress("load", 0, len(shard), f"device: {describe_device(device)}; preparing {len(all_paths)} images{share}")
+    cache = yield from _load_images([all_paths[i] for i in shard], preprocessing, cancel, device)
     torch.manual_seed(config.seed)
-    generator = torch.Generator().manual_seed(config.seed)
     model = build_classifier(config).to(device)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -391,15 +483,23 @@ def _train(
     from_frozen = model.frozen_stages > 0
     if from_frozen:
         cache = yield from frozen_features_cached(model, cache, device, config, cancel)
+    _raise_if_cancelled(cancel, ranks)
+    cache = ranks.gather_rows(cache, len(all_paths))
     n_train, n_val = len(train_samples), len(val_samples)
-    train_x, val_x, eval_x = cache[:n_train], cache[n_train : n_train + n_val], cache[n_train + n_val :]
-    train_y = np.array([s[1] == "defect" for s in train_samples], dtype=np.int64)
-    val_y = np.array([s[1] == "defect" for s in val_samples], dtype=np.int64)
+    data = _TrainingData(
+        train_samples=train_samples, val_samples=val_samples,
+        train_x=cache[:n_train], val_x=cache[n_train : n_train + n_val], eval_x=cache[n_train + n_val :],
+        train_y=np.array([s[1] == "defect" for s in train_samples], dtype=np.int64),
+        val_y=np.array([s[1] == "defect" for s in val_samples], dtype=np.int64),
+        from_frozen=from_frozen,
+    )
+    return data, model
+
+
+def _make_optimisation(model: DefectClassifier, config: ClassifierConfig, train_y: np.ndarray, device: torch.device) -> _Optimisation:
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = max(1, math.ceil((2 * max(train_y.sum(), len(train_y) - train_y.sum()) if config.balanced_sampling else len(train_y)) / config.batch_size))
-    # Warm-up then cosine decay over the planned epochs; a time budget may shorten the plan after
-    # each epoch, and the decay follows the new plan so the last epoch still ends at a low rate.
     plan = {"total_steps": config.epochs * steps_per_epoch, "warmup": max(1, int(0.1 * config.epochs * steps_per_epoch))}
 
     def learning_rate_factor(step: int) -> float:
@@ -412,133 +512,246 @@ def _train(
     positive_weight = None
     if not config.balanced_sampling:
         positive_weight = torch.tensor([(len(train_y) - train_y.sum()) / max(1, train_y.sum())], device=device)
-    loss_fn = nn.BCEWithLogitsLoss(pos_weight=positive_weight)
+    return _Optimisation(optimizer, scheduler, plan, steps_per_epoch, nn.BCEWithLogitsLoss(pos_weight=positive_weight))
+
+
+def _global_batches(order: np.ndarray, batch_size: int, ranks: Ranks) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
+    """(global batch, this rank's part of it, how many distinct images the global batch holds) for each
+    step of an epoch in `order`.
+
+    The ranks split the epoch with a DistributedSampler (rank r takes every world_size-th position, the
+    tail padded from the start so that every rank holds as many), so each global batch of `batch_size`
+    is exactly the batch a single process takes at that step (plus at most world_size - 1 repeated
+    images in the epoch's last batch) and each rank holds batch_size / world_size of it."""
+    if not ranks.distributed:
+        for start in range(0, len(order), batch_size):
+            index = order[start : start + batch_size]
+            yield index, index, len(index)
+        return
+    from torch.utils.data import DistributedSampler
+
+    sampler = DistributedSampler(range(len(order)), num_replicas=ranks.world_size, rank=ranks.rank, shuffle=False, drop_last=False)
+    positions = np.fromiter(iter(sampler), dtype=np.int64)
+    padded = np.concatenate([order, order[: len(positions) * ranks.world_size - len(order)]])
+    local_batch = batch_size // ranks.world_size
+    for step, start in enumerate(range(0, len(padded), batch_size)):
+        part = order[positions[step * local_batch : (step + 1) * local_batch]]
+        yield padded[start : start + batch_size], part, max(0, min(batch_size, len(order) - start))
+
+
+def _epoch_order(train_y: np.ndarray, config: ClassifierConfig, steps_per_epoch: int, generator: torch.Generator) -> np.ndarray:
+    """The training images' indices of one epoch (class-balanced unless configured otherwise)."""
+    order = _balanced_order(train_y, generator) if config.balanced_sampling else torch.randperm(len(train_y), generator=generator).numpy()
+    return order[: steps_per_epoch * config.batch_size]
+
+
+def _epochs_within_budget(config: ClassifierConfig, epoch: int, elapsed: float, mean_epoch: float) -> int | None:
+    """How many epochs the time budget allows in all, at the mean epoch time so far (None: stop now)."""
+    assert config.max_train_seconds is not None
+    if elapsed > config.max_train_seconds:
+        return None
+    fit = epoch + int((config.max_train_seconds - elapsed) / (mean_epoch + 1e-9))
+    return max(epoch + 1, min(config.epochs, fit)) if fit > epoch else None
+
+
+def _run_epoch(
+    step_model: nn.Module, data: _TrainingData, config: ClassifierConfig, optimisation: _Optimisation, order: np.ndarray,
+    generator: torch.Generator, low_resolution: bool, cancel: CancelToken, device: torch.device, ranks: Ranks,
+) -> float:
+    """One pass over `order` (indices of the training images); returns the mean training loss (of all ranks)."""
     transform = surface_augmentation(config.augment_strength, config.rotate90)
+    total_loss, seen = 0.0, 0
+    for global_index, index, distinct in _global_batches(order, config.batch_size, ranks):
+        _raise_if_cancelled(cancel, ranks)
+        if distinct < 2:  # BatchNorm needs two images (in the global batch: its statistics are global)
+            continue
+        if config.augment and data.from_frozen:
+            # The flips are drawn for the whole global batch from the generator all ranks share, so the
+            # ranks stay in step and together see what a single process would.
+            # Only the distinct images draw (a padded repeat would shift the generator for the next epoch).
+            batch = data.train_x[torch.from_numpy(global_index)].float()
+            batch[:distinct] = flip_features(batch[:distinct], generator, config.rotate90)
+            batch = batch[ranks.rank :: ranks.world_size] if ranks.distributed else batch
+        else:
+            batch = data.train_x[torch.from_numpy(index)].float()
+            if low_resolution:
+                batch = nn.functional.interpolate(batch, scale_factor=config.low_res_scale, mode="area")
+            if config.augment:
+                batch = augment_batch(batch, transform)
+        batch = _to_device(batch, device, config.channels_last)
+        target = torch.from_numpy(data.train_y[index]).float().to(device)
+        with _autocast(device, config):
+            logits = step_model(batch)
+        loss = optimisation.loss_fn(logits.float(), target)
+        optimisation.optimizer.zero_grad(set_to_none=True)
+        loss.backward()  # under DDP: the gradients are averaged over the ranks' equal parts here
+        optimisation.optimizer.step()
+        optimisation.scheduler.step()
+        total_loss += float(loss.detach()) * len(index)
+        seen += len(index)
+    total_loss, seen = ranks.sum([total_loss, seen])
+    return total_loss / max(1, seen)
+
+
+def _predict_all(
+    model: DefectClassifier, x: torch.Tensor, device: torch.device, config: ClassifierConfig, ranks: Ranks,
+    scale: float = 1.0, from_frozen: bool = False,
+) -> np.ndarray:
+    """Defect probabilities of every row of `x`: each rank scores its shard, every rank gets them all."""
+    shard = ranks.shard(len(x))
+    local = predict_cached(model, x[shard] if ranks.distributed else x, device, config, scale=scale, from_frozen=from_frozen)
+    return ranks.gather_rows(torch.from_numpy(local), len(x)).numpy()
+
+
+def _validate(
+    model: DefectClassifier, data: _TrainingData, config: ClassifierConfig, device: torch.device, ranks: Ranks, scale: float,
+) -> tuple[dict[str, float], float]:
+    """Validation loss, AUROC and F1 (at the best threshold) over the whole validation set, and that threshold."""
+    val_p = _predict_all(model, data.val_x, device, config, ranks, scale=scale, from_frozen=data.from_frozen)
+    val_y = data.val_y
+    val_loss = float(nn.functional.binary_cross_entropy(torch.from_numpy(val_p).double().clamp(1e-7, 1 - 1e-7), torch.from_numpy(val_y).double()))
+    threshold = choose_threshold(val_y, val_p)
+    metrics = {"val_loss": val_loss, "val_auroc": auroc(val_y, val_p), "val_f1": binary_scores(val_y, val_p > threshold).f1}
+    return metrics, threshold
+
+
+def _step_model(model: DefectClassifier, from_frozen: bool, device: torch.device, ranks: Ranks) -> nn.Module:
+    """What the training steps call: the classifier itself, or its DistributedDataParallel wrapper
+    (gradients of the trainable part averaged over the ranks; the frozen part has none)."""
+    forward = _TrainingForward(model, from_frozen)
+    if not ranks.distributed:
+        return forward
+    from torch.nn.parallel import DistributedDataParallel
+
+    # BatchNorm statistics over the global batch, as in one process: torch's SyncBatchNorm on GPUs,
+    # our all-reduce of the sums elsewhere (SyncBatchNorm refuses CPU tensors).
+    if device.type == "cuda":
+        forward = nn.SyncBatchNorm.convert_sync_batchnorm(forward)
+        return DistributedDataParallel(forward, device_ids=[device.index])
+    return DistributedDataParallel(with_global_batch_norm(forward))
+
+
+def _train(
+    samples: Sequence[Sample],
+    config: ClassifierConfig,
+    checkpoint_path: Path,
+    cancel: CancelToken,
+    device: torch.device,
+    validation_keys: Iterable[str] | None,
+    evaluation: Sequence[Sample],
+    ranks: Ranks,
+) -> Generator[Progress, None, TrainResult]:
+    started = time.monotonic()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    preprocessing = Preprocessing(config.input_size, config.channels, config.normalisation)
+    data, model = yield from _prepare_data(samples, config, preprocessing, cancel, device, validation_keys, evaluation, ranks)
+    generator = torch.Generator().manual_seed(config.seed)  # the epochs' order: the same on every rank
+    if ranks.distributed:
+        torch.manual_seed(config.seed + ranks.rank)  # image augmentation: each rank draws for its own part
+    optimisation = _make_optimisation(model, config, data.train_y, device)
+    step_model = _step_model(model, data.from_frozen, device, ranks)
 
     clock = EtaClock(config.epochs)
-    best_state: dict[str, torch.Tensor] | None = None
-    best_key = (-math.inf, -math.inf)
-    best_epoch, best_metrics, best_threshold = 0, {}, 0.5
+    best = _Best()
     history: list[dict[str, float]] = []
-    epochs_since_best = 0
     epoch_times: list[float] = []
     epochs_run = 0
     planned_epochs = config.epochs
     for epoch in range(1, config.epochs + 1):
         if epoch > planned_epochs:
             break
-        cancel.raise_if_cancelled()
+        _raise_if_cancelled(cancel, ranks)
         epoch_start = time.monotonic()
-        model.train()
-        low_resolution = 0 < config.low_res_scale < 1 and epoch <= int(config.low_res_fraction * planned_epochs) and not from_frozen
-        order = _balanced_order(train_y, generator) if config.balanced_sampling else torch.randperm(len(train_y), generator=generator).numpy()
-        order = order[: steps_per_epoch * config.batch_size]
-        total_loss, seen = 0.0, 0
-        for start in range(0, len(order), config.batch_size):
-            cancel.raise_if_cancelled()
-            index = order[start : start + config.batch_size]
-            if len(index) < 2:  # BatchNorm needs two images
-                continue
-            batch = train_x[torch.from_numpy(index)].float()
-            if low_resolution:
-                batch = nn.functional.interpolate(batch, scale_factor=config.low_res_scale, mode="area")
-            if config.augment:
-                batch = flip_features(batch, generator, config.rotate90) if from_frozen else augment_batch(batch, transform)
-            batch = _to_device(batch, device, config.channels_last)
-            target = torch.from_numpy(train_y[index]).float().to(device)
-            with _autocast(device, config):
-                logits = model.forward_from_frozen(batch) if from_frozen else model(batch)
-            loss = loss_fn(logits.float(), target)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            total_loss += float(loss.detach()) * len(index)
-            seen += len(index)
-        cancel.raise_if_cancelled()
+        step_model.train()
+        low_resolution = 0 < config.low_res_scale < 1 and epoch <= int(config.low_res_fraction * planned_epochs) and not data.from_frozen
+        order = _epoch_order(data.train_y, config, optimisation.steps_per_epoch, generator)
+        train_loss = _run_epoch(step_model, data, config, optimisation, order, generator, low_resolution, cancel, device, ranks)
+        _raise_if_cancelled(cancel, ranks)
+        ranks.share_buffers_of_rank0(model)
         # Low-resolution epochs are validated at their own scale (shown, never kept as the best: the
         # saved model must be the one that works at the full input size).
-        val_p = predict_cached(model, val_x, device, config, scale=config.low_res_scale if low_resolution else 1.0,
-                               from_frozen=from_frozen)
-        val_auroc = auroc(val_y, val_p)
-        val_loss = float(nn.functional.binary_cross_entropy(torch.from_numpy(val_p).double().clamp(1e-7, 1 - 1e-7), torch.from_numpy(val_y).double()))
-        threshold = choose_threshold(val_y, val_p)
-        val_f1 = binary_scores(val_y, val_p > threshold).f1
+        val_metrics, threshold = _validate(model, data, config, device, ranks, config.low_res_scale if low_resolution else 1.0)
         epoch_times.append(time.monotonic() - epoch_start)
         epochs_run = epoch
-        metrics = {"loss": total_loss / max(1, seen), "val_loss": val_loss, "val_auroc": val_auroc, "val_f1": val_f1,
-                   "lr": float(scheduler.get_last_lr()[0])}
+        metrics = {"loss": train_loss, **val_metrics, "lr": float(optimisation.scheduler.get_last_lr()[0])}
         history.append({"epoch": epoch, **metrics})
-        key = (val_auroc if not math.isnan(val_auroc) else -1.0, -val_loss)
-        improved = key > best_key and not low_resolution
-        if improved:
-            best_key, best_epoch, best_metrics, best_threshold = key, epoch, dict(metrics), threshold
-            best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
-            epochs_since_best = 0
-        elif not low_resolution:
-            epochs_since_best += 1
-        elapsed = time.monotonic() - started
+        improved = best.consider(epoch, metrics, threshold, model, low_resolution)
+        # Rank 0's clock decides the time budget, so every rank stops after the same epoch.
+        elapsed, mean_epoch = ranks.from_rank0((time.monotonic() - started, float(np.mean(epoch_times))))
         message = f"epoch {epoch}/{planned_epochs}" + (" at low resolution" if low_resolution else "") + (" (best)" if improved else "")
         yield clock.progress("train", epoch, message, metrics, kind=ProgressKind.EPOCH)
-        if epoch >= config.min_epochs and epochs_since_best >= config.patience:
+        if epoch >= config.min_epochs and best.epochs_since >= config.patience:
             break
         if config.max_train_seconds is not None:
-            if elapsed > config.max_train_seconds:
+            planned_epochs = _epochs_within_budget(config, epoch, elapsed, mean_epoch)
+            if planned_epochs is None:
                 break
-            # Re-plan how many epochs fit in the remaining budget, at the mean epoch time so far.
-            fit = epoch + int((config.max_train_seconds - elapsed) / (np.mean(epoch_times) + 1e-9))
-            planned_epochs = max(epoch + 1, min(config.epochs, fit))
-            plan["total_steps"] = planned_epochs * steps_per_epoch
-            plan["warmup"] = max(1, int(0.1 * plan["total_steps"]))
+            optimisation.replan(planned_epochs)
             clock.total = planned_epochs
-            if fit <= epoch:
-                break
 
-    if best_state is not None:
-        model.load_state_dict(best_state)
+    if best.state is not None:
+        model.load_state_dict(best.state)
     else:  # every epoch ran at low resolution (a tiny budget): keep the last state
-        best_epoch, best_metrics, best_threshold = epochs_run, dict(history[-1]), 0.5
-        best_metrics.pop("epoch", None)
-    train_p = predict_cached(model, train_x, device, config, from_frozen=from_frozen)
-    final_metrics = {**best_metrics, "train_auroc": auroc(train_y, train_p), "best_epoch": float(best_epoch),
-                     "val_threshold": best_threshold, "train_images": float(n_train), "val_images": float(n_val)}
-    test_probabilities: list[float] | None = None
-    if len(evaluation):
-        eval_y = np.array([s[1] == "defect" for s in evaluation], dtype=np.int64)
-        eval_p = predict_cached(model, eval_x, device, config, from_frozen=from_frozen)
-        scores = binary_scores(eval_y, eval_p > best_threshold)
-        final_metrics.update({"test_auroc": auroc(eval_y, eval_p), "test_f1": scores.f1, "test_accuracy": scores.accuracy,
-                              "test_precision": scores.precision, "test_recall": scores.recall})
-        test_probabilities = eval_p.tolist()
-    cancel.raise_if_cancelled()
-    yield Progress("prior", 0, 1, "memory bank of the good images' features")
-    good = torch.from_numpy(np.concatenate([train_y, val_y]) == 0)
-    good_prior = build_prior_from_features(model, torch.cat([train_x, val_x])[good], device, config)
-    cancel.raise_if_cancelled()
-    seen_hashes = sorted({s[2] for s in train_samples} | {s[2] for s in val_samples})
-    atomic_write_bytes(
-        checkpoint_path,
-        checkpoint_bytes(model, config, preprocessing, best_threshold, final_metrics, seen_hashes, best_epoch, good_prior),
-    )
+        best = _Best(epoch=epochs_run, metrics={k: v for k, v in history[-1].items() if k != "epoch"}, threshold=0.5)
+    final_metrics, test_probabilities = _final_metrics(model, data, evaluation, config, device, ranks, best)
+    _raise_if_cancelled(cancel, ranks)
+    if ranks.is_writer:
+        yield from _write_checkpoint(model, data, config, preprocessing, best, final_metrics, checkpoint_path, cancel, device)
     seconds = time.monotonic() - started
     result = TrainResult(
         checkpoint_path=checkpoint_path,
         metrics=final_metrics,
-        best_epoch=best_epoch,
+        best_epoch=best.epoch,
         epochs_run=epochs_run,
         seconds=seconds,
         seconds_per_epoch=float(np.mean(epoch_times)) if epoch_times else 0.0,
         peak_memory_mb=peak_memory_mb(device),
-        device=describe_device(device),
-        decision_threshold=best_threshold,
+        device=describe_device(device) + (f", {ranks.world_size} processes" if ranks.distributed else ""),
+        decision_threshold=best.threshold,
         history=history,
-        train_hashes=[s[2] for s in train_samples],
-        validation_hashes=[s[2] for s in val_samples],
+        train_hashes=[s[2] for s in data.train_samples],
+        validation_hashes=[s[2] for s in data.val_samples],
         test_probabilities=test_probabilities,
     )
-    yield Progress("done", epochs_run, config.epochs, f"saved {checkpoint_path.name}", final_metrics,
-                   kind=ProgressKind.RESULT)
+    done = f"saved {checkpoint_path.name}" if ranks.is_writer else f"rank {ranks.rank} done (rank 0 saves {checkpoint_path.name})"
+    yield Progress("done", epochs_run, config.epochs, done, final_metrics, kind=ProgressKind.RESULT)
     return result
+
+
+def _final_metrics(
+    model: DefectClassifier, data: _TrainingData, evaluation: Sequence[Sample], config: ClassifierConfig,
+    device: torch.device, ranks: Ranks, best: _Best,
+) -> tuple[dict[str, float], list[float] | None]:
+    """The best epoch's metrics with the training AUROC and, for `evaluation` samples, the test scores."""
+    train_p = _predict_all(model, data.train_x, device, config, ranks, from_frozen=data.from_frozen)
+    final_metrics = {**best.metrics, "train_auroc": auroc(data.train_y, train_p), "best_epoch": float(best.epoch),
+                     "val_threshold": best.threshold, "train_images": float(len(data.train_samples)),
+                     "val_images": float(len(data.val_samples))}
+    if not len(evaluation):
+        return final_metrics, None
+    eval_y = np.array([s[1] == "defect" for s in evaluation], dtype=np.int64)
+    eval_p = _predict_all(model, data.eval_x, device, config, ranks, from_frozen=data.from_frozen)
+    scores = binary_scores(eval_y, eval_p > best.threshold)
+    final_metrics.update({"test_auroc": auroc(eval_y, eval_p), "test_f1": scores.f1, "test_accuracy": scores.accuracy,
+                          "test_precision": scores.precision, "test_recall": scores.recall})
+    return final_metrics, eval_p.tolist()
+
+
+def _write_checkpoint(
+    model: DefectClassifier, data: _TrainingData, config: ClassifierConfig, preprocessing: Preprocessing, best: _Best,
+    final_metrics: dict[str, float], checkpoint_path: Path, cancel: CancelToken, device: torch.device,
+) -> Generator[Progress, None, None]:
+    """The good-image prior from the good images' features, then the checkpoint, written atomically."""
+    yield Progress("prior", 0, 1, "memory bank of the good images' features")
+    good = torch.from_numpy(np.concatenate([data.train_y, data.val_y]) == 0)
+    good_prior = build_prior_from_features(model, torch.cat([data.train_x, data.val_x])[good], device, config)
+    cancel.raise_if_cancelled()
+    seen_hashes = sorted({s[2] for s in data.train_samples} | {s[2] for s in data.val_samples})
+    atomic_write_bytes(
+        checkpoint_path,
+        checkpoint_bytes(model, config, preprocessing, best.threshold, final_metrics, seen_hashes, best.epoch, good_prior),
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -572,25 +785,59 @@ def fit_input_size(config: ClassifierConfig, largest_side: int) -> ClassifierCon
     return dataclasses.replace(config, input_size=fitting) if fitting < config.input_size else config
 
 
-def train_project_classifier_job(
-    project: Any, config: ClassifierConfig, cancel: CancelToken, device: str = "auto"
-) -> Generator[Progress, None, TrainResult]:
-    """Train on the project's tagged images; record the run; a cancelled run leaves the project as it was."""
+@dataclass
+class ProjectTrainingPlan:
+    """What a project's training needs, read from the project without changing it (rank 0 reads it
+    and sends it to the other ranks of a distributed run, which never open the project)."""
+
+    project_dir: Path
+    samples: list[Sample]
+    config: ClassifierConfig
+    validation_seed: int
+    held_out: set[str]
+
+
+def plan_project_training(project: Any, config: ClassifierConfig) -> ProjectTrainingPlan:
+    """The tagged images, the fitted config and the validation split of a project (nothing written)."""
     records = [r for r in project.images() if r.tag in LABELS]
     check_two_classes([r.tag for r in records])
     config = fit_input_size(config, max(max(r.height, r.width) for r in records))
-    samples = [(Path(r.path), r.tag, r.sha256) for r in records]
-    seed = project_validation_seed(project, config.seed)
-    held_out = validation_split([(r.sha256, r.tag) for r in records], config.val_fraction, seed)
-    checkpoint_path = _next_checkpoint_path(Path(project.models_dir))
-    result = yield from train_classifier_job(samples, config, checkpoint_path, cancel, device, validation_keys=held_out)
+    seed = project.get_setting(VALIDATION_SEED_SETTING, None)
+    seed = int(config.seed if seed is None else seed)
+    return ProjectTrainingPlan(
+        project_dir=Path(project.path),
+        samples=[(Path(r.path), r.tag, r.sha256) for r in records],
+        config=config,
+        validation_seed=seed,
+        held_out=validation_split([(r.sha256, r.tag) for r in records], config.val_fraction, seed),
+    )
+
+
+def begin_project_training(project: Any, plan: ProjectTrainingPlan) -> Path:
+    """Fix the project's validation seed (at its first training) and choose the new checkpoint's path."""
+    project_validation_seed(project, plan.validation_seed)
+    return _next_checkpoint_path(Path(project.models_dir))
+
+
+def record_project_training(project: Any, plan: ProjectTrainingPlan, checkpoint_path: Path, result: TrainResult) -> None:
     project.record_training_run(
         kind="classifier",
-        config={**config.to_dict(), "validation_seed": seed},
-        seed=config.seed,
+        config={**plan.config.to_dict(), "validation_seed": plan.validation_seed},
+        seed=plan.config.seed,
         metrics={**result.metrics, "seconds": result.seconds, "seconds_per_epoch": result.seconds_per_epoch,
                  "epochs_run": result.epochs_run, "history": result.history},
         checkpoint_path=checkpoint_path,
         dataset_hashes=sorted(result.train_hashes + result.validation_hashes),
     )
+
+
+def train_project_classifier_job(
+    project: Any, config: ClassifierConfig, cancel: CancelToken, device: str = "auto"
+) -> Generator[Progress, None, TrainResult]:
+    """Train on the project's tagged images; record the run; a cancelled run leaves the project as it was."""
+    plan = plan_project_training(project, config)
+    checkpoint_path = begin_project_training(project, plan)
+    result = yield from train_classifier_job(plan.samples, plan.config, checkpoint_path, cancel, device,
+                                             validation_keys=plan.held_out)
+    record_project_training(project, plan, checkpoint_path, result)
     return result
