@@ -141,3 +141,33 @@ def test_a_global_batch_that_does_not_split_over_the_ranks_is_a_clear_error(demo
     with pytest.raises(DataError, match="multiple of 3"):
         run_job(train_classifier_job(samples, config, tmp_path / "c.pt", CancelToken(), "cpu", ranks=Ranks(rank=0, world_size=3)))
     assert not (tmp_path / "c.pt").exists()
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+@pytest.mark.parametrize("length", [2, 9, 16, 90])
+def test_the_ranks_parts_make_up_the_single_process_batches(world_size: int, length: int) -> None:
+    import numpy as np
+
+    from defect_studio.ml.classifier import _global_batches
+    from defect_studio.ml.distributed import Ranks
+
+    order = np.random.default_rng(length).permutation(length)
+    batch_size = 4 * world_size
+    single = [index for index, _, _ in _global_batches(order, batch_size, Ranks.single())]
+    per_rank = [list(_global_batches(order, batch_size, Ranks(rank, world_size))) for rank in range(world_size)]
+    assert all(len(steps) == len(single) for steps in per_rank), "every rank takes the same number of steps"
+    for step, expected in enumerate(single):
+        parts = [per_rank[rank][step][1] for rank in range(world_size)]
+        global_index, _, distinct = per_rank[0][step]
+        assert distinct == len(expected)
+        assert (global_index[:distinct] == expected).all(), "the global batch is the single process's batch"
+        assert len({len(part) for part in parts}) == 1, "equal parts: DDP's mean of means is the global mean"
+        assert sorted(np.concatenate(parts)) == sorted(global_index)
+        for rank, part in enumerate(parts):
+            assert (part == global_index[rank::world_size]).all()
+
+
+def test_every_rank_gathers_every_shard_in_order(tmp_path: Path) -> None:
+    completed = _torchrun([str(Path(__file__).with_name("distributed_gather_check.py"))], cwd=tmp_path)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "rank 0: gathered in order" in completed.stdout and "rank 1: gathered in order" in completed.stdout

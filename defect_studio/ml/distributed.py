@@ -14,6 +14,7 @@ folder (a token file rank 0 writes and every rank reads back) and every image it
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import secrets
 import socket
@@ -63,20 +64,29 @@ class Ranks:
         """This rank's indices of `count` items: every world_size-th one, starting at its rank."""
         return list(range(self.rank, count, self.world_size))
 
-    def gather_rows(self, local: torch.Tensor, count: int) -> torch.Tensor:
-        """The rows of all ranks' shards (`shard(count)` each) back in their original order, on every rank."""
+    def gather_rows(self, local: torch.Tensor, count: int, chunk_bytes: int = 64 * 2**20) -> torch.Tensor:
+        """The rows of all ranks' shards (`shard(count)` each) back in their original order, on every rank.
+
+        Exchanged in chunks of about `chunk_bytes` per rank, so a large feature cache needs little memory
+        beyond its own copy (and little GPU memory when nccl carries it)."""
         if not self.distributed:
             return local
         per_rank = -(-count // self.world_size)  # shards differ by at most one row: pad to the longest
-        padded = torch.zeros((per_rank, *local.shape[1:]), dtype=local.dtype, device=local.device)
-        padded[: len(local)] = local
-        # gloo has no all-gather for float16 on the CPU: move through float32 (the cache stays float16).
-        wire = (padded.float() if padded.dtype == torch.float16 else padded).to(self.collective_device)
-        pieces = [torch.empty_like(wire) for _ in range(self.world_size)]
-        torch.distributed.all_gather(pieces, wire)
-        # Row j of rank r's shard is item j * world_size + r: interleave the shards.
-        stacked = torch.stack(pieces, dim=1).reshape(per_rank * self.world_size, *local.shape[1:])
-        return stacked[:count].to(device=local.device, dtype=local.dtype)
+        row_shape = tuple(local.shape[1:])
+        out = torch.empty((per_rank * self.world_size, *row_shape), dtype=local.dtype, device=local.device)
+        row_bytes = 4 * max(1, math.prod(row_shape))  # float32 on the wire
+        rows_per_chunk = max(1, chunk_bytes // row_bytes)
+        for first in range(0, per_rank, rows_per_chunk):
+            last = min(per_rank, first + rows_per_chunk)
+            block = torch.zeros((last - first, *row_shape), dtype=torch.float32, device=self.collective_device)
+            mine = local[first:last]
+            block[: len(mine)] = mine.to(device=self.collective_device, dtype=torch.float32)  # gloo: no float16
+            pieces = [torch.empty_like(block) for _ in range(self.world_size)]
+            torch.distributed.all_gather(pieces, block)
+            # Row j of rank r's shard is item j * world_size + r: interleave the shards.
+            interleaved = torch.stack(pieces, dim=1).reshape((last - first) * self.world_size, *row_shape)
+            out[first * self.world_size : last * self.world_size] = interleaved.to(device=local.device, dtype=local.dtype)
+        return out[:count]
 
     def any(self, flag: bool) -> bool:
         """True on every rank when `flag` is true on some rank (a cancel, a stop)."""
@@ -87,8 +97,8 @@ class Ranks:
         return bool(value.item() > 0)
 
     def share_buffers_of_rank0(self, model: torch.nn.Module) -> None:
-        """Rank 0's buffers (BatchNorm running statistics) on every rank: each rank's last training step
-        updated them from its own shard, and every rank must evaluate the model that rank 0 will save."""
+        """Rank 0's buffers (BatchNorm running statistics) on every rank, so that every rank evaluates the
+        model rank 0 will save (a guard: global-batch BatchNorm keeps them equal, per-rank BatchNorm would not)."""
         if not self.distributed:
             return
         for buffer in model.buffers():
@@ -197,6 +207,9 @@ def process_group(device: str) -> Iterator[tuple[Ranks, str]]:
     backend = backend_for(device)
     rank_device = "cpu"
     if backend == "nccl":
+        if local_rank >= torch.cuda.device_count():
+            raise DataError(f"{int(os.environ.get('LOCAL_WORLD_SIZE', local_rank + 1))} processes on {socket.gethostname()}, "
+                            f"which has {torch.cuda.device_count()} GPU(s): start one process per GPU (or --device cpu).")
         torch.cuda.set_device(local_rank)
         rank_device = f"cuda:{local_rank}"
     # A rank that fails while the others wait in a collective ends the run through torchrun; the
