@@ -88,6 +88,7 @@ def encode_samples(model: torch.nn.Module, keys: Sequence[str], images: Sequence
     kept = _LAST_ENCODER.for_encoder(encoder_digest(model))
     encoded, computed = [], 0
     clock = EtaClock(len(images))
+    model.to(memory_format=torch.channels_last)  # depthwise convolutions run ~1.3x faster so on a CPU
     try:
         for done, (key, image, target) in enumerate(zip(keys, images, targets), start=1):
             cancel.raise_if_cancelled()
@@ -95,8 +96,9 @@ def encode_samples(model: torch.nn.Module, keys: Sequence[str], images: Sequence
             identity = (key, hashlib.sha1(batch.tobytes()).hexdigest())
             levels = kept.get(identity)
             if levels is None:
+                pixels = torch.from_numpy(batch).to(device).contiguous(memory_format=torch.channels_last)
                 with torch.no_grad():
-                    levels = [level[0].to(torch.float16).cpu() for level in model.encode(torch.from_numpy(batch).to(device))]
+                    levels = [level[0].to(torch.float16).cpu().contiguous() for level in model.encode(pixels)]
                 kept[identity] = levels
                 computed += 1
             padded = np.full(batch.shape[2:], IGNORE, np.uint8)
@@ -105,6 +107,7 @@ def encode_samples(model: torch.nn.Module, keys: Sequence[str], images: Sequence
             if done % 25 == 0 or done == len(images):
                 yield clock.progress("encode images", done, f"{computed} encoded, {done - computed} reused")
     finally:
+        model.to(memory_format=torch.contiguous_format)
         model.train(was_training)
     return encoded, computed
 
