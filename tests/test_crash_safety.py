@@ -431,7 +431,7 @@ def test_a_crash_while_re_exporting_never_leaves_a_model_with_another_models_car
     models = []
     for seed in (1, 2):
         checkpoint = tmp_path / f"segmenter-{seed}.pt"
-        config = SegmenterConfig(channels=(8, 16, 32), crop_size=48, batch_size=4, epochs=1, steps_per_epoch=2, seed=seed)
+        config = SegmenterConfig(architecture="unet", channels=(8, 16, 32), crop_size=48, batch_size=4, epochs=1, steps_per_epoch=2, seed=seed)
         run_job(train_segmenter_job(samples, config, checkpoint, CancelToken()))
         models.append(load_segmenter(checkpoint, device="cpu"))
     out = tmp_path / "export"

@@ -17,7 +17,7 @@ from defect_studio.ml.export import export_segmenter
 from defect_studio.ml.segmenter import SegmentationSample, SegmenterConfig, load_segmenter, make_target, train_segmenter_job
 from defect_studio.predict import CARD_FILE, MODEL_FILE, TORCHSCRIPT_FILE, load_exported
 
-TINY = dict(channels=(8, 16, 32), crop_size=48, batch_size=8, epochs=2, steps_per_epoch=8, learning_rate=1e-2, seed=1)
+TINY = dict(architecture="unet", channels=(8, 16, 32), crop_size=48, batch_size=8, epochs=2, steps_per_epoch=8, learning_rate=1e-2, seed=1)
 
 
 @pytest.fixture(scope="module")

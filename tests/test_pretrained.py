@@ -261,15 +261,10 @@ def test_segmenter_on_the_classifiers_frozen_encoder_encodes_each_image_once(
     assert parity.passed
 
 
-def test_classifier_encoder_needs_a_classifier(demo_dataset: Path, tmp_path: Path) -> None:
+def test_unknown_encoder_weights_are_refused() -> None:
     from defect_studio.errors import DataError
-    from defect_studio.ml.segmenter import SegmenterConfig, train_segmenter_job
+    from defect_studio.ml.segmenter import SegmenterConfig
 
-    config = SegmenterConfig(architecture="efficientnet-lite0-unet", frozen_stages=4, encoder_weights="classifier",
-                             epochs=1, steps_per_epoch=1)
-    with pytest.raises(DataError, match="needs a trained classifier"):
-        run_job(train_segmenter_job(_demo_segmentation_samples(demo_dataset, "train")[:8], config,
-                                    tmp_path / "s.pt", CancelToken()))
     with pytest.raises(DataError, match="encoder_weights"):
         SegmenterConfig.from_dict({"encoder_weights": "hub"})
 
@@ -283,6 +278,9 @@ def test_a_compact_classifier_lends_no_encoder_and_the_segmenter_says_so(demo_da
     run_job(train_classifier_job(train, compact, tmp_path / "compact.pt", CancelToken(), "cpu"))
     config = SegmenterConfig(architecture="efficientnet-lite0-unet", frozen_stages=4, encoder_weights="classifier",
                              crop_size=64, batch_size=4, epochs=1, steps_per_epoch=1, threads=1)
-    result = run_job(train_segmenter_job(_demo_segmentation_samples(demo_dataset, "train")[:12], config,
-                                         tmp_path / "s.pt", CancelToken(), classifier_path=tmp_path / "compact.pt"))
+    samples = _demo_segmentation_samples(demo_dataset, "train")[:12]
+    result = run_job(train_segmenter_job(samples, config, tmp_path / "s.pt", CancelToken(),
+                                         classifier_path=tmp_path / "compact.pt"))
     assert result.metrics["encoder_from"].startswith("imagenet (the classifier is compact")
+    alone = run_job(train_segmenter_job(samples, config, tmp_path / "t.pt", CancelToken()))  # no classifier at all
+    assert alone.metrics["encoder_from"] == "imagenet (no classifier to lend its encoder)"

@@ -47,7 +47,7 @@ def test_the_segmenter_marks_each_epoch(demo_dataset: Path, tmp_path: Path) -> N
             image = read_image(s.image_path)
             mask = read_mask(s.mask_path) if s.mask_path else np.zeros(image.shape[:2], bool)
             samples.append(SegmentationSample(s.stem, image, make_target(mask)))
-    config = SegmenterConfig(channels=(8, 16, 32), crop_size=48, batch_size=8, epochs=2, steps_per_epoch=2, seed=0)
+    config = SegmenterConfig(architecture="unet", channels=(8, 16, 32), crop_size=48, batch_size=8, epochs=2, steps_per_epoch=2, seed=0)
     events: list[Progress] = []
     run_job(train_segmenter_job(samples, config, tmp_path / "segmenter.pt", CancelToken()), events.append)
     epochs = [e for e in events if e.kind is ProgressKind.EPOCH]

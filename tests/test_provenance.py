@@ -24,7 +24,7 @@ from defect_studio.project.schema import migrate
 
 CLASSIFIER = dict(arch="compact", width=8, input_size=64, epochs=3, min_epochs=3, batch_size=16, lr=5e-3, seed=0,
                   augment=False, threads=1)
-SEGMENTER = dict(channels=[8, 16, 32], crop_size=48, batch_size=8, epochs=1, warm_start_epochs=1, steps_per_epoch=2,
+SEGMENTER = dict(architecture="unet", channels=[8, 16, 32], crop_size=48, batch_size=8, epochs=1, warm_start_epochs=1, steps_per_epoch=2,
                  learning_rate=1e-2)
 PSEUDO = dict(mode="percentile", high_percentile=97.0, low_percentile=90.0, min_area=4)
 

@@ -18,7 +18,7 @@ from defect_studio.project import Project
 from defect_studio.project.importer import import_job
 
 CLASSIFIER = dict(arch="compact", width=8, input_size=64, epochs=6, min_epochs=6, batch_size=16, lr=5e-3, seed=0)
-SEGMENTER = dict(channels=[8, 16, 32], crop_size=48, batch_size=8, epochs=3, warm_start_epochs=2, steps_per_epoch=8,
+SEGMENTER = dict(architecture="unet", channels=[8, 16, 32], crop_size=48, batch_size=8, epochs=3, warm_start_epochs=2, steps_per_epoch=8,
                  learning_rate=1e-2)
 # The tiny classifier's CAMs are coarse: percentile thresholds always give each defect image a proposal.
 PSEUDO = dict(mode="percentile", high_percentile=97.0, low_percentile=90.0, min_area=4)

@@ -27,7 +27,7 @@ from defect_studio.ml.segmenter import (
     _validate,
 )
 
-TINY = dict(channels=(8, 16, 32), crop_size=48, batch_size=8, epochs=6, steps_per_epoch=12, learning_rate=1e-2, seed=0)
+TINY = dict(architecture="unet", channels=(8, 16, 32), crop_size=48, batch_size=8, epochs=6, steps_per_epoch=12, learning_rate=1e-2, seed=0)
 
 
 def demo_samples(dataset: Path, split: str) -> list[tuple[SegmentationSample, str, str | None]]:
@@ -165,7 +165,8 @@ def test_warm_start_needs_the_same_architecture(tmp_path: Path) -> None:
     """A checkpoint of another architecture is not forced into the network: training starts afresh."""
     samples = [SegmentationSample(f"s{i}", np.random.default_rng(i).random((40, 40, 1), dtype=np.float32),
                                   make_target(np.pad(np.ones((8, 8), bool), 16))) for i in range(4)]
-    tiny = dict(crop_size=32, batch_size=2, epochs=1, warm_start_epochs=1, steps_per_epoch=2, validation_fraction=0.0)
+    tiny = dict(architecture="unet", crop_size=32, batch_size=2, epochs=1, warm_start_epochs=1, steps_per_epoch=2,
+                validation_fraction=0.0)
     first = run_job(train_segmenter_job(samples, SegmenterConfig(channels=(4, 8), **tiny), tmp_path / "a.pt", CancelToken()))
     same = run_job(train_segmenter_job(samples, SegmenterConfig(channels=(4, 8), **tiny), tmp_path / "b.pt",
                                        CancelToken(), start_from=first.checkpoint_path))
@@ -178,8 +179,8 @@ def test_warm_start_needs_the_same_architecture(tmp_path: Path) -> None:
 def test_threads_setting_holds_while_training_and_is_restored(tmp_path: Path) -> None:
     samples = [SegmentationSample(f"s{i}", np.random.default_rng(i).random((40, 40, 1), dtype=np.float32),
                                   make_target(np.pad(np.ones((8, 8), bool), 16))) for i in range(4)]
-    config = SegmenterConfig(channels=(4, 8), crop_size=32, batch_size=2, epochs=2, steps_per_epoch=1,
-                             validation_fraction=0.0, threads=1)
+    config = SegmenterConfig(architecture="unet", channels=(4, 8), crop_size=32, batch_size=2, epochs=2,
+                             steps_per_epoch=1, validation_fraction=0.0, threads=1)
     previous = torch.get_num_threads()
     torch.set_num_threads(2)
     try:

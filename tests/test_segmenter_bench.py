@@ -13,7 +13,7 @@ def test_quick_segmenter_bench_writes_its_tables(demo_dataset: Path, tmp_path: P
     assert cli_main(["bench", "segmenter", "--dataset", str(demo_dataset), "--quick", "--out", str(out)]) == 0
     report = json.loads((out / f"segmenter-{demo_dataset.name}-quick.json").read_text())
     rows = report["tables"]["Candidates"]
-    assert [row["candidate"] for row in rows] == ["default", "lr 3e-3"]
+    assert [row["candidate"] for row in rows] == ["default", "unet"]
     for row in rows:
         assert 0.0 <= row["test defect IoU"] <= 1.0 and row["cpu s/step"] > 0 and row["steps"] == 16
     assert "| default |" in (out / f"segmenter-{demo_dataset.name}-quick.md").read_text()

@@ -61,7 +61,7 @@ FULL_SEGMENTER: dict[str, Any] = {}  # the app's defaults
 # The classifier trains a fixed number of epochs here, not to the app's wall-clock budget: the quality numbers
 # must not depend on how busy the machine is (8 epochs is what the budget gives on an idle 2-core machine).
 FULL_CLASSIFIER: dict[str, Any] = dict(epochs=8, min_epochs=8, max_train_seconds=None, threads=None)
-QUICK_SEGMENTER = dict(channels=[8, 16, 32], crop_size=48, batch_size=8, epochs=3, warm_start_epochs=1, steps_per_epoch=8)
+QUICK_SEGMENTER = dict(crop_size=64, batch_size=8, epochs=3, warm_start_epochs=1, steps_per_epoch=8)
 QUICK_SIZES = {"train_defect": 24, "train_good": 24, "test_defect": 12, "test_good": 12}
 QUICK_ROUNDS = 2
 DATASET_SHORT_NAMES = {"magnetic-tile": "mt"}  # report file names: docs/benchmarks/full-mt.md

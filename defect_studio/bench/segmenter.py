@@ -43,26 +43,29 @@ from defect_studio.ml.segmenter import (
 
 STEPS_PER_EPOCH = 40
 # name -> SegmenterConfig overrides on top of the app's defaults ("default" is the app's recipe)
+UNET = dict(architecture="unet")  # the compact U-Net, random init: the recipes measured before the pretrained encoder
 CANDIDATES: dict[str, dict[str, Any]] = {
     "default": {},
-    "old default: full res, 96 crops, lr 1e-2": dict(stem_stride=1, crop_size=96, learning_rate=1e-2, defect_crop_fraction=0.6),
-    "full-res branch, lr 3e-3": dict(detail_branch=True, learning_rate=3e-3),
-    "lr 3e-3": dict(learning_rate=3e-3),
-    "crops 128, lr 3e-3": dict(crop_size=128, learning_rate=3e-3),
-    "crops 160": dict(crop_size=160),
-    "crops 256, batch 8, lr 3e-3": dict(crop_size=256, batch_size=8, learning_rate=3e-3),
-    "crops 320, batch 8, lr 3e-3": dict(crop_size=320, batch_size=8, learning_rate=3e-3),
-    "defect crops 30 %, lr 3e-3": dict(defect_crop_fraction=0.3, learning_rate=3e-3),
-    "width 12": dict(channels=(12, 24, 48, 96, 192)),
-    "width 16": dict(channels=(16, 32, 64, 128, 256)),
-    "efficientnet-lite0-unet": dict(architecture="efficientnet-lite0-unet"),
-    "efficientnet-lite0-unet, frozen encoder": dict(architecture="efficientnet-lite0-unet", frozen_stages=4),
+    "efficientnet-lite0-unet, ImageNet encoder": dict(encoder_weights="imagenet"),
+    "efficientnet-lite0-unet, encoder fine-tuned from stride 16": dict(frozen_stages=2, encoder_weights="imagenet"),
+    "unet": UNET,
+    "unet, old default: full res, 96 crops, lr 1e-2": dict(**UNET, stem_stride=1, crop_size=96, learning_rate=1e-2,
+                                                           defect_crop_fraction=0.6),
+    "unet, full-res branch, lr 3e-3": dict(**UNET, detail_branch=True, learning_rate=3e-3),
+    "unet, lr 3e-3": dict(**UNET, learning_rate=3e-3),
+    "unet, crops 128, lr 3e-3": dict(**UNET, crop_size=128, learning_rate=3e-3),
+    "unet, crops 160": dict(**UNET, crop_size=160),
+    "unet, crops 256, batch 8, lr 3e-3": dict(**UNET, crop_size=256, batch_size=8, learning_rate=3e-3),
+    "unet, crops 320, batch 8, lr 3e-3": dict(**UNET, crop_size=320, batch_size=8, learning_rate=3e-3),
+    "unet, defect crops 30 %, lr 3e-3": dict(**UNET, defect_crop_fraction=0.3, learning_rate=3e-3),
+    "unet, width 12": dict(**UNET, channels=(12, 24, 48, 96, 192)),
+    "unet, width 16": dict(**UNET, channels=(16, 32, 64, 128, 256)),
     "smp Unet resnet18": dict(architecture="smp-unet:resnet18"),
     "smp Unet mobilenet_v2": dict(architecture="smp-unet:mobilenet_v2"),
 }
-QUICK_CANDIDATES = ["default", "lr 3e-3"]
+QUICK_CANDIDATES = ["default", "unet"]
 QUICK_SIZES = dict(train=24, test=12)
-QUICK_CONFIG = dict(channels=(8, 16, 32), crop_size=48, batch_size=4)
+QUICK_CONFIG = dict(channels=(8, 16, 32), crop_size=64, batch_size=4)
 COLUMNS = ["candidate", "steps", "test defect IoU", "test background IoU", "cpu s/step", "cpu min for the steps",
            "params k", "train s (this run)"]
 

@@ -146,7 +146,7 @@ def train_project_segmenter_job(
     # The network this round builds on: the previous round's, or an earlier one the user made current.
     start_run = segmenter_to_build_on(project, round_index) if config.warm_start else None
     start_from = start_run.checkpoint_path if start_run is not None else None
-    if config.encoder_weights == "classifier" and classifier_path is None:
+    if config.encoder_weights == "classifier" and classifier_path is None and project.latest_run("classifier"):
         classifier_path = default_classifier_path(project)
     result = yield from train_segmenter_job(samples, config, path, cancel, extra_meta=meta, start_from=start_from,
                                             classifier_path=classifier_path)

@@ -31,7 +31,7 @@ from defect_studio.gui.plotting import pg
 from defect_studio.gui.session import Session, Stage
 from defect_studio.jobs import Progress, ProgressKind
 from defect_studio.ml.pseudo import create_checked_round, pseudo_job
-from defect_studio.ml.segmenter_options import SegmenterConfig
+from defect_studio.ml.segmenter_options import ENCODER_WEIGHTS, SegmenterConfig
 
 COLUMNS = ("Round", "Status", "Acc.", "Edit.", "Rej.", "Open", "Edited px", "Δ mask", "Seg IoU", "GT IoU")
 COLUMN_TIPS = ("Round index", "proposing → proposed → training → trained (or converged)", "Masks accepted as proposed",
@@ -61,6 +61,10 @@ def _nested(metrics: dict, *path: str) -> Any:
 
 
 SEGMENTER_FIELDS = [
+    ("architecture", "Network", "efficientnet-lite0-unet: a decoder trained over a fixed pretrained encoder (each image "
+     "encoded once); unet: a small U-Net trained from scratch"),
+    ("encoder_weights", "Encoder", "classifier: the project's fine-tuned classifier's features (ImageNet's when the "
+     "classifier is the compact network); imagenet: ImageNet's"),
     ("epochs", "Epochs", "Epochs of segmenter training from scratch (round 0)"),
     ("warm_start_epochs", "Epochs, later rounds", "Later rounds continue from the previous round's segmenter for this many epochs"),
     ("steps_per_epoch", "Steps per epoch", "Batches of random crops per epoch"),
@@ -131,7 +135,9 @@ class RoundsPanel(QWidget):
 
         box = QGroupBox("Next step", self)
         box_layout = QVBoxLayout(box)
-        self.form = ConfigForm(SegmenterConfig, SEGMENTER_FIELDS, self)
+        self.form = ConfigForm(SegmenterConfig, SEGMENTER_FIELDS, self,
+                               choices={"architecture": ("efficientnet-lite0-unet", "unet"),
+                                        "encoder_weights": ENCODER_WEIGHTS})
         box_layout.addWidget(self.form)
         buttons = QHBoxLayout()
         self.round_button = QPushButton("Train segmenter → next round", box)
