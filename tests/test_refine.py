@@ -143,10 +143,18 @@ def test_refine_stops_when_masks_stop_changing(loop) -> None:
 
 @pytest.mark.slow
 def test_full_bench_quick_on_the_demo(demo_dataset: Path, tmp_path: Path) -> None:
-    """`bench full --quick` end to end on the demo: both tables written, numbers in range."""
+    """`bench full --quick` end to end on the demo: both tables written, numbers in range; the kept project
+    opens where it was kept and finds its images and models."""
     from defect_studio.bench import full
+    from defect_studio.imageio import read_image
+    from defect_studio.project import Project
 
-    result = full.run(demo_dataset, True, tmp_path, seed=0, classifier_path=None, as_json=False, rounds=2)
+    kept = tmp_path / "kept"
+    result = full.run(demo_dataset, True, tmp_path, seed=0, classifier_path=None, as_json=False, rounds=2,
+                      keep_project=kept)
+    with Project.open(kept) as project:
+        assert read_image(project.images("defect")[0].path).size > 0
+        assert len(project.training_runs("segmenter")) == 2
     report = json.loads((tmp_path / f"full-{demo_dataset.name}-quick.json").read_text())
     assert (tmp_path / f"full-{demo_dataset.name}-quick.md").is_file()
     assert len(report["rounds"]) == 2 and 0.0 <= result["full"]["defect_iou"] <= 1.0

@@ -242,7 +242,11 @@ def run(dataset: Path, quick: bool, out: Path, seed: int, classifier_path: Path 
             writer = csv.writer(handle)
             writer.writerow(["stem", "label"])
             writer.writerows((s.stem, s.label) for s in train)
-        with Project.create(work / "project", dataset / "images") as project:
+        # A kept project is made where it stays: it finds its images by a path relative to its own folder.
+        project_dir = keep_project if keep_project is not None else work / "project"
+        if keep_project is not None and keep_project.exists() and any(keep_project.iterdir()):
+            raise SystemExit(f"--keep-project {keep_project}: the folder is not empty; name a new one.")
+        with Project.create(project_dir, dataset / "images") as project:
             print(f"full bench: {len(train)} training images ({sum(s.label == 'defect' for s in train)} defect), "
                   f"{len(test)} test images, {rounds} rounds, device {describe_device(device)}", file=sys.stderr)
             clock.run("import", lambda: run_job(import_job(project, dataset / "images", labels_csv, CancelToken()), show))
@@ -338,8 +342,7 @@ def run(dataset: Path, quick: bool, out: Path, seed: int, classifier_path: Path 
                                     classifier_path=classifier_path), show))
             full_metrics = clock.run("evaluation", lambda: _evaluate_segmenter(load_segmenter(full_path), test))
     finally:
-        if keep_project is not None and (work / "project").is_dir():
-            shutil.copytree(work / "project", keep_project, dirs_exist_ok=True)
+        if keep_project is not None:
             print(f"kept the project in {keep_project}", file=sys.stderr)
         shutil.rmtree(work, ignore_errors=True)
 
