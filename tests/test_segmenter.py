@@ -223,3 +223,21 @@ def test_image_gate_silences_faint_blobs_on_good_images() -> None:
     # Without the specks there is nothing to silence, and no gate.
     clean = [SegmentationSample(f"good{i}", np.zeros((48, 48, 1), np.float32), np.zeros((48, 48), np.uint8)) for i in range(3)]
     assert _validate(BrightnessNet(), [samples[0], *clean], torch.device("cpu"))[1] is None
+
+
+def test_image_gate_never_silences_a_defect_image_to_gain_iou() -> None:
+    """A faint small defect scores like the faint specks of the good images: silencing all of them would
+    raise the pooled IoU (its few pixels weigh little), but an inspector would lose that defect image."""
+    blob, speck = (slice(8, 20), slice(8, 20)), (slice(30, 34), slice(30, 34))
+    bright = SegmentationSample("bright", _speckled(48, 1.0, blob), np.pad(np.ones((12, 12), np.uint8), ((8, 28), (8, 28))))
+    faint_target = np.zeros((48, 48), np.uint8)
+    faint_target[speck] = 1
+    faint = SegmentationSample("faint", _speckled(48, 0.7, speck), faint_target)
+    good = [SegmentationSample(f"good{i}", _speckled(48, 0.7, speck), np.zeros((48, 48), np.uint8)) for i in range(3)]
+    samples = [bright, faint, *good]
+    _, gate, metrics = _validate(BrightnessNet(), samples, torch.device("cpu"), keeps_defect_images=0.0)
+    assert gate is not None and metrics["gated_images"] == 4  # for IoU alone: the faint defect goes too
+    threshold, gate, metrics = _validate(BrightnessNet(), samples, torch.device("cpu"))
+    assert gate is None and metrics["gated_images"] == 0
+    model = LoadedSegmenter(BrightnessNet(), {"threshold": threshold, "image_gate": gate}, torch.device("cpu"))
+    assert model.mask(faint.image)[speck].all()
