@@ -26,7 +26,7 @@ from defect_studio.bench.cams import MASK_QUALITY_METHODS, mask_quality
 from defect_studio.bench.report import write_report
 from defect_studio.dataset_layout import DatasetSample, load_dataset
 from defect_studio.imageio import file_sha256
-from defect_studio.jobs import CancelToken, Progress, run_job
+from defect_studio.jobs import CancelToken, Progress, ProgressKind, run_job
 from defect_studio.ml.classifier import train_classifier_job
 from defect_studio.ml.models import ClassifierConfig, build_classifier, count_parameters
 
@@ -97,7 +97,7 @@ def evaluate_candidate(
     evaluation = [(s.image_path, s.label, hashes[s.image_path]) for s in test]
 
     def show(event: Progress) -> None:
-        if verbose and event.stage in ("train", "done"):
+        if verbose and event.kind in (ProgressKind.EPOCH, ProgressKind.RESULT):
             metrics = " ".join(f"{k}={v:.4f}" for k, v in event.metrics.items() if isinstance(v, float))
             print(f"  [{name}] {event.stage} {event.step}/{event.total} {event.message} {metrics}", file=sys.stderr, flush=True)
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from defect_studio.bench.report import write_report
 from defect_studio.dataset_layout import load_dataset
-from defect_studio.jobs import CancelToken, Progress, run_job
+from defect_studio.jobs import CancelToken, Progress, ProgressKind, run_job
 from defect_studio.ml.classifier import train_project_classifier_job
 from defect_studio.ml.metrics import auroc
 from defect_studio.ml.mislabels import mislabel_job
@@ -46,7 +46,7 @@ def flip_tags(labels: dict[str, str], fraction: float, seed: int) -> dict[str, s
 
 
 def _log(event: Progress) -> None:
-    if event.stage in ("train", "done") or (event.total and event.step == event.total):
+    if event.kind in (ProgressKind.EPOCH, ProgressKind.RESULT) or (event.total and event.step == event.total):
         print(f"  {event.stage} {event.step}/{event.total} {event.message}", file=sys.stderr, flush=True)
 
 
