@@ -112,6 +112,20 @@ def encode_samples(model: torch.nn.Module, keys: Sequence[str], images: Sequence
     return encoded, computed
 
 
+def draw_crop_origin(rng: np.random.Generator, defect_pixels: np.ndarray | None, shape: tuple[int, int],
+                     size: int) -> tuple[int, int]:
+    """(top, left) of a training crop, before clamping to the image: around a random defect pixel (flat
+    indices `defect_pixels`, jittered by a third of the crop), or anywhere when `defect_pixels` is None."""
+    height, width = shape
+    if defect_pixels is None:
+        return int(rng.integers(0, max(1, height - size + 1))), int(rng.integers(0, max(1, width - size + 1)))
+    cy, cx = divmod(int(defect_pixels[rng.integers(len(defect_pixels))]), width)
+    jitter = size // 3
+    top = cy - size // 2 + int(rng.integers(-jitter, jitter + 1))
+    left = cx - size // 2 + int(rng.integers(-jitter, jitter + 1))
+    return top, left
+
+
 class EncodedCropSampler:
     """Batches of (feature crops per level, target crops), like CropSampler's: seeded, a share of the
     crops centred on a defect pixel, random flips."""
@@ -130,15 +144,7 @@ class EncodedCropSampler:
         sample = self.samples[index]
         height, width = sample.target.shape
         size, step = self.crop_size, self.alignment
-        if centred:
-            flat = sample.defect_pixels[self.rng.integers(len(sample.defect_pixels))]
-            cy, cx = divmod(int(flat), width)
-            jitter = size // 3
-            top = cy - size // 2 + int(self.rng.integers(-jitter, jitter + 1))
-            left = cx - size // 2 + int(self.rng.integers(-jitter, jitter + 1))
-        else:
-            top = int(self.rng.integers(0, max(1, height - size + 1)))
-            left = int(self.rng.integers(0, max(1, width - size + 1)))
+        top, left = draw_crop_origin(self.rng, sample.defect_pixels if centred else None, (height, width), size)
         top = int(np.clip(round(top / step) * step, 0, max(0, (height - size) // step * step)))
         left = int(np.clip(round(left / step) * step, 0, max(0, (width - size) // step * step)))
         target = np.full((size, size), IGNORE, np.uint8)  # beyond a small image: not trained on

@@ -130,7 +130,6 @@ def train_project_segmenter_job(
     """Train on round `round_index`'s masks and record the run; a cancelled run records nothing.
     `classifier_path` (default: the project's latest classifier) starts the segmenter's encoder when the
     config's encoder_weights is "classifier"."""
-    from defect_studio.ml.cam_cache import default_classifier_path
     from defect_studio.ml.export import training_data_hash
 
     yield Progress("loading masks", 0, None, f"round {round_index}")
@@ -146,8 +145,9 @@ def train_project_segmenter_job(
     # The network this round builds on: the previous round's, or an earlier one the user made current.
     start_run = segmenter_to_build_on(project, round_index) if config.warm_start else None
     start_from = start_run.checkpoint_path if start_run is not None else None
-    if config.encoder_weights == "classifier" and classifier_path is None and project.latest_run("classifier"):
-        classifier_path = default_classifier_path(project)
+    if config.encoder_weights == "classifier" and classifier_path is None:
+        classifier_run = project.latest_run("classifier")  # none yet: the encoder starts from ImageNet
+        classifier_path = classifier_run.checkpoint_path if classifier_run is not None else None
     result = yield from train_segmenter_job(samples, config, path, cancel, extra_meta=meta, start_from=start_from,
                                             classifier_path=classifier_path)
     provenance, inputs = _segmenter_provenance(project, round_index, used, meta["training_data_hash"], start_run)

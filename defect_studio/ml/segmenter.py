@@ -25,7 +25,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Generator, Sequence
+from typing import Any, Callable, Generator, Sequence
 
 import numpy as np
 import torch
@@ -40,6 +40,7 @@ from defect_studio.ml.encoded_crops import (
     FEATURE_BUDGET_BYTES,
     EncodedCropSampler,
     EncodedSample,
+    draw_crop_origin,
     encode_samples,
     feature_bytes,
 )
@@ -333,15 +334,7 @@ class CropSampler:
         sample = self.samples[index]
         size = self.config.crop_size
         height, width = sample.target.shape
-        if centred:
-            flat = self.defect_pixels[index][self.rng.integers(len(self.defect_pixels[index]))]
-            cy, cx = divmod(int(flat), width)
-            jitter = size // 3
-            top = cy - size // 2 + int(self.rng.integers(-jitter, jitter + 1))
-            left = cx - size // 2 + int(self.rng.integers(-jitter, jitter + 1))
-        else:
-            top = int(self.rng.integers(0, max(1, height - size + 1)))
-            left = int(self.rng.integers(0, max(1, width - size + 1)))
+        top, left = draw_crop_origin(self.rng, self.defect_pixels[index] if centred else None, (height, width), size)
         top = min(max(top, 0), max(0, height - size))
         left = min(max(left, 0), max(0, width - size))
         image = match_channels(sample.image[top : top + size, left : left + size].astype(np.float32), self.in_channels)
@@ -401,13 +394,19 @@ class LoadedSegmenter:
 @torch.no_grad()
 def predict_probability(model: SegmenterNet, image: np.ndarray, device: torch.device | None = None) -> np.ndarray:
     device = device or next(model.parameters()).device
+    batch, size = to_network_input(image, model.in_channels, model.size_multiple)
+    return _probability_in_eval(model, lambda: model(torch.from_numpy(batch).to(device)), size)
+
+
+def _probability_in_eval(model: nn.Module, logits_of: Callable[[], torch.Tensor], size: tuple[int, int]) -> np.ndarray:
+    """sigmoid(logits_of()) cropped to `size`, computed in eval mode; the model's mode is restored."""
     was_training = model.training
     model.eval()
-    batch, (height, width) = to_network_input(image, model.in_channels, model.size_multiple)
-    logits = model(torch.from_numpy(batch).to(device))
-    if was_training:
-        model.train()
-    return torch.sigmoid(logits[0, 0, :height, :width].float()).cpu().numpy()
+    try:
+        logits = logits_of()
+    finally:
+        model.train(was_training)
+    return torch.sigmoid(logits[0, 0, : size[0], : size[1]].float()).cpu().numpy()
 
 
 def save_segmenter(path: Path, model: SegmenterNet, meta: dict[str, Any]) -> str:
@@ -690,11 +689,8 @@ def _caches_features(model: nn.Module, samples: Sequence[SegmentationSample]) ->
 @torch.no_grad()
 def _probability_from_features(model: nn.Module, sample: EncodedSample, size: tuple[int, int],
                                device: torch.device) -> np.ndarray:
-    was_training = model.training
-    model.eval()
-    logits = model.decode([level[None].float().to(device) for level in sample.levels])
-    model.train(was_training)
-    return torch.sigmoid(logits[0, 0, : size[0], : size[1]].float()).cpu().numpy()
+    return _probability_in_eval(model, lambda: model.decode([level[None].float().to(device) for level in sample.levels]),
+                                size)
 
 
 VALIDATION_THRESHOLDS = np.linspace(0.05, 0.95, 19)
@@ -757,13 +753,8 @@ def _pooled(sweeps: Sequence[ThresholdSweep], kept: np.ndarray, threshold: float
     total = SegmentationTally()
     for sweep, keep in zip(sweeps, kept):
         tally = sweep.at(threshold)
-        if keep:
-            total.true_positive += tally.true_positive
-            total.false_positive += tally.false_positive
-            total.false_negative += tally.false_negative
-            total.true_negative += tally.true_negative
-        else:
-            total.false_negative += tally.true_positive + tally.false_negative
-            total.true_negative += tally.true_negative + tally.false_positive
-        total.images += tally.images
+        if not keep:  # an empty mask: every defect pixel missed, every background pixel right
+            tally = SegmentationTally(0, 0, tally.true_positive + tally.false_negative,
+                                      tally.true_negative + tally.false_positive, tally.images)
+        total = total.merge(tally)
     return total
