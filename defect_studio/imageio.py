@@ -1,7 +1,8 @@
 """Reading images of every kind a factory camera writes, and writing masks, with clear refusals.
 
 Decoding is done by OpenCV from bytes (so unicode paths work everywhere); the header is checked
-first with Pillow so that a 20 000 × 20 000 image is refused before any pixel is decoded.
+first with Pillow so that an image over the limit (300 megapixels unless a project's import setting
+says less) is refused before any pixel is decoded.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from defect_studio.atomic import atomic_write_bytes
 from defect_studio.errors import BadImageError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"})
-MAX_PIXELS = 64_000_000  # ~8000 x 8000; larger images must be tiled by the user first
+# No reader decodes more (a decoded 300 MP colour image is 0.9 GB, 3.6 GB as float32); also the
+# importer's default limit, which a project may lower (project.importer.IMPORT_LIMIT_SETTING).
+MAX_PIXELS = 300_000_000
 MAX_FILE_BYTES = 1 << 30
 
 Image.MAX_IMAGE_PIXELS = None  # our own limit applies, with our own message
@@ -61,6 +64,11 @@ def _read_bytes(path: Path) -> bytes:
         raise BadImageError(f"{path.name}: cannot read the file ({error.strerror or error}).") from error
 
 
+def pixel_limit_message(name: str, width: int, height: int, max_pixels: int) -> str:
+    return (f"{name}: {width} × {height} pixels is more than the {max_pixels / 1e6:g} megapixel limit; "
+            "split it into smaller images before importing.")
+
+
 def _check_header(path: Path, data: bytes, max_pixels: int) -> None:
     """Refuse oversized images from the header alone; a header Pillow cannot parse is left to OpenCV."""
     import io
@@ -73,10 +81,7 @@ def _check_header(path: Path, data: bytes, max_pixels: int) -> None:
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
         return
     if width * height > max_pixels:
-        raise BadImageError(
-            f"{path.name}: {width} × {height} pixels is more than the {max_pixels / 1e6:.0f} megapixel limit; "
-            "split it into tiles before importing."
-        )
+        raise BadImageError(pixel_limit_message(path.name, width, height, max_pixels))
 
 
 def _jpeg_is_truncated(data: bytes) -> bool:
@@ -96,10 +101,7 @@ def decode_image(path: str | os.PathLike[str], max_pixels: int = MAX_PIXELS) -> 
     if path.suffix.lower() in (".jpg", ".jpeg") and _jpeg_is_truncated(data):
         raise BadImageError(f"{path.name}: the JPEG file is truncated (no end-of-image marker).")
     if pixels.shape[0] * pixels.shape[1] > max_pixels:
-        raise BadImageError(
-            f"{path.name}: {pixels.shape[1]} × {pixels.shape[0]} pixels is more than the "
-            f"{max_pixels / 1e6:.0f} megapixel limit; split it into tiles before importing."
-        )
+        raise BadImageError(pixel_limit_message(path.name, pixels.shape[1], pixels.shape[0], max_pixels))
     if pixels.dtype not in (np.uint8, np.uint16, np.float32, np.float64):
         raise BadImageError(f"{path.name}: unsupported pixel type {pixels.dtype}.")
     if pixels.ndim == 3:
@@ -150,7 +152,9 @@ def encode_mask_png(mask: np.ndarray) -> bytes:
     """Binary mask -> 8-bit PNG bytes, 0 background and 255 defect."""
     if mask.ndim != 2:
         raise ValueError(f"a mask is 2-D, got shape {mask.shape}")
-    ok, encoded = cv2.imencode(".png", np.where(mask > 0, 255, 0).astype(np.uint8))
+    # 0/255 made in place in one byte a pixel (np.where(mask > 0, 255, 0) made an int64 copy: 800 MB at 100 MP)
+    binary = (mask > 0).view(np.uint8)
+    ok, encoded = cv2.imencode(".png", np.multiply(binary, 255, out=binary))
     if not ok:
         raise OSError("PNG encoding failed")
     return encoded.tobytes()

@@ -1,5 +1,9 @@
 """Importing an image folder into a project: recursive, every common format, tags from folder
-names or a CSV, duplicates counted once, unreadable files listed (never fatal), re-import safe."""
+names or a CSV, duplicates counted once, unreadable files listed (never fatal), re-import safe.
+
+Images larger than the project's limit (`import.max_megapixels`, 300 MP by default, never more
+than what every reader accepts, `imageio.MAX_PIXELS`) are refused from their header before any
+pixel is decoded, and listed with the reason."""
 
 from __future__ import annotations
 
@@ -10,11 +14,37 @@ from typing import Generator
 
 from defect_studio.dataset_layout import normalise_label, read_label_csv
 from defect_studio.errors import BadImageError, DataError
-from defect_studio.imageio import IMAGE_EXTENSIONS, decode_image, file_sha256, is_image_file
+from defect_studio.imageio import IMAGE_EXTENSIONS, MAX_PIXELS, decode_image, file_sha256, is_image_file
 from defect_studio.jobs import CancelToken, EtaClock, Progress
 from defect_studio.project.store import Project
 
 COMMIT_EVERY = 64  # images per transaction: a kill loses at most one batch, and re-import picks it up
+IMPORT_LIMIT_SETTING = "import.max_megapixels"
+DEFAULT_IMPORT_MEGAPIXELS = MAX_PIXELS / 1e6
+
+
+def checked_import_megapixels(value: object) -> float:
+    """`value` as an import limit in megapixels, or a DataError saying what a limit may be."""
+    ceiling = MAX_PIXELS / 1e6
+    try:
+        megapixels = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise DataError(f"the import limit must be a number of megapixels, got {value!r}.") from None
+    if not 0 < megapixels <= ceiling:
+        raise DataError(
+            f"the import limit must be more than 0 and at most {ceiling:g} megapixels (got {megapixels:g}): "
+            f"no part of defect-studio decodes a larger image."
+        )
+    return megapixels
+
+
+def import_pixel_limit(project: Project) -> int:
+    """The largest image (in pixels) this project imports."""
+    return int(checked_import_megapixels(project.get_setting(IMPORT_LIMIT_SETTING, DEFAULT_IMPORT_MEGAPIXELS)) * 1e6)
+
+
+def set_import_megapixels(project: Project, megapixels: object) -> None:
+    project.set_setting(IMPORT_LIMIT_SETTING, checked_import_megapixels(megapixels))
 
 
 @dataclass
@@ -93,6 +123,7 @@ def import_job(project: Project, images_dir: str | os.PathLike[str], labels_csv:
             f"{root}: no images found (looked for {', '.join(sorted(IMAGE_EXTENSIONS))} in all sub-folders)."
         )
     labels = read_import_labels(Path(labels_csv), {f.stem for f in files}) if labels_csv else {}
+    max_pixels = import_pixel_limit(project)  # a bad stored value is refused here, before anything is imported
     report = ImportReport(found=len(files))
     clock = EtaClock(len(files))
     pending: list[dict] = []
@@ -119,7 +150,7 @@ def import_job(project: Project, images_dir: str | os.PathLike[str], labels_csv:
                 retag_source[tag] = source
         else:
             try:
-                _, info = decode_image(path)
+                _, info = decode_image(path, max_pixels)  # over the limit: refused from the header
                 sha256 = file_sha256(path)
             except (BadImageError, OSError) as error:
                 report.skipped.append((rel_path, str(error).split(": ", 1)[-1]))
