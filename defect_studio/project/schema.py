@@ -112,6 +112,18 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX tag_reviews_by_image ON tag_reviews(image_id);
     """,
+    # 5: the "edit these first" order of a round's proposals (ml.review_order): rank, score, reason, signals
+    """
+    CREATE TABLE review_order (
+        round_idx INTEGER NOT NULL REFERENCES rounds(idx),
+        image_id INTEGER NOT NULL REFERENCES images(id),
+        rank INTEGER NOT NULL,
+        score REAL NOT NULL,
+        reason TEXT NOT NULL,
+        signals TEXT NOT NULL DEFAULT '{}',
+        PRIMARY KEY (round_idx, image_id)
+    );
+    """,
 ]
 
 LATEST_VERSION = len(MIGRATIONS)

@@ -140,6 +140,17 @@ class TagReview:
     undone_at: str | None
 
 
+@dataclass(frozen=True)
+class ReviewOrderEntry:
+    """One mask's place in a round's "edit these first" order (ml.review_order makes the order)."""
+
+    image_id: int
+    rank: int  # 1 = edit first
+    score: float  # expected gain from editing, in [0, 1]
+    reason: str  # why it sits there, for the user
+    signals: dict = field(default_factory=dict)  # the measured signals behind the score
+
+
 CURRENT_SEGMENTER_SETTING = "current_segmenter_run"  # a run id the user chose; unset: the newest segmenter
 
 
@@ -911,6 +922,25 @@ class Project:
     def latest_run(self, kind: str) -> TrainingRun | None:
         runs = self.training_runs(kind)
         return runs[-1] if runs else None
+
+    # ----------------------------------------------------------------- review order
+    def save_review_order(self, round_index: int, entries: Iterable[ReviewOrderEntry]) -> None:
+        """Replace round `round_index`'s review order by `entries`, in one transaction."""
+        rows = [(round_index, e.image_id, e.rank, float(e.score), e.reason, json.dumps(e.signals, default=float))
+                for e in entries]
+        with self._transaction() as db:
+            if db.execute("SELECT 1 FROM rounds WHERE idx=?", (round_index,)).fetchone() is None:
+                raise ProjectError(f"this project has no round {round_index}.")
+            db.execute("DELETE FROM review_order WHERE round_idx=?", (round_index,))
+            db.executemany("INSERT INTO review_order(round_idx, image_id, rank, score, reason, signals) "
+                           "VALUES (?, ?, ?, ?, ?, ?)", rows)
+
+    def review_order(self, round_index: int) -> list[ReviewOrderEntry]:
+        """Round `round_index`'s review order, rank 1 first ([] when none was computed)."""
+        rows = self._query("SELECT image_id, rank, score, reason, signals FROM review_order WHERE round_idx=? "
+                           "ORDER BY rank", (round_index,))
+        return [ReviewOrderEntry(int(i), int(rank), float(score), reason, json.loads(signals))
+                for i, rank, score, reason, signals in rows]
 
     # ----------------------------------------------------------------- summary
     def summary(self) -> dict[str, Any]:
