@@ -384,8 +384,12 @@ class LoadedSegmenter:
 
     @torch.no_grad()
     def probability(self, image: np.ndarray) -> np.ndarray:
-        """float H×W×C image in [0, 1] -> H×W defect probability at the image's own resolution."""
-        return predict_probability(self.model, image, self.device)
+        """float H×W×C image in [0, 1] -> H×W defect probability at the image's own resolution; a large
+        image by overlapping tiles, as the exported model's `predict` does (ml/tiling.py, issue 15)."""
+        from defect_studio.ml.tiling import Tiling, tiled_map
+
+        tiling = Tiling.from_dict(self.meta.get("tiling"))
+        return tiled_map(image, lambda pixels: predict_probability(self.model, pixels, self.device), tiling)
 
     def mask(self, image: np.ndarray) -> np.ndarray:
         return decide_mask(self.probability(image), self.threshold, self.image_gate)
