@@ -10,7 +10,9 @@ temporary project whose images are the dataset's; only training-split images are
 before get their ground-truth mask as the user's edit (locked for later rounds, as in the app);
 with `--reject-unedited` the user also rejects every other defect proposal, so the segmenter
 trains on the edits and the good images only. This measures how far hand-edited masks carry
-the loop when the CAMs do not localise.
+the loop when the CAMs do not localise. `--edit-order ranked` makes the user edit the head of each
+round's edit-first order (`ml.review_order`) instead of K images at random; `--no-upper-bound`
+skips the ground-truth segmenter (comparing reviewers, it is the same for both).
 
 Reported: test-split segmentation (defect/background IoU, mIoU, Dice, image-level detection
 P/R/F1, false-positive rate on good images), per defect type, per round (pseudo-label quality on
@@ -28,6 +30,7 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -125,32 +128,82 @@ def _printer(as_json: bool) -> Callable[[Progress], None]:
     return show
 
 
+EDIT_ORDERS = ("random", "ranked")  # how the simulated user picks the masks it edits
+
+
 class SimulatedReviewer:
     """The review step of each round, done by a user who edits `edits_per_round` masks (drawing
-    the ground truth) and accepts or rejects the rest, through the project's review API."""
+    the ground truth) and accepts or rejects the rest, through the project's review API.
 
-    def __init__(self, train: list[DatasetSample], edits_per_round: int, reject_unedited: bool, seed: int) -> None:
+    `edit_order` "random" picks the images to edit at random; "ranked" takes the head of the round's
+    edit-first order (`ml.review_order.rank_for_review`, which never sees the ground truth; the
+    `classifier_path` it needs is set once the bench has its classifier)."""
+
+    def __init__(self, train: list[DatasetSample], edits_per_round: int, reject_unedited: bool, seed: int,
+                 edit_order: str = "random", classifier_path: Path | None = None) -> None:
+        if edit_order not in EDIT_ORDERS:
+            raise ValueError(f"edit order must be one of {', '.join(EDIT_ORDERS)}, got {edit_order!r}")
         self.truth_of = {sample.stem: sample for sample in train}
         self.edits_per_round = edits_per_round
         self.reject_unedited = reject_unedited
+        self.edit_order = edit_order
+        self.classifier_path = classifier_path
+        self.seed = seed
         self.random = random.Random(seed)
         self.edited: set[int] = set()
+        self.ordering_seconds = 0.0
 
     def describe(self) -> str:
         if not self.edits_per_round and not self.reject_unedited:
             return "all accepted"
         rest = "the rest rejected" if self.reject_unedited else "the rest accepted"
-        return f"{self.edits_per_round} edited per round, {rest}"
+        order = " in the edit-first order" if self.edit_order == "ranked" and self.edits_per_round else ""
+        return f"{self.edits_per_round} edited per round{order}, {rest}"
+
+    def note(self) -> str:
+        """What the simulated user did, for the report."""
+        return review_note(self.edits_per_round, self.reject_unedited, self.edit_order)
+
+    def _to_edit(self, project: Any, round_index: int) -> list[Any]:
+        if self.edit_order == "ranked":
+            from defect_studio.ml.review_order import rank_for_review
+
+            started = time.monotonic()
+            order = rank_for_review(project, round_index, classifier_path=self.classifier_path, seed=self.seed)
+            self.ordering_seconds += time.monotonic() - started
+            ranked = [project.image(item.image_id) for item in order if item.image_id not in self.edited]
+            return ranked[: self.edits_per_round]
+        candidates = [image for image in project.images("defect") if image.id not in self.edited]
+        return self.random.sample(candidates, min(self.edits_per_round, len(candidates)))
 
     def __call__(self, project: Any, round_index: int) -> None:
         from defect_studio.project import review
 
-        candidates = [image for image in project.images("defect") if image.id not in self.edited]
-        for image in self.random.sample(candidates, min(self.edits_per_round, len(candidates))):
-            review.save_edit(project, image.id, self.truth_of[image.stem].truth((image.height, image.width)), round_index)
-            self.edited.add(image.id)
+        if self.edits_per_round:
+            for image in self._to_edit(project, round_index):
+                review.save_edit(project, image.id, self.truth_of[image.stem].truth((image.height, image.width)),
+                                 round_index)
+                self.edited.add(image.id)
         if self.reject_unedited:
             review.reject_rest(project, round_index)  # Shift+R in the window
+
+
+def review_note(edits_per_round: int, reject_unedited: bool, edit_order: str = "random") -> str:
+    """The report's sentence on what happened to each round's proposals."""
+    tail = "good-tagged images train as all-background; the ignore band is left out of the loss."
+    if not edits_per_round and not reject_unedited:
+        return ("Every round's proposals were used as they came (a user who accepts everything without clicking accept: "
+                "an explicit accept locks a mask for all later rounds, which would freeze the round-0 CAM masks); " + tail)
+    parts = []
+    if edits_per_round:
+        chosen = "taken from the head of the round's edit-first order" if edit_order == "ranked" else "chosen at random"
+        parts.append(f"Each round the simulated user drew the ground-truth mask of {edits_per_round} more defect images, "
+                     f"{chosen}; edited masks are locked for later rounds.")
+    if reject_unedited:
+        parts.append("Every other defect proposal was rejected (Shift+R): those images sat the round out.")
+    else:
+        parts.append("The other proposals were used as they came.")
+    return " ".join(parts) + " " + tail[0].upper() + tail[1:]
 
 
 def _type_mean(per_type: dict[str, Any]) -> float:
@@ -215,176 +268,224 @@ def _pseudo_ablation(project: Any, classifier_sha: str, method: str, cam_setting
     return rows
 
 
-def run(dataset: Path, quick: bool, out: Path, seed: int, classifier_path: Path | None, as_json: bool,
-        rounds: int | None = None, segmenter_overrides: dict[str, Any] | None = None,
-        method: str | None = None, edits_per_round: int = 0, reject_unedited: bool = False,
-        keep_project: Path | None = None) -> dict[str, Any]:
-    from defect_studio.bench.classifier import DEFAULT_CANDIDATE, candidate_config
-    from defect_studio.ml.cams import resolve_settings
-    from defect_studio.ml.classifier import train_project_classifier_job
-    from defect_studio.project import Project
-    from defect_studio.project.importer import import_job
+@dataclass
+class FullBench:
+    """One run of the full bench: its options, and what the steps hand on to each other."""
 
+    dataset: Path
+    quick: bool
+    out: Path
+    seed: int
+    classifier_path: Path | None
+    as_json: bool
+    rounds: int
+    segmenter: dict[str, Any]
+    method: str | None
+    reviewer: SimulatedReviewer
+    upper_bound: bool = True
+    keep_project: Path | None = None
+    train: list[DatasetSample] = field(default_factory=list)
+    test: list[DatasetSample] = field(default_factory=list)
+    clock: StageClock = field(default_factory=StageClock)
+    show: Callable[[Progress], None] = print
+    classifier_note: str = ""
+    cam_settings: dict[str, Any] = field(default_factory=dict)
+    pseudo: dict[str, Any] = field(default_factory=dict)
+
+
+def _write_train_labels(bench: FullBench, work: Path) -> Path:
+    """The training split's tags as a CSV the importer reads (test images stay untagged)."""
+    labels_csv = work / "train-labels.csv"
+    with open(labels_csv, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["stem", "label"])
+        writer.writerows((s.stem, s.label) for s in bench.train)
+    return labels_csv
+
+
+def _classifier_step(bench: FullBench, project: Any) -> dict[str, Any]:
+    """Train the classifier (or reuse --classifier) and score it on the test split."""
+    from defect_studio.bench.classifier import DEFAULT_CANDIDATE, candidate_config
+    from defect_studio.ml.classifier import train_project_classifier_job
+
+    if bench.classifier_path is None:
+        config = candidate_config(DEFAULT_CANDIDATE, bench.seed, bench.quick, **({} if bench.quick else FULL_CLASSIFIER))
+        bench.clock.run("classifier", lambda: run_job(train_project_classifier_job(project, config, CancelToken()), bench.show))
+        bench.classifier_path = Path(project.latest_run("classifier").checkpoint_path)
+        bench.classifier_note = f"trained here ({DEFAULT_CANDIDATE})"
+    else:
+        if not bench.classifier_path.is_file():
+            raise SystemExit(f"--classifier {bench.classifier_path}: no such file.")
+        bench.clock.seconds["classifier"] = 0.0
+        bench.classifier_note = f"reused {bench.classifier_path.name} (not timed)"
+    bench.reviewer.classifier_path = bench.classifier_path
+    path = bench.classifier_path
+    return bench.clock.run("classifier evaluation", lambda: _classifier_scores(path, bench.test))
+
+
+def _cam_step(bench: FullBench, project: Any) -> list[dict[str, Any]]:
+    """CAMs of the defect-tagged images for every method (or --method); the method and thresholds are
+    chosen on the training split against its ground truth (method.md: defaults are chosen by the
+    benchmark on the training split). Only the chosen method's CAM time counts in the weak loop.
+    Returns the threshold ablation."""
+    from defect_studio.ml.cam_cache import cam_job
+    from defect_studio.ml.cams import CAM_METHODS, resolve_settings
+
+    defect_ids = [image.id for image in project.images("defect")]
+    methods = [bench.method] if bench.method else list(CAM_METHODS)
+    cam_seconds: dict[str, float] = {}
+    ablation: list[dict[str, Any]] = []
+    for name in methods:
+        started = time.monotonic()
+        cams = run_job(cam_job(project, name, resolve_settings(name, None), CancelToken(),
+                               classifier_path=bench.classifier_path, image_ids=defect_ids), bench.show)
+        cam_seconds[name] = time.monotonic() - started
+        ablation += _pseudo_ablation(project, cams["checkpoint_sha256"], name, resolve_settings(name, None), bench.train)
+    # By mIoU, not defect IoU: on MT a labelling that marks nearly every pixel of a defect image
+    # has the best defect IoU, and a segmenter trained on it flags every good image too.
+    best = max(ablation, key=lambda row: (np.nan_to_num(row["mIoU"], nan=-1.0), row["defect IoU"]))
+    bench.method = best["method"]
+    bench.cam_settings = resolve_settings(bench.method, None)
+    bench.pseudo = PseudoLabelSettings.from_dict(PSEUDO_ABLATION[best["thresholds"]]).to_dict()
+    bench.clock.seconds["CAMs"] = cam_seconds[bench.method]
+    bench.clock.seconds["CAM selection (all methods, not in the loop)"] = sum(cam_seconds.values())
+    return ablation
+
+
+def _rounds_step(bench: FullBench, project: Any) -> dict[str, Any]:
+    """The refinement rounds, reviewed by the simulated user (by default: every proposal used as it came)."""
+    config = RefineConfig(method=str(bench.method), cam_settings=bench.cam_settings, pseudo=bench.pseudo,
+                          segmenter=bench.segmenter, stop_change=0.0)
+    return bench.clock.run("rounds", lambda: run_job(refine_job(
+        project, bench.rounds, CancelToken(), bench.reviewer, bench.dataset, config, bench.classifier_path), bench.show))
+
+
+def _round_rows(bench: FullBench, project: Any, summary: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Each round's proposals against the training ground truth and its segmenter on the test split;
+    (the rows, the last round's test metrics)."""
+    rows = []
+    final_metrics: dict[str, Any] = {}
+    for entry, run_record in zip(summary["rounds"], project.training_runs("segmenter")):
+        model = load_segmenter(run_record.checkpoint_path)
+        metrics = bench.clock.run("evaluation", lambda: _evaluate_segmenter(model, bench.test))
+        final_metrics = metrics
+        truth = entry.get("ground_truth", {})
+        rows.append({
+            "round": entry["round"],
+            "pseudo defect IoU (train)": truth.get("defect_iou", float("nan")),
+            "pseudo type-mean IoU (train)": _type_mean(truth.get("per_type", {})),
+            "pseudo mIoU (train)": truth.get("miou", float("nan")),
+            "mask change": entry["mask_change"] if entry["mask_change"] is not None else float("nan"),
+            "flagged empty": entry["review"]["flagged"],
+            "edited": entry["review"]["states"]["edited"],
+            "rejected": entry["review"]["states"]["rejected"],
+            "segmenter test defect IoU": metrics["defect_iou"],
+            "segmenter test mIoU": metrics["miou"],
+            "det. F1": metrics["detection_f1"],
+            "pseudo s": entry.get("pseudo_s", 0.0),
+            "train s": entry.get("train_s", 0.0),
+            "s/epoch": entry.get("segmenter", {}).get("seconds_per_epoch", float("nan")),
+        })
+    return rows, final_metrics
+
+
+def _weak_loop_seconds(bench: FullBench, round_rows: list[dict[str, Any]]) -> dict[str, float]:
+    seconds = bench.clock.seconds
+    weak = {
+        "classifier": seconds.get("classifier", 0.0),
+        "CAMs": seconds["CAMs"],
+        "pseudo-labels": sum(r["pseudo s"] for r in round_rows),
+        "segmenter training": sum(r["train s"] for r in round_rows),
+    }
+    if bench.reviewer.ordering_seconds:
+        weak["edit-first order"] = bench.reviewer.ordering_seconds
+    weak["other (review, metrics, I/O)"] = (seconds["CAMs"] + seconds["rounds"] + seconds.get("classifier", 0.0)
+                                            - sum(weak.values()))
+    return weak
+
+
+def _upper_bound_step(bench: FullBench, work: Path, trained_epochs: int) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """The same segmenter on the ground-truth masks of the same images, for as many training steps from
+    random init as the weak loop's rounds took together; (test metrics, training metrics), or
+    (None, {}) with --no-upper-bound."""
+    if not bench.upper_bound:
+        return None, {}
+    upper_bound = {**bench.segmenter, "epochs": trained_epochs}
+
+    def gt_samples() -> list[SegmentationSample]:
+        samples = []
+        for sample in bench.train:
+            image = read_image(sample.image_path)
+            truth = sample.truth(image.shape[:2])
+            samples.append(SegmentationSample(sample.stem, image.astype(np.float16), make_target(truth)))
+        return samples
+
+    full_path = work / "segmenter-gt.pt"
+    result = bench.clock.run("upper bound training", lambda: run_job(
+        train_segmenter_job(gt_samples(), SegmenterConfig.from_dict(upper_bound), full_path, CancelToken(),
+                            classifier_path=bench.classifier_path), bench.show))
+    metrics = bench.clock.run("evaluation", lambda: _evaluate_segmenter(load_segmenter(full_path), bench.test))
+    return metrics, result.metrics
+
+
+def report_name(dataset: Path, bench_options: dict[str, Any]) -> str:
+    """full-mt, full-mt-edit30-reject, full-mt-edit30-reject-ranked, ... (docs/benchmarks/)."""
+    short = DATASET_SHORT_NAMES.get(dataset.resolve().name, dataset.resolve().name)
+    edits = bench_options.get("edits_per_round", 0)
+    return (f"full-{short}" + (f"-edit{edits}" if edits else "")
+            + ("-reject" if bench_options.get("reject_unedited") else "")
+            + ("-ranked" if edits and bench_options.get("edit_order") == "ranked" else "")
+            + ("-quick" if bench_options.get("quick") else ""))
+
+
+def _report(bench: FullBench, summary: dict[str, Any], round_rows: list[dict[str, Any]], final_metrics: dict[str, Any],
+            full_metrics: dict[str, Any] | None, full_training: dict[str, Any], weak_seconds: dict[str, float],
+            ablation: list[dict[str, Any]], classifier_metrics: dict[str, Any], trained_epochs: int,
+            load_at_start: float, device: Any) -> tuple[str, float]:
+    """Write the report's tables and notes; (the markdown, weak/full ratio)."""
     import os
 
-    torch.manual_seed(seed)
-    load_at_start = os.getloadavg()[0]
-    device = select_device("auto")
-    show = _printer(as_json)
-    clock = StageClock()
-    train, test = _subset(load_dataset(dataset, seed), quick, seed)
-    rounds = rounds or (QUICK_ROUNDS if quick else ROUNDS)
-    segmenter = {**(QUICK_SEGMENTER if quick else FULL_SEGMENTER), "seed": seed, **(segmenter_overrides or {})}
-    work = Path(tempfile.mkdtemp(prefix="ds-bench-full-"))
-    try:
-        labels_csv = work / "train-labels.csv"
-        with open(labels_csv, "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["stem", "label"])
-            writer.writerows((s.stem, s.label) for s in train)
-        # A kept project is made where it stays: it finds its images by a path relative to its own folder.
-        project_dir = keep_project if keep_project is not None else work / "project"
-        if keep_project is not None and keep_project.exists() and any(keep_project.iterdir()):
-            raise SystemExit(f"--keep-project {keep_project}: the folder is not empty; name a new one.")
-        with Project.create(project_dir, dataset / "images") as project:
-            print(f"full bench: {len(train)} training images ({sum(s.label == 'defect' for s in train)} defect), "
-                  f"{len(test)} test images, {rounds} rounds, device {describe_device(device)}", file=sys.stderr)
-            clock.run("import", lambda: run_job(import_job(project, dataset / "images", labels_csv, CancelToken()), show))
-            # ---- classifier
-            if classifier_path is None:
-                config = candidate_config(DEFAULT_CANDIDATE, seed, quick, **({} if quick else FULL_CLASSIFIER))
-                clock.run("classifier", lambda: run_job(train_project_classifier_job(project, config, CancelToken()), show))
-                classifier_path = Path(project.latest_run("classifier").checkpoint_path)
-                classifier_note = f"trained here ({DEFAULT_CANDIDATE})"
-            else:
-                clock.seconds["classifier"] = 0.0
-                classifier_note = f"reused {classifier_path.name} (not timed)"
-            classifier_metrics = clock.run("classifier evaluation", lambda: _classifier_scores(classifier_path, test))
-            # ---- CAMs of the defect-tagged images for every method; method and thresholds chosen on the
-            # training split against its ground truth (method.md: defaults are chosen by the benchmark on the
-            # training split). Only the chosen method's CAM time counts in the weak loop.
-            from defect_studio.ml.cam_cache import cam_job
-            from defect_studio.ml.cams import CAM_METHODS
-
-            defect_ids = [image.id for image in project.images("defect")]
-            methods = [method] if method else list(CAM_METHODS)
-            cam_seconds: dict[str, float] = {}
-            ablation: list[dict[str, Any]] = []
-            for name in methods:
-                started = time.monotonic()
-                cams = run_job(cam_job(project, name, resolve_settings(name, None), CancelToken(),
-                                       classifier_path=classifier_path, image_ids=defect_ids), show)
-                cam_seconds[name] = time.monotonic() - started
-                ablation += _pseudo_ablation(project, cams["checkpoint_sha256"], name, resolve_settings(name, None), train)
-            # By mIoU, not defect IoU: on MT a labelling that marks nearly every pixel of a defect image
-            # has the best defect IoU, and a segmenter trained on it flags every good image too.
-            best = max(ablation, key=lambda row: (np.nan_to_num(row["mIoU"], nan=-1.0), row["defect IoU"]))
-            method = best["method"]
-            cam_settings = resolve_settings(method, None)
-            pseudo = PseudoLabelSettings.from_dict(PSEUDO_ABLATION[best["thresholds"]]).to_dict()
-            clock.seconds["CAMs"] = cam_seconds[method]
-            clock.seconds["CAM selection (all methods, not in the loop)"] = sum(cam_seconds.values())
-            # ---- the rounds, reviewed by the simulated user (by default: every proposal used as it came)
-            config = RefineConfig(method=method, cam_settings=cam_settings, pseudo=pseudo, segmenter=segmenter,
-                                  stop_change=0.0)
-            reviewer = SimulatedReviewer(train, edits_per_round, reject_unedited, seed)
-            summary = clock.run("rounds", lambda: run_job(refine_job(
-                project, rounds, CancelToken(), reviewer, dataset, config, classifier_path),
-                show))
-            round_rows = []
-            final_metrics: dict[str, Any] = {}
-            for entry, run_record in zip(summary["rounds"], project.training_runs("segmenter")):
-                model = load_segmenter(run_record.checkpoint_path)
-                metrics = clock.run("evaluation", lambda: _evaluate_segmenter(model, test))
-                final_metrics = metrics
-                truth = entry.get("ground_truth", {})
-                round_rows.append({
-                    "round": entry["round"],
-                    "pseudo defect IoU (train)": truth.get("defect_iou", float("nan")),
-                    "pseudo type-mean IoU (train)": _type_mean(truth.get("per_type", {})),
-                    "pseudo mIoU (train)": truth.get("miou", float("nan")),
-                    "mask change": entry["mask_change"] if entry["mask_change"] is not None else float("nan"),
-                    "flagged empty": entry["review"]["flagged"],
-                    "edited": entry["review"]["states"]["edited"],
-                    "rejected": entry["review"]["states"]["rejected"],
-                    "segmenter test defect IoU": metrics["defect_iou"],
-                    "segmenter test mIoU": metrics["miou"],
-                    "det. F1": metrics["detection_f1"],
-                    "pseudo s": entry.get("pseudo_s", 0.0),
-                    "train s": entry.get("train_s", 0.0),
-                    "s/epoch": entry.get("segmenter", {}).get("seconds_per_epoch", float("nan")),
-                })
-            weak_seconds = {
-                "classifier": clock.seconds.get("classifier", 0.0),
-                "CAMs": clock.seconds["CAMs"],
-                "pseudo-labels": sum(r["pseudo s"] for r in round_rows),
-                "segmenter training": sum(r["train s"] for r in round_rows),
-            }
-            weak_seconds["other (review, metrics, I/O)"] = (
-                clock.seconds["CAMs"] + clock.seconds["rounds"] + clock.seconds.get("classifier", 0.0)
-                - sum(weak_seconds.values())
-            )
-            # ---- the upper bound: same segmenter, ground-truth masks of the same images, and as many
-            # training steps from random init as the weak loop's rounds took together
-            trained_epochs = sum(int(r["segmenter"]["epochs_run"]) for r in summary["rounds"] if "segmenter" in r)
-            upper_bound = {**segmenter, "epochs": trained_epochs}
-            def gt_samples() -> list[SegmentationSample]:
-                samples = []
-                for sample in train:
-                    image = read_image(sample.image_path)
-                    truth = sample.truth(image.shape[:2])
-                    samples.append(SegmentationSample(sample.stem, image.astype(np.float16), make_target(truth)))
-                return samples
-
-            full_path = work / "segmenter-gt.pt"
-            full_result = clock.run("upper bound training", lambda: run_job(
-                train_segmenter_job(gt_samples(), SegmenterConfig.from_dict(upper_bound), full_path, CancelToken(),
-                                    classifier_path=classifier_path), show))
-            full_metrics = clock.run("evaluation", lambda: _evaluate_segmenter(load_segmenter(full_path), test))
-    finally:
-        if keep_project is not None:
-            print(f"kept the project in {keep_project}", file=sys.stderr)
-        shutil.rmtree(work, ignore_errors=True)
-
+    clock, reviewer = bench.clock, bench.reviewer
     weak_total = sum(weak_seconds.values())
-    ratio = final_metrics["defect_iou"] / full_metrics["defect_iou"] if full_metrics["defect_iou"] else float("nan")
-    summary_rows = [
-        summary_row(f"weak: CAM ({method}) + {rounds} rounds, {reviewer.describe()}", final_metrics),
-        summary_row(f"upper bound: same segmenter on ground-truth masks, {trained_epochs} epochs", full_metrics),
-    ]
-    kinds = sorted(set(final_metrics["per_type"]) | set(full_metrics["per_type"]))
+    full_iou = full_metrics["defect_iou"] if full_metrics else float("nan")
+    ratio = final_metrics["defect_iou"] / full_iou if full_metrics and full_iou else float("nan")
+    summary_rows = [summary_row(f"weak: CAM ({bench.method}) + {bench.rounds} rounds, {reviewer.describe()}", final_metrics)]
+    if full_metrics:
+        summary_rows.append(summary_row(f"upper bound: same segmenter on ground-truth masks, {trained_epochs} epochs", full_metrics))
+    full_types = full_metrics["per_type"] if full_metrics else {}
+    kinds = sorted(set(final_metrics["per_type"]) | set(full_types))
     type_rows = [
         {"type": kind,
          "weak defect IoU": final_metrics["per_type"].get(kind, {}).get("defect_iou", float("nan")),
-         "full defect IoU": full_metrics["per_type"].get(kind, {}).get("defect_iou", float("nan")),
+         "full defect IoU": full_types.get(kind, {}).get("defect_iou", float("nan")),
          "images": final_metrics["per_type"].get(kind, {}).get("images", 0)}
         for kind in kinds
     ]
     time_rows = [{"stage": k, "seconds": v, "share %": 100.0 * v / weak_total if weak_total else float("nan")}
                  for k, v in weak_seconds.items()]
     time_rows.append({"stage": "weak loop total", "seconds": weak_total, "share %": 100.0})
-    time_rows.append({"stage": "upper bound training (not in the loop)", "seconds": clock.seconds["upper bound training"], "share %": float("nan")})
+    if full_metrics:
+        time_rows.append({"stage": "upper bound training (not in the loop)", "seconds": clock.seconds["upper bound training"],
+                          "share %": float("nan")})
     time_rows.append({"stage": "test evaluation (not in the loop)", "seconds": clock.seconds["evaluation"], "share %": float("nan")})
     time_rows.append({"stage": "CAMs of every method, for the choice (not in the loop)",
                       "seconds": clock.seconds["CAM selection (all methods, not in the loop)"], "share %": float("nan")})
     time_rows.append({"stage": "import (not in the loop)", "seconds": clock.seconds["import"], "share %": float("nan")})
-    classifier_rows = [{"classifier": classifier_note, **classifier_metrics}]
+    classifier_rows = [{"classifier": bench.classifier_note, **classifier_metrics}]
+    train, test = bench.train, bench.test
+    bound = (f"full {full_iou:.3f} (target >= 0.55); " if full_metrics else "no upper bound trained (--no-upper-bound); ")
     notes = [
         f"{len(train)} training images ({sum(s.label == 'defect' for s in train)} defect), {len(test)} test images"
-        + (" — quick subset" if quick else "") + f"; seed {seed}; device {describe_device(device)}.",
+        + (" — quick subset" if bench.quick else "") + f"; seed {bench.seed}; device {describe_device(device)}.",
         f"Round-0 proposals on the training split: pooled defect IoU {round_rows[0]['pseudo defect IoU (train)']:.3f} "
         f"(target >= 0.35), mean over defect types {round_rows[0]['pseudo type-mean IoU (train)']:.3f} (target >= 0.25). "
         f"Weak / full test defect IoU: {ratio:.2f} (target >= 0.70); weak defect IoU {final_metrics['defect_iou']:.3f} "
-        f"(target >= 0.35); full {full_metrics['defect_iou']:.3f} (target >= 0.55); weak loop {weak_total / 60:.1f} min "
-        "(target <= 20 min on MT).",
-        f"Segmenter: {SegmenterConfig.from_dict(segmenter).to_dict()}; round 0 from random init, later rounds warm-started "
-        f"from the previous round; the upper bound from random init for the {trained_epochs} epochs of all rounds together.",
-        f"Chosen on the training split: CAM {method} {cam_settings}; pseudo-labels {pseudo}.",
-        f"Review: {reviewer.describe()}. "
-        + ("Proposals are used as they came (a user who accepts everything without clicking accept: an explicit accept "
-           "locks a mask for all later rounds, which would freeze the round-0 CAM masks); "
-           if not edits_per_round and not reject_unedited else "Edited masks are locked for later rounds; ")
-        + "good-tagged images train as all-background; the ignore band is left out of the loss.",
+        f"(target >= 0.35); {bound}weak loop {weak_total / 60:.1f} min (target <= 20 min on MT).",
+        f"Segmenter: {SegmenterConfig.from_dict(bench.segmenter).to_dict()}; round 0 from random init, later rounds warm-started "
+        f"from the previous round" + (f"; the upper bound from random init for the {trained_epochs} epochs of all rounds together."
+                                      if full_metrics else "."),
+        f"Chosen on the training split: CAM {bench.method} {bench.cam_settings}; pseudo-labels {bench.pseudo}.",
+        f"Review: {reviewer.describe()}. {reviewer.note()}",
         f"Peak memory (max RSS of the process): {peak_memory_mb(device):.0f} MiB. Load average at start/end: "
         f"{load_at_start:.1f}/{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (timings include any contention).",
     ]
@@ -398,16 +499,65 @@ def run(dataset: Path, quick: bool, out: Path, seed: int, classifier_path: Path 
         ("Classifier (test split)", classifier_rows,
          ["classifier", "test_auroc", "test_f1", "test_precision", "test_recall", "test_accuracy"]),
     ]
-    short = DATASET_SHORT_NAMES.get(dataset.resolve().name, dataset.resolve().name)
-    name = (f"full-{short}" + (f"-edit{edits_per_round}" if edits_per_round else "")
-            + ("-reject" if reject_unedited else "") + ("-quick" if quick else ""))
-    markdown = write_report(out, name, "Full benchmark: weak loop vs full supervision", tables, notes,
+    name = report_name(bench.dataset, {"edits_per_round": reviewer.edits_per_round, "reject_unedited": reviewer.reject_unedited,
+                                       "edit_order": reviewer.edit_order, "quick": bench.quick})
+    markdown = write_report(bench.out, name, "Full benchmark: weak loop vs full supervision", tables, notes,
                             extra={"weak": final_metrics, "full": full_metrics, "ratio": ratio,
                                    "seconds": clock.seconds, "weak_seconds": weak_seconds, "rounds": summary["rounds"],
-                                   "upper_bound_training": full_result.metrics, "quick": quick, "seed": seed,
-                                   "peak_memory_mb": peak_memory_mb(device), "method": method, "pseudo": pseudo})
+                                   "upper_bound_training": full_training, "quick": bench.quick, "seed": bench.seed,
+                                   "edits_per_round": reviewer.edits_per_round, "reject_unedited": reviewer.reject_unedited,
+                                   "edit_order": reviewer.edit_order, "edited_images": sorted(reviewer.edited),
+                                   "peak_memory_mb": peak_memory_mb(device), "method": bench.method, "pseudo": bench.pseudo})
+    return markdown, ratio
+
+
+def run(dataset: Path, quick: bool, out: Path, seed: int, classifier_path: Path | None, as_json: bool,
+        rounds: int | None = None, segmenter_overrides: dict[str, Any] | None = None,
+        method: str | None = None, edits_per_round: int = 0, reject_unedited: bool = False,
+        keep_project: Path | None = None, edit_order: str = "random", upper_bound: bool = True) -> dict[str, Any]:
+    from defect_studio.project import Project
+    from defect_studio.project.importer import import_job
+
+    import os
+
+    torch.manual_seed(seed)
+    load_at_start = os.getloadavg()[0]
+    device = select_device("auto")
+    train, test = _subset(load_dataset(dataset, seed), quick, seed)
+    bench = FullBench(
+        dataset=dataset, quick=quick, out=out, seed=seed, classifier_path=classifier_path, as_json=as_json,
+        rounds=rounds or (QUICK_ROUNDS if quick else ROUNDS),
+        segmenter={**(QUICK_SEGMENTER if quick else FULL_SEGMENTER), "seed": seed, **(segmenter_overrides or {})},
+        method=method, reviewer=SimulatedReviewer(train, edits_per_round, reject_unedited, seed, edit_order),
+        upper_bound=upper_bound, keep_project=keep_project, train=train, test=test, show=_printer(as_json))
+    # A kept project is made where it stays: it finds its images by a path relative to its own folder.
+    if keep_project is not None and keep_project.exists() and any(keep_project.iterdir()):
+        raise SystemExit(f"--keep-project {keep_project}: the folder is not empty; name a new one.")
+    work = Path(tempfile.mkdtemp(prefix="ds-bench-full-"))
+    try:
+        labels_csv = _write_train_labels(bench, work)
+        project_dir = keep_project if keep_project is not None else work / "project"
+        with Project.create(project_dir, dataset / "images") as project:
+            print(f"full bench: {len(train)} training images ({sum(s.label == 'defect' for s in train)} defect), "
+                  f"{len(test)} test images, {bench.rounds} rounds, device {describe_device(device)}", file=sys.stderr)
+            bench.clock.run("import", lambda: run_job(import_job(project, dataset / "images", labels_csv, CancelToken()),
+                                                      bench.show))
+            classifier_metrics = _classifier_step(bench, project)
+            ablation = _cam_step(bench, project)
+            summary = _rounds_step(bench, project)
+            round_rows, final_metrics = _round_rows(bench, project, summary)
+            weak_seconds = _weak_loop_seconds(bench, round_rows)
+            trained_epochs = sum(int(r["segmenter"]["epochs_run"]) for r in summary["rounds"] if "segmenter" in r)
+            full_metrics, full_training = _upper_bound_step(bench, work, trained_epochs)
+    finally:
+        if keep_project is not None:
+            print(f"kept the project in {keep_project}", file=sys.stderr)
+        shutil.rmtree(work, ignore_errors=True)
+    markdown, ratio = _report(bench, summary, round_rows, final_metrics, full_metrics, full_training, weak_seconds,
+                              ablation, classifier_metrics, trained_epochs, load_at_start, device)
     print(markdown)
-    return {"weak": final_metrics, "full": full_metrics, "ratio": ratio, "weak_seconds": weak_total}
+    return {"weak": final_metrics, "full": full_metrics, "ratio": ratio, "weak_seconds": sum(weak_seconds.values()),
+            "edited_images": sorted(bench.reviewer.edited)}
 
 
 def main(args: argparse.Namespace) -> int:
@@ -418,7 +568,8 @@ def main(args: argparse.Namespace) -> int:
     run(Path(args.dataset), bool(args.quick), out, int(getattr(args, "seed", 0)),
         getattr(args, "classifier", None), bool(getattr(args, "json", False)), getattr(args, "rounds", None), overrides,
         getattr(args, "method", None), int(getattr(args, "edits_per_round", 0) or 0),
-        bool(getattr(args, "reject_unedited", False)), getattr(args, "keep_project", None))
+        bool(getattr(args, "reject_unedited", False)), getattr(args, "keep_project", None),
+        getattr(args, "edit_order", None) or "random", not bool(getattr(args, "no_upper_bound", False)))
     return 0
 
 

@@ -30,6 +30,11 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help="full: a simulated user draws the ground-truth mask of K more defect images each round")
     parser.add_argument("--reject-unedited", action="store_true",
                         help="full: the simulated user rejects every defect proposal it did not edit")
+    parser.add_argument("--edit-order", choices=("random", "ranked"), default="random",
+                        help="full: which K images the simulated user edits: random (the default of earlier runs) or "
+                             "ranked (the head of each round's edit-first order, ml.review_order)")
+    parser.add_argument("--no-upper-bound", action="store_true",
+                        help="full: skip the upper bound (the segmenter on all ground truth): for comparing reviewers")
     parser.add_argument("--segmenter-set", action="append", default=[], metavar="KEY=VALUE",
                         help="full: a segmenter setting for every round and the bound (JSON value), e.g. "
                              "architecture=efficientnet-lite0-unet; repeatable")
