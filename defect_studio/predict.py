@@ -4,6 +4,12 @@ This is what a production line runs: `defect-studio predict MODEL_DIR IMAGES... 
 `model.onnx` and `model-card.json` from MODEL_DIR, and writes one 0/255 PNG mask per image. The
 preprocessing here (float [0, 1], reflect padding to a multiple of the network stride, crop back)
 is the one the in-app segmenter uses, so the masks are the app's masks.
+
+Large images are predicted by overlapping tiles at native resolution, as the card's `tiling` says
+(`defect_studio.ml.tiling`; "auto" when the card has none: images up to 2048 × 2048 whole, as
+before). The tiles are taken from the decoded pixels one at a time and their probabilities blended
+band by band straight into the mask, so memory is the decoded image, the mask and one band of rows
+besides the network's activations for one tile.
 """
 
 from __future__ import annotations
@@ -17,7 +23,8 @@ import cv2
 import numpy as np
 
 from defect_studio.errors import ModelError
-from defect_studio.imageio import file_sha256, read_image, write_mask
+from defect_studio.imageio import decode_image, file_sha256, to_float01, write_mask
+from defect_studio.ml.tiling import Tiling, TopValues, map_tiles, stitched_rows, tiled_map
 
 MODEL_FILE = "model.onnx"
 CARD_FILE = "model-card.json"
@@ -102,10 +109,18 @@ class ExportedSegmenter:
     def image_gate(self) -> dict[str, Any] | None:
         return self.card.get("image_gate")
 
+    @property
+    def tiling(self) -> Tiling:
+        return Tiling.from_dict(self.card.get("tiling"))
+
     def probability(self, image: np.ndarray) -> np.ndarray:
-        """float H×W×C image in [0, 1] -> H×W defect probability."""
+        """float H×W×C image in [0, 1] -> H×W defect probability (by tiles when the card's tiling says so)."""
         if image.ndim != 3 or image.shape[2] not in (1, 3):
             raise ModelError(f"expected an H×W×C image with 1 or 3 channels, got shape {image.shape}")
+        return tiled_map(image, self.whole_probability, self.tiling)
+
+    def whole_probability(self, image: np.ndarray) -> np.ndarray:
+        """The network on all of `image` at once (an image small enough, or one tile)."""
         batch, (height, width) = to_network_input(image, self.channels, self.multiple)
         input_name = self.session.get_inputs()[0].name
         try:
@@ -116,6 +131,31 @@ class ExportedSegmenter:
 
     def mask(self, image: np.ndarray) -> np.ndarray:
         return decide_mask(self.probability(image), self.threshold, self.image_gate)
+
+    def mask_of_pixels(self, pixels: np.ndarray, cancel: Any = None) -> np.ndarray:
+        """The mask of a decoded image (native pixels, as `imageio.decode_image` gives them), in bounded
+        memory: each tile is converted to float on its own and the blended probabilities become mask
+        rows band by band; the same mask as `mask(to_float01(pixels))`."""
+        height, width = pixels.shape[:2]
+        grid = self.tiling.grid_for(height, width)
+        if grid is None:
+            return self.mask(to_float01(pixels))
+        # Float images are stretched by their own range (to_float01), which a tile alone does not know.
+        floats = to_float01(pixels) if pixels.dtype.kind == "f" else None
+
+        def tile_probability(box: Any) -> np.ndarray:
+            tile = floats[box.slices] if floats is not None else to_float01(pixels[box.slices])
+            return self.whole_probability(tile)
+
+        gate = self.image_gate
+        top = TopValues(int(gate.get("top_k", IMAGE_SCORE_TOP_K)) if gate else 1)
+        mask = np.zeros((height, width), bool)
+        for y0, rows in stitched_rows(grid, map_tiles(grid, tile_probability, cancel)):
+            np.greater_equal(rows, self.threshold, out=mask[y0 : y0 + len(rows)])
+            top.add(rows)
+        if gate and top.mean() < float(gate["min_score"]):
+            mask[:] = False
+        return mask
 
 
 def load_exported(model_dir: str | Path) -> ExportedSegmenter:
@@ -151,8 +191,9 @@ def predict_images(model_dir: str | Path, images: Sequence[str | Path], out_dir:
     out = Path(out_dir)
     written = []
     for image_path in images:
-        image = read_image(image_path)
+        pixels, _ = decode_image(image_path)
         mask_path = out / f"{Path(image_path).stem}.png"
-        write_mask(mask_path, model.mask(image))
+        write_mask(mask_path, model.mask_of_pixels(pixels))
+        del pixels  # the next image is decoded without this one still held
         written.append(mask_path)
     return written

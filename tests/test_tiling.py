@@ -58,8 +58,8 @@ def blurred(image: np.ndarray) -> np.ndarray:
 
 def test_a_defect_across_tile_borders_stitches_without_seams():
     grid = TileGrid(400, 400, 160, 48)
-    # The defect sits where four tiles meet: the second tile row and column start at 112.
-    assert grid.ys[1] == 112 and grid.xs[1] == 112
+    assert grid.ys == grid.xs == (0, 80, 160, 240)
+    # The defect sits where four tiles meet, across the borders of the second tile row and column.
     image = defect_image(400, centre=(grid.xs[1] + 20, grid.ys[1] + 20))
     whole = blurred(image)
     stitched = stitch_map(grid, lambda box: blurred(image[box.slices]))

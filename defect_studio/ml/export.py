@@ -31,6 +31,7 @@ from defect_studio.errors import ModelError
 from defect_studio.imageio import file_sha256
 from defect_studio.jobs import Progress
 from defect_studio.ml.segmenter import LoadedSegmenter, SegmenterConfig, SegmenterNet, build_segmenter
+from defect_studio.ml.tiling import Tiling, tiled_map
 from defect_studio.predict import CARD_FILE, MODEL_FILE, TORCHSCRIPT_FILE, load_exported, sigmoid, to_network_input
 
 ONNX_OPSET = 17
@@ -114,14 +115,18 @@ def check_parity(
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated upstream but still the format asked for
         scripted = torch.jit.load(str(staged_dir / TORCHSCRIPT_FILE), map_location="cpu").eval()
     threshold = loaded.threshold
-    worst = {"onnx_diff": 0.0, "ts_diff": 0.0, "onnx_iou": 1.0, "ts_iou": 1.0}
-    for image in images:
-        reference = loaded.probability(image)
-        onnx_probability = exported.probability(image)
+
+    def scripted_probability(image: np.ndarray) -> np.ndarray:
         batch, (height, width) = to_network_input(image, loaded.model.in_channels, loaded.model.size_multiple)
         with torch.no_grad():
             logits = scripted(torch.from_numpy(batch)).numpy()
-        ts_probability = sigmoid(logits[0, 0, :height, :width])
+        return sigmoid(logits[0, 0, :height, :width])
+
+    worst = {"onnx_diff": 0.0, "ts_diff": 0.0, "onnx_iou": 1.0, "ts_iou": 1.0}
+    for image in images:
+        reference = loaded.probability(image)
+        onnx_probability = exported.probability(image)  # by tiles where the card's tiling says so
+        ts_probability = tiled_map(image, scripted_probability, exported.tiling)
         reference_mask = reference >= threshold
         worst["onnx_diff"] = max(worst["onnx_diff"], float(np.abs(onnx_probability - reference).max()))
         worst["ts_diff"] = max(worst["ts_diff"], float(np.abs(ts_probability - reference).max()))
@@ -159,6 +164,11 @@ def training_data_hash(keys_and_hashes: Sequence[str]) -> str:
     return digest.hexdigest()
 
 
+def segmenter_tiling(loaded: LoadedSegmenter) -> Tiling:
+    """The tiling the in-app segmenter predicts with: its checkpoint's, else the default ("auto")."""
+    return Tiling.from_dict(loaded.meta.get("tiling"))
+
+
 def build_model_card(loaded: LoadedSegmenter, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     meta = loaded.meta
     card = {
@@ -181,7 +191,13 @@ def build_model_card(loaded: LoadedSegmenter, extra: dict[str, Any] | None = Non
             "gray images as one channel; colour to gray (or gray repeated to 3 channels) to match input.channels",
             "reflect-pad bottom and right to a multiple of input.size_multiple; crop the output back",
             "normalisation (mean/std) is inside the network",
+            ("images larger than tiling.whole_image_max_pixels (mode auto; every image with mode tiles) are run by "
+             "overlapping tiles of tiling.tile_size px, each tile's probabilities weighted by a raised-cosine ramp over "
+             "tiling.overlap px at the borders it shares with other tiles, divided by the weights' sum "
+             "(defect_studio.ml.tiling)"),
         ],
+        # How images are cut for the network: what the app did with this model, what predict does.
+        "tiling": segmenter_tiling(loaded).to_dict(),
         "threshold": float(meta.get("threshold", 0.5)),
         # An image whose score (mean of its top_k probabilities) is under min_score gets an empty mask.
         "image_gate": meta.get("image_gate"),

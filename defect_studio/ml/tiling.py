@@ -22,6 +22,7 @@ Qt-free and torch-free (numpy only): `defect_studio.predict`, the production lin
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
@@ -56,11 +57,13 @@ class TileBox(NamedTuple):
 
 
 def axis_starts(length: int, tile: int, overlap: int) -> list[int]:
-    """Where the tiles along one axis start: every `tile - overlap` pixels, the last one flush with
-    the end (so it overlaps its neighbour by at least `overlap`); one tile when the axis is no longer."""
+    """Where the tiles along one axis start: the fewest tiles that overlap their neighbours by at least
+    `overlap` pixels, spread evenly from the first pixel to the last (no sliver of a last tile); one
+    tile when the axis is no longer than a tile."""
     if length <= tile:
         return [0]
-    return list(range(0, length - tile, tile - overlap)) + [length - tile]
+    count = math.ceil((length - overlap) / (tile - overlap))
+    return [round(index * (length - tile) / (count - 1)) for index in range(count)]
 
 
 def raised_cosine_ramp(overlap: int) -> np.ndarray:
