@@ -205,3 +205,26 @@ def test_bad_input_gets_a_clear_message(ordered_rounds, tmp_path: Path) -> None:
         review.reject_rest(project, 1)
         with pytest.raises(DataError, match="no mask left to review"):
             run_job(review_order_job(project, 1, CancelToken()))
+
+
+def test_the_review_command_lists_the_queue_edit_first_with_reasons(ordered_rounds, tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+    import shutil
+
+    from defect_studio.cli import main as cli_main
+
+    project_dir, orders = ordered_rounds
+    shutil.copytree(project_dir, tmp_path / "copy")
+    assert cli_main(["review", str(tmp_path / "copy"), "--order", "edit-first", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert listed["round"] == 1
+    # the stored order of round 1, less the three masks edited from its head
+    assert [e["image_id"] for e in listed["queue"]] == [item.image_id for item in orders[1][3:]]
+    assert [e["rank"] for e in listed["queue"]] == list(range(4, len(orders[1]) + 1))
+    assert all(e["reason"] for e in listed["queue"])
+    assert cli_main(["review", str(tmp_path / "copy"), "--order", "edit-first", "--rerank", "--round", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "edit first at the top" in text and "group" in text
+    with Project.open(tmp_path / "copy") as project:  # ranked again: the remaining masks from rank 1
+        assert [e.rank for e in project.review_order(1)] == list(range(1, len(orders[1]) - 3 + 1))

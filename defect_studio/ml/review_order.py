@@ -227,6 +227,31 @@ def order_for_review(signals: Sequence[ImageSignals], seed: int = 0, clusters: i
     return items
 
 
+@dataclass
+class QueueEntry:
+    """A mask still to review, as the queue lists it."""
+
+    image_id: int
+    stem: str
+    rank: int | None  # its place in the stored edit-first order (None: not in it, e.g. proposed again since)
+    reason: str | None
+    flagged: bool
+
+
+def edit_first_queue(project: Any, round_index: int) -> list[QueueEntry]:
+    """The round's defect masks still `proposed`, in the stored edit-first order (those the order does
+    not know follow in image order); in image order when the round has no stored order."""
+    stems = {image.id: image.stem for image in project.images("defect")}
+    order = {entry.image_id: entry for entry in project.review_order(round_index)}
+    entries = []
+    for record in project.mask_records(round_index=round_index, state="proposed", tag="defect"):
+        ranked = order.get(record.image_id)
+        entries.append(QueueEntry(record.image_id, stems[record.image_id], ranked.rank if ranked else None,
+                                  ranked.reason if ranked else None, record.flagged))
+    entries.sort(key=lambda e: (e.rank is None, e.rank or 0, e.image_id))
+    return entries
+
+
 # ------------------------------------------------------------------------------------ measuring
 def mask_iou(first: np.ndarray, second: np.ndarray) -> float:
     """IoU of two boolean masks; two empty masks agree fully (1.0)."""
@@ -325,12 +350,19 @@ def review_order_job(
     return order_for_review(signals, seed)
 
 
+def rank_for_review_job(
+    project: Any, round_index: int, cancel: CancelToken, classifier_path: str | Path | None = None, seed: int = 0,
+) -> Generator[Progress, None, list[ReviewItem]]:
+    """`review_order_job`, then the order stored in the project (replacing the round's earlier one)."""
+    items = yield from review_order_job(project, round_index, cancel, classifier_path, seed)
+    project.save_review_order(round_index, [ReviewOrderEntry(i.image_id, i.rank, i.score, i.reason, i.signals)
+                                            for i in items])
+    return items
+
+
 def rank_for_review(project: Any, round_index: int, cancel: CancelToken | None = None,
                     classifier_path: str | Path | None = None, seed: int = 0,
                     on_progress: Any = None) -> list[ReviewItem]:
     """Order round `round_index`'s proposed masks for review (edit first at rank 1) and store the
     order in the project; returns it. Call it once a round's proposals are made."""
-    items = run_job(review_order_job(project, round_index, cancel or CancelToken(), classifier_path, seed), on_progress)
-    project.save_review_order(round_index, [ReviewOrderEntry(i.image_id, i.rank, i.score, i.reason, i.signals)
-                                            for i in items])
-    return items
+    return run_job(rank_for_review_job(project, round_index, cancel or CancelToken(), classifier_path, seed), on_progress)
