@@ -69,6 +69,8 @@ def run_review(args: argparse.Namespace) -> int:
     from defect_studio.project import review
 
     with Project.open(args.project) as project:
+        if args.order:
+            return _list_edit_first(project, args)
         if args.accept_all:
             result, verb = review.accept_all(project, args.round), "accepted"
         elif args.accept:
@@ -80,6 +82,27 @@ def run_review(args: argparse.Namespace) -> int:
         else:
             result, verb = review.import_masks(project, args.import_masks, args.round), "replaced by imported masks"
     _print_json_or(args, result.__dict__, [result.summary(verb)])
+    return 0
+
+
+def _list_edit_first(project: Project, args: argparse.Namespace) -> int:
+    """`review --order edit-first`: the masks still to review, edit first at the top, each with its reason
+    (the order is computed when the round has none yet, or again with --rerank)."""
+    from dataclasses import asdict
+
+    from defect_studio.ml.review_order import edit_first_queue, rank_for_review_job
+    from defect_studio.project.review import latest_round
+
+    index = latest_round(project) if args.round is None else project.round(args.round).index
+    if args.rerank or not project.review_order(index):
+        cancel = CancelToken()
+        drive(rank_for_review_job(project, index, cancel), args, cancel)
+    queue = edit_first_queue(project, index)
+    lines = [f"round {index}: {len(queue)} mask(s) to review, edit first at the top"]
+    for entry in queue:
+        reason = entry.reason or "not in the order (proposed since it was computed; --rerank orders it)"
+        lines.append(f"{entry.rank if entry.rank is not None else '-':>4}  {entry.stem}  {reason}")
+    _print_json_or(args, {"round": index, "queue": [asdict(entry) for entry in queue]}, lines)
     return 0
 
 
@@ -212,6 +235,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     action.add_argument("--reject-rest", action="store_true",
                         help="reject every defect image's mask still proposed (train on your edits and accepts only)")
     action.add_argument("--import-masks", type=Path, metavar="DIR", help="<stem>.png masks that replace the proposals")
+    action.add_argument("--order", choices=["edit-first"],
+                        help="list the masks still to review, the ones worth editing first at the top, with the reason")
+    parser.add_argument("--rerank", action="store_true", help="--order: compute the round's order again")
     parser.add_argument("--round", type=int, help="the round (default: the latest)")
     parser.add_argument("--json", action="store_true")
     parser.set_defaults(handler=run_review)
