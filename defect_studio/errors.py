@@ -27,3 +27,8 @@ class ProjectLockedError(ProjectError):
 
 class ModelError(DefectStudioError):
     """A checkpoint or exported model that does not match what is expected."""
+
+
+class ConfigError(DataError):
+    """A setting the user gave that the tool does not have, or a value it refuses (classifier, segmenter,
+    CAM and pseudo-label settings alike)."""

@@ -13,7 +13,7 @@ import hashlib
 import json
 import time
 from pathlib import Path
-from typing import Any, Generator, Sequence
+from typing import TYPE_CHECKING, Any, Generator, Sequence
 
 import cv2
 import numpy as np
@@ -21,7 +21,10 @@ import numpy as np
 from defect_studio.atomic import atomic_write_bytes
 from defect_studio.errors import ModelError
 from defect_studio.jobs import CancelToken, EtaClock, Progress
-from defect_studio.ml.cams.settings import canonical_settings, check_method
+from defect_studio.ml.cams.registry import CamSpec, canonical_settings, check_method
+
+if TYPE_CHECKING:
+    from defect_studio.project.store import Project
 
 CACHE_SUBDIR = "cams"
 HEATMAP_SCALE = 65535.0
@@ -114,7 +117,7 @@ class CamCache:
         return removed
 
 
-def default_classifier_path(project: Any) -> Path:
+def default_classifier_path(project: Project) -> Path:
     run = project.latest_run("classifier")
     if run is None:
         raise ModelError("this project has no trained classifier yet; train one first (defect-studio train PROJECT).")
@@ -122,8 +125,8 @@ def default_classifier_path(project: Any) -> Path:
 
 
 def cam_job(
-    project: Any,
-    method: str,
+    project: Project,
+    method: str | CamSpec,
     settings: dict[str, Any] | None,
     cancel: CancelToken,
     classifier_path: str | Path | None = None,
@@ -137,10 +140,11 @@ def cam_job(
     Each cached map is complete when written, so a cancelled job keeps the maps it finished.
     """
     from defect_studio.imageio import read_image
-    from defect_studio.ml.cams import compute_cams, resolve_settings
+    from defect_studio.ml.cams import compute_cams
     from defect_studio.ml.classifier import load_classifier
 
-    resolved = resolve_settings(method, settings)  # refuse bad settings before any work
+    spec = CamSpec.resolve(method, settings)  # refuse bad settings before any work
+    method, resolved = spec.method, spec.settings
     checkpoint = Path(classifier_path) if classifier_path is not None else default_classifier_path(project)
     started = time.perf_counter()
     yield Progress("loading classifier", 0, None, checkpoint.name)
@@ -163,7 +167,7 @@ def cam_job(
             else:
                 missing.append(record)
         if missing:
-            fresh = compute_cams(classifier, [read_image(r.path) for r in missing], method, resolved, batch_size)
+            fresh = compute_cams(classifier, [read_image(r.path) for r in missing], spec, batch_size=batch_size)
             for record, cam_map in zip(missing, fresh):
                 cache.put(record.sha256, classifier.checkpoint_sha256, method, resolved, cam_map)
                 maps[record.id] = cam_map

@@ -3,10 +3,10 @@ them before (or without) the training engine loading."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import InitVar, asdict, dataclass, field, fields
 from typing import Any
 
-from defect_studio.errors import ModelError
+from defect_studio.errors import ConfigError, ModelError
 
 ARCHITECTURES = ("efficientnet-lite0", "compact", "resnet18", "resnet34")
 PRETRAINED_ARCHITECTURES = ("efficientnet-lite0",)  # ImageNet weights ship with the package
@@ -16,16 +16,17 @@ PRETRAINED_ARCHITECTURES = ("efficientnet-lite0",)  # ImageNet weights ship with
 ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
     # ImageNet features need few epochs: on MT the best validation epoch was the 4th-6th of 8, on the demo
     # the 7th-11th of 23 (docs/benchmarks/cams-mt.md); a short plan keeps the demo's first training short.
-    "efficientnet-lite0": {"input_size": 256, "normalisation": "symmetric", "lr": 1e-3, "frozen_stages": 2,
+    "efficientnet-lite0": {"input_size": 256, "normalisation": "symmetric", "learning_rate": 1e-3, "frozen_stages": 2,
                            "output_stride": 32, "epochs": 12, "patience": 4, "min_epochs": 4},
-    "compact": {"input_size": 128, "normalisation": "per-image-robust", "lr": 3e-3, "frozen_stages": 0,
+    "compact": {"input_size": 128, "normalisation": "per-image-robust", "learning_rate": 3e-3, "frozen_stages": 0,
                 "output_stride": 16, "epochs": 60, "patience": 12, "min_epochs": 8},
-    "resnet18": {"input_size": 128, "normalisation": "per-image-robust", "lr": 3e-3, "frozen_stages": 0,
+    "resnet18": {"input_size": 128, "normalisation": "per-image-robust", "learning_rate": 3e-3, "frozen_stages": 0,
                  "output_stride": 16, "epochs": 60, "patience": 12, "min_epochs": 8},
-    "resnet34": {"input_size": 128, "normalisation": "per-image-robust", "lr": 3e-3, "frozen_stages": 0,
+    "resnet34": {"input_size": 128, "normalisation": "per-image-robust", "learning_rate": 3e-3, "frozen_stages": 0,
                  "output_stride": 16, "epochs": 60, "patience": 12, "min_epochs": 8},
 }
 POOLINGS = ("avg", "max", "topk", "lse")
+OLD_LEARNING_RATE = "lr"  # the name of `learning_rate` before it matched the segmenter's
 
 
 @dataclass
@@ -48,7 +49,7 @@ class ClassifierConfig:
     channels: int = 1
     normalisation: str | None = None
     epochs: int | None = None  # a cap: the time budget may plan fewer (None: ARCH_DEFAULTS)
-    lr: float | None = None
+    learning_rate: float | None = None  # peak (one-cycle), as the segmenter's is named
     weight_decay: float = 1e-4
     batch_size: int = 32
     seed: int = 0
@@ -75,8 +76,13 @@ class ClassifierConfig:
     prior_stage: int = 3  # stride 16: measured best for EfficientNet-Lite0 on MT
     prior_bank_size: int = 8192  # coreset size: bounded memory and a fixed cost per query
     extra: dict[str, Any] = field(default_factory=dict)
+    # `learning_rate` by its earlier name: checkpoints, stored settings and callers from before it matched
+    # the segmenter's. Read only; a config always stores `learning_rate`.
+    lr: InitVar[float | None] = None
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, lr: float | None) -> None:
+        if lr is not None and self.learning_rate is None:
+            self.learning_rate = lr
         self.blocks = tuple(int(b) for b in self.blocks)  # type: ignore[assignment]
         if self.arch not in ARCHITECTURES:
             raise ValueError(f"unknown architecture {self.arch!r}; choose one of {', '.join(ARCHITECTURES)}")
@@ -98,12 +104,27 @@ class ClassifierConfig:
         return data
 
     @classmethod
+    def from_settings(cls, settings: dict[str, Any] | None) -> "ClassifierConfig":
+        """The config of settings a user gave (options, forms, the project's workflow settings): an unknown
+        setting or a bad value is a ConfigError that says which."""
+        settings = dict(settings or {})
+        unknown = sorted(set(settings) - {f.name for f in fields(cls)} - {OLD_LEARNING_RATE})
+        if unknown:
+            raise ConfigError(f"unknown classifier settings: {', '.join(unknown)}")
+        try:
+            return cls(**settings)
+        except (TypeError, ValueError) as error:
+            raise ConfigError(f"classifier settings: {error}") from error
+
+    @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ClassifierConfig":
-        known = {f.name for f in fields(cls)}
+        """The config a checkpoint stores (settings a later version dropped are ignored)."""
+        known = {f.name for f in fields(cls)} | {OLD_LEARNING_RATE}
         try:
             return cls(**{k: v for k, v in data.items() if k in known})
         except (TypeError, ValueError) as error:
             raise ModelError(f"the checkpoint's classifier config is invalid ({error}).") from error
 
-    def preprocessing_dict(self) -> dict[str, Any]:
-        return {"input_size": self.input_size, "channels": self.channels, "normalisation": self.normalisation}
+
+# Read access by the earlier name (the InitVar above takes it on construction).
+ClassifierConfig.lr = property(lambda self: self.learning_rate, doc="learning_rate, by its earlier name")  # type: ignore[assignment]

@@ -26,7 +26,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Generator, Sequence
+from typing import TYPE_CHECKING, Any, Generator, Sequence
 
 import cv2
 import numpy as np
@@ -38,6 +38,9 @@ from defect_studio.jobs import CancelToken, EtaClock, Progress
 from defect_studio.ml.cams.compute import capture_stage_outputs
 from defect_studio.ml.good_prior import MAX_CANDIDATES, greedy_coreset, local_features, nearest_distances
 from defect_studio.project.mislabels import QUEUE_FORMAT, SUSPECT_THRESHOLD, save_queue
+
+if TYPE_CHECKING:
+    from defect_studio.project.store import Project
 
 FOLDS = 5
 DEFAULT_BANK_SIZE = 4096  # per fold; the checkpoint's own bank size when smaller
@@ -323,7 +326,7 @@ def mislabel_evidence_job(
 
 # ------------------------------------------------------------------------------------- the project job
 def mislabel_job(
-    project: Any, cancel: CancelToken, classifier_path: str | Path | None = None, use_segmenter: bool = True,
+    project: Project, cancel: CancelToken, classifier_path: str | Path | None = None, use_segmenter: bool = True,
     seed: int = 0,
 ) -> Generator[Progress, None, dict[str, Any]]:
     """Rank the project's tagged images by how strongly the models contradict their tags, and save the

@@ -17,16 +17,20 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Generator
+from typing import TYPE_CHECKING, Any, Generator
 
 import cv2
 import numpy as np
 
-from defect_studio.errors import DataError, ModelError
+from defect_studio.errors import ConfigError, DataError, ModelError
 from defect_studio.imageio import read_image, read_mask, write_mask
 from defect_studio.jobs import CancelToken, EtaClock, Progress
+from defect_studio.ml.cams.registry import CamSpec
 from defect_studio.project import DECIDED_STATES
 from defect_studio.project.provenance import segmenter_to_build_on
+
+if TYPE_CHECKING:
+    from defect_studio.project.store import Project
 
 THRESHOLD_MODES = ("fixed", "percentile", "otsu")
 PSEUDO_SUBDIR = "pseudo"
@@ -48,22 +52,22 @@ class PseudoLabelSettings:
         values = dict(values or {})
         unknown = sorted(set(values) - set(cls.__dataclass_fields__))
         if unknown:
-            raise DataError(f"unknown pseudo-label settings: {', '.join(unknown)}")
+            raise ConfigError(f"unknown pseudo-label settings: {', '.join(unknown)}")
         settings = cls(**values)
         settings.check()
         return settings
 
     def check(self) -> None:
         if self.mode not in THRESHOLD_MODES:
-            raise DataError(f"pseudo-label mode must be one of {', '.join(THRESHOLD_MODES)}, got {self.mode!r}")
+            raise ConfigError(f"pseudo-label mode must be one of {', '.join(THRESHOLD_MODES)}, got {self.mode!r}")
         if not 0.0 <= self.low <= self.high <= 1.0:
-            raise DataError(f"pseudo-label thresholds need 0 <= low <= high <= 1, got low {self.low}, high {self.high}")
+            raise ConfigError(f"pseudo-label thresholds need 0 <= low <= high <= 1, got low {self.low}, high {self.high}")
         if not 0.0 <= self.low_percentile <= self.high_percentile <= 100.0:
-            raise DataError("pseudo-label percentiles need 0 <= low_percentile <= high_percentile <= 100")
+            raise ConfigError("pseudo-label percentiles need 0 <= low_percentile <= high_percentile <= 100")
         if not 0.0 <= self.segmenter_weight <= 1.0:
-            raise DataError(f"segmenter_weight must be in [0, 1], got {self.segmenter_weight}")
+            raise ConfigError(f"segmenter_weight must be in [0, 1], got {self.segmenter_weight}")
         if self.min_area < 0:
-            raise DataError("min_area cannot be negative")
+            raise ConfigError("min_area cannot be negative")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -126,11 +130,11 @@ def fuse_scores(cam_map: np.ndarray, segmenter_probability: np.ndarray | None, w
 # The project job
 
 
-def ignore_path(project: Any, round_index: int, stem: str) -> Path:
+def ignore_path(project: Project, round_index: int, stem: str) -> Path:
     return Path(project.cache_dir) / PSEUDO_SUBDIR / f"round-{round_index}" / f"{stem}-ignore.png"
 
 
-def load_ignore(project: Any, record: Any, shape: tuple[int, int]) -> np.ndarray | None:
+def load_ignore(project: Project, record: Any, shape: tuple[int, int]) -> np.ndarray | None:
     """The ignore band recorded with a mask, or None (human edits and good images have none)."""
     if record.source == "human-edit" or record.state == "edited":
         return None
@@ -143,7 +147,7 @@ def load_ignore(project: Any, record: Any, shape: tuple[int, int]) -> np.ndarray
     return read_mask(path, shape)
 
 
-def segmenter_checkpoint_for_round(project: Any, round_index: int) -> Any:
+def segmenter_checkpoint_for_round(project: Project, round_index: int) -> Any:
     """The segmenter run whose predictions round `round_index`'s proposals fuse with the CAM (None for
     round 0): the latest trained on round `round_index - 1`, or an earlier round's that the user made
     current (`defect-studio use-segmenter`)."""
@@ -158,7 +162,7 @@ def segmenter_checkpoint_for_round(project: Any, round_index: int) -> Any:
     return run
 
 
-def check_can_propose(project: Any, round_index: int, classifier_path: str | Path | None = None) -> None:
+def check_can_propose(project: Project, round_index: int, classifier_path: str | Path | None = None) -> None:
     """Raise the clear error that proposing round `round_index` would meet, before a round is created for it."""
     from defect_studio.ml.cam_cache import default_classifier_path
 
@@ -170,7 +174,7 @@ def check_can_propose(project: Any, round_index: int, classifier_path: str | Pat
     segmenter_checkpoint_for_round(project, round_index)
 
 
-def create_checked_round(project: Any, config: dict[str, Any], classifier_path: str | Path | None = None) -> int:
+def create_checked_round(project: Project, config: dict[str, Any], classifier_path: str | Path | None = None) -> int:
     """Create the next round only once `check_can_propose` passes (no empty round left behind); its index."""
     rounds = project.rounds()
     check_can_propose(project, rounds[-1].index + 1 if rounds else 0, classifier_path)
@@ -178,9 +182,9 @@ def create_checked_round(project: Any, config: dict[str, Any], classifier_path: 
 
 
 def pseudo_job(
-    project: Any,
+    project: Project,
     round_index: int,
-    method: str,
+    method: "str | CamSpec",
     settings: dict[str, Any] | None,
     cancel: CancelToken,
     cam_settings: dict[str, Any] | None = None,
@@ -197,10 +201,10 @@ def pseudo_job(
     earlier rounds are carried forward by the store untouched.
     """
     from defect_studio.ml.cam_cache import CamCache, cam_job
-    from defect_studio.ml.cams import resolve_settings
 
     label_settings = PseudoLabelSettings.from_dict(settings)
-    resolved_cam = resolve_settings(method, cam_settings)
+    cam_spec = CamSpec.resolve(method, cam_settings)  # a name with its settings, or a resolved spec
+    method, resolved_cam = cam_spec.method, cam_spec.settings
     known_rounds = {r.index for r in project.rounds()}
     if round_index not in known_rounds:
         raise DataError(f"this project has no round {round_index}; rounds: {sorted(known_rounds) or 'none'}")
@@ -215,7 +219,7 @@ def pseudo_job(
     segmenter_run = segmenter_checkpoint_for_round(project, round_index)
     # CAM maps of the defect-tagged images: from the cache, computed in batches where missing.
     cams = yield from cam_job(
-        project, method, resolved_cam, cancel, classifier_path=classifier_path, image_ids=[r.id for r in defect_records]
+        project, cam_spec, None, cancel, classifier_path=classifier_path, image_ids=[r.id for r in defect_records]
     )
     classifier_sha = cams["checkpoint_sha256"]
     segmenter = None
@@ -250,8 +254,7 @@ def pseudo_job(
             params.update(
                 {
                     "source": source,
-                    "cam_method": method,
-                    "cam_settings": resolved_cam,
+                    **cam_spec.to_record(),
                     "classifier_sha256": classifier_sha,
                     "segmenter_sha256": segmenter_run.checkpoint_sha256 if segmenter_run else None,
                     "segmenter_threshold": segmenter.threshold if segmenter is not None else None,

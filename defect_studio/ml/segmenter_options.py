@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from defect_studio.errors import DataError
+from defect_studio.errors import ConfigError
 
 
 ENCODER_WEIGHTS = ("imagenet", "classifier")
@@ -53,11 +53,11 @@ class SegmenterConfig:
         known = {name for name in cls.__dataclass_fields__}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise DataError(f"unknown segmenter settings: {', '.join(unknown)}")
+            raise ConfigError(f"unknown segmenter settings: {', '.join(unknown)}")
         if "channels" in values:
             values["channels"] = tuple(int(c) for c in values["channels"])
         if values.get("encoder_weights", "imagenet") not in ENCODER_WEIGHTS:
-            raise DataError(f"encoder_weights must be one of {', '.join(ENCODER_WEIGHTS)}, got {values['encoder_weights']!r}")
+            raise ConfigError(f"encoder_weights must be one of {', '.join(ENCODER_WEIGHTS)}, got {values['encoder_weights']!r}")
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:

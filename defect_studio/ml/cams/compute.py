@@ -31,7 +31,8 @@ import torch
 from torch import nn
 
 from defect_studio.errors import DefectStudioError
-from defect_studio.ml.cams.settings import STAGE_COUNT, CamSettingsError, check_method, resolve_settings
+from defect_studio.ml.cams.registry import CamSpec
+from defect_studio.ml.cams.settings import STAGE_COUNT, CamSettingsError
 from defect_studio.ml.good_prior import GoodImagePrior, distance_maps
 
 _EPS = 1e-7
@@ -211,35 +212,25 @@ def normalise_like_reference(maps: torch.Tensor) -> torch.Tensor:
     return (shifted / (_EPS + shifted.max(dim=1, keepdim=True).values)).view_as(maps)
 
 
-def _method_stages(method: str, settings: dict[str, Any]) -> list[int]:
-    """0-based stage indices whose gradient maps the method needs."""
-    if method in ("gradcam", "gradcampp"):
-        return [settings["stage"] - 1]
-    if method == "good-prior":
-        return []
-    stages = set(settings["stages"])
-    if method == "region-aware":
-        stages |= set(settings["salient_stages"])
-    return sorted(s - 1 for s in stages)
-
-
-def _uses_prior(method: str, settings: dict[str, Any], prior: GoodImagePrior | None) -> bool:
-    """Whether the method draws on the good-image prior; region-aware uses it when the classifier has one."""
-    if method == "good-prior":
+def _uses_prior(spec: CamSpec, computation: "CamComputation", prior: GoodImagePrior | None) -> bool:
+    """Whether the method draws on the good-image prior (one that may use it does when the classifier has one)."""
+    if computation.needs_prior:
         if prior is None:
-            raise CamSettingsError("the good-prior map needs the good images' memory bank, which this classifier's "
+            raise CamSettingsError(f"the {spec.label} map needs the good images' memory bank, which this classifier's "
                                    "checkpoint lacks (it predates the prior): train the classifier again.")
         return True
-    return method == "region-aware" and settings["good_prior"] != "off" and prior is not None
+    return computation.wants_prior(spec.settings) and prior is not None
 
 
 def feature_stage_maps(
-    model: nn.Module, batch: torch.Tensor, method: str, settings: dict[str, Any], prior: GoodImagePrior | None = None,
+    model: nn.Module, batch: torch.Tensor, spec: CamSpec, prior: GoodImagePrior | None = None,
 ) -> tuple[dict[int, np.ndarray], np.ndarray | None]:
     """({0-based stage: (B, h, w) float32 map normalised at feature resolution}, the (B, h', w') good-image
     prior at its stage's resolution, or None when the method does not use it) for one batch."""
-    stage_indices = _method_stages(method, settings)
-    use_prior = _uses_prior(method, settings, prior)
+    computation: CamComputation = spec.entry.load_computation()
+    settings = spec.settings
+    stage_indices = sorted({stage - 1 for stage in computation.stages(settings)})
+    use_prior = _uses_prior(spec, computation, prior)
     wanted = sorted(set(stage_indices) | ({prior.stage - 1} if use_prior else set()))
     if not stage_indices:  # the prior alone: one forward pass, no gradient
         with eval_mode(model), torch.no_grad(), capture_stage_outputs(model, wanted) as captured:
@@ -247,19 +238,10 @@ def feature_stage_maps(
             activations = {index: captured[index] for index in wanted}
         gradients: dict[int, torch.Tensor] = {}
     else:
-        guided = method in ("fgbp", "region-aware") and settings["guided"]
-        activations, gradients, _ = stage_activations_and_gradients(model, batch, wanted, guided)
+        activations, gradients, _ = stage_activations_and_gradients(model, batch, wanted, computation.guided(settings))
     maps: dict[int, np.ndarray] = {}
     for index in stage_indices:
-        a, g = activations[index].float(), gradients[index].float()
-        if method == "gradcam":
-            raw = gradcam_map(a, g)
-        elif method == "gradcampp":
-            raw = gradcampp_map(a, g)
-        elif method == "layercam":
-            raw = layercam_map(a, g)
-        else:
-            raw = fgbp_map(a, g, settings["fgbp_quantile"] if settings["magnitude_filter"] else None)
+        raw = computation.stage_map(activations[index].float(), gradients[index].float(), settings)
         maps[index] = normalise_like_reference(raw).cpu().numpy().astype(np.float32)
     prior_maps = None
     if use_prior:
@@ -434,7 +416,7 @@ def _to_original_size(result: np.ndarray | RegionAwareParts, size: tuple[int, in
 
 
 def _fuse_image(
-    method: str, settings: dict[str, Any], per_stage: dict[int, np.ndarray], place: Callable[[np.ndarray, int], np.ndarray],
+    spec: CamSpec, per_stage: dict[int, np.ndarray], place: Callable[[np.ndarray, int], np.ndarray],
     geometry: Any, feature_shapes: dict[int, tuple[int, int]], renormalise: bool, prior: np.ndarray | None = None,
 ) -> np.ndarray | RegionAwareParts:
     """Put each stage map in the target frame (`place`), normalise, and fuse as the method says; `prior` is the
@@ -442,32 +424,91 @@ def _fuse_image(
     placed = {index + 1: place(m, index) for index, m in per_stage.items()}
     if renormalise:
         placed = {stage: minmax(m) for stage, m in placed.items()}
-    if method == "good-prior":
-        return prior
-    if method in ("gradcam", "gradcampp"):
-        return placed[settings["stage"]]
-    chosen = [placed[s] for s in settings["stages"]]
-    if method in ("layercam", "fgbp"):
-        return np.maximum.reduce(chosen) if len(chosen) > 1 else chosen[0]
-    deep = minmax(np.maximum.reduce([placed[s] for s in settings["salient_stages"]]))
-    weighting = None if prior is None else np.power(prior, settings["prior_power"], dtype=np.float32)
+
+    def cell_px(stage: int) -> float:
+        return _cell_px(geometry, feature_shapes[stage - 1])
+
+    computation: CamComputation = spec.entry.load_computation()
+    return computation.fuse(StageMaps(placed, prior, cell_px), spec.settings)
+
+
+# ---------------------------------------------------------------------------------------------
+# The methods: what each computes per stage and how it fuses the stages (named by the registry)
+
+
+@dataclass(frozen=True)
+class StageMaps:
+    """What a method fuses: {1-based stage: map} in the target frame, the good-image prior in that frame
+    (or None), and one cell of a stage in pixels of that frame."""
+
+    placed: dict[int, np.ndarray]
+    prior: np.ndarray | None
+    cell_px: Callable[[int], float]
+
+
+def _never(settings: dict[str, Any]) -> bool:
+    return False
+
+
+@dataclass(frozen=True)
+class CamComputation:
+    """How one CAM method turns a classifier's stages into a map (the registry names one per method)."""
+
+    stages: Callable[[dict[str, Any]], list[int]]  # 1-based stages whose activation and gradient it needs
+    stage_map: Callable[[torch.Tensor, torch.Tensor, dict[str, Any]], torch.Tensor]  # (activation, gradient) -> map
+    fuse: Callable[[StageMaps, dict[str, Any]], np.ndarray | RegionAwareParts]
+    guided: Callable[[dict[str, Any]], bool] = _never  # guided-backprop ReLUs in the backward pass
+    wants_prior: Callable[[dict[str, Any]], bool] = _never  # uses the good-image prior when the classifier has one
+    needs_prior: bool = False  # is nothing without the prior
+    aligned_by_default: bool = False  # stage alignment when the method has no align_stages setting
+
+
+def _fgbp_stage_map(activation: torch.Tensor, gradient: torch.Tensor, settings: dict[str, Any]) -> torch.Tensor:
+    return fgbp_map(activation, gradient, settings["fgbp_quantile"] if settings["magnitude_filter"] else None)
+
+
+def _one_stage(maps: StageMaps, settings: dict[str, Any]) -> np.ndarray:
+    return maps.placed[settings["stage"]]
+
+
+def _maximum_of_stages(maps: StageMaps, settings: dict[str, Any]) -> np.ndarray:
+    chosen = [maps.placed[s] for s in settings["stages"]]
+    return np.maximum.reduce(chosen) if len(chosen) > 1 else chosen[0]
+
+
+def _region_aware(maps: StageMaps, settings: dict[str, Any]) -> RegionAwareParts:
+    deep = minmax(np.maximum.reduce([maps.placed[s] for s in settings["salient_stages"]]))
+    weighting = None if maps.prior is None else np.power(maps.prior, settings["prior_power"], dtype=np.float32)
     if weighting is not None and settings["good_prior"] == "deep":
         deep = minmax(deep * weighting)
-    deepest = max(settings["salient_stages"]) - 1
-    parts = region_aware_fusion(
-        {s: placed[s] for s in settings["stages"]}, deep, _cell_px(geometry, feature_shapes[deepest]), settings
-    )
+    parts = region_aware_fusion({s: maps.placed[s] for s in settings["stages"]}, deep,
+                                maps.cell_px(max(settings["salient_stages"])), settings)
     if weighting is not None and settings["good_prior"] == "multiply":
         parts = dataclasses.replace(parts, fused=minmax(parts.fused * weighting))
     return parts
 
 
-def _compute(
-    classifier: Any, images: Sequence[np.ndarray], method: str, settings: dict[str, Any] | None,
-    batch_size: int, frame: str,
-) -> list[Any]:
-    check_method(method)
-    resolved = resolve_settings(method, settings)
+def _prior_alone(maps: StageMaps, settings: dict[str, Any]) -> np.ndarray | None:
+    return maps.prior
+
+
+def _no_stage_map(activation: torch.Tensor, gradient: torch.Tensor, settings: dict[str, Any]) -> torch.Tensor:
+    raise AssertionError("the good-image prior uses no stage map")  # it asks for no stage
+
+
+GRADCAM = CamComputation(lambda s: [s["stage"]], lambda a, g, s: gradcam_map(a, g), _one_stage)
+GRADCAMPP = CamComputation(lambda s: [s["stage"]], lambda a, g, s: gradcampp_map(a, g), _one_stage)
+LAYERCAM = CamComputation(lambda s: list(s["stages"]), lambda a, g, s: layercam_map(a, g), _maximum_of_stages)
+FGBP = CamComputation(lambda s: list(s["stages"]), _fgbp_stage_map, _maximum_of_stages, guided=lambda s: s["guided"])
+REGION_AWARE = CamComputation(
+    lambda s: sorted(set(s["stages"]) | set(s["salient_stages"])), _fgbp_stage_map, _region_aware,
+    guided=lambda s: s["guided"], wants_prior=lambda s: s["good_prior"] != "off",
+)
+GOOD_PRIOR = CamComputation(lambda s: [], _no_stage_map, _prior_alone, needs_prior=True, aligned_by_default=True)
+
+
+def _compute(classifier: Any, images: Sequence[np.ndarray], spec: CamSpec, batch_size: int, frame: str) -> list[Any]:
+    resolved = spec.settings
     preprocessing = classifier.preprocessing
     device = torch.device(getattr(classifier, "device", "cpu"))
     good_prior = getattr(classifier, "good_prior", None)
@@ -482,9 +523,10 @@ def _compute(
             batch, geometries = classifier.prepare(chunk)
         else:
             batch, geometries = preprocessing.prepare_batch(chunk)
-        maps, prior_maps = feature_stage_maps(classifier.model, batch.to(device), method, resolved, good_prior)
+        maps, prior_maps = feature_stage_maps(classifier.model, batch.to(device), spec, good_prior)
         offsets: dict[int, tuple[float, float]] = {}
-        if frame == "original" and resolved.get("align_stages", method == "good-prior"):
+        aligned_by_default = spec.entry.load_computation().aligned_by_default
+        if frame == "original" and resolved.get("align_stages", aligned_by_default):
             offsets = stage_offsets(classifier.model, tuple(batch.shape[1:]), batch.device)
         shapes = {index: (m.shape[1], m.shape[2]) for index, m in maps.items()}
         for position, geometry in enumerate(geometries):
@@ -498,7 +540,7 @@ def _compute(
                     return work.to_original(m)
 
                 prior = None if prior_maps is None else minmax(place_original(prior_maps[position], good_prior.stage - 1))
-                fused = _fuse_image(method, resolved, per_stage, place_original, work, shapes, True, prior)
+                fused = _fuse_image(spec, per_stage, place_original, work, shapes, True, prior)
                 if work is not geometry:
                     fused = _to_original_size(fused, geometry.original_size)
             else:  # the network input frame with pytorch-grad-cam's conventions (reference tests)
@@ -507,25 +549,27 @@ def _compute(
                     # pytorch-grad-cam normalises again after resizing
                     resized = cv2.resize(m, size, interpolation=cv2.INTER_LINEAR)
                     return normalise_like_reference(torch.from_numpy(resized[None]))[0].numpy()
-                fused = _fuse_image(method, resolved, per_stage, place, geometry, shapes, False)
+                fused = _fuse_image(spec, per_stage, place, geometry, shapes, False)
             results.append(fused)
     return results
 
 
 def compute_cams(
-    classifier: Any, images: Sequence[np.ndarray], method: str, settings: dict[str, Any] | None = None,
+    classifier: Any, images: Sequence[np.ndarray], method: str | CamSpec, settings: dict[str, Any] | None = None,
     batch_size: int = 8,
 ) -> list[np.ndarray]:
     """float32 maps in [0, 1], one per image, each at that image's original resolution.
 
     images: float H×W×C in [0, 1] (as `imageio.read_image` gives); classifier: a LoadedClassifier
-    (.model, .preprocessing, .device).
+    (.model, .preprocessing, .device); `method`: a resolved CamSpec, or a method name with `settings`.
     """
-    results = _compute(classifier, images, method, settings, batch_size, "original")
+    results = _compute(classifier, images, CamSpec.resolve(method, settings), batch_size, "original")
     return [minmax(r.fused if isinstance(r, RegionAwareParts) else r) for r in results]
 
 
-def compute_cam(classifier: Any, image: np.ndarray, method: str, settings: dict[str, Any] | None = None) -> np.ndarray:
+def compute_cam(
+    classifier: Any, image: np.ndarray, method: str | CamSpec, settings: dict[str, Any] | None = None
+) -> np.ndarray:
     return compute_cams(classifier, [image], method, settings)[0]
 
 
@@ -533,14 +577,15 @@ def compute_region_aware_parts(
     classifier: Any, images: Sequence[np.ndarray], settings: dict[str, Any] | None = None, batch_size: int = 8
 ) -> list[RegionAwareParts]:
     """The region-aware CAM with its regions, deep map and stage weights (GUI inspection, tests)."""
-    return _compute(classifier, images, "region-aware", settings, batch_size, "original")
+    return _compute(classifier, images, CamSpec.resolve("region-aware", settings), batch_size, "original")
 
 
 def compute_cams_at_input(
-    classifier: Any, images: Sequence[np.ndarray], method: str, settings: dict[str, Any] | None = None,
+    classifier: Any, images: Sequence[np.ndarray], method: str | CamSpec, settings: dict[str, Any] | None = None,
     batch_size: int = 8,
 ) -> list[np.ndarray]:
     """Baseline maps in the network-input frame with pytorch-grad-cam's scaling (no letterbox inverse)."""
-    if method not in ("gradcam", "gradcampp", "layercam", "fgbp"):
-        raise CamSettingsError(f"{method} maps exist only at the original resolution.")
-    return _compute(classifier, images, method, settings, batch_size, "input")
+    spec = CamSpec.resolve(method, settings)
+    if not spec.entry.at_input:
+        raise CamSettingsError(f"{spec.method} maps exist only at the original resolution.")
+    return _compute(classifier, images, spec, batch_size, "input")

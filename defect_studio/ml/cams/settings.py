@@ -1,7 +1,5 @@
-"""CAM method names and settings: every parameter of method.md with its default (no torch here).
-
-Kept apart from the computation so the command line and the GUI can list and validate settings
-without loading torch.
+"""CAM settings schemas: every parameter of method.md with its default, and how a value is checked
+(no torch here). The methods themselves, and which schema each has, are in `registry`.
 """
 
 from __future__ import annotations
@@ -11,14 +9,13 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from defect_studio.errors import DefectStudioError
+from defect_studio.errors import ConfigError
 
-CAM_METHODS = ("gradcam", "gradcampp", "layercam", "fgbp", "region-aware", "good-prior")
 PRIOR_FUSIONS = ("off", "multiply", "deep")
 STAGE_COUNT = 4
 
 
-class CamSettingsError(DefectStudioError):
+class CamSettingsError(ConfigError):
     """An unknown CAM method, an unknown setting, or a setting value of the wrong kind."""
 
 
@@ -73,29 +70,16 @@ _PRIOR_SPECS = (
 _INPUT_SCALE = SettingSpec("input_scale", 1.0, "the network input at this multiple of the classifier's input size "
                            "(above 1: finer maps for small defects, at the square of the cost)")
 
-SETTING_SPECS: dict[str, tuple[SettingSpec, ...]] = {
-    "gradcam": (SettingSpec("stage", 4, "stage whose activations and mean gradients make the map"), _INPUT_SCALE),
-    "gradcampp": (SettingSpec("stage", 4, "stage whose activations and second-order weights make the map"), _INPUT_SCALE),
-    "layercam": (_stage_specs([1, 2, 3, 4], "fused by the element-wise maximum"), _INPUT_SCALE),
-    "fgbp": (*_FGBP_SPECS, _INPUT_SCALE),
-    "region-aware": (*_REGION_SPECS, _INPUT_SCALE),
-    "good-prior": (*_PRIOR_SPECS, _INPUT_SCALE),
-}
+GRADCAM_SPECS = (SettingSpec("stage", 4, "stage whose activations and mean gradients make the map"), _INPUT_SCALE)
+GRADCAMPP_SPECS = (SettingSpec("stage", 4, "stage whose activations and second-order weights make the map"), _INPUT_SCALE)
+LAYERCAM_SPECS = (_stage_specs([1, 2, 3, 4], "fused by the element-wise maximum"), _INPUT_SCALE)
+FGBP_SPECS = (*_FGBP_SPECS, _INPUT_SCALE)
+REGION_AWARE_SPECS = (*_REGION_SPECS, _INPUT_SCALE)
+GOOD_PRIOR_SPECS = (*_PRIOR_SPECS, _INPUT_SCALE)
 
 
-def check_method(method: str) -> str:
-    if method not in CAM_METHODS:
-        raise CamSettingsError(f"unknown CAM method {method!r}; choose one of {', '.join(CAM_METHODS)}.")
-    return method
-
-
-def default_settings(method: str) -> dict[str, Any]:
-    """Every parameter of the method with its default (JSON-able; a fresh copy each call)."""
-    check_method(method)
-    return {spec.name: json.loads(json.dumps(spec.default)) for spec in SETTING_SPECS[method]}
-
-
-def _coerce(method: str, name: str, default: Any, value: Any) -> Any:
+def coerce_setting(method: str, name: str, default: Any, value: Any) -> Any:
+    """`value` for the setting `name` of `method` (whose default is `default`), checked and of the default's kind."""
     where = f"setting {name!r} of {method}"
     if isinstance(value, str):  # from the command line: JSON, or a comma list, or a bare word
         text = value.strip()
@@ -137,10 +121,7 @@ def _coerce(method: str, name: str, default: Any, value: Any) -> Any:
             value = [value]
         if not isinstance(value, list) or not value:
             raise CamSettingsError(f"{where} must be a non-empty list of stages, e.g. [2, 3, 4], got {value!r}.")
-        try:
-            stages = sorted({int(v) for v in value})
-        except (TypeError, ValueError) as error:
-            raise CamSettingsError(f"{where} must list stage numbers, got {value!r}.") from error
+        stages = sorted({_stage_number(v, where, value) for v in value})
         if any(not 1 <= s <= STAGE_COUNT for s in stages):
             raise CamSettingsError(f"{where}: stages are numbered 1..{STAGE_COUNT}, got {value!r}.")
         return stages
@@ -149,19 +130,12 @@ def _coerce(method: str, name: str, default: Any, value: Any) -> Any:
     return value
 
 
-def resolve_settings(method: str, settings: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Defaults overlaid with `settings`, validated and coerced (strings from the CLI are parsed)."""
-    resolved = default_settings(method)
-    for name, value in (settings or {}).items():
-        if name not in resolved:
-            known = ", ".join(resolved) or "none"
-            raise CamSettingsError(f"{method} has no setting {name!r}; its settings are: {known}.")
-        resolved[name] = _coerce(method, name, resolved[name], value)
-    return resolved
-
-
-def canonical_settings(method: str, settings: dict[str, Any] | None = None) -> str:
-    """The resolved settings as one canonical JSON string (cache keys, provenance records)."""
-    return json.dumps(resolve_settings(method, settings), sort_keys=True, separators=(",", ":"))
-
-
+def _stage_number(item: Any, where: str, value: Any) -> int:
+    """One stage of a list: a whole number, as JSON gives it or as text from a comma list ("2, 3")."""
+    try:
+        number = float(item) if not isinstance(item, bool) else math.nan
+    except (TypeError, ValueError):
+        number = math.nan
+    if not math.isfinite(number) or not number.is_integer():  # "2.5", "1e400" and "x" are no stage
+        raise CamSettingsError(f"{where} must list whole stage numbers, got {value!r}.")
+    return int(number)
