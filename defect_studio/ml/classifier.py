@@ -498,7 +498,7 @@ def _prepare_data(
 
 def _make_optimisation(model: DefectClassifier, config: ClassifierConfig, train_y: np.ndarray, device: torch.device) -> _Optimisation:
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
     steps_per_epoch = max(1, math.ceil((2 * max(train_y.sum(), len(train_y) - train_y.sum()) if config.balanced_sampling else len(train_y)) / config.batch_size))
     plan = {"total_steps": config.epochs * steps_per_epoch, "warmup": max(1, int(0.1 * config.epochs * steps_per_epoch))}
 
