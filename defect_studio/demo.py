@@ -35,6 +35,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Generator
 
 import cv2
 import numpy as np
@@ -43,6 +44,7 @@ from defect_studio.atomic import TEMP_SUFFIX, atomic_open, atomic_write_bytes, r
 from defect_studio.dataset_layout import stratified_split
 from defect_studio.errors import DataError
 from defect_studio.imageio import write_mask
+from defect_studio.jobs import CancelToken, EtaClock, Progress, run_job
 
 SURFACE_FAMILIES = ("metal", "weave", "ceramic")
 DEFECT_KINDS = ("scratch", "pit", "crack", "stain")
@@ -368,6 +370,15 @@ def make_demo_dataset(
     `count` images whose width and height each lie in [0.85, 1.25] × `size`; about `defect_fraction` of
     them carry a defect. The same arguments give byte-identical files. Returns `out_dir` as a Path.
     """
+    return run_job(demo_dataset_job(out_dir, CancelToken(), count, size, seed, defect_fraction))
+
+
+def demo_dataset_job(
+    out_dir: str | Path, cancel: CancelToken, count: int = 240, size: int = 128, seed: int = 0,
+    defect_fraction: float = 0.4,
+) -> Generator[Progress, None, Path]:
+    """`make_demo_dataset` as a job: one progress step per image. A cancelled job leaves no labels.csv,
+    so the next one starts the dataset again."""
     if count < 8:
         raise DataError(f"the demo dataset needs at least 8 images to have both classes in both splits, got {count}.")
     if size < 32:
@@ -378,14 +389,17 @@ def make_demo_dataset(
     _prepare_output(out_dir)
     atomic_write_bytes(out_dir / DEMO_MARKER, b"synthetic demo dataset made by defect-studio\n")
     plan = _plan(count, seed, defect_fraction)
+    clock = EtaClock(len(plan))
     metadata_rows: list[list[object]] = []
-    for planned in plan:
+    for done, planned in enumerate(plan, start=1):
+        cancel.raise_if_cancelled()
         pixels, mask = render_image(planned, size, seed)
         atomic_write_bytes(out_dir / "images" / f"{planned.stem}.png", _encode_png(pixels))
         write_mask(out_dir / "masks" / f"{planned.stem}.png", mask)
         label = "good" if planned.defect_kind is None else "defect"
         height, width = mask.shape
         metadata_rows.append([planned.stem, label, planned.defect_kind or "none", width, height, int(mask.sum())])
+        yield clock.progress("demo images", done, planned.stem)
     labels = {row[0]: row[1] for row in metadata_rows}
     held_out = stratified_split(labels, TEST_FRACTION, seed)
     _write_csv(out_dir / "labels.csv", ["stem", "label"], [[stem, label] for stem, label in labels.items()])

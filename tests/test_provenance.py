@@ -206,7 +206,7 @@ def test_a_trained_segmenter_records_each_mask_it_trained_on(loop) -> None:
         assert all(inputs[i].mask_sha256 == masks[i].sha256 and inputs[i].label == masks[i].state for i in inputs)
         assert inputs[decisions["edited"]].label == "edited"
         assert all(i.image_sha256 == project.image(i.image_id).sha256 and i.round_index == 0 for i in inputs.values())
-        assert first.provenance["round_config"]["method"] == "gradcam" and first.provenance["rejected_left_out"] == 1
+        assert first.provenance["round_config"]["cam_method"] == "gradcam" and first.provenance["rejected_left_out"] == 1
         assert first.provenance["proposals_from"]["classifier_sha256"] == [classifier.checkpoint_sha256]
         assert first.provenance["warm_start"] is None
         assert second.provenance["warm_start"]["run"] == first.id

@@ -1,4 +1,4 @@
-"""`defect-studio cam PROJECT --method NAME [--set key=value ...]`: CAM maps for a project's images."""
+"""`defect-studio cam PROJECT [--method NAME] [--set key=value ...]`: CAM maps for a project's images."""
 
 from __future__ import annotations
 
@@ -9,18 +9,27 @@ from pathlib import Path
 from defect_studio.cli.progress import add_progress_arguments, drive
 from defect_studio.jobs import CancelToken
 from defect_studio.key_values import parse_key_values
-from defect_studio.ml.cams import CAM_METHODS, SETTING_SPECS
+from defect_studio.ml.cams.registry import CAM_REGISTRY, CamSpec
 
 
 def run_cam(args: argparse.Namespace) -> int:
     from defect_studio.ml.cam_cache import cam_job
     from defect_studio.project import Project
+    from defect_studio.workflow_settings import load_workflow_settings, save_workflow_settings
 
     settings = parse_key_values(args.set, "--set")
+    if args.method is not None:
+        CamSpec.resolve(args.method, settings)  # refuse bad settings before the project is opened
     with Project.open(args.project) as project:
+        record = load_workflow_settings(project)
+        # The project's settings of the method (chosen in the app's CAM tab, or here before), --set over them;
+        # what --set changes is kept, as the CAM tab keeps what its form changes.
+        spec = CamSpec.resolve(record.cam_spec(args.method), settings)
+        if settings:
+            save_workflow_settings(project, record.with_cam_spec(spec))
         cancel = CancelToken()
         result = drive(
-            cam_job(project, args.method, settings, cancel, classifier_path=args.classifier, write_png_dir=args.png_dir),
+            cam_job(project, spec, None, cancel, classifier_path=args.classifier, write_png_dir=args.png_dir),
             args,
             cancel,
         )
@@ -39,9 +48,9 @@ def run_cam(args: argparse.Namespace) -> int:
 
 def _settings_help() -> str:
     lines = []
-    for method in CAM_METHODS:
-        specs = ", ".join(f"{spec.name}={json.dumps(spec.default)}" for spec in SETTING_SPECS[method])
-        lines.append(f"  {method}: {specs}")
+    for method in CAM_REGISTRY.values():
+        specs = ", ".join(f"{spec.name}={json.dumps(spec.default)}" for spec in method.settings)
+        lines.append(f"  {method.name}: {specs}")
     return "settings (--set key=value) and their defaults:\n" + "\n".join(lines)
 
 
@@ -55,7 +64,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("project", type=Path, help="project folder")
-    parser.add_argument("--method", required=True, choices=CAM_METHODS)
+    parser.add_argument("--method", choices=tuple(CAM_REGISTRY),
+                        help="CAM method (default: the project's, the one its proposals come from)")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="a method setting; repeatable")
     parser.add_argument("--classifier", type=Path, help="classifier checkpoint (default: the project's latest)")
     parser.add_argument("--png-dir", type=Path, help="also write each map as a 16-bit PNG <stem>.png here")

@@ -5,16 +5,21 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from defect_studio.cli.progress import add_progress_arguments, drive
 from defect_studio.jobs import CancelToken
+from defect_studio.ml.classifier_options import ClassifierConfig
+
+if TYPE_CHECKING:
+    from defect_studio.project import Project
 
 
-def _config_from_arguments(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from defect_studio.ml.models import ClassifierConfig
-
-    settings = {}
-    for name in ("arch", "epochs", "width", "output_stride", "pooling", "input_size", "seed", "lr", "batch_size", "threads"):
+def _chosen_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The classifier settings the command's options set (the rest come from the project)."""
+    settings: dict[str, Any] = {}
+    for name in ("arch", "epochs", "width", "output_stride", "pooling", "input_size", "seed", "learning_rate", "batch_size",
+                 "threads"):
         value = getattr(args, name, None)
         if value is not None:
             settings[name] = value
@@ -24,26 +29,43 @@ def _config_from_arguments(args: argparse.Namespace):  # type: ignore[no-untyped
         settings["augment"] = False
     if args.max_minutes is not None:
         settings["max_train_seconds"] = float(args.max_minutes) * 60.0 if args.max_minutes > 0 else None
-    try:
-        config = ClassifierConfig(**settings)
-    except ValueError as error:
-        from defect_studio.errors import DataError
+    return settings
 
-        raise DataError(str(error)) from error
+
+def _make_config(settings: dict[str, Any]) -> ClassifierConfig:
+    from defect_studio.errors import ModelError
+
+    config = ClassifierConfig.from_settings(settings)
     if config.pretrained and config.arch not in ("resnet18", "resnet34"):
-        from defect_studio.errors import ModelError
-
         raise ModelError(f"--pretrained names torchvision ResNet weights, and {config.arch} does not take them "
                          "(EfficientNet-Lite0 has its own ImageNet weights): add --arch resnet18 or --arch resnet34.")
+    return config
+
+
+def _project_config(project: Project, args: argparse.Namespace) -> ClassifierConfig:
+    """The project's classifier settings (chosen in the app or by an earlier `train`) with the options over
+    them; the options are kept in the project for the next training, from either face."""
+    from defect_studio.ml.classifier_options import ARCH_DEFAULTS
+    from defect_studio.workflow_settings import load_workflow_settings, save_workflow_settings
+
+    chosen = _chosen_settings(args)
+    record = load_workflow_settings(project)
+    stored = dict(record.classifier)
+    if "arch" in chosen and chosen["arch"] != stored.get("arch", chosen["arch"]):
+        # another backbone brings its own input size, learning rate and epochs (as the Train tab does)
+        stored = {k: v for k, v in stored.items() if k not in ARCH_DEFAULTS[chosen["arch"]]}
+    config = _make_config({**stored, **chosen})
+    record.classifier = {k: v for k, v in {**stored, **chosen}.items() if k != "threads"}
+    save_workflow_settings(project, record)
     return config
 
 
 def run_train(args: argparse.Namespace) -> int:
     from defect_studio.ml.distributed import launched_by_torchrun
 
-    config = _config_from_arguments(args)
+    _make_config(_chosen_settings(args))  # refuse bad options before anything starts
     if launched_by_torchrun():
-        return _run_train_rank(args, config)
+        return _run_train_rank(args)
     if args.nproc is not None and args.nproc > 1:
         return _launch_workers(args)
     from defect_studio.ml.classifier import train_project_classifier_job
@@ -51,6 +73,7 @@ def run_train(args: argparse.Namespace) -> int:
 
     cancel = CancelToken()
     with Project.open(args.project) as project:
+        config = _project_config(project, args)
         result = drive(train_project_classifier_job(project, config, cancel, device=args.device), args, cancel)
     _print_summary(result, args)
     return 0
@@ -107,7 +130,7 @@ def _launch_workers(args: argparse.Namespace) -> int:
     return EXIT_CANCELLED if interrupted and code != 0 else code
 
 
-def _run_train_rank(args: argparse.Namespace, config) -> int:  # type: ignore[no-untyped-def]
+def _run_train_rank(args: argparse.Namespace) -> int:
     """One rank of `torchrun ... -m defect_studio train PROJECT`: rank 0 opens the project, reads the plan
     and sends it; every rank checks it sees the project folder and the images; all train; rank 0 alone
     writes the checkpoint and records the run."""
@@ -124,7 +147,7 @@ def _run_train_rank(args: argparse.Namespace, config) -> int:  # type: ignore[no
             if ranks.is_writer:
                 try:
                     project = Project.open(args.project)
-                    plan_or_error = plan_project_training(project, config)
+                    plan_or_error = plan_project_training(project, _project_config(project, args))
                 except DefectStudioError as error:
                     plan_or_error = error
             # Rank 0's refusal reaches every rank: none is left waiting for a plan that never comes.
@@ -165,7 +188,7 @@ def _run_quietly(job, cancel: CancelToken) -> None:  # type: ignore[no-untyped-d
 
 
 _OPTIONS = {"arch": "--arch", "epochs": "--epochs", "width": "--width", "output_stride": "--output-stride",
-            "pooling": "--pooling", "input_size": "--input-size", "lr": "--lr", "batch_size": "--batch-size",
+            "pooling": "--pooling", "input_size": "--input-size", "learning_rate": "--learning-rate", "batch_size": "--batch-size",
             "seed": "--seed", "max_minutes": "--max-minutes", "pretrained": "--pretrained", "threads": "--threads"}
 
 
@@ -184,7 +207,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--output-stride", dest="output_stride", type=int, choices=[8, 16, 32])
     parser.add_argument("--pooling", choices=POOLINGS)
     parser.add_argument("--input-size", dest="input_size", type=int, help="side of the square network input")
-    parser.add_argument("--lr", type=float)
+    parser.add_argument("--learning-rate", "--lr", dest="learning_rate", type=float,
+                        help="peak learning rate (default: the backbone's)")
     parser.add_argument("--batch-size", dest="batch_size", type=int)
     parser.add_argument("--seed", type=int)
     parser.add_argument("--no-augment", dest="no_augment", action="store_true",

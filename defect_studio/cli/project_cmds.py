@@ -69,9 +69,10 @@ def run_tag(args: argparse.Namespace) -> int:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from defect_studio.project.demo_project import default_demo_dir, make_demo_project
+    from defect_studio.project.demo_project import default_demo_dir, demo_project_job
 
-    project_dir = make_demo_project(args.out or default_demo_dir(), count=args.count)
+    cancel = CancelToken()
+    project_dir = drive(demo_project_job(args.out or default_demo_dir(), cancel, count=args.count), args, cancel)
     print(f"demo project: {project_dir}")
     if args.no_gui:
         return 0
@@ -112,6 +113,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", type=Path, help="folder for the demo (default ~/defect-studio-demo)")
     parser.add_argument("--count", type=int, default=240, help="number of demo images")
     parser.add_argument("--no-gui", action="store_true", help="only prepare the project")
+    add_progress_arguments(parser)
     parser.set_defaults(handler=run_demo)
 
     parser = subparsers.add_parser("open", help="open the desktop app (on PROJECT if given)")

@@ -10,9 +10,8 @@ from typing import Any
 from defect_studio.cli.progress import add_progress_arguments, drive
 from defect_studio.errors import DataError, ModelError
 from defect_studio.jobs import CancelToken
+from defect_studio.ml.cams.registry import CAM_METHODS
 from defect_studio.project import Project
-
-DEFAULT_METHOD = "region-aware"
 
 
 def _print_json_or(args: argparse.Namespace, payload: Any, lines: list[str]) -> None:
@@ -29,7 +28,8 @@ def _pseudo_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _add_pseudo_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--method", default=DEFAULT_METHOD, help=f"CAM method (default {DEFAULT_METHOD})")
+    parser.add_argument("--method", choices=CAM_METHODS,
+                        help="CAM method (default: the project's, chosen in the app or by an earlier command)")
     parser.add_argument("--mode", choices=["fixed", "percentile", "otsu"], help="threshold mode (default fixed)")
     parser.add_argument("--high", type=float, help="fixed mode: defect where the score >= HIGH")
     parser.add_argument("--low", type=float, help="fixed mode: background where the score <= LOW; ignored between")
@@ -41,17 +41,31 @@ def _add_pseudo_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 # ------------------------------------------------------------------------------------------ pseudo
+def _chosen_workflow(project: Project, args: argparse.Namespace) -> Any:
+    """The project's workflow settings with this command's CAM method and pseudo-label options over them,
+    saved: the app and the next command start from them (as the app's Review tab saves its choices)."""
+    from defect_studio.workflow_settings import update_workflow_settings
+
+    changes: dict[str, Any] = {"pseudo": _pseudo_settings(args)}
+    if args.method is not None:
+        changes["cam_method"] = args.method
+    return update_workflow_settings(project, **changes)
+
+
 def run_pseudo(args: argparse.Namespace) -> int:
     from defect_studio.ml.pseudo import PseudoLabelSettings, create_checked_round, pseudo_job
 
-    settings = PseudoLabelSettings.from_dict(_pseudo_settings(args)).to_dict()  # refuse bad values first
+    PseudoLabelSettings.from_dict(_pseudo_settings(args))  # refuse bad values before the project is opened
     with Project.open(args.project) as project:
+        record = _chosen_workflow(project, args)
+        settings = PseudoLabelSettings.from_dict(record.pseudo).to_dict()
+        cam_spec = record.cam_spec()  # with the settings chosen in the app's CAM tab (or by `cam --set`)
         if args.round is None:
-            round_index = create_checked_round(project, {"method": args.method, "pseudo": settings}, args.classifier)
+            round_index = create_checked_round(project, {**cam_spec.to_record(), "pseudo": settings}, args.classifier)
         else:
             round_index = project.round(args.round).index
         cancel = CancelToken()
-        summary = drive(pseudo_job(project, round_index, args.method, settings, cancel, None, args.classifier), args, cancel)
+        summary = drive(pseudo_job(project, round_index, cam_spec, settings, cancel, None, args.classifier), args, cancel)
     _print_json_or(
         args,
         summary,
@@ -112,13 +126,20 @@ def _split_ids(values: list[str]) -> list[str]:
 
 # ------------------------------------------------------------------------------------------ refine
 def run_refine(args: argparse.Namespace) -> int:
+    from defect_studio.ml.pseudo import PseudoLabelSettings
     from defect_studio.ml.refine import RefineConfig, refine_job
+    from defect_studio.ml.segmenter_options import SegmenterConfig
+    from defect_studio.workflow_settings import update_workflow_settings
 
     segmenter = {k: v for k, v in {"epochs": args.epochs, "steps_per_epoch": args.steps_per_epoch, "seed": args.seed,
                                    "device": args.device}.items() if v is not None}
-    config = RefineConfig(method=args.method, pseudo=_pseudo_settings(args), segmenter=segmenter,
-                          stop_change=args.stop_change)
+    PseudoLabelSettings.from_dict(_pseudo_settings(args))  # refuse bad values before the project is opened
+    SegmenterConfig.from_dict(segmenter)
     with Project.open(args.project) as project:
+        _chosen_workflow(project, args)
+        update_workflow_settings(project, segmenter=segmenter)  # the Rounds tab shows them next
+        config = RefineConfig.for_project(project, segmenter={"device": args.device} if args.device else None,
+                                          stop_change=args.stop_change)
         cancel = CancelToken()
         summary = drive(refine_job(project, args.rounds, cancel, None, args.gt, config, args.classifier), args, cancel)
     lines = []
@@ -133,6 +154,33 @@ def run_refine(args: argparse.Namespace) -> int:
         lines.append(line)
     _print_json_or(args, summary, lines)
     return 0
+
+
+# ------------------------------------------------------------------------------------------ next-round
+def run_next_round(args: argparse.Namespace) -> int:
+    from defect_studio.ml.refine import ground_truth_dir, next_round_job
+
+    with Project.open(args.project) as project:
+        round_index = project.round(args.round).index if args.round is not None else _latest_round(project)
+        cancel = CancelToken()
+        gt_dir = args.gt if args.gt is not None else ground_truth_dir(project)
+        machine = {"device": args.device} if args.device else None
+        summary = drive(next_round_job(project, round_index, cancel, machine, gt_dir, args.classifier), args, cancel)
+    if "next_round" in summary:
+        proposals = summary["proposals"]
+        line = (f"round {round_index} trained; round {summary['next_round']}: {proposals['proposed']} proposal(s) from "
+                f"{proposals['source']}, {proposals['carried_forward']} accepted/edited mask(s) carried forward")
+    else:
+        line = f"round {round_index}: the masks stopped changing; no new round"
+    _print_json_or(args, summary, [line])
+    return 0
+
+
+def _latest_round(project: Project) -> int:
+    rounds = project.rounds()
+    if not rounds:
+        raise DataError("this project has no round yet; make the round-0 proposals first (defect-studio pseudo).")
+    return rounds[-1].index
 
 
 # ------------------------------------------------------------------------------------------ evaluate
@@ -254,6 +302,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_pseudo_arguments(parser)
     add_progress_arguments(parser)
     parser.set_defaults(handler=run_refine)
+
+    parser = subparsers.add_parser(
+        "next-round", help="train the segmenter on a round's reviewed masks, then propose the next round's masks",
+        description="What the app's Rounds tab does: the segmenter trains on the round's accepted, edited and "
+        "unreviewed masks (the project's segmenter settings), and the next round's proposals come from it fused "
+        "with the CAM, with the round's own CAM and thresholds.")
+    parser.add_argument("project", type=Path)
+    parser.add_argument("--round", type=int, help="the round to train on (default: the latest)")
+    parser.add_argument("--gt", type=Path, help="ground-truth masks for the round metrics (default: masks/ beside the images)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--classifier", type=Path, help="classifier checkpoint (default: the project's latest)")
+    add_progress_arguments(parser)
+    parser.set_defaults(handler=run_next_round)
 
     parser = subparsers.add_parser("evaluate", help="score a round's masks or the segmenter against ground truth")
     parser.add_argument("project", type=Path)

@@ -458,23 +458,14 @@ class MainWindow(QMainWindow):
                 box.open()
 
     def open_demo_project(self) -> None:
-        """Make (once) and open the synthetic demo project, in the background."""
-        from defect_studio.project.demo_project import default_demo_dir, make_demo_project
+        """Make (once) and open the synthetic demo project, in the background (the core's demo job)."""
+        from defect_studio.project.demo_project import default_demo_dir, demo_project_exists, demo_project_job
 
         out_dir = default_demo_dir()
-        if (out_dir / "project" / DB_NAME).is_file():
+        if demo_project_exists(out_dir):
             self.open_path(out_dir / "project")
             return
-
-        def demo_job(cancel):  # type: ignore[no-untyped-def]
-            yield Progress("demo", 0, 1, f"writing the demo images into {out_dir}")
-            path = make_demo_project(out_dir)
-            cancel.raise_if_cancelled()
-            yield Progress("demo", 1, 1, "done")
-            return path
-
-        runner = self.import_runner
-        runner.start(demo_job, "Make the demo project")
+        self.import_runner.start(lambda cancel: demo_project_job(out_dir, cancel), "Make the demo project")
 
     def set_project(self, project: Project | None) -> None:
         """Show `project` (the window owns it from now on and closes it)."""

@@ -13,13 +13,14 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Generator
+from typing import TYPE_CHECKING, Any, Callable, Generator
 
 import numpy as np
 
 from defect_studio.errors import DataError
 from defect_studio.imageio import read_image
 from defect_studio.jobs import CancelToken, Progress
+from defect_studio.ml.cams.registry import DEFAULT_CAM_METHOD, CamSpec
 from defect_studio.project.provenance import segmenter_to_build_on
 from defect_studio.project.store import RunInput
 from defect_studio.ml.pseudo import PseudoLabelSettings, create_checked_round, load_ignore, pseudo_job
@@ -31,39 +32,58 @@ from defect_studio.ml.segmenter import (
     train_segmenter_job,
 )
 
-DEFAULT_METHOD = "region-aware"
+if TYPE_CHECKING:
+    from defect_studio.project.store import Project
+
 DEFAULT_STOP_CHANGE = 0.02  # stop when under 2 % of the defect pixels change between rounds
 
 
 @dataclass
 class RefineConfig:
-    method: str = DEFAULT_METHOD
+    method: str = DEFAULT_CAM_METHOD  # the CAM method, with `cam_settings` over its defaults
     cam_settings: dict[str, Any] = field(default_factory=dict)
     pseudo: dict[str, Any] = field(default_factory=dict)
     segmenter: dict[str, Any] = field(default_factory=dict)
     stop_change: float = DEFAULT_STOP_CHANGE
 
+    @classmethod
+    def for_project(cls, project: Project, **overrides: Any) -> "RefineConfig":
+        """The project's workflow settings (what the app and the commands chose), `overrides` over them."""
+        from defect_studio.workflow_settings import load_workflow_settings
+
+        record = load_workflow_settings(project)
+        values: dict[str, Any] = {"method": record.cam_method, "cam_settings": record.cam_settings.get(record.cam_method, {}),
+                                  "pseudo": dict(record.pseudo), "segmenter": dict(record.segmenter)}
+        if "method" in overrides and "cam_settings" not in overrides:  # another method: the settings chosen for it
+            values["cam_settings"] = record.cam_settings.get(overrides["method"], {})
+        for name in ("pseudo", "segmenter"):
+            values[name].update(overrides.pop(name, None) or {})
+        return cls(**{**values, **overrides})
+
+    @property
+    def cam_spec(self) -> CamSpec:
+        return CamSpec.resolve(self.method, self.cam_settings)
+
     def to_dict(self) -> dict[str, Any]:
         return {
-            "method": self.method,
-            "cam_settings": self.cam_settings,
+            **self.cam_spec.to_record(),
             "pseudo": PseudoLabelSettings.from_dict(self.pseudo).to_dict(),
             "segmenter": SegmenterConfig.from_dict(self.segmenter).to_dict(),
             "stop_change": self.stop_change,
         }
 
 
-def _segmenter_runs_for(project: Any, round_index: int) -> list[Any]:
+def _segmenter_runs_for(project: Project, round_index: int) -> list[Any]:
     return [r for r in project.training_runs("segmenter") if r.round_index == round_index]
 
 
-def training_samples(project: Any, round_index: int) -> tuple[list[SegmentationSample], list[str]]:
+def training_samples(project: Project, round_index: int) -> tuple[list[SegmentationSample], list[str]]:
     """Samples from the round's masks (rejected ones left out) and their image:mask content hashes."""
     samples, hashes, _ = _training_set(project, round_index)
     return samples, hashes
 
 
-def _training_set(project: Any, round_index: int) -> tuple[list[SegmentationSample], list[str], list[Any]]:
+def _training_set(project: Project, round_index: int) -> tuple[list[SegmentationSample], list[str], list[Any]]:
     """training_samples, and what each sample is for the run's provenance: a RunInput per mask, and
     the mask records (whose parameters say which models proposed them)."""
     samples, hashes, used = [], [], []
@@ -82,7 +102,7 @@ def _training_set(project: Any, round_index: int) -> tuple[list[SegmentationSamp
     return samples, hashes, used
 
 
-def _segmenter_provenance(project: Any, round_index: int, used: list[Any], data_hash: str,
+def _segmenter_provenance(project: Project, round_index: int, used: list[Any], data_hash: str,
                           start_run: Any) -> tuple[dict[str, Any], list[RunInput]]:
     """The provenance of a segmenter trained on `used` (image, mask record) pairs of round `round_index`."""
     inputs = [RunInput(image.id, record.round_index, record.state,
@@ -106,13 +126,13 @@ def _segmenter_provenance(project: Any, round_index: int, used: list[Any], data_
     return provenance, inputs
 
 
-def _missing_masks(project: Any, round_index: int) -> bool:
+def _missing_masks(project: Project, round_index: int) -> bool:
     """Whether a tagged image has no mask in the round (a proposal job stopped before the end)."""
     present = {m.image_id for m in project.mask_records(round_index=round_index)}
     return any(i.tag in ("good", "defect") and i.id not in present for i in project.images())
 
 
-def next_segmenter_path(project: Any, round_index: int) -> Path:
+def next_segmenter_path(project: Project, round_index: int) -> Path:
     models = Path(project.models_dir)
     models.mkdir(parents=True, exist_ok=True)
     attempt = len(_segmenter_runs_for(project, round_index))
@@ -124,7 +144,7 @@ def next_segmenter_path(project: Any, round_index: int) -> Path:
 
 
 def train_project_segmenter_job(
-    project: Any, round_index: int, config: SegmenterConfig, cancel: CancelToken,
+    project: Project, round_index: int, config: SegmenterConfig, cancel: CancelToken,
     classifier_path: str | Path | None = None,
 ) -> Generator[Progress, None, SegmenterTrainingResult]:
     """Train on round `round_index`'s masks and record the run; a cancelled run records nothing.
@@ -165,7 +185,7 @@ def train_project_segmenter_job(
     return result
 
 
-def round_review_metrics(project: Any, round_index: int) -> dict[str, Any]:
+def round_review_metrics(project: Project, round_index: int) -> dict[str, Any]:
     """Accept rate and edited-pixel fraction over the round's defect-tagged images."""
     records = project.mask_records(round_index=round_index, tag="defect")
     images = {image.id: image for image in project.images("defect")}
@@ -188,7 +208,7 @@ def round_review_metrics(project: Any, round_index: int) -> dict[str, Any]:
     }
 
 
-def mask_change(project: Any, previous_round: int, round_index: int) -> float:
+def mask_change(project: Project, previous_round: int, round_index: int) -> float:
     """Changed defect pixels / defect pixels of either round (1 − IoU of the two rounds' masks)."""
     before = {r.image_id: r for r in project.mask_records(round_index=previous_round)}
     changed = union = 0
@@ -204,7 +224,7 @@ def mask_change(project: Any, previous_round: int, round_index: int) -> float:
     return changed / union if union else 0.0
 
 
-def round_truth_metrics(project: Any, round_index: int, gt_dir: str | Path) -> dict[str, Any]:
+def round_truth_metrics(project: Project, round_index: int, gt_dir: str | Path) -> dict[str, Any]:
     """The round's masks on defect-tagged images vs ground truth (pseudo-label quality)."""
     from defect_studio.ml.evaluate import evaluate_pairs, iterate_against_truth, load_ground_truth
 
@@ -221,7 +241,7 @@ ReviewCallback = Callable[[Any, int], None]
 
 
 def refine_job(
-    project: Any,
+    project: Project,
     rounds: int,
     cancel: CancelToken,
     review_callback: ReviewCallback | None = None,
@@ -236,7 +256,7 @@ def refine_job(
     """
     if rounds < 1:
         raise DataError("--rounds must be at least 1.")
-    config = config or RefineConfig()
+    config = config or RefineConfig.for_project(project)
     segmenter_config = SegmenterConfig.from_dict(config.segmenter)
     summaries: list[dict[str, Any]] = []
     existing = project.rounds()
@@ -247,16 +267,13 @@ def refine_job(
         if round_index is None:
             round_index = create_checked_round(project, config.to_dict(), classifier_path)
             started = time.monotonic()
-            yield from pseudo_job(
-                project, round_index, config.method, config.pseudo, cancel, config.cam_settings, classifier_path
-            )
+            yield from pseudo_job(project, round_index, config.cam_spec, config.pseudo, cancel, None, classifier_path)
             timings["pseudo_s"] = time.monotonic() - started
         elif _missing_masks(project, round_index):  # its proposing was interrupted: finish it first
             started = time.monotonic()
             made_with = project.round(round_index).config  # the rest of the round gets the same settings
-            yield from pseudo_job(project, round_index, made_with.get("method") or made_with.get("cam_method") or config.method,
-                                  made_with.get("pseudo", config.pseudo), cancel,
-                                  made_with.get("cam_settings", config.cam_settings), classifier_path, only_missing=True)
+            yield from pseudo_job(project, round_index, CamSpec.from_record(made_with) or config.cam_spec,
+                                  made_with.get("pseudo", config.pseudo), cancel, None, classifier_path, only_missing=True)
             timings["pseudo_s"] = time.monotonic() - started
         change = mask_change(project, round_index - 1, round_index) if round_index > 0 else None
         if review_callback is not None:
@@ -279,3 +296,46 @@ def refine_job(
         summaries.append({"round": round_index, **metrics})
         round_index = None
     return {"rounds": summaries, "stopped_early": stopped_early}
+
+
+def ground_truth_dir(project: Project) -> Path | None:
+    """Ground-truth masks for the round metrics: the project's `ground_truth_dir` setting, else a `masks/`
+    folder beside the image folder (the dataset layout, as in the demo). Used for evaluation only."""
+    setting = project.get_setting("ground_truth_dir")
+    if setting:
+        return Path(setting) if Path(setting).is_dir() else None
+    beside = Path(project.image_root).parent / "masks"
+    return beside if beside.is_dir() else None
+
+
+def next_round_job(
+    project: Project, round_index: int, cancel: CancelToken, segmenter: dict[str, Any] | None = None,
+    gt_dir: str | Path | None = None, classifier_path: str | Path | None = None,
+) -> Generator[Progress, None, dict[str, Any]]:
+    """Train the segmenter on round `round_index`'s reviewed masks, then propose round `round_index` + 1's
+    masks from segmenter + CAM: the Rounds tab's "next round" and `defect-studio next-round`.
+
+    The next round is made with the CAM and thresholds of round `round_index` (the rounds of one loop
+    compare like with like), the segmenter with the project's workflow settings, `segmenter` over them
+    (this machine's threads, say). A round whose segmenter was trained already (a run stopped before
+    proposing) is not trained again. The summary: refine_job's, plus `next_round` and its `proposals`.
+    """
+    from defect_studio.ml.pseudo import create_checked_round
+
+    made_with = project.round(round_index).config or {}  # "this project has no round K"
+    pseudo = made_with.get("pseudo") if isinstance(made_with.get("pseudo"), dict) else None
+    spec = CamSpec.from_record(made_with)
+    overrides: dict[str, Any] = {"segmenter": segmenter or {}}
+    if spec is not None:
+        overrides.update(method=spec.method, cam_settings=spec.settings)
+    config = RefineConfig.for_project(project, **overrides)
+    if pseudo is not None:
+        config.pseudo = dict(pseudo)
+    summary: dict[str, Any] = {}
+    if not _segmenter_runs_for(project, round_index):  # else a previous run trained it and stopped before proposing
+        summary = yield from refine_job(project, 1, cancel, gt_dir=gt_dir, config=config, classifier_path=classifier_path)
+        if summary.get("stopped_early"):
+            return summary
+    next_round = create_checked_round(project, config.to_dict(), classifier_path)
+    proposals = yield from pseudo_job(project, next_round, config.cam_spec, config.pseudo, cancel, None, classifier_path)
+    return {**summary, "next_round": next_round, "proposals": proposals}

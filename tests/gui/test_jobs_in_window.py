@@ -36,7 +36,9 @@ def test_train_classifier_updates_curves_and_records_a_run(qtbot, make_window, r
     assert "Latest classifier" in panel.result_label.text()
     assert panel.train_button.isEnabled()
     # The settings are remembered in the project.
-    assert window.project.get_setting("gui.classifier_config")["epochs"] == 2
+    from defect_studio.workflow_settings import load_workflow_settings
+
+    assert load_workflow_settings(window.project).classifier["epochs"] == 2
 
 
 def test_cancel_training_keeps_the_previous_state(qtbot, make_window, review_project: Path) -> None:

@@ -163,9 +163,10 @@ def test_compare_grid_columns_fit_the_image_shape() -> None:
 def test_cam_tab_opens_on_the_method_the_project_proposes_with(qtbot, make_window, gui_root: Path,
                                                                 review_project: Path) -> None:
     from defect_studio.jobs import CancelToken, run_job
-    from defect_studio.ml.refine import DEFAULT_METHOD
+    from defect_studio.ml.cams import DEFAULT_CAM_METHOD
     from defect_studio.project import Project
     from defect_studio.project.importer import import_job
+    from defect_studio.workflow_settings import update_workflow_settings
 
     # The latest round's method, as the refinement loop reads it.
     path = gui_root / "projects" / "layercam-round"
@@ -180,9 +181,9 @@ def test_cam_tab_opens_on_the_method_the_project_proposes_with(qtbot, make_windo
     assert window.cam_panel.method == "gradcampp"
     window.close()
 
-    # No method in the round: the one last chosen for proposals in the Review tab.
+    # No method in the round: the one last chosen for proposals (Review tab, `pseudo --method`).
     with Project.open(review_project) as project:
-        project.set_setting("gui.proposal_method", "fgbp")
+        update_workflow_settings(project, cam_method="fgbp")
     window = open_project(make_window, review_project)
     assert window.cam_panel.method == "fgbp"
     window.close()
@@ -192,7 +193,7 @@ def test_cam_tab_opens_on_the_method_the_project_proposes_with(qtbot, make_windo
     with Project.create(fresh, gui_root / "dataset" / "images") as project:
         run_job(import_job(project, gui_root / "dataset" / "images", None, CancelToken()))
     window = open_project(make_window, fresh)
-    assert window.cam_panel.method == DEFAULT_METHOD
+    assert window.cam_panel.method == DEFAULT_CAM_METHOD
 
 
 def test_showing_maps_writes_nothing_and_a_bad_stages_list_is_a_message(qtbot, make_window, project_copy: Path,
@@ -219,10 +220,14 @@ def test_showing_maps_writes_nothing_and_a_bad_stages_list_is_a_message(qtbot, m
     stages.editingFinished.emit()  # no exception: a message beside the form
     assert panel.settings_error.isVisible()
     assert "stages" in panel.settings_error.text() and "x" in panel.settings_error.text()
+    for bad in ("1e400", "2.5"):  # an OverflowError, and a stage silently cut to 2, before
+        stages.setText(bad)
+        stages.editingFinished.emit()
+        assert panel.settings_error.isVisible() and "whole stage numbers" in panel.settings_error.text()
     assert writes == [] and panel.settings_for("fgbp") == {}
     wanted = [1, 4] if default_settings("fgbp")["stages"] != [1, 4] else [2, 3]  # not the default
     stages.setText(f"{wanted[1]}, {wanted[0]}")  # the core sorts them
     stages.editingFinished.emit()
     assert not panel.settings_error.isVisible()
-    assert writes == ["gui.cam_settings"] and panel.settings_for("fgbp") == {"stages": wanted}
+    assert writes == ["workflow"] and panel.settings_for("fgbp") == {"stages": wanted}
     qtbot.waitUntil(lambda: not panel.runner.busy, timeout=60_000)

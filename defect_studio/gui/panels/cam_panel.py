@@ -29,28 +29,9 @@ from defect_studio.gui.panels.common import JobRow, cam_settings_for, proposal_m
 from defect_studio.gui.session import Session, Stage
 from defect_studio.gui.viewer import HEATMAP_COLORMAPS, ImageViewer
 from defect_studio.ml.cam_cache import CamCache, cam_job
-from defect_studio.ml.cams import (
-    CAM_METHODS,
-    SETTING_SPECS,
-    STAGE_COUNT,
-    CamSettingsError,
-    default_settings,
-    resolve_settings,
-)
-
-METHOD_NAMES = {
-    "gradcam": "Grad-CAM",
-    "gradcampp": "Grad-CAM++",
-    "layercam": "LayerCAM",
-    "fgbp": "FGBP",
-    "region-aware": "Region-aware",
-    "good-prior": "Good-image prior",
-}
-
-
-def method_label(method: str) -> str:
-    """A method's name for people; a method the GUI has no name for shows the core's name."""
-    return METHOD_NAMES.get(method, method)
+from defect_studio.ml.cams.registry import CAM_METHODS, CamSpec, cam_method, method_label
+from defect_studio.ml.cams.settings import STAGE_COUNT, CamSettingsError
+from defect_studio.workflow_settings import load_workflow_settings, save_workflow_settings
 
 
 def best_columns(count: int, width: float, height: float, image_width: float, image_height: float) -> int:
@@ -122,7 +103,7 @@ class CompareView(QWidget):
 
 
 class CamSettingsForm(QWidget):
-    """The chosen method's settings (names, defaults and help from the core's SETTING_SPECS)."""
+    """The chosen method's settings (names, defaults and help from the core's CAM registry)."""
 
     changed = Signal()
 
@@ -167,7 +148,7 @@ class CamSettingsForm(QWidget):
             self.layout_.addRow(label, widget)
 
     def values(self) -> dict[str, Any]:
-        """Every setting as its widget holds it (list settings as the typed text), for `resolve_settings`."""
+        """Every setting as its widget holds it (list settings as the typed text), for `CamSpec.resolve`."""
         return {name: getter() for name, getter in self._getters.items()}
 
 
@@ -322,7 +303,8 @@ class CamPanel(QWidget):
     def _method_changed(self) -> None:
         method = self.method
         if method is not None:
-            self.settings_form.show_method(SETTING_SPECS[method], {**default_settings(method), **self.settings_for(method)})
+            spec = CamSpec.resolve(method, self.settings_for(method))
+            self.settings_form.show_method(cam_method(method).settings, spec.settings)
         self.settings_error.setVisible(False)
         self.update_overlay()
 
@@ -330,22 +312,24 @@ class CamPanel(QWidget):
         project, method = self.session.project, self.method
         if project is None or method is None:
             return
-        try:
-            resolved = resolve_settings(method, self.settings_form.values())
-        except CamSettingsError as error:  # say what is wrong next to the form
+        try:  # every bad value, whatever the field, is said next to the form
+            spec = CamSpec.resolve(method, self.settings_form.values())
+        except CamSettingsError as error:
             self.settings_error.setText(str(error))
             self.settings_error.setVisible(True)
             return
         self.settings_error.setVisible(False)
-        defaults = default_settings(method)
-        # Only the settings that differ from the defaults, so default maps share one cache key.
-        values = {name: value for name, value in resolved.items() if value != defaults[name]}
-        stored = project.get_setting("gui.cam_settings") or {}
-        if stored.get(method, {}) == values:
+        record = load_workflow_settings(project)
+        changed = record.with_cam_spec(spec)
+        if changed == record:  # nothing new: no write, no recomputation
             return
-        project.set_setting("gui.cam_settings", {**stored, method: values})
+        save_workflow_settings(project, changed)
         self._pending.clear()
         self.update_overlay()
+
+    def cam_spec(self, method: str) -> CamSpec:
+        """`method` with the project's settings of it, as the maps are computed and cached."""
+        return CamSpec.resolve(method, self.settings_for(method))
 
     def set_method(self, method: str) -> None:
         self.method_combo.setCurrentIndex(self.methods.index(method))
@@ -377,7 +361,8 @@ class CamPanel(QWidget):
             return None
         image = project.image(image_id)
         checkpoint_hash = self._checkpoint_hash.get(str(run.checkpoint_path), run.checkpoint_sha256)
-        cam_map = CamCache(project.cache_dir).get(image.sha256, checkpoint_hash, method, self.settings_for(method))
+        spec = self.cam_spec(method)
+        cam_map = CamCache(project.cache_dir).get(image.sha256, checkpoint_hash, spec.method, spec.settings)
         if cam_map is not None and cam_map.shape != (image.height, image.width):
             return None
         return cam_map
@@ -400,9 +385,9 @@ class CamPanel(QWidget):
             self._next_pending()
             return
         self.status_label.setText(f"Computing {method_label(method)} for {project.image(image_id).stem}…")
-        settings = self.settings_for(method)
-        self.runner.start(lambda cancel: cam_job(project, method, settings, cancel, image_ids=[image_id]),
-                          f"CAM {method_label(method)}")
+        spec = self.cam_spec(method)
+        self.runner.start(lambda cancel: cam_job(project, spec, None, cancel, image_ids=[image_id]),
+                          f"CAM {spec.label}")
 
     def _on_job_done(self, result: object) -> None:
         if isinstance(result, dict) and result.get("checkpoint_sha256") and result.get("classifier"):
@@ -421,8 +406,8 @@ class CamPanel(QWidget):
         if project is None or method is None or self.runner.busy:
             return
         self._pending.clear()
-        settings = self.settings_for(method)
-        self.runner.start(lambda cancel: cam_job(project, method, settings, cancel), f"CAMs ({method_label(method)}) for all images")
+        spec = self.cam_spec(method)
+        self.runner.start(lambda cancel: cam_job(project, spec, None, cancel), f"CAMs ({spec.label}) for all images")
 
     # --- drawing -----------------------------------------------------------------------------------
     def update_overlay(self, request: bool = True) -> None:

@@ -25,6 +25,10 @@ from PySide6.QtWidgets import (
 
 from defect_studio.gui.workers import JobRunner
 from defect_studio.jobs import Progress
+from defect_studio.ml.cams.registry import CamSpec
+from defect_studio.ml.cams.settings import CamSettingsError
+from defect_studio.project import Project
+from defect_studio.workflow_settings import load_workflow_settings
 
 
 def format_eta(seconds: float | None) -> str:
@@ -44,27 +48,23 @@ def training_threads() -> int:
     return max(1, (os.cpu_count() or 2) - 1)
 
 
-def proposal_method(project: Any) -> str | None:
+def proposal_method(project: Project) -> str:
     """The CAM method the project's proposals come from: the latest round's (what the refinement
-    loop reads), else the one last chosen in the Review tab, else the core's default; None when
-    the training engine cannot load."""
+    loop continues with), else the one chosen for the project (Review tab, `pseudo --method`)."""
     rounds = project.rounds()
-    made_with = (rounds[-1].config or {}) if rounds else {}
-    method = made_with.get("cam_method") or made_with.get("method") or project.get_setting("gui.proposal_method")
-    if method:
-        return str(method)
-    try:  # on use: with a broken torch the app still opens, tags and reviews
-        from defect_studio.ml.refine import DEFAULT_METHOD
-    except ImportError:
-        return None
-    return DEFAULT_METHOD
+    try:
+        spec = CamSpec.from_record(rounds[-1].config) if rounds else None
+    except CamSettingsError:  # a round of a method this version does not know
+        spec = None
+    return spec.method if spec is not None else load_workflow_settings(project).cam_method
 
 
-def cam_settings_for(project: Any, method: str) -> dict[str, Any]:
-    """The user's settings of the CAM `method` (only those changed from the defaults), kept in the
-    project: what the CAM tab shows and what proposals are made with."""
-    stored = project.get_setting("gui.cam_settings") if project is not None else None
-    return dict((stored or {}).get(method, {})) if isinstance(stored, dict) else {}
+def cam_settings_for(project: Project | None, method: str) -> dict[str, Any]:
+    """The project's settings of the CAM `method` (only those changed from the defaults): what the CAM
+    tab shows and what proposals are made with, from the app or the command line."""
+    if project is None:
+        return {}
+    return dict(load_workflow_settings(project).cam_settings.get(method, {}))
 
 
 class ConfigForm(QWidget):

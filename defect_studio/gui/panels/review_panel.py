@@ -31,12 +31,12 @@ from PySide6.QtWidgets import (
 from defect_studio.errors import DefectStudioError
 from defect_studio.gui.dialogs import confirm, report_error
 from defect_studio.gui.mask_editor import MaskEditor
-from defect_studio.gui.panels.cam_panel import method_label
-from defect_studio.gui.panels.common import JobRow, cam_settings_for, proposal_method
+from defect_studio.gui.panels.common import JobRow
 from defect_studio.gui.session import Session, Stage
-from defect_studio.ml.cams import CAM_METHODS
+from defect_studio.ml.cams.registry import CAM_METHODS, method_label
 from defect_studio.ml.pseudo import PseudoLabelSettings, create_checked_round, pseudo_job
 from defect_studio.project import review
+from defect_studio.workflow_settings import load_workflow_settings, update_workflow_settings
 
 
 class ReviewPanel(QWidget):
@@ -191,6 +191,7 @@ class ReviewPanel(QWidget):
         self.runner.succeeded.connect(lambda _: session.notify_masks_changed())
         self.runner.finished.connect(lambda _: self.refresh())
         session.image_changed.connect(self._image_changed)
+        session.project_changed.connect(self._show_project_thresholds)
         session.project_changed.connect(self.refresh)
         session.masks_changed.connect(self._masks_changed)
         session.tags_changed.connect(self.refresh)
@@ -201,8 +202,7 @@ class ReviewPanel(QWidget):
     def refresh(self) -> None:
         project = self.session.project
         if project is not None:
-            saved = project.get_setting("gui.proposal_method")
-            index = self.method_combo.findData(saved or proposal_method(project))
+            index = self.method_combo.findData(load_workflow_settings(project).cam_method)
             if index >= 0:
                 self.method_combo.setCurrentIndex(index)
         has_classifier = project is not None and project.latest_run("classifier") is not None
@@ -312,27 +312,36 @@ class ReviewPanel(QWidget):
             self.choose_tool("")
         self.editor.viewer.mask_layer.setVisible(self.session.current_stage != Stage.CAMS)
 
+    def _show_project_thresholds(self) -> None:
+        """The thresholds the project's proposals were last made with (here or by `defect-studio pseudo`)."""
+        project = self.session.project
+        chosen = load_workflow_settings(project).pseudo if project is not None else {}
+        settings = PseudoLabelSettings(**{k: v for k, v in chosen.items() if k in ("high", "low")})
+        self.high_spin.setValue(settings.high)
+        self.low_spin.setValue(settings.low)
+
     # --- actions -------------------------------------------------------------------------------------
     def make_proposals(self) -> bool:
         project = self.session.project
         method = self.method_combo.currentData()
         if project is None or method is None or self.runner.busy:
             return False
-        settings = {"high": self.high_spin.value(), "low": min(self.low_spin.value(), self.high_spin.value())}
-        project.set_setting("gui.proposal_method", method)
+        thresholds = {"high": self.high_spin.value(), "low": min(self.low_spin.value(), self.high_spin.value())}
+        # The project's settings, with this tab's choices, are what the command line's `pseudo` uses too.
+        record = update_workflow_settings(project, cam_method=method, pseudo=thresholds)
+        settings = PseudoLabelSettings.from_dict(record.pseudo).to_dict()
+        cam_spec = record.cam_spec()  # the same maps the CAM viewer shows
         round_index = self.session.round
         if round_index is None:
             try:  # refused before an empty round is created
-                round_index = create_checked_round(project, {
-                    "cam_method": method, "pseudo": settings, "cam_settings": cam_settings_for(project, method)})
+                round_index = create_checked_round(project, {**cam_spec.to_record(), "pseudo": settings})
             except DefectStudioError as error:
                 report_error(self, "Cannot make proposals", error)
                 return False
             self.session.notify_masks_changed()
         self.editor.flush()
         index = round_index
-        cam_settings = cam_settings_for(project, method)  # the same maps the CAM viewer shows
-        return self.runner.start(lambda cancel: pseudo_job(project, index, method, settings, cancel, cam_settings),
+        return self.runner.start(lambda cancel: pseudo_job(project, index, cam_spec, settings, cancel),
                                  f"Round-{index} proposals")
 
     def choose_tool(self, tool: str) -> None:

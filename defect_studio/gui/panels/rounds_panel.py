@@ -3,7 +3,6 @@ the export dialog."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from PySide6.QtWidgets import (
@@ -20,18 +19,13 @@ from PySide6.QtWidgets import (
 )
 
 from defect_studio.gui.mask_editor import MaskEditor
-from defect_studio.gui.panels.common import (
-    ConfigForm,
-    JobRow,
-    proposal_method,
-    training_threads,
-)
+from defect_studio.gui.panels.common import ConfigForm, JobRow, training_threads
 from defect_studio.gui.panels.train_panel import make_plot
 from defect_studio.gui.plotting import pg
 from defect_studio.gui.session import Session, Stage
 from defect_studio.jobs import Progress, ProgressKind
-from defect_studio.ml.pseudo import create_checked_round, pseudo_job
 from defect_studio.ml.segmenter_options import ENCODER_WEIGHTS, SegmenterConfig
+from defect_studio.workflow_settings import load_workflow_settings, update_workflow_settings
 
 COLUMNS = ("Round", "Status", "Acc.", "Edit.", "Rej.", "Open", "Edited px", "Δ mask", "Seg IoU", "GT IoU")
 COLUMN_TIPS = ("Round index", "proposing → proposed → training → trained (or converged)", "Masks accepted as proposed",
@@ -74,16 +68,6 @@ SEGMENTER_FIELDS = [
     ("time_budget_s", "Time budget (s)", "Stop after the epoch that crosses it (none: no limit)"),
     ("seed", "Seed", "Same seed and masks give the same segmenter"),
 ]
-
-
-def ground_truth_dir(project: Any) -> Path | None:
-    """Ground-truth masks for the round table: the project's setting, else a `masks/` folder beside
-    the image folder (the dataset layout, as in the demo). Used for evaluation only."""
-    setting = project.get_setting("ground_truth_dir")
-    if setting:
-        return Path(setting) if Path(setting).is_dir() else None
-    beside = Path(project.image_root).parent / "masks"
-    return beside if beside.is_dir() else None
 
 
 class RoundsPanel(QWidget):
@@ -181,9 +165,7 @@ class RoundsPanel(QWidget):
         round_index = self.session.round
         self.round_button.setEnabled(round_index is not None and not self.runner.busy)
         if project is not None and not self.runner.busy:
-            saved = project.get_setting("gui.segmenter_config")
-            if isinstance(saved, dict):
-                self.form.set_values(saved)
+            self.form.set_values(load_workflow_settings(project).segmenter)
         has_segmenter = project is not None and project.latest_run("segmenter") is not None
         self.export_button.setEnabled(has_segmenter)
         self._fill_table()
@@ -235,39 +217,20 @@ class RoundsPanel(QWidget):
 
     # --- actions -------------------------------------------------------------------------------------
     def run_round(self) -> bool:
-        """Train the segmenter on the current round's reviewed masks (the core's refine job, one
-        round), then make the next round's proposals from segmenter + CAM, in one background job."""
+        """Train the segmenter on the current round's reviewed masks, then make the next round's
+        proposals from segmenter + CAM: the core's next-round job, in the background."""
         project = self.session.project
         round_index = self.session.round
         if project is None or round_index is None or self.runner.busy:
             return False
-        from defect_studio.ml.refine import DEFAULT_METHOD, RefineConfig, refine_job  # on use: with a broken torch the app still opens, tags and reviews
+        from defect_studio.ml.refine import ground_truth_dir, next_round_job  # on use: with a broken torch the app still opens, tags and reviews
 
         self.editor.flush()
-        segmenter_values = self.form.values()
-        project.set_setting("gui.segmenter_config", segmenter_values)
-        round_config = project.round(round_index).config or {}
-        method = proposal_method(project) or DEFAULT_METHOD
-        pseudo_settings = round_config.get("pseudo") if isinstance(round_config.get("pseudo"), dict) else None
-        cam_settings = round_config.get("cam_settings") if isinstance(round_config.get("cam_settings"), dict) else {}
-        config = RefineConfig(method=method, cam_settings=dict(cam_settings), pseudo=dict(pseudo_settings or {}),
-                                     segmenter={"threads": training_threads(), **segmenter_values})
+        update_workflow_settings(project, segmenter=self.form.values())  # what `defect-studio refine` uses too
         gt_dir = ground_truth_dir(project)
-
-        already_trained = any(run.round_index == round_index for run in project.training_runs("segmenter"))
-
-        def round_job(cancel):  # type: ignore[no-untyped-def]
-            summary: dict[str, Any] = {}
-            if not already_trained:  # else a previous run trained it and stopped before proposing
-                summary = yield from refine_job(project, 1, cancel, gt_dir=gt_dir, config=config)
-            if summary.get("stopped_early"):
-                return summary
-            next_round = create_checked_round(project, config.to_dict())
-            proposals = yield from pseudo_job(project, next_round, method, config.pseudo, cancel,
-                                                     config.cam_settings)
-            return {**summary, "next_round": next_round, "proposals": proposals}
-
-        return self.runner.start(round_job, f"Round {round_index}: train segmenter, propose round {round_index + 1}")
+        threads = {"threads": training_threads()}
+        return self.runner.start(lambda cancel: next_round_job(project, round_index, cancel, threads, gt_dir),
+                                 f"Round {round_index}: train segmenter, propose round {round_index + 1}")
 
     def _clear_live(self) -> None:
         for points in self.live_points.values():

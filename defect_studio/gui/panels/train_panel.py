@@ -11,13 +11,14 @@ from defect_studio.gui.plotting import pg
 from defect_studio.gui.session import Session, Stage
 from defect_studio.jobs import Progress, ProgressKind
 from defect_studio.ml.classifier_options import ARCH_DEFAULTS, ARCHITECTURES, ClassifierConfig
+from defect_studio.workflow_settings import load_workflow_settings, update_workflow_settings
 
 CLASSIFIER_FIELDS = [
     ("arch", "Backbone", "efficientnet-lite0: ImageNet features fine-tuned on your tags (its CAMs outline defects); "
      "compact: a small network trained from scratch"),
     ("epochs", "Epochs", "Most epochs to train (early stopping may end sooner)"),
     ("batch_size", "Batch size", "Images per step"),
-    ("lr", "Learning rate", "Initial learning rate"),
+    ("learning_rate", "Learning rate", "Peak learning rate (one-cycle)"),
     ("input_size", "Input size (px)", "Images are letterboxed to this size"),
     ("width", "Width", "Channels of the first stage of the compact network"),
     ("patience", "Patience", "Epochs without better validation AUROC before stopping"),
@@ -119,9 +120,7 @@ class TrainPanel(QWidget):
     def refresh(self) -> None:
         project = self.session.project
         if project is not None:
-            saved = project.get_setting("gui.classifier_config")
-            if isinstance(saved, dict):
-                self.form.set_values(saved)
+            self.form.set_values(load_workflow_settings(project).classifier)
         self._show_latest_run()
         self._update_enabled()
 
@@ -153,8 +152,7 @@ class TrainPanel(QWidget):
             return False
         from defect_studio.ml.classifier import train_project_classifier_job  # on use: with a broken torch the app still opens, tags and reviews
 
-        values = self.form.values()
-        project.set_setting("gui.classifier_config", values)
+        update_workflow_settings(project, classifier=self.form.values())  # what `defect-studio train` uses too
         # One torch thread fewer than the cores, so the GUI thread always has a core to paint on.
         config = self.form.config(threads=training_threads())
         self._clear_curves()
