@@ -5,8 +5,11 @@ The assist tool: a click or a loose stroke inside a defect grows into the defect
 release; with Shift held at the press, the grown region is removed instead.
 
 Each image gets its own `QUndoStack` (gathered in a `QUndoGroup`, whose active stack follows the
-image on screen). A stroke's undo command keeps only its bounding box and the pixels that were
-there before; undo and redo swap those pixels with the mask's, so no second copy is stored.
+image on screen). A stroke never copies the whole mask (100 MB for a 100 MP image): before it first
+paints into a block of `STROKE_BLOCK` × `STROKE_BLOCK` pixels it saves that block's pixels, and its
+undo command keeps only the saved blocks it changed; an assist step keeps its window, and fill /
+clear / revert the bounding box of the pixels they changed. Undo and redo swap the stored pixels
+with the mask's, so no second copy is stored.
 Edits are written through `project.save_edited_mask` (atomic) shortly after each change and at
 once when the user leaves the image, accepts, or closes the window.
 """
@@ -29,6 +32,42 @@ from defect_studio.project import Project
 MIN_BRUSH, MAX_BRUSH = 1, 256
 TOOLS = ("", "brush", "eraser", "assist")
 AUTOSAVE_DELAY_MS = 400
+STROKE_BLOCK = 64  # px: a stroke saves the mask block by block before painting into it
+
+Box = tuple[int, int, int, int]  # x0, y0, x1, y1
+
+
+class StrokeBackup:
+    """The pixels a stroke painted over, as they were: each `STROKE_BLOCK` block saved before the
+    stroke first paints into it, so memory follows the stroke's path, never the image's size."""
+
+    def __init__(self, mask: np.ndarray, block: int = STROKE_BLOCK) -> None:
+        self.mask = mask
+        self.block = block
+        self.blocks: dict[tuple[int, int], np.ndarray] = {}  # (block row, block column) -> original pixels
+
+    def block_box(self, row: int, column: int) -> Box:
+        height, width = self.mask.shape
+        b = self.block
+        return column * b, row * b, min(width, (column + 1) * b), min(height, (row + 1) * b)
+
+    def save(self, x0: int, y0: int, x1: int, y1: int) -> None:
+        """Keep the original pixels of every block the rectangle [x0, x1) × [y0, y1) touches."""
+        b = self.block
+        for row in range(y0 // b, (y1 - 1) // b + 1):
+            for column in range(x0 // b, (x1 - 1) // b + 1):
+                if (row, column) not in self.blocks:
+                    bx0, by0, bx1, by1 = self.block_box(row, column)
+                    self.blocks[(row, column)] = self.mask[by0:by1, bx0:bx1].copy()
+
+    def changed_blocks(self) -> list[tuple[Box, np.ndarray]]:
+        """(box, original pixels) of the saved blocks whose pixels the stroke changed."""
+        changed = []
+        for (row, column), original in self.blocks.items():
+            x0, y0, x1, y1 = self.block_box(row, column)
+            if not np.array_equal(original, self.mask[y0:y1, x0:x1]):
+                changed.append(((x0, y0, x1, y1), original))
+        return changed
 
 
 def fill_holes(mask: np.ndarray) -> np.ndarray:
@@ -42,6 +81,16 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
     flood_mask = np.zeros((height + 4, width + 4), np.uint8)  # OpenCV wants it 2 px larger
     cv2.floodFill(outside, flood_mask, (0, 0), 2, flags=4)
     return outside[1:-1, 1:-1] != 2
+
+
+def changed_box(old: np.ndarray, new: np.ndarray) -> Box | None:
+    """The bounding box (x0, y0, x1, y1) of the pixels where `old` and `new` differ; None if none do."""
+    differs = old != new
+    rows = np.flatnonzero(differs.any(axis=1))
+    if rows.size == 0:
+        return None
+    columns = np.flatnonzero(differs[rows[0] : rows[-1] + 1].any(axis=0))
+    return int(columns[0]), int(rows[0]), int(columns[-1]) + 1, int(rows[-1]) + 1
 
 
 @dataclass
@@ -60,27 +109,37 @@ class MaskEditSession:
 
 
 class RegionSwapCommand(QUndoCommand):
-    """Undo/redo by swapping a rectangle of the mask with the stored pixels.
+    """Undo/redo by swapping rectangles of the mask with the stored pixels (one rectangle, or the
+    blocks a stroke changed).
 
     Created after the change was applied, holding the *old* pixels; the first redo (done by
     QUndoStack.push) is therefore skipped.
     """
 
-    def __init__(self, editor: "MaskEditor", session: MaskEditSession, box: tuple[int, int, int, int],
-                 old_pixels: np.ndarray, text: str) -> None:
+    def __init__(self, editor: "MaskEditor", session: MaskEditSession, box: Box, old_pixels: np.ndarray, text: str,
+                 parts: list[tuple[Box, np.ndarray]] | None = None) -> None:
         super().__init__(text)
         self._editor = editor
         self._session = session
-        self._box = box
-        self._stored = old_pixels
+        self._box = box  # what to repaint: the union of the parts
+        self._parts = parts if parts is not None else [(box, old_pixels)]
         self._applied = True
 
+    @classmethod
+    def of_blocks(cls, editor: "MaskEditor", session: MaskEditSession, parts: list[tuple[Box, np.ndarray]],
+                  text: str) -> "RegionSwapCommand":
+        box = (min(p[0][0] for p in parts), min(p[0][1] for p in parts),
+               max(p[0][2] for p in parts), max(p[0][3] for p in parts))
+        return cls(editor, session, box, parts[0][1], text, parts)
+
     def _swap(self) -> None:
-        x0, y0, x1, y1 = self._box
-        region = self._session.mask[y0:y1, x0:x1]
-        current = region.copy()
-        region[...] = self._stored
-        self._stored = current
+        swapped = []
+        for (x0, y0, x1, y1), stored in self._parts:
+            region = self._session.mask[y0:y1, x0:x1]
+            current = region.copy()
+            region[...] = stored
+            swapped.append(((x0, y0, x1, y1), current))
+        self._parts = swapped
         self._editor._changed(self._session, self._box)
 
     def redo(self) -> None:
@@ -94,7 +153,7 @@ class RegionSwapCommand(QUndoCommand):
 
     @property
     def stored_bytes(self) -> int:
-        return int(self._stored.nbytes)
+        return sum(int(stored.nbytes) for _, stored in self._parts)
 
 
 class MaskEditor(QObject):
@@ -115,7 +174,7 @@ class MaskEditor(QObject):
         self._sessions: dict[tuple[int, int], MaskEditSession] = {}
         self.tool = ""
         self.brush_size = 15
-        self._stroke_snapshot: np.ndarray | None = None
+        self._stroke_backup: StrokeBackup | None = None
         self._stroke_box: list[int] | None = None
         self._last_point: tuple[int, int] | None = None
         self._hover: tuple[float, float] | None = None
@@ -223,7 +282,7 @@ class MaskEditor(QObject):
             self._assist_subtract = bool(self.viewer.mask_layer.modifiers & Qt.KeyboardModifier.ShiftModifier)
             self.viewer.show_stroke(self._assist_points, self.brush_size, self._assist_subtract)
             return
-        self._stroke_snapshot = self.session.mask.copy()
+        self._stroke_backup = StrokeBackup(self.session.mask)
         point = (int(round(x - 0.5)), int(round(y - 0.5)))
         self._stroke_box = [point[0], point[1], point[0] + 1, point[1] + 1]
         self._last_point = point
@@ -269,6 +328,8 @@ class MaskEditor(QObject):
         y1 = min(height, max(start[1], end[1]) + reach + 1)
         if x1 <= x0 or y1 <= y0:
             return
+        if self._stroke_backup is not None:
+            self._stroke_backup.save(x0, y0, x1, y1)
         # Draw on the sub-array only: OpenCV then touches (and we recolour) just this rectangle.
         region = mask[y0:y1, x0:x1]
         local_start = (start[0] - x0, start[1] - y0)
@@ -286,19 +347,18 @@ class MaskEditor(QObject):
         self.viewer.mask_layer.refresh(x0, y0, x1, y1)
 
     def end_stroke(self) -> None:
-        session, snapshot, box = self.session, self._stroke_snapshot, self._stroke_box
-        self._stroke_snapshot = self._stroke_box = self._last_point = None
-        if session is None or snapshot is None or box is None:
+        session, backup, box = self.session, self._stroke_backup, self._stroke_box
+        self._stroke_backup = self._stroke_box = self._last_point = None
+        if session is None or backup is None or box is None or backup.mask is not session.mask:
             return
-        height, width = session.mask.shape
-        x0, y0, x1, y1 = max(0, box[0]), max(0, box[1]), min(width, box[2]), min(height, box[3])
-        old = snapshot[y0:y1, x0:x1].copy()
-        if np.array_equal(old, session.mask[y0:y1, x0:x1]):
+        changed = backup.changed_blocks()
+        if not changed:
             return  # nothing changed: no undo step, nothing to save
         session.stroke_count += 1
         label = "Brush stroke" if self.tool == "brush" else "Eraser stroke"
-        session.stack.push(RegionSwapCommand(self, session, (x0, y0, x1, y1), old, label))
-        self._changed(session, (x0, y0, x1, y1), refresh=False)
+        command = RegionSwapCommand.of_blocks(self, session, changed, label)
+        session.stack.push(command)
+        self._changed(session, command._box, refresh=False)
 
     def assist_stroke(self, points: list[tuple[int, int]], subtract: bool = False) -> bool:
         """Grow the defect under `points` (image pixels; one point is a click) and add it to the mask, or
@@ -353,12 +413,12 @@ class MaskEditor(QObject):
         if session is None:
             return False
         new_mask = (new_mask > 0).astype(np.uint8)
-        if np.array_equal(new_mask, session.mask):
+        box = changed_box(session.mask, new_mask)
+        if box is None:
             return False
-        old = session.mask.copy()
-        session.mask[...] = new_mask
-        height, width = session.mask.shape
-        box = (0, 0, width, height)
+        x0, y0, x1, y1 = box
+        old = session.mask[y0:y1, x0:x1].copy()  # the changed rectangle only, not the whole mask
+        session.mask[y0:y1, x0:x1] = new_mask[y0:y1, x0:x1]
         session.stack.push(RegionSwapCommand(self, session, box, old, text))
         self._changed(session, box)
         return True

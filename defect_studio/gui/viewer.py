@@ -1,9 +1,13 @@
 """The large viewer: a pyqtgraph ViewBox with the image, a CAM heatmap, the mask and its outline.
 
 Layers, bottom to top: the image (`ImageItem`), the heatmap (`ImageItem` with a colormap and an
-opacity), the mask (`MaskLayer`, a premultiplied ARGB buffer of which only the dirty rectangle is
-refreshed and repainted while painting), the threshold outline (a path), the assist tool's stroke
-while it is drawn, the brush cursor.
+opacity), the mask (`MaskLayer`, of which only the dirty rectangle is repainted while painting), the
+threshold outline (a path), the assist tool's stroke while it is drawn, the brush cursor.
+
+Large images (100 MP): the image and heatmap items downsample themselves to the screen's resolution
+(pyqtgraph's autoDownsample), and the mask layer colours only the exposed part of the mask, one mask
+pixel in `step` per screen pixel when zoomed out; nothing as large as the image is made per repaint,
+and the mask is shown from the editor's own array (no full-size colour buffer beside it).
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from typing import Callable
 
 import cv2
 import numpy as np
-from PySide6.QtCore import QPointF, QRectF, Qt, Signal
+from PySide6.QtCore import QPointF, QRect, QRectF, Qt, Signal
 from PySide6.QtGui import QColor, QImage, QPainter, QPainterPath, QPen, QWheelEvent
 from PySide6.QtWidgets import (
     QGraphicsEllipseItem,
@@ -66,8 +70,6 @@ class MaskLayer(QGraphicsObject):
         super().__init__()
         self.setFlag(QGraphicsItem.GraphicsItemFlag.ItemUsesExtendedStyleOption, True)
         self._mask: np.ndarray | None = None
-        self._buffer = np.zeros((1, 1), np.uint32)
-        self._qimage = QImage()
         self._fill = _premultiplied_argb(MASK_COLOUR, MASK_ALPHA)
         self.painting_enabled = False
         self.on_press: Callable[[float, float], None] | None = None
@@ -83,14 +85,6 @@ class MaskLayer(QGraphicsObject):
         """Show `mask` (kept by reference: the editor changes it in place and calls refresh)."""
         self.prepareGeometryChange()
         self._mask = mask
-        if mask is None:
-            self._buffer = np.zeros((1, 1), np.uint32)
-            self._qimage = QImage()
-        else:
-            height, width = mask.shape
-            self._buffer = np.zeros((height, width), np.uint32)
-            self._qimage = QImage(self._buffer.data, width, height, width * 4, QImage.Format.Format_ARGB32_Premultiplied)
-            self.refresh(0, 0, width, height)
         self.update()
 
     @property
@@ -98,14 +92,13 @@ class MaskLayer(QGraphicsObject):
         return self._mask
 
     def refresh(self, x0: int, y0: int, x1: int, y1: int) -> None:
-        """Recolour and repaint the rectangle [x0, x1) × [y0, y1) of the mask."""
+        """Repaint the rectangle [x0, x1) × [y0, y1) of the mask (after the editor changed it)."""
         if self._mask is None:
             return
         height, width = self._mask.shape
         x0, y0, x1, y1 = max(0, x0), max(0, y0), min(width, x1), min(height, y1)
         if x1 <= x0 or y1 <= y0:
             return
-        np.multiply(self._mask[y0:y1, x0:x1], self._fill, out=self._buffer[y0:y1, x0:x1], casting="unsafe")
         self.update(QRectF(x0, y0, x1 - x0, y1 - y0))
 
     def set_tool_active(self, active: bool) -> None:
@@ -125,12 +118,23 @@ class MaskLayer(QGraphicsObject):
         return path
 
     def paint(self, painter: QPainter, option: QStyleOptionGraphicsItem, widget: QWidget | None = None) -> None:
-        if self._qimage.isNull():
+        if self._mask is None:
             return
-        exposed = option.exposedRect.toAlignedRect().intersected(self._qimage.rect())
+        height, width = self._mask.shape
+        exposed = option.exposedRect.toAlignedRect().intersected(QRect(0, 0, width, height))
         if exposed.isEmpty():
             return
-        painter.drawImage(QRectF(exposed), self._qimage, QRectF(exposed))
+        # Zoomed out, one mask pixel in `step` (a power of two) per screen pixel is drawn, as Qt's
+        # unsmoothed scaling would pick anyway: the work follows the screen, not the image.
+        screen_per_pixel = QStyleOptionGraphicsItem.levelOfDetailFromTransform(painter.worldTransform())
+        step = 1 << max(0, int(np.floor(np.log2(1.0 / screen_per_pixel)))) if 0 < screen_per_pixel < 1 else 1
+        x0, y0 = exposed.left() // step * step, exposed.top() // step * step
+        x1, y1 = exposed.right() + 1, exposed.bottom() + 1
+        colours = np.multiply(self._mask[y0:y1:step, x0:x1:step], self._fill, dtype=np.uint32)
+        rows, columns = colours.shape
+        image = QImage(colours.data, columns, rows, columns * 4, QImage.Format.Format_ARGB32_Premultiplied)
+        painter.setClipRect(QRectF(0, 0, width, height), Qt.ClipOperation.IntersectClip)  # a last sample's overhang
+        painter.drawImage(QRectF(x0, y0, columns * step, rows * step), image)
         if self.after_paint is not None:
             self.after_paint()
 
@@ -174,8 +178,9 @@ class ImageViewer(pg.GraphicsView):
         self.view_box = pg.ViewBox(lockAspect=True, invertY=True, enableMenu=False)
         self.view_box.setBackgroundColor(pg.mkColor("#0d1117"))
         self.setCentralItem(self.view_box)
-        self.image_item = pg.ImageItem(axisOrder="row-major")
-        self.heat_item = pg.ImageItem(axisOrder="row-major")
+        # autoDownsample: pyqtgraph's level of detail, so a 100 MP image is drawn from a screen-sized copy.
+        self.image_item = pg.ImageItem(axisOrder="row-major", autoDownsample=True)
+        self.heat_item = pg.ImageItem(axisOrder="row-major", autoDownsample=True)
         self.heat_item.setZValue(1)
         self.heat_item.setOpacity(0.5)
         self.heat_item.setVisible(False)
