@@ -17,7 +17,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Generator, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Generator, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -35,6 +35,9 @@ from defect_studio.ml.distributed import Ranks, with_global_batch_norm
 from defect_studio.ml.metrics import auroc, binary_scores
 from defect_studio.ml.models import ClassifierConfig, DefectClassifier, build_classifier
 from defect_studio.ml.preprocess import Geometry, Preprocessing
+
+if TYPE_CHECKING:
+    from defect_studio.project.store import Project
 
 CHECKPOINT_FORMAT = "defect-studio-classifier"
 CHECKPOINT_VERSION = 1
@@ -768,7 +771,7 @@ def _next_checkpoint_path(models_dir: Path) -> Path:
     return models_dir / f"classifier-{max(numbers, default=0) + 1}.pt"
 
 
-def project_validation_seed(project: Any, default: int) -> int:
+def project_validation_seed(project: Project, default: int) -> int:
     """The project's validation seed, fixed at its first training and stored in its settings."""
     seed = project.get_setting(VALIDATION_SEED_SETTING, None)
     if seed is None:
@@ -797,7 +800,7 @@ class ProjectTrainingPlan:
     held_out: set[str]
 
 
-def plan_project_training(project: Any, config: ClassifierConfig) -> ProjectTrainingPlan:
+def plan_project_training(project: Project, config: ClassifierConfig) -> ProjectTrainingPlan:
     """The tagged images, the fitted config and the validation split of a project (nothing written)."""
     records = [r for r in project.images() if r.tag in LABELS]
     check_two_classes([r.tag for r in records])
@@ -813,13 +816,13 @@ def plan_project_training(project: Any, config: ClassifierConfig) -> ProjectTrai
     )
 
 
-def begin_project_training(project: Any, plan: ProjectTrainingPlan) -> Path:
+def begin_project_training(project: Project, plan: ProjectTrainingPlan) -> Path:
     """Fix the project's validation seed (at its first training) and choose the new checkpoint's path."""
     project_validation_seed(project, plan.validation_seed)
     return _next_checkpoint_path(Path(project.models_dir))
 
 
-def record_project_training(project: Any, plan: ProjectTrainingPlan, checkpoint_path: Path, result: TrainResult) -> None:
+def record_project_training(project: Project, plan: ProjectTrainingPlan, checkpoint_path: Path, result: TrainResult) -> None:
     project.record_training_run(
         kind="classifier",
         config={**plan.config.to_dict(), "validation_seed": plan.validation_seed},
@@ -832,7 +835,7 @@ def record_project_training(project: Any, plan: ProjectTrainingPlan, checkpoint_
 
 
 def train_project_classifier_job(
-    project: Any, config: ClassifierConfig, cancel: CancelToken, device: str = "auto"
+    project: Project, config: ClassifierConfig, cancel: CancelToken, device: str = "auto"
 ) -> Generator[Progress, None, TrainResult]:
     """Train on the project's tagged images; record the run; a cancelled run leaves the project as it was."""
     plan = plan_project_training(project, config)
