@@ -141,3 +141,31 @@ def test_refuses_a_folder_with_other_files_and_bad_arguments(tmp_path: Path) -> 
         make_demo_dataset(tmp_path / "x", count=2)
     with pytest.raises(DataError):
         make_demo_dataset(tmp_path / "y", count=20, defect_fraction=1.0)
+
+
+def test_the_demo_project_job_reports_each_image_and_a_cancelled_one_is_completed_next_time(tmp_path: Path) -> None:
+    """One job for `defect-studio demo` and the window's File ▸ Open the demo project: progress per image,
+    a cancel honoured, and a demo stopped midway finished by the next run."""
+    from defect_studio.jobs import CancelToken, JobCancelled, ProgressKind, run_job
+    from defect_studio.project import Project
+    from defect_studio.project.demo_project import demo_project_exists, demo_project_job
+
+    cancel, events = CancelToken(), []
+
+    def cancel_after_three(event) -> None:  # type: ignore[no-untyped-def]
+        events.append(event)
+        if event.stage == "demo images" and event.step == 3:
+            cancel.cancel()
+
+    with pytest.raises(JobCancelled):
+        run_job(demo_project_job(tmp_path, cancel, count=12), cancel_after_three)
+    assert [e.step for e in events if e.stage == "demo images"] == [1, 2, 3]
+    assert all(e.kind == ProgressKind.STEP and e.total == 12 for e in events)
+    assert not (tmp_path / "dataset" / "labels.csv").exists() and not demo_project_exists(tmp_path)
+
+    events.clear()
+    project_dir = run_job(demo_project_job(tmp_path, CancelToken(), count=12), events.append)
+    assert demo_project_exists(tmp_path) and project_dir == tmp_path / "project"
+    assert {e.stage for e in events} >= {"demo images"}
+    with Project.open(project_dir) as project:
+        assert len(project.images()) == 12 and {i.tag for i in project.images()} == {"good", "defect"}
