@@ -29,14 +29,16 @@ from defect_studio.ml.tiling import (
 def test_tiles_cover_the_image_and_their_weights_sum_to_one(height: int, width: int, tile: int, overlap: int):
     grid = TileGrid(height, width, tile, overlap)
     covered = np.zeros((height, width), np.int32)
+    assert grid.tile_height <= min(tile, height) and grid.tile_width <= min(tile, width)
     for box in grid.boxes():
-        assert box.shape == (min(tile, height), min(tile, width))
+        assert box.shape == (grid.tile_height, grid.tile_width)
         covered[box.slices] += 1
     assert covered.min() >= 1
-    for starts, length in ((grid.ys, height), (grid.xs, width)):
-        span = min(tile, length)
+    for starts, length, span in ((grid.ys, height, grid.tile_height), (grid.xs, width, grid.tile_width)):
         assert starts[0] == 0 and starts[-1] + span == length
-        assert all(b - a <= tile - overlap for a, b in zip(starts, starts[1:]))  # neighbours overlap by >= overlap
+        assert all(b - a <= span - overlap for a, b in zip(starts, starts[1:]))  # neighbours overlap by >= overlap
+        # The fewest tiles: one fewer could not cover the axis with that overlap.
+        assert (len(starts) - 1) * (tile - overlap) + overlap < length or len(starts) == 1
     image = np.random.default_rng(0).random((height, width)).astype(np.float32)
     # A map that is the same whatever tile computes it comes back exactly: the weights are a partition of one.
     np.testing.assert_allclose(stitch_map(grid, lambda box: image[box.slices]), image, atol=1e-6)
@@ -140,7 +142,9 @@ def test_auto_keeps_small_images_whole_and_tiles_large_ones():
     assert auto.grid_for(2048, 2048) is None  # today's behaviour for small images
     assert auto.grid_for(100, 16_000) is None  # a thin strip of 1.6 MP stays whole too
     grid = auto.grid_for(2000, 16_000)  # a 32 MP line-scan strip
-    assert grid is not None and grid.tile_height == 1024 and len(grid.xs) == len(axis_starts(16_000, 1024, 128))
+    assert grid is not None and len(grid.xs) == len(axis_starts(16_000, 1024, 128)) == 18
+    assert grid.tile_width == 1024  # 18 tiles of 1024 px with 128 px overlap just cover 16 000 px
+    assert grid.ys == (0, 616, 1232) and grid.tile_height == 768  # 3 rows, shrunk to 768 px (2 cannot overlap 128)
     assert Tiling("whole").grid_for(10_000, 10_000) is None
     assert Tiling("tiles", 256, 32).grid_for(300, 300) is not None
     assert choose_tiling([(512, 512), (1024, 768)]).mode == "whole"

@@ -56,14 +56,24 @@ class TileBox(NamedTuple):
         return self.y1 - self.y0, self.x1 - self.x0
 
 
-def axis_starts(length: int, tile: int, overlap: int) -> list[int]:
-    """Where the tiles along one axis start: the fewest tiles that overlap their neighbours by at least
-    `overlap` pixels, spread evenly from the first pixel to the last (no sliver of a last tile); one
-    tile when the axis is no longer than a tile."""
+TILE_ALIGN = 32  # px: tiles shrunk to fit an axis stay a multiple of the networks' stride (no padding)
+
+
+def axis_tiles(length: int, tile: int, overlap: int) -> tuple[int, list[int]]:
+    """(span, starts) of the tiles along one axis: the fewest tiles of at most `tile` pixels that
+    overlap their neighbours by at least `overlap`, each shrunk to just cover the axis (rounded up to
+    `TILE_ALIGN`) and spread evenly from the first pixel to the last, so the overlap costs no more
+    than it must; one tile as long as the axis when it is no longer than a tile."""
     if length <= tile:
-        return [0]
+        return length, [0]
     count = math.ceil((length - overlap) / (tile - overlap))
-    return [round(index * (length - tile) / (count - 1)) for index in range(count)]
+    span = min(tile, math.ceil(math.ceil((length + (count - 1) * overlap) / count) / TILE_ALIGN) * TILE_ALIGN)
+    # Neighbours start at most ceil((length - span) / (count - 1)) <= span - overlap apart.
+    return span, [round(index * (length - span) / (count - 1)) for index in range(count)]
+
+
+def axis_starts(length: int, tile: int, overlap: int) -> list[int]:
+    return axis_tiles(length, tile, overlap)[1]
 
 
 def raised_cosine_ramp(overlap: int) -> np.ndarray:
@@ -101,6 +111,8 @@ class TileGrid:
     overlap: int
     ys: tuple[int, ...] = field(init=False)  # the tile rows' first pixel rows
     xs: tuple[int, ...] = field(init=False)
+    tile_height: int = field(init=False)  # at most tile_size: shrunk to cover the axis with the fewest tiles
+    tile_width: int = field(init=False)
 
     def __post_init__(self) -> None:
         check_tile_settings(self.tile_size, self.overlap)
@@ -112,16 +124,10 @@ class TileGrid:
                 "compute it whole (tiling 'whole' or 'auto') or choose tiles at most "
                 f"{max(self.height, self.width)} px."
             )
-        object.__setattr__(self, "ys", tuple(axis_starts(self.height, self.tile_size, self.overlap)))
-        object.__setattr__(self, "xs", tuple(axis_starts(self.width, self.tile_size, self.overlap)))
-
-    @property
-    def tile_height(self) -> int:
-        return min(self.tile_size, self.height)
-
-    @property
-    def tile_width(self) -> int:
-        return min(self.tile_size, self.width)
+        tile_height, ys = axis_tiles(self.height, self.tile_size, self.overlap)
+        tile_width, xs = axis_tiles(self.width, self.tile_size, self.overlap)
+        for name, value in (("ys", tuple(ys)), ("xs", tuple(xs)), ("tile_height", tile_height), ("tile_width", tile_width)):
+            object.__setattr__(self, name, value)
 
     def __len__(self) -> int:
         return len(self.ys) * len(self.xs)
