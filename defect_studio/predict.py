@@ -178,6 +178,9 @@ def load_exported(model_dir: str | Path) -> ExportedSegmenter:
         )
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3
+    # Memory patterns are planned per input shape, and the images' (and tiles') shapes vary: with them one
+    # 960² tile of the default segmenter peaked at 670 MB RSS, without them 355 MB at the same speed.
+    options.enable_mem_pattern = False
     try:
         session = onnxruntime.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
     except Exception as error:

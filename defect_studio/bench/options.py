@@ -10,12 +10,14 @@ import argparse
 from pathlib import Path
 
 # What `defect-studio bench WHICH` runs: each a module defect_studio.bench.<name> with main(args).
-BENCH_NAMES = ("classifier", "cams", "segmenter", "full", "mislabels", "assist")
+BENCH_NAMES = ("classifier", "cams", "segmenter", "full", "mislabels", "assist", "scale")
+BENCHES_WITHOUT_DATASET = ("scale",)  # they make their own synthetic images
 
 
-def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of every benchmark (also used by `python -m defect_studio.bench.<name>`)."""
-    parser.add_argument("--dataset", type=Path, required=True, help="dataset folder (images/, labels.csv, ...)")
+def add_bench_arguments(parser: argparse.ArgumentParser, dataset_required: bool = True) -> None:
+    """The options of every benchmark (also used by `python -m defect_studio.bench.<name>`); the CLI,
+    which also runs the benchmarks without a dataset, checks --dataset itself (`dataset_problem`)."""
+    parser.add_argument("--dataset", type=Path, required=dataset_required, help="dataset folder (images/, labels.csv, ...)")
     parser.add_argument("--quick", action="store_true", help="a small subset and few epochs (minutes)")
     parser.add_argument("--out", type=Path, help="where to write the JSON and markdown tables")
     parser.add_argument("--seed", type=int, default=0)
@@ -43,3 +45,12 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--candidates", nargs="+", metavar="NAME", help="segmenter: the recipes to compare (default: all)")
     parser.add_argument("--steps", nargs="+", type=int, metavar="N", help="segmenter: training steps per candidate")
     parser.add_argument("--json", action="store_true", help="print progress events as JSON lines")
+    parser.add_argument("--sizes", nargs="+", type=float, metavar="MP",
+                        help="scale: image sizes in megapixels (default 1 4 16 64 100; --quick: 1 4)")
+
+
+def dataset_problem(which: str, dataset: Path | None) -> str | None:
+    """Why `bench WHICH` cannot run with this --dataset, or None."""
+    if dataset is None and which not in BENCHES_WITHOUT_DATASET:
+        return f"bench {which} needs --dataset DATASET (a folder in the README layout)."
+    return None

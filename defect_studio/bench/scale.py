@@ -1,0 +1,333 @@
+"""`defect-studio bench scale`: time and peak memory per image size, 1 to 100 megapixels.
+
+Synthetic gray 8-bit images (a textured surface with 3 px pits and thin scratches, about two defects
+per megapixel) of 1, 4, 16, 64 and 100 MP (`--quick`: 1 and 4) are written as PNG. Each step runs in
+a fresh Python process of its own, so its peak RSS (getrusage's ru_maxrss) is that step's alone:
+
+- import: a new project imports the folder holding the one image (header check, decode, hash, database).
+- predict: the production line's `predict` path on the image: decode, the exported segmenter
+  (EfficientNet-Lite0 U-Net, ImageNet encoder, untrained decoder: its cost, not its masks) by
+  overlapping tiles where the tiling says so, the mask PNG written. The baseline is taken after the
+  model has run once on a full tile, so it holds the model and one tile's working memory.
+- brush: the viewer and mask editor (offscreen Qt) showing the image fitted in an 800 × 600 view;
+  milliseconds from a brush mouse-move event to the end of the mask layer's repaint
+  (`gui_responsiveness.measure_brush`, 100 events).
+
+CAMs and proposals are not measured: they are not computed by tiles yet (issue 15), so a large
+image goes through them at the classifier's input size.
+
+Targets (issue 15): seconds per megapixel within ±25 % from 4 to 100 MP; peak RSS at most 3× the
+decoded image plus the process's baseline (interpreter, libraries, the model: measured before the
+image is read); a brush repaint on 100 MP within 16 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SIZES_MP = (1, 4, 16, 64, 100)
+QUICK_SIZES_MP = (1, 4)
+STEPS = ("import", "predict", "brush")
+BRUSH_EVENTS = 100
+BRUSH_TARGET_MS = 16.0
+PER_MP_SPREAD_TARGET = 0.25
+RSS_TARGET_FACTOR = 3.0
+STEP_TIMEOUT_S = 1800
+
+
+def image_side(megapixels: float) -> int:
+    return int(round(math.sqrt(megapixels * 1e6)))
+
+
+def synthetic_surface(megapixels: float, seed: int = 0) -> np.ndarray:
+    """A side × side uint8 surface with small defects, made without any array wider than a byte a pixel
+    besides a few rows (the 100 MP image is 100 MB)."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    side = image_side(megapixels)
+    columns = (110 + 20 * np.sin(np.arange(side) / 37.0)).astype(np.uint8)
+    rows = (10 * (1 + np.sin(np.arange(side) / 53.0))).astype(np.uint8)
+    image = np.add.outer(rows, columns)  # gentle shading, uint8
+    grain = rng.integers(0, 12, (256, 256), dtype=np.uint8)  # sensor grain, tiled
+    for y in range(0, side, 256):
+        block = image[y : y + 256]
+        block += np.tile(grain, (1, side // 256 + 1))[: block.shape[0], :side]
+    count = max(2, int(round(2 * megapixels)))
+    for _ in range(count):  # 3 px dark pits and short thin scratches
+        x, y = int(rng.integers(8, side - 8)), int(rng.integers(8, side - 8))
+        if rng.random() < 0.6:
+            cv2.circle(image, (x, y), 1, 30, -1)
+        else:
+            angle, length = rng.uniform(0, np.pi), int(rng.integers(20, 120))
+            end = (int(x + length * np.cos(angle)), int(y + length * np.sin(angle)))
+            cv2.line(image, (x, y), end, 200, 1)
+    return image
+
+
+def write_surface(path: Path, megapixels: float, seed: int = 0) -> int:
+    """Write the synthetic image as a PNG (fast compression); returns its decoded bytes."""
+    import cv2
+
+    image = synthetic_surface(megapixels, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(path), image, [cv2.IMWRITE_PNG_COMPRESSION, 1]):
+        raise OSError(f"cannot write {path}")
+    return int(image.nbytes)
+
+
+def export_timing_model(out_dir: Path) -> Path:
+    """An exported segmenter for timing: the default architecture with ImageNet's encoder, untrained decoder."""
+    import torch
+
+    from defect_studio.ml.export import export_segmenter
+    from defect_studio.ml.segmenter import LoadedSegmenter, SegmenterConfig, build_segmenter
+
+    config = SegmenterConfig(encoder_weights="imagenet")
+    model = build_segmenter(1, config, imagenet_weights=True).eval()
+    meta = {"in_channels": 1, "size_multiple": model.size_multiple, "config": config.to_dict(), "threshold": 0.5}
+    loaded = LoadedSegmenter(model, meta, torch.device("cpu"), "bench-scale")
+    parity = np.random.default_rng(0).random((96, 128, 1)).astype(np.float32)
+    export_segmenter(loaded, out_dir, [parity], {"note": "bench scale timing model (untrained decoder)"})
+    return out_dir
+
+
+# ----------------------------------------------------------------------------------- one step, in a child
+def _peak_rss() -> int:
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # kB on Linux
+
+
+def _measure_import(image_path: Path, workdir: Path) -> dict[str, Any]:
+    from defect_studio.jobs import CancelToken, run_job
+    from defect_studio.project import Project
+    from defect_studio.project.importer import import_job
+
+    baseline = _peak_rss()
+    started = time.perf_counter()
+    with Project.create(workdir / "project", image_path.parent) as project:
+        report = run_job(import_job(project, image_path.parent, None, CancelToken()))
+    seconds = time.perf_counter() - started
+    if report.added != 1:
+        raise RuntimeError(f"the import added {report.added} images: {report.lines()}")
+    return {"seconds": seconds, "baseline_rss": baseline, "peak_rss": _peak_rss()}
+
+
+def _measure_predict(image_path: Path, model_dir: Path, workdir: Path) -> dict[str, Any]:
+    from defect_studio.imageio import decode_image, write_mask
+    from defect_studio.predict import load_exported
+
+    model = load_exported(model_dir)
+    # "Plus the models": the network and its working memory for one full tile are part of the baseline.
+    tile = model.tiling.tile_size
+    model.whole_probability(np.zeros((tile, tile, model.channels), np.float32))
+    baseline = _peak_rss()
+    started = time.perf_counter()
+    pixels, _ = decode_image(image_path)
+    decoded = time.perf_counter()
+    mask = model.mask_of_pixels(pixels)
+    predicted = time.perf_counter()
+    write_mask(workdir / "mask.png", mask)
+    seconds = time.perf_counter() - started
+    grid = model.tiling.grid_for(*pixels.shape[:2])
+    return {"seconds": seconds, "decode_s": decoded - started, "network_s": predicted - decoded,
+            "tiles": 1 if grid is None else len(grid), "baseline_rss": baseline, "peak_rss": _peak_rss()}
+
+
+def _measure_brush(image_path: Path) -> dict[str, Any]:
+    os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+    from types import SimpleNamespace
+
+    from PySide6.QtWidgets import QApplication
+
+    from defect_studio.bench.gui_responsiveness import _spin, measure_brush
+    from defect_studio.gui.mask_editor import MaskEditor
+    from defect_studio.gui.viewer import ImageViewer
+    from defect_studio.imageio import decode_image
+
+    app = QApplication.instance() or QApplication([])
+    viewer = ImageViewer()
+    viewer.resize(800, 600)
+    viewer.show()
+    editor = MaskEditor(viewer)
+    _spin(app, 0.2)
+    baseline = _peak_rss()
+    started = time.perf_counter()
+    pixels, _ = decode_image(image_path)
+    viewer.set_image(pixels)
+    editor.open(-1, -1, np.zeros(pixels.shape[:2], bool), scratch=True)
+    editor.set_tool("brush")
+    editor.set_brush_size(24)
+    _spin(app, 0.3)
+    shown_s = time.perf_counter() - started
+    timings = measure_brush(app, SimpleNamespace(viewer=viewer), events=BRUSH_EVENTS)
+    undo_bytes = editor.undo_bytes()
+    viewer.close()
+    return {"seconds": shown_s, "brush_median_ms": float(np.median(timings)) if timings else float("nan"),
+            "brush_max_ms": max(timings) if timings else float("nan"), "brush_events": len(timings),
+            "undo_bytes": undo_bytes, "baseline_rss": baseline, "peak_rss": _peak_rss()}
+
+
+def measure_step(step: str, image_path: Path, model_dir: Path | None, workdir: Path) -> dict[str, Any]:
+    workdir.mkdir(parents=True, exist_ok=True)
+    if step == "import":
+        return _measure_import(image_path, workdir)
+    if step == "predict":
+        assert model_dir is not None
+        return _measure_predict(image_path, model_dir, workdir)
+    if step == "brush":
+        return _measure_brush(image_path)
+    raise ValueError(step)
+
+
+def run_step_in_child(step: str, image_path: Path, model_dir: Path, workdir: Path) -> dict[str, Any]:
+    """One step in a fresh interpreter: its peak RSS is its own."""
+    command = [sys.executable, "-m", "defect_studio.bench.scale", "--measure", step, "--image", str(image_path),
+               "--model", str(model_dir), "--workdir", str(workdir)]
+    env = {**os.environ, "QT_QPA_PLATFORM": os.environ.get("QT_QPA_PLATFORM", "offscreen")}
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=STEP_TIMEOUT_S, env=env)
+    except subprocess.TimeoutExpired:
+        return {"error": f"over {STEP_TIMEOUT_S} s"}
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        return {"error": (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1][:200]}
+    return json.loads(lines[-1])
+
+
+# ----------------------------------------------------------------------------------- the table
+def _mb(value: float | None) -> float:
+    return float("nan") if value is None else value / 1e6
+
+
+def table_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for result in results:
+        megapixels, decoded = result["megapixels"], result["decoded_bytes"]
+        row: dict[str, Any] = {"MP": megapixels, "image": f"{result['side']}²", "decoded MB": _mb(decoded)}
+        for step in STEPS:
+            measured = result.get(step, {})
+            if "error" in measured:
+                row[f"{step} s"] = f"failed: {measured['error']}"
+                continue
+            row[f"{step} s"] = measured.get("seconds", float("nan"))
+            row[f"{step} peak MB"] = _mb(measured.get("peak_rss"))
+            row[f"{step} ×decoded"] = (measured["peak_rss"] - measured["baseline_rss"]) / decoded
+        predict = result.get("predict", {})
+        if "seconds" in predict:
+            row["predict s/MP"] = predict["seconds"] / megapixels
+            row["tiles"] = predict["tiles"]
+        if "seconds" in result.get("import", {}):
+            row["import s/MP"] = result["import"]["seconds"] / megapixels
+        brush = result.get("brush", {})
+        row["brush median ms"] = brush.get("brush_median_ms", float("nan"))
+        row["brush max ms"] = brush.get("brush_max_ms", float("nan"))
+        rows.append(row)
+    return rows
+
+
+COLUMNS = ["MP", "image", "decoded MB", "import s", "import s/MP", "import peak MB", "import ×decoded",
+           "predict s", "predict s/MP", "tiles", "predict peak MB", "predict ×decoded",
+           "brush s", "brush peak MB", "brush ×decoded", "brush median ms", "brush max ms"]
+
+
+def per_mp_spread(rows: list[dict[str, Any]], column: str) -> float:
+    """Largest relative distance of seconds per MP from their mean, over the sizes from 4 MP up."""
+    values = [row[column] for row in rows if row["MP"] >= 4 and isinstance(row.get(column), float)]
+    if len(values) < 2:
+        return float("nan")
+    mean = sum(values) / len(values)
+    return max(abs(v - mean) / mean for v in values)
+
+
+def target_notes(rows: list[dict[str, Any]]) -> list[str]:
+    notes = []
+    for column in ("import s/MP", "predict s/MP"):
+        spread = per_mp_spread(rows, column)
+        verdict = "–" if math.isnan(spread) else ("met" if spread <= PER_MP_SPREAD_TARGET else "NOT met")
+        notes.append(f"{column} from 4 MP up: largest distance from the mean {spread * 100:.0f} % "
+                     f"(target ±{PER_MP_SPREAD_TARGET * 100:.0f} %): {verdict}.")
+    for step in STEPS:
+        worst = max((row.get(f"{step} ×decoded", float("nan")) for row in rows), default=float("nan"))
+        if isinstance(worst, float) and not math.isnan(worst):
+            notes.append(f"{step}: peak RSS above the process's baseline at most {worst:.2f}× the decoded image "
+                         f"(target ≤ {RSS_TARGET_FACTOR:.0f}×): {'met' if worst <= RSS_TARGET_FACTOR else 'NOT met'}.")
+    largest = max(rows, key=lambda row: row["MP"]) if rows else None
+    if largest is not None and isinstance(largest.get("brush max ms"), float):
+        notes.append(f"brush repaint at {largest['MP']} MP: median {largest['brush median ms']:.1f} ms, max "
+                     f"{largest['brush max ms']:.1f} ms (target ≤ {BRUSH_TARGET_MS:.0f} ms): "
+                     f"{'met' if largest['brush max ms'] <= BRUSH_TARGET_MS else 'NOT met'} for the max, "
+                     f"{'met' if largest['brush median ms'] <= BRUSH_TARGET_MS else 'NOT met'} for the median.")
+    notes.append("CAMs and proposals: not measured (not computed by tiles yet).")
+    return notes
+
+
+def main(args: argparse.Namespace) -> int:
+    from defect_studio.bench.report import write_report
+
+    sizes = [float(s) for s in getattr(args, "sizes", None) or ()] or list(QUICK_SIZES_MP if args.quick else SIZES_MP)
+    out = Path(args.out) if getattr(args, "out", None) else Path("bench-results")
+    results: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="bench-scale-") as scratch:
+        root = Path(scratch)
+        print("exporting the timing segmenter ...", flush=True)
+        model_dir = export_timing_model(root / "model")
+        for megapixels in sizes:
+            label = f"{megapixels:g}mp"
+            image_path = root / label / "images" / f"surface-{label}.png"
+            decoded = write_surface(image_path, megapixels, seed=int(getattr(args, "seed", 0) or 0))
+            result: dict[str, Any] = {"megapixels": megapixels, "side": image_side(megapixels), "decoded_bytes": decoded}
+            for step in STEPS:
+                print(f"{label}: {step} ...", flush=True)
+                result[step] = run_step_in_child(step, image_path, model_dir, root / label / f"work-{step}")
+                print(f"{label}: {step}: {json.dumps(result[step])}", flush=True)
+            results.append(result)
+            image_path.unlink()
+    rows = table_rows(results)
+    notes = target_notes(rows) + [
+        "Each step runs in its own process; 'peak MB' is its peak RSS (interpreter, libraries and model "
+        "included), '×decoded' is (peak RSS − RSS before the image was read) / the decoded image's bytes; for "
+        "predict the baseline includes the model's working memory for one 1024² tile (a warm-up run).",
+        "predict: the default segmenter architecture (EfficientNet-Lite0 U-Net) with an untrained decoder, onnxruntime "
+        "on the CPU, auto tiling (images up to 2048 × 2048 whole, larger ones by tiles of at most 1024 px, 128 px "
+        "overlap); time includes decoding and writing the mask.",
+        "brush: an 800 × 600 offscreen view fitted to the image, 24 px brush, a spiral stroke near the top-left "
+        f"corner, {BRUSH_EVENTS} mouse-move events; 'brush s' is decoding and showing the image.",
+    ]
+    markdown = write_report(out, "scale", "Scale: time and memory from 1 to 100 megapixels",
+                            [("Per image size", rows, COLUMNS)], notes, extra={"results": results})
+    print(markdown)
+    return 0
+
+
+def _child_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--measure", choices=STEPS, required=True)
+    parser.add_argument("--image", type=Path, required=True)
+    parser.add_argument("--model", type=Path)
+    parser.add_argument("--workdir", type=Path, required=True)
+    args = parser.parse_args(argv)
+    print(json.dumps(measure_step(args.measure, args.image, args.model, args.workdir), default=float), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    if "--measure" in sys.argv:
+        sys.exit(_child_main(sys.argv[1:]))
+    from defect_studio.bench.options import add_bench_arguments
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    add_bench_arguments(parser, dataset_required=False)
+    sys.exit(main(parser.parse_args()))
