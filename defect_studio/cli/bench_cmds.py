@@ -5,10 +5,14 @@ from __future__ import annotations
 import argparse
 import importlib
 
-from defect_studio.bench.options import BENCH_NAMES, add_bench_arguments
+from defect_studio.bench.options import BENCH_NAMES, add_bench_arguments, dataset_problem
 
 
 def run_bench(args: argparse.Namespace) -> int:
+    problem = dataset_problem(args.which, args.dataset)
+    if problem is not None:
+        print(problem)
+        return 2
     module = importlib.import_module(f"defect_studio.bench.{args.which}")
     return int(module.main(args) or 0)
 
@@ -20,8 +24,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "segmenter: segmenter recipes on ground-truth masks, with CPU time per step; "
         "full (default): the whole weak loop against full supervision; "
         "mislabels: flip 5 % of the train tags, how many the mislabel queue puts in its top 50; "
-        "assist: actions per ground-truth mask for a scripted user with the brush and with the assist tool.",
+        "assist: actions per ground-truth mask for a scripted user with the brush and with the assist tool; "
+        "scale: time and peak memory of import, predict and a brush stroke on synthetic 1-100 MP images (no --dataset).",
     )
     parser.add_argument("which", nargs="?", choices=BENCH_NAMES, default="full")
-    add_bench_arguments(parser)
+    add_bench_arguments(parser, dataset_required=False)
     parser.set_defaults(handler=run_bench)
