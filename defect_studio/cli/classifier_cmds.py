@@ -63,7 +63,7 @@ def _project_config(project: Project, args: argparse.Namespace) -> ClassifierCon
 def run_train(args: argparse.Namespace) -> int:
     from defect_studio.ml.distributed import launched_by_torchrun
 
-    _make_config(_chosen_settings(args))  # refuse bad options before anything starts
+    ClassifierConfig.from_settings(_chosen_settings(args))  # refuse bad options before anything starts
     if launched_by_torchrun():
         return _run_train_rank(args)
     if args.nproc is not None and args.nproc > 1:

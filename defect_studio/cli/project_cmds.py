@@ -10,12 +10,9 @@ from defect_studio.cli.progress import add_progress_arguments, drive
 from defect_studio.jobs import CancelToken
 from defect_studio.project import Project
 from defect_studio.project.importer import import_job
+from defect_studio.project.location import default_project_dir
 
 EXIT_PARTIAL = 4  # finished, but some input was skipped: the listing says which and why
-
-
-def default_project_dir(images_dir: Path) -> Path:
-    return images_dir / ".defect-studio"
 
 
 def run_import(args: argparse.Namespace) -> int:

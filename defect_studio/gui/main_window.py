@@ -23,8 +23,6 @@ from PySide6.QtWidgets import (
     QLabel,
     QMainWindow,
     QMessageBox,
-    QProgressBar,
-    QPushButton,
     QStackedWidget,
     QTextBrowser,
     QVBoxLayout,
@@ -36,20 +34,18 @@ from defect_studio.gui.dialogs import log_file, report_error
 from defect_studio.gui.gallery import FILTERS, GalleryItem, GalleryModel, GalleryView, ThumbnailCache, IMAGE_ID_ROLE
 from defect_studio.gui.image_loader import ImageLoader
 from defect_studio.gui.mask_editor import MaskEditor
-from defect_studio.gui.panels.common import format_eta
+from defect_studio.gui.job_status import JobStatus
 from defect_studio.gui.session import Session, Stage
 from defect_studio.gui.shortcuts import SHORTCUTS, html_sheet
 from defect_studio.gui.stage_tabs import StagePage, StageTabs
 from defect_studio.gui.suspects import SuspectTags
 from defect_studio.gui.viewer import ImageViewer
 from defect_studio.gui.workers import JobRunner
-from defect_studio.jobs import Progress
 from defect_studio.project import Project
-from defect_studio.project.store import DB_NAME
+from defect_studio.project.location import default_project_dir, find_project_dir
 
 log = logging.getLogger(__name__)
 
-PROJECT_SUBFOLDER = ".defect-studio"  # default project folder inside an image folder
 SYNC_DECODE_PIXELS = 2_000_000  # larger images are decoded off the GUI thread
 
 
@@ -92,9 +88,6 @@ class MainWindow(QMainWindow):
         self.session.rescan_requested.connect(self.rescan_images)
         self.session.stage_requested.connect(self._show_stage)
         self.session.central_widget_requested.connect(self._show_in_centre)
-        self.session.job_started.connect(self._on_job_started)
-        self.session.job_progress.connect(self._on_job_progress)
-        self.session.job_finished.connect(self._on_job_finished)
         self.session.job_failed.connect(lambda runner, error, details: report_error(self, f"{runner.title} failed", error, details))
         self.thumbnails: ThumbnailCache | None = None
         self.tag_stack = QUndoStack(self)
@@ -211,25 +204,11 @@ class MainWindow(QMainWindow):
         self.device_label = QLabel(self)
         self.device_label.setObjectName("deviceLabel")
         self.device_label.setText(_device_text())
-        self.job_label = QLabel("", self)
-        self.job_label.setObjectName("jobLabel")
-        self.job_progress = QProgressBar(self)
-        self.job_progress.setObjectName("jobProgress")
-        self.job_progress.setMaximumWidth(180)
-        self.job_progress.setMaximumHeight(14)
-        self.job_progress.setTextVisible(False)
-        self.job_progress.setVisible(False)
-        self.job_cancel = QPushButton("Cancel", self)
-        self.job_cancel.setObjectName("statusCancel")
-        self.job_cancel.setToolTip("Cancel the running job; the previous results stay as they were")
-        self.job_cancel.setVisible(False)
-        self.job_cancel.clicked.connect(self.session.cancel_jobs)
+        bar.addWidget(self.device_label)
+        self.job_status = JobStatus(self.session, bar, self)  # the running jobs, with Cancel
+        self.job_label = self.job_status.label
         self.counts_label = QLabel(self)
         self.counts_label.setObjectName("countsLabel")
-        bar.addWidget(self.device_label)
-        bar.addWidget(self.job_label, 1)
-        bar.addPermanentWidget(self.job_progress)
-        bar.addPermanentWidget(self.job_cancel)
         bar.addPermanentWidget(self.counts_label)
 
     def _action(self, name: str, text: str, slot: Callable[[], object], checkable: bool = False) -> QAction:
@@ -369,34 +348,6 @@ class MainWindow(QMainWindow):
         """Rounds or mask records changed (new proposals, a new round): refresh everything."""
         self.session.notify_masks_changed()
 
-    # ================================================================= jobs
-
-    def _on_job_started(self, runner: JobRunner) -> None:
-        self.job_label.setText(f"{runner.title}…")
-        self.job_progress.setRange(0, 0)
-        self.job_progress.setVisible(True)
-        self.job_cancel.setVisible(True)
-
-    def _on_job_progress(self, runner: JobRunner, event: Progress) -> None:
-        text = f"{runner.title}: {event.message or event.stage}"
-        if event.total:
-            self.job_progress.setRange(0, 1000)
-            self.job_progress.setValue(int(1000 * (event.fraction or 0)))
-            text += f"  ({event.step}/{event.total})"
-        if event.eta_s is not None:
-            text += f"  · {format_eta(event.eta_s)} left"
-        self.job_label.setText(text)
-
-    def _on_job_finished(self, runner: JobRunner, outcome: str) -> None:
-        still_running = self.session.busy_runners()
-        if still_running:
-            self.job_label.setText(f"{still_running[0].title}…")
-            return
-        self.job_progress.setVisible(False)
-        self.job_cancel.setVisible(False)
-        messages = {"succeeded": "finished", "cancelled": "cancelled; previous results kept", "failed": "failed"}
-        self.job_label.setText(f"{runner.title} {messages.get(outcome, outcome)}")
-
     # ================================================================= projects
     def open_project_dialog(self) -> None:
         start = self.settings.value("project/lastFolder", str(Path.home()))
@@ -409,12 +360,10 @@ class MainWindow(QMainWindow):
         """Open the project at `folder` (or in `folder/.defect-studio`), else create one there and import."""
         folder = Path(folder)
         try:
-            if (folder / DB_NAME).is_file():
-                self.set_project(Project.open(folder))
-            elif (folder / PROJECT_SUBFOLDER / DB_NAME).is_file():
-                self.set_project(Project.open(folder / PROJECT_SUBFOLDER))
-            else:
+            project_dir = find_project_dir(folder)
+            if project_dir is None:
                 return self.create_project(folder)
+            self.set_project(Project.open(project_dir))
         except DefectStudioError as error:
             report_error(self, "Cannot open the project", error)
             return False
@@ -424,7 +373,7 @@ class MainWindow(QMainWindow):
         """Make a project of the images in `image_dir` and import them in the background."""
         from defect_studio.project.importer import import_job
 
-        project_dir = project_dir or image_dir / PROJECT_SUBFOLDER
+        project_dir = project_dir or default_project_dir(image_dir)
         try:
             project = Project.create(project_dir, image_dir)
         except DefectStudioError as error:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import importlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 from defect_studio.ml.cams.settings import (
@@ -112,7 +112,7 @@ class CamSpec:
     """A CAM method with every setting resolved and checked; make one with `CamSpec.resolve`."""
 
     method: str
-    settings: dict[str, Any] = field(compare=True)
+    settings: dict[str, Any]  # every setting of the method, checked
 
     @classmethod
     def resolve(cls, method: "str | CamSpec", settings: Mapping[str, Any] | None = None) -> "CamSpec":
