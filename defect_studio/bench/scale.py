@@ -2,7 +2,7 @@
 
 Synthetic gray 8-bit images (a textured surface with 3 px pits and thin scratches, about two defects
 per megapixel) of 1, 4, 16, 64 and 100 MP (`--quick`: 1 and 4) are written as PNG. Each step runs in
-a fresh Python process of its own, so its peak RSS (getrusage's ru_maxrss) is that step's alone:
+a fresh Python process of its own, so its peak RSS (VmHWM) is that step's alone:
 
 - import: a new project imports the folder holding the one image (header check, decode, hash, database).
 - predict: the production line's `predict` path on the image: decode, the exported segmenter
@@ -105,9 +105,18 @@ def export_timing_model(out_dir: Path) -> Path:
 
 # ----------------------------------------------------------------------------------- one step, in a child
 def _peak_rss() -> int:
+    """This process's peak resident memory in bytes: /proc's VmHWM where there is one, since Linux keeps
+    getrusage's ru_maxrss across exec (a child started by a large parent would report the parent's peak)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     import resource
 
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # kB on Linux
+    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, kB elsewhere
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * scale
 
 
 def _measure_import(image_path: Path, workdir: Path) -> dict[str, Any]:
