@@ -6,8 +6,8 @@ preprocessing here (float [0, 1], reflect padding to a multiple of the network s
 is the one the in-app segmenter uses, so the masks are the app's masks.
 
 Large images are predicted by overlapping tiles at native resolution, as the card's `tiling` says
-(`defect_studio.ml.tiling`; "auto" when the card has none: images up to 2048 × 2048 whole, as
-before). The tiles are taken from the decoded pixels one at a time and their probabilities blended
+(`defect_studio.ml.tiling`; "auto" when the card has none: an image that fits in one 1024 × 1024
+tile whole, as before). The tiles are taken from the decoded pixels one at a time and their probabilities blended
 band by band straight into the mask, so memory is the decoded image, the mask and one band of rows
 besides the network's activations for one tile.
 """

@@ -83,7 +83,7 @@ def test_export_records_the_tiling_and_predict_applies_it(trained, tmp_path: Pat
     out, parity = export_segmenter(tiled, tmp_path / "model", [mosaic])
     assert parity.passed
     card = json.loads((out / CARD_FILE).read_text())
-    assert card["tiling"] == {"mode": "tiles", "tile_size": 128, "overlap": 64, "whole_image_max_pixels": 2048 * 2048}
+    assert card["tiling"] == {"mode": "tiles", "tile_size": 128, "overlap": 64, "whole_image_max_pixels": 1024 * 1024}
     assert any("overlapping tiles" in step for step in card["preprocessing"])
     image_path = tmp_path / "mosaic.png"
     cv2.imwrite(str(image_path), np.round(mosaic[:, :, 0] * 255).astype(np.uint8))

@@ -139,8 +139,9 @@ def test_cancel_stops_between_tiles():
 
 def test_auto_keeps_small_images_whole_and_tiles_large_ones():
     auto = Tiling()
-    assert auto.grid_for(2048, 2048) is None  # today's behaviour for small images
-    assert auto.grid_for(100, 16_000) is None  # a thin strip of 1.6 MP stays whole too
+    assert auto.grid_for(1024, 1024) is None  # today's behaviour for images that fit in one tile
+    strip = auto.grid_for(100, 16_000)  # a thin 1.6 MP strip: one row of tiles as high as the strip
+    assert strip is not None and strip.ys == (0,) and strip.tile_height == 100
     grid = auto.grid_for(2000, 16_000)  # a 32 MP line-scan strip
     assert grid is not None and len(grid.xs) == len(axis_starts(16_000, 1024, 128)) == 18
     assert grid.tile_width == 1024  # 18 tiles of 1024 px with 128 px overlap just cover 16 000 px

@@ -4,7 +4,8 @@ Synthetic gray 8-bit images (a textured surface with 3 px pits and thin scratche
 per megapixel) of 1, 4, 16, 64 and 100 MP (`--quick`: 1 and 4) are written as PNG. Each step runs in
 a fresh Python process of its own, so its peak RSS (VmHWM) is that step's alone:
 
-- import: a new project imports the folder holding the one image (header check, decode, hash, database).
+- import: a new project (made before the clock starts) imports the folder holding the one image
+  (header check, decode, hash, database).
 - predict: the production line's `predict` path on the image: decode, the exported segmenter
   (EfficientNet-Lite0 U-Net, ImageNet encoder, untrained decoder: its cost, not its masks) by
   overlapping tiles where the tiling says so, the mask PNG written. The baseline is taken after the
@@ -124,11 +125,11 @@ def _measure_import(image_path: Path, workdir: Path) -> dict[str, Any]:
     from defect_studio.project import Project
     from defect_studio.project.importer import import_job
 
-    baseline = _peak_rss()
-    started = time.perf_counter()
-    with Project.create(workdir / "project", image_path.parent) as project:
+    with Project.create(workdir / "project", image_path.parent) as project:  # a new project's fixed cost: not timed
+        baseline = _peak_rss()
+        started = time.perf_counter()
         report = run_job(import_job(project, image_path.parent, None, CancelToken()))
-    seconds = time.perf_counter() - started
+        seconds = time.perf_counter() - started
     if report.added != 1:
         raise RuntimeError(f"the import added {report.added} images: {report.lines()}")
     return {"seconds": seconds, "baseline_rss": baseline, "peak_rss": _peak_rss()}
@@ -310,8 +311,8 @@ def main(args: argparse.Namespace) -> int:
         "included), '×decoded' is (peak RSS − RSS before the image was read) / the decoded image's bytes; for "
         "predict the baseline includes the model's working memory for one 1024² tile (a warm-up run).",
         "predict: the default segmenter architecture (EfficientNet-Lite0 U-Net) with an untrained decoder, onnxruntime "
-        "on the CPU, auto tiling (images up to 2048 × 2048 whole, larger ones by tiles of at most 1024 px, 128 px "
-        "overlap); time includes decoding and writing the mask.",
+        "on the CPU, auto tiling (an image that fits in one 1024² tile whole, larger ones by tiles of at most 1024 px, "
+        "128 px overlap); time includes decoding and writing the mask.",
         "brush: an 800 × 600 offscreen view fitted to the image, 24 px brush, a spiral stroke near the top-left "
         f"corner, {BRUSH_EVENTS} mouse-move events; 'brush s' is decoding and showing the image.",
     ]

@@ -33,9 +33,11 @@ from defect_studio.errors import DataError
 TILING_MODES = ("auto", "whole", "tiles")
 DEFAULT_TILE_SIZE = 1024
 DEFAULT_OVERLAP = 128
-# "auto" keeps images up to 2048 × 2048 whole, as every image was before tiles: the segmenter's
-# activations for such an image fit in a few GB, and small images give the same masks as before.
-WHOLE_IMAGE_MAX_PIXELS = 2048 * 2048
+# "auto" keeps an image that fits in one tile whole, as every image was before tiles (the same masks as
+# before for small images); above that, tiles bound the memory: the default segmenter needed 1.1 GB for
+# a whole 4 MP image against 80 MB more for 16 MP by tiles, at the same seconds per megapixel
+# (docs/benchmarks/scale.md).
+WHOLE_IMAGE_MAX_PIXELS = DEFAULT_TILE_SIZE * DEFAULT_TILE_SIZE
 MIN_TILE_SIZE = 32
 
 
