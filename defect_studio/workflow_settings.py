@@ -10,7 +10,9 @@ window-only settings (`gui.*`); they are read once, the first time the record is
 is written. A stored value that no longer resolves (a method or setting this version does not know) is
 dropped with a warning, so an old or hand-edited project still opens.
 
-Kept above `project` and `ml` (it uses the CAM registry and the settings' own checks), and free of torch.
+Free of torch and Qt. It sits beside the project store rather than in it: it checks values with the CAM
+registry and the configs' own fields (`ml`), which the store does not know about; the refinement jobs
+(`ml.refine`) read it.
 """
 
 from __future__ import annotations

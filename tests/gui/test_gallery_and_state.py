@@ -52,8 +52,8 @@ def test_first_run_offers_the_demo_project(qtbot, make_window, monkeypatch) -> N
     import defect_studio.project.demo_project as demo_project
     from defect_studio.gui.app import offer_demo
 
-    real = demo_project.make_demo_project
-    monkeypatch.setattr(demo_project, "make_demo_project", lambda out_dir=None, **_: real(out_dir, count=12))
+    real = demo_project.demo_project_job  # the core's demo job, which the window runs in the background
+    monkeypatch.setattr(demo_project, "demo_project_job", lambda out_dir, cancel, **_: real(out_dir, cancel, count=12))
     window = make_window()
     offer_demo(window)
     box = next(w for w in QApplication.topLevelWidgets() if isinstance(w, QMessageBox) and w.isVisible())
