@@ -191,12 +191,15 @@ def load_exported(model_dir: str | Path) -> ExportedSegmenter:
 def predict_images(model_dir: str | Path, images: Sequence[str | Path], out_dir: str | Path) -> list[Path]:
     """Write `<out>/<stem>.png` for each image; returns the mask paths."""
     model = load_exported(model_dir)
-    out = Path(out_dir)
-    written = []
-    for image_path in images:
-        pixels, _ = decode_image(image_path)
-        mask_path = out / f"{Path(image_path).stem}.png"
-        write_mask(mask_path, model.mask_of_pixels(pixels))
-        del pixels  # the next image is decoded without this one still held
-        written.append(mask_path)
-    return written
+    return [predict_image_file(model, image_path, out_dir) for image_path in images]
+
+
+def predict_image_file(model: ExportedSegmenter, image_path: str | Path, out_dir: str | Path, cancel: Any = None) -> Path:
+    """Write `<out>/<stem>.png`, the mask of one image file, atomically; returns its path. The decoded
+    pixels are let go before the mask is encoded, so the two peaks (predicting, encoding) do not add up."""
+    pixels, _ = decode_image(image_path)
+    mask = model.mask_of_pixels(pixels, cancel)
+    del pixels
+    mask_path = Path(out_dir) / f"{Path(image_path).stem}.png"
+    write_mask(mask_path, mask)
+    return mask_path

@@ -37,9 +37,9 @@ def test_bench_scale_quick_prints_a_table_for_1_and_4_mp(tmp_path: Path, capsys:
             measured = result[step]
             assert "error" not in measured, (step, measured)
             assert measured["seconds"] > 0 and measured["peak_rss"] >= measured["baseline_rss"] > 0
+        assert result["brush"]["brush_events"] > 50 and result["brush"]["brush_median_ms"] > 0
     # auto tiling: 1 MP (1000²) fits in one tile and is predicted whole as before; 4 MP (2000²) by 3 × 3 tiles
     assert [result["predict"]["tiles"] for result in results] == [1, 9]
-        assert result["brush"]["brush_events"] > 50 and result["brush"]["brush_median_ms"] > 0
     assert (tmp_path / "scale.md").read_text().count("\n| 4") == 1
 
 

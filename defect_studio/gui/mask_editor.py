@@ -212,7 +212,8 @@ class MaskEditor(QObject):
         if session is None or session.mask.shape != mask.shape:
             stack = QUndoStack(self)
             self.undo_group.addStack(stack)
-            session = MaskEditSession(image_id, round_index, (mask > 0).astype(np.uint8), stack, scratch=scratch)
+            # The comparison's own bool array seen as 0/1 bytes: one mask-sized array made, not two (100 MB each at 100 MP).
+            session = MaskEditSession(image_id, round_index, (mask > 0).view(np.uint8), stack, scratch=scratch)
             self._sessions[key] = session
         self.session = session
         self.undo_group.setActiveStack(session.stack)
