@@ -112,7 +112,7 @@ def test_a_large_image_is_predicted_band_by_band_in_bounded_memory(trained, tmp_
     tile_floats = 512 * 512 * 4
     # The mask, the stitcher's bands and a few tiles' worth of floats; never the whole image in float
     # (33.5 MB here) or a whole-image probability map (another 33.5 MB).
-    assert peak <= mask.nbytes + 3 * grid.band_bytes() + 12 * tile_floats
+    assert peak <= mask.nbytes + grid.band_bytes() + 12 * tile_floats
     assert peak < strip.size * 4
     # The same mask as stitching the whole probability map first.
     np.testing.assert_array_equal(mask, model.mask(to_float01(strip)))

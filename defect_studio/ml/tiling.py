@@ -14,8 +14,9 @@ all tiles at each pixel, which for a separable window on a regular grid is the p
 sees the least context, counts least, and the map changes smoothly from one tile to the next.
 
 Bounded memory: `stitched_rows` takes the tiles in row-major order and hands back each band of rows
-as soon as no later tile touches it, so it holds one band (a tile's height × the image's width) and
-never all the tiles; `stitch_map` writes the bands into one float32 map.
+as soon as no later tile touches it, so it holds one band (a tile's height × the image's width, reused
+from one tile row to the next) and never all the tiles; `stitch_map` writes the bands into one
+float32 map.
 
 Qt-free and torch-free (numpy only): `defect_studio.predict`, the production line's inference, uses it.
 """
@@ -206,19 +207,21 @@ def stitched_rows(grid: TileGrid, tile_maps: Iterable[np.ndarray]) -> Iterator[t
     """Blend per-tile maps, given in `grid.boxes()` order, and hand back the finished map row band by
     row band as (first row, float32 rows × width) as soon as no later tile touches those rows.
 
-    Holds one band of `grid.tile_height` rows (two while a band is handed over), never all tiles."""
+    One band of `grid.tile_height` rows is all it holds, never all tiles: the rows handed back are a
+    view of it, valid until the next band is asked for (copy them, or use them at once), after which
+    the rows the next tile row shares are moved to its top and the rest is cleared for reuse."""
     weights_y = normalised_axis_windows(grid.height, grid.ys, grid.tile_height, grid.overlap)
     weights_x = normalised_axis_windows(grid.width, grid.xs, grid.tile_width, grid.overlap)
     maps = iter(tile_maps)
-    band: np.ndarray | None = None
+    band = np.zeros((grid.tile_height, grid.width), np.float32)
     band_y0 = 0
     for row, y0 in enumerate(grid.ys):
-        fresh = np.zeros((grid.tile_height, grid.width), np.float32)
-        if band is not None:
-            if y0 > band_y0:  # rows above this tile row are finished: no later tile reaches them
-                yield band_y0, band[: y0 - band_y0]
-            fresh[: band_y0 + grid.tile_height - y0] = band[y0 - band_y0 :]
-        band, band_y0 = fresh, y0
+        if y0 > band_y0:  # rows above this tile row are finished: no later tile reaches them
+            finished = y0 - band_y0
+            yield band_y0, band[:finished]
+            band[: grid.tile_height - finished] = band[finished:]  # numpy copies overlapping ranges safely
+            band[grid.tile_height - finished :] = 0.0
+            band_y0 = y0
         for column, x0 in enumerate(grid.xs):
             try:
                 tile_map = next(maps)
@@ -229,7 +232,6 @@ def stitched_rows(grid: TileGrid, tile_maps: Iterable[np.ndarray]) -> Iterator[t
             weighted = tile_map * weights_y[row][:, None]
             weighted *= weights_x[column][None, :]
             band[:, x0 : x0 + grid.tile_width] += weighted
-    assert band is not None
     yield band_y0, band
 
 
