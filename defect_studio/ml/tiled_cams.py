@@ -1,0 +1,59 @@
+"""Class activation maps of a large image by tiles, stitched at native resolution (issue 15).
+
+Letterboxed whole, a 100 MP image reaches the classifier at its input size (128-256 px), where a
+3 px pit is gone. Here each tile of the image (`ml.tiling`) goes through the public
+`compute_cams` on its own, so the classifier looks at it at a far smaller shrink, and the tiles' maps
+are blended into one map of the whole image with no seams.
+
+Every CAM is min-max normalised per image, so a tile without any defect would still show its own
+strongest texture at full strength. Each tile's map is therefore weighted by the classifier's defect
+probability for that tile, the multiple-instance reading of an image-level tag (an image is defect
+when some tile is): a tile the classifier calls good contributes little, whatever its CAM says.
+
+The classifier itself is not trained on tiles yet (it learned whole letterboxed images), so its
+tile scores are those of a model used at a smaller shrink than it trained at.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from defect_studio.ml.cams import CamSpec, compute_cams
+from defect_studio.ml.tiling import Tiling, stitch_map
+
+
+@torch.no_grad()
+def tile_defect_probability(classifier: Any, tile: np.ndarray) -> float:
+    """The classifier's defect probability for one tile (a LoadedClassifier's own scoring when it has one)."""
+    if hasattr(classifier, "predict_scores"):
+        return float(classifier.predict_scores([tile])[0])
+    batch, _ = classifier.preprocessing.prepare_batch([tile])
+    model = classifier.model
+    was_training = model.training
+    model.eval()
+    try:
+        logit = model(batch.to(torch.device(getattr(classifier, "device", "cpu"))))
+    finally:
+        model.train(was_training)
+    return float(torch.sigmoid(logit.float().reshape(-1)[0]))
+
+
+def tiled_cam(classifier: Any, image: np.ndarray, method: str | CamSpec, settings: dict[str, Any] | None = None,
+              tiling: Tiling | None = None, cancel: Any = None) -> np.ndarray:
+    """The CAM of `image` (float H×W×C in [0, 1]) at its own resolution: computed whole, exactly as
+    `compute_cams`, when the tiling keeps it whole; else per tile, each tile's map times its defect
+    probability, blended. Values in [0, 1]; by tiles they are not re-normalised, so an image the
+    classifier finds good everywhere keeps a low map."""
+    spec = CamSpec.resolve(method, settings)
+    grid = (tiling or Tiling()).grid_for(image.shape[0], image.shape[1])
+    if grid is None:
+        return compute_cams(classifier, [image], spec)[0]
+
+    def weighted_tile_map(box: Any) -> np.ndarray:
+        tile = image[box.slices]
+        return compute_cams(classifier, [tile], spec)[0] * tile_defect_probability(classifier, tile)
+
+    return np.clip(stitch_map(grid, weighted_tile_map, cancel), 0.0, 1.0)
