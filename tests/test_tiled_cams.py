@@ -10,7 +10,7 @@ import torch
 
 from defect_studio.ml.cams import compute_cams
 from defect_studio.ml.preprocess import Preprocessing
-from defect_studio.ml.tiled_cams import tile_defect_probability, tiled_cam
+from defect_studio.ml.tiled_cams import cam_tiling, tile_defect_probability, tiled_cam
 from defect_studio.ml.tiling import Tiling
 from tests.cam_fixtures import BlobStandIn, StandInClassifier, blob_image
 
@@ -63,5 +63,8 @@ def test_a_defect_across_tile_borders_is_found_without_seams(classifier: StandIn
 
 
 def test_a_small_image_is_computed_whole_as_before(classifier: StandInClassifier) -> None:
+    default = cam_tiling(classifier)  # tiles the size of the classifier's input, above one segmenter tile
+    assert (default.tile_size, default.overlap) == (128, 32) and default.grid_for(1024, 1024) is None
+    assert default.grid_for(1100, 1100) is not None
     image, _ = blob_image((200, 240), [(80, 90, 6, 0.7)], seed=2)
     np.testing.assert_array_equal(tiled_cam(classifier, image, "fgbp"), compute_cams(classifier, [image], "fgbp")[0])

@@ -22,7 +22,15 @@ import numpy as np
 import torch
 
 from defect_studio.ml.cams import CamSpec, compute_cams
-from defect_studio.ml.tiling import Tiling, stitch_map
+from defect_studio.ml.tiling import MIN_TILE_SIZE, WHOLE_IMAGE_MAX_PIXELS, Tiling, stitch_map
+
+
+def cam_tiling(classifier: Any) -> Tiling:
+    """The default tiling for CAMs: tiles as large as the classifier's input, so it sees each at its own
+    resolution (a 1024 px tile would be shrunk 8 times into a 128 px input, and a 3 px pit with it);
+    an image that fits in one segmenter tile (1024 × 1024) is computed whole, as before."""
+    size = max(MIN_TILE_SIZE, int(classifier.preprocessing.input_size))
+    return Tiling("auto", size, size // 4, WHOLE_IMAGE_MAX_PIXELS)
 
 
 @torch.no_grad()
@@ -44,11 +52,11 @@ def tile_defect_probability(classifier: Any, tile: np.ndarray) -> float:
 def tiled_cam(classifier: Any, image: np.ndarray, method: str | CamSpec, settings: dict[str, Any] | None = None,
               tiling: Tiling | None = None, cancel: Any = None) -> np.ndarray:
     """The CAM of `image` (float H×W×C in [0, 1]) at its own resolution: computed whole, exactly as
-    `compute_cams`, when the tiling keeps it whole; else per tile, each tile's map times its defect
-    probability, blended. Values in [0, 1]; by tiles they are not re-normalised, so an image the
-    classifier finds good everywhere keeps a low map."""
+    `compute_cams`, when the tiling (default `cam_tiling`) keeps it whole; else per tile, each tile's
+    map times its defect probability, blended. Values in [0, 1]; by tiles they are not re-normalised,
+    so an image the classifier finds good everywhere keeps a low map."""
     spec = CamSpec.resolve(method, settings)
-    grid = (tiling or Tiling()).grid_for(image.shape[0], image.shape[1])
+    grid = (tiling or cam_tiling(classifier)).grid_for(image.shape[0], image.shape[1])
     if grid is None:
         return compute_cams(classifier, [image], spec)[0]
 
