@@ -272,6 +272,8 @@ class TopValues:
 
     def add(self, values: np.ndarray) -> None:
         flat = np.asarray(values, np.float32).ravel()
+        if self.values.size >= self.k:  # only values above the k-th best so far can enter (no copy of a whole band)
+            flat = flat[flat > self.values.min()]
         if flat.size > self.k:
             flat = np.partition(flat, flat.size - self.k)[flat.size - self.k :]
         merged = np.concatenate([self.values, flat])
