@@ -259,6 +259,8 @@ class MainWindow(QMainWindow):
         review_menu.addAction(self._action("accept_mask", "&Accept mask", lambda: self.review_panel.accept_current()))
         review_menu.addAction(self._action("reject_mask", "&Reject mask", lambda: self.review_panel.reject_current()))
         review_menu.addAction(self._action("reject_rest", "Reject the &rest…", lambda: self.review_panel.reject_rest()))
+        review_menu.addAction(self._action("rank_queue", "Order the queue edit-&first", lambda: self.review_panel.rank_queue()))
+        review_menu.addAction(self._action("queue_order", "Switch the queue &order", lambda: self.review_panel.toggle_queue_order()))
         review_menu.addSeparator()
         review_menu.addAction(self._action("brush", "&Brush", lambda: self.review_panel.choose_tool("brush")))
         review_menu.addAction(self._action("eraser", "&Eraser", lambda: self.review_panel.choose_tool("eraser")))

@@ -29,6 +29,8 @@ SHORTCUTS: tuple[Shortcut, ...] = (
     Shortcut("accept_mask", ("A",), "Accept the proposed mask and go to the next one", "Review"),
     Shortcut("reject_mask", ("R",), "Reject the proposed mask and go to the next one", "Review"),
     Shortcut("reject_rest", ("Shift+R",), "Reject every mask still to review (train on your edits and accepts)", "Review"),
+    Shortcut("rank_queue", ("Ctrl+K",), "Order the review queue edit-first: the masks worth editing first at the top, each with its reason", "Review"),
+    Shortcut("queue_order", ("Ctrl+Shift+K",), "Switch the review queue between edit-first and image order", "Review"),
     Shortcut("brush", ("B",), "Brush tool (paint defect)", "Review"),
     Shortcut("eraser", ("E",), "Eraser tool (paint background)", "Review"),
     Shortcut("assist", ("W",), "Assist tool: a click or loose stroke inside a defect grows its mask (Shift+drag removes)", "Review"),

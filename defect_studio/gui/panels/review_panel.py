@@ -35,6 +35,7 @@ from defect_studio.gui.panels.common import JobRow
 from defect_studio.gui.session import Session, Stage
 from defect_studio.ml.cams.registry import CAM_METHODS, method_label
 from defect_studio.ml.pseudo import PseudoLabelSettings, create_checked_round, pseudo_job
+from defect_studio.ml.review_order import edit_first_queue, rank_for_review_job
 from defect_studio.project import review
 from defect_studio.workflow_settings import load_workflow_settings, update_workflow_settings
 
@@ -94,12 +95,37 @@ class ReviewPanel(QWidget):
         # --- queue -----------------------------------------------------------------------------
         queue_box = QGroupBox("To review", self)
         queue_layout = QVBoxLayout(queue_box)
+        self.order_runner = session.make_runner("Review order")
+        order_row = QHBoxLayout()
+        order_label = QLabel("Order", queue_box)
+        self.order_combo = QComboBox(queue_box)
+        self.order_combo.setObjectName("queueOrder")
+        self.order_combo.setToolTip("Edit first: the masks whose editing is expected to help the segmenter most at the "
+                                    "top, each with its reason. Image order: by image (Ctrl+Shift+K switches).")
+        self.order_combo.addItem("Edit first", "edit-first")
+        self.order_combo.addItem("Image order", "image")
+        self.order_combo.currentIndexChanged.connect(lambda _: self._fill_queue())
+        self.rank_button = QPushButton("Rank  (Ctrl+K)", queue_box)
+        self.rank_button.setObjectName("rankQueueButton")
+        self.rank_button.setToolTip("Order the masks still to review by the expected gain from editing them, from the "
+                                    "classifier and the last segmenter, in the background (Ctrl+K)")
+        self.rank_button.clicked.connect(self.rank_queue)
+        order_row.addWidget(order_label)
+        order_row.addWidget(self.order_combo, 1)
+        order_row.addWidget(self.rank_button)
+        queue_layout.addLayout(order_row)
+        queue_layout.addWidget(JobRow(self.order_runner, queue_box))
         self.queue = QListWidget(queue_box)
         self.queue.setObjectName("reviewQueue")
         self.queue.setMaximumHeight(150)
         self.queue.itemActivated.connect(self._queue_clicked)
         self.queue.itemClicked.connect(self._queue_clicked)
+        self.queue.currentItemChanged.connect(lambda *_: self._show_reason())
         queue_layout.addWidget(self.queue)
+        self.reason_label = QLabel(queue_box)
+        self.reason_label.setObjectName("queueReason")
+        self.reason_label.setWordWrap(True)
+        queue_layout.addWidget(self.reason_label)
         decide = QHBoxLayout()
         self.accept_button = QPushButton("Accept  (A)", queue_box)
         self.accept_button.setObjectName("acceptButton")
@@ -190,6 +216,7 @@ class ReviewPanel(QWidget):
         self.editor.undo_group.canRedoChanged.connect(lambda _: self._update_buttons())
         self.runner.succeeded.connect(lambda _: session.notify_masks_changed())
         self.runner.finished.connect(lambda _: self.refresh())
+        self.order_runner.finished.connect(lambda _: self.refresh())
         session.image_changed.connect(self._image_changed)
         session.project_changed.connect(self._show_project_thresholds)
         session.project_changed.connect(self.refresh)
@@ -231,13 +258,38 @@ class ReviewPanel(QWidget):
         round_index = self.session.round
         if project is None or round_index is None:
             return
-        stems = {image.id: image.stem for image in project.images("defect")}
-        for record in project.mask_records(round_index, state="proposed", tag="defect"):
-            item = QListWidgetItem(f"{stems[record.image_id]}{'   ⚑ empty' if record.flagged else ''}")
-            item.setData(Qt.ItemDataRole.UserRole, record.image_id)
+        entries = edit_first_queue(project, round_index)  # the stored edit-first order, unordered ones last
+        edit_first = self.order_combo.currentData() == "edit-first"
+        if not edit_first:
+            entries.sort(key=lambda entry: entry.image_id)
+        for entry in entries:
+            place = f"{entry.rank:>3}.  " if edit_first and entry.rank is not None else ""
+            item = QListWidgetItem(f"{place}{entry.stem}{'   ⚑ empty' if entry.flagged else ''}")
+            item.setData(Qt.ItemDataRole.UserRole, entry.image_id)
+            item.setData(Qt.ItemDataRole.UserRole + 1, entry.reason)
+            if entry.reason:
+                item.setToolTip(entry.reason)
             self.queue.addItem(item)
-            if record.image_id == self.session.image_id:
+            if entry.image_id == self.session.image_id:
                 self.queue.setCurrentItem(item)
+        self._show_reason()
+
+    def _show_reason(self) -> None:
+        """Why the current mask sits where it does in the edit-first order (or how to get the order)."""
+        project, round_index = self.session.project, self.session.round
+        item = self.queue.currentItem()
+        if project is None or round_index is None or self.queue.count() == 0:
+            self.reason_label.setText("")
+        elif self.order_combo.currentData() != "edit-first":
+            self.reason_label.setText("In image order. Ctrl+Shift+K shows the masks worth editing first at the top.")
+        elif not project.review_order(round_index):
+            self.reason_label.setText(f"Round {round_index} has no edit-first order yet: Rank (Ctrl+K) computes it.")
+        elif item is None:
+            self.reason_label.setText("Edit first: the top of the list is expected to help the segmenter most.")
+        else:
+            reason = item.data(Qt.ItemDataRole.UserRole + 1)
+            self.reason_label.setText(f"<b>Why here:</b> {reason}" if reason else
+                                      "Not in the edit-first order (proposed since it was computed): Rank (Ctrl+K) again.")
 
     def _update_buttons(self) -> None:
         has_session = self.editor.session is not None
@@ -245,6 +297,7 @@ class ReviewPanel(QWidget):
         for button in (self.accept_button, self.reject_button):
             button.setEnabled(record is not None)
         self.reject_rest_button.setEnabled(self.queue.count() > 0)
+        self.rank_button.setEnabled(self.queue.count() > 0 and not self.order_runner.busy)
         for button in (self.fill_button, self.clear_button, *self.tool_buttons.values()):
             button.setEnabled(has_session)
         self.revert_button.setEnabled(record is not None and record.state != "proposed")
@@ -385,9 +438,10 @@ class ReviewPanel(QWidget):
         except DefectStudioError as error:
             report_error(self, "Cannot save the review", error)
             return
+        queue_before = self._queue_ids()
         self.session.notify_mask_state(image_id, round_index, record.state)
         self.refresh()
-        self._go_to_next_in_queue(image_id)
+        self._go_to_next_in_queue(image_id, queue_before)
 
     def accept_current(self) -> None:
         self._decide("accepted")
@@ -415,13 +469,38 @@ class ReviewPanel(QWidget):
         self.refresh()
         return len(result.changed)
 
-    def _go_to_next_in_queue(self, after_image_id: int) -> None:
-        """The next image still to review after the one just decided (wrapping round)."""
-        ids = [self.queue.item(row).data(Qt.ItemDataRole.UserRole) for row in range(self.queue.count())]
+    def _queue_ids(self) -> list[int]:
+        return [self.queue.item(row).data(Qt.ItemDataRole.UserRole) for row in range(self.queue.count())]
+
+    def _go_to_next_in_queue(self, after_image_id: int, queue_before: list[int] | None = None) -> None:
+        """The next image still to review after the one just decided, in the queue's order (wrapping round)."""
+        ids = self._queue_ids()
         if not ids:
             return
-        later = [image_id for image_id in ids if image_id > after_image_id]
+        if queue_before and after_image_id in queue_before:
+            still = set(ids)
+            later = [i for i in queue_before[queue_before.index(after_image_id) + 1:] if i in still]
+        else:
+            later = [image_id for image_id in ids if image_id > after_image_id]
         self.session.request_image(later[0] if later else ids[0])
+
+    def toggle_queue_order(self) -> None:
+        """Edit-first order <-> image order (Ctrl+Shift+K)."""
+        self.order_combo.setCurrentIndex(1 - self.order_combo.currentIndex())
+
+    def rank_queue(self) -> bool:
+        """Compute the current round's edit-first order in the background (stored in the project)."""
+        project, round_index = self.session.project, self.session.round
+        if project is None or round_index is None or self.order_runner.busy or self.queue.count() == 0:
+            return False
+        self.editor.flush()
+        index = round_index
+        started = self.order_runner.start(lambda cancel: rank_for_review_job(project, index, cancel),
+                                          f"Edit-first order of round {index}")
+        if started:
+            self.order_combo.setCurrentIndex(self.order_combo.findData("edit-first"))
+        self._update_buttons()
+        return started
 
     def _queue_clicked(self, item: QListWidgetItem) -> None:
         self.session.request_image(item.data(Qt.ItemDataRole.UserRole))
