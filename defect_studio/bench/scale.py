@@ -14,8 +14,8 @@ a fresh Python process of its own, so its peak RSS (VmHWM) is that step's alone:
   milliseconds from a brush mouse-move event to the end of the mask layer's repaint
   (`gui_responsiveness.measure_brush`, 100 events).
 
-CAMs and proposals are not measured: they are not computed by tiles yet (issue 15), so a large
-image goes through them at the classifier's input size.
+CAMs and proposals are not measured: the app computes them on the whole image letterboxed to the
+classifier's input (CAMs by tiles exist as `ml/tiled_cams.py` but nothing uses them yet).
 
 Targets (issue 15): seconds per megapixel within ±25 % from 4 to 100 MP; peak RSS at most 3× the
 decoded image plus the process's baseline (interpreter, libraries, the model: measured before the
@@ -283,7 +283,8 @@ def target_notes(rows: list[dict[str, Any]]) -> list[str]:
                      f"{largest['brush max ms']:.1f} ms (target ≤ {BRUSH_TARGET_MS:.0f} ms): "
                      f"{'met' if largest['brush max ms'] <= BRUSH_TARGET_MS else 'NOT met'} for the max, "
                      f"{'met' if largest['brush median ms'] <= BRUSH_TARGET_MS else 'NOT met'} for the median.")
-    notes.append("CAMs and proposals: not measured (not computed by tiles yet).")
+    notes.append("CAMs and proposals: not measured (CAMs by tiles exist as ml/tiled_cams.py, not yet used by the "
+                 "app's CAMs or proposals).")
     return notes
 
 
