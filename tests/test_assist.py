@@ -187,3 +187,35 @@ def test_unknown_method_and_mismatched_prior_are_refused() -> None:
         grow_region(image, [LOOSE_STROKE], method="magic")
     with pytest.raises(ValueError, match="prior"):
         grow_region(image, [LOOSE_STROKE], prior=blob[:10])
+
+
+# ----------------------------------------------------------------------------------------- the segmenter's prediction
+def test_the_segmenter_assist_takes_the_predicted_region_under_the_stroke() -> None:
+    from defect_studio.ml.assist import grow_region
+
+    image = np.full((120, 160), 128, np.uint8)  # no pixel contrast at all: only the prediction guides
+    probability = np.zeros((120, 160), np.float32)
+    yy, xx = np.mgrid[:120, :160]
+    blob = ((yy - 60) / 12.0) ** 2 + ((xx - 50) / 20.0) ** 2 <= 1.0
+    other = ((yy - 60) / 8.0) ** 2 + ((xx - 120) / 8.0) ** 2 <= 1.0
+    probability[blob] = 0.9
+    probability[other] = 0.9  # another predicted defect: not the one pointed at
+    grown = grow_region(image, [[(50, 60)]], 2, prior=probability, method="segmenter")
+    x0, y0, x1, y1 = grown.box
+    full = np.zeros((120, 160), bool)
+    full[y0:y1, x0:x1] = grown.region
+    assert (full & blob).sum() == blob.sum() and not (full & other).any() and grown.message == ""
+
+
+def test_the_segmenter_assist_follows_weak_evidence_and_says_when_there_is_none() -> None:
+    from defect_studio.ml.assist import grow_region
+
+    image = np.full((100, 100), 128, np.uint8)
+    probability = np.full((100, 100), 0.01, np.float32)
+    probability[40:60, 30:70] = 0.3  # the segmenter missed it (below its threshold), but saw something
+    grown = grow_region(image, [[(50, 50)]], 2, prior=probability, method="segmenter")
+    assert grown.region.sum() == 20 * 40
+    nothing = grow_region(image, [[(10, 10)]], 2, prior=np.zeros((100, 100), np.float32), method="segmenter")
+    assert "sees no defect" in nothing.message and nothing.region.sum() <= 25  # the stroke only
+    with pytest.raises(ValueError, match="pass it as `prior`"):
+        grow_region(image, [[(50, 50)]], 2, method="segmenter")

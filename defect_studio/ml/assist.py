@@ -17,6 +17,12 @@ window is not the defect the user pointed at. A GrabCut region that presses on t
 gets a larger window (the defect is larger than the stroke suggested); one that still does, or a
 watershed flood up to the edges, had no edge to stop it, and only the stroke itself is returned, with
 a message saying so.
+
+The `segmenter` method reads no pixels: it grows the stroke over the segmenter's own prediction
+(`prior`, calibrated so that 0.5 is the segmenter's threshold: `ml.pseudo.calibrate_probability`).
+Where the stroke touches a predicted region, that region is taken; where the segmenter missed the
+defect, its weaker evidence is followed: the pixels above half the highest probability under the
+stroke, connected to the stroke.
 """
 
 from __future__ import annotations
@@ -27,7 +33,9 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-ASSIST_METHODS = ("grabcut", "watershed")
+ASSIST_METHODS = ("grabcut", "watershed")  # the methods that grow from the image's pixels
+SEGMENTER_METHOD = "segmenter"  # grows over the segmenter's prediction (given as `prior`)
+MIN_SEGMENTER_LEVEL = 0.05  # the segmenter method follows no probability below this
 DEFAULT_ASSIST_METHOD = "grabcut"  # bench assist: fewer actions per Magnetic Tile mask than watershed
 MIN_MARGIN = 12  # px around the stroke: a click on a small pit still sees its edge
 MARGIN_FACTOR = 0.5  # and half the stroke's extent: a long stroke along a crack grows sideways
@@ -167,6 +175,24 @@ def _watershed(work: np.ndarray, fg: np.ndarray, bg: np.ndarray) -> np.ndarray:
     return markers == 2
 
 
+def to_work_map(values: np.ndarray, work_shape: tuple[int, int]) -> np.ndarray:
+    """A float map resized to the working window (unchanged when it already has that size)."""
+    if values.shape == work_shape:
+        return values
+    return cv2.resize(values, (work_shape[1], work_shape[0]), interpolation=cv2.INTER_AREA)
+
+
+def _over_prediction(probability: np.ndarray, seeds: np.ndarray) -> np.ndarray:
+    """The segmenter method: its predicted region (>= 0.5) under the stroke, or, where it predicted
+    none there, the pixels above half the highest probability under the stroke (at least
+    MIN_SEGMENTER_LEVEL); only what connects to the stroke is kept by the caller."""
+    under = float(probability[seeds].max()) if seeds.any() else 0.0
+    level = 0.5 if under >= 0.5 else max(MIN_SEGMENTER_LEVEL, 0.5 * under)
+    if under < MIN_SEGMENTER_LEVEL:
+        raise ValueError("the segmenter sees nothing under the stroke")
+    return probability >= level
+
+
 def _without_holes(region: np.ndarray) -> np.ndarray:
     """The region with its enclosed holes filled: a defect is a solid patch, and a hole GrabCut leaves in
     it (a bright speck inside a pit) is one more correction the user would have to make."""
@@ -203,8 +229,11 @@ def grow_region(
     the window's edge, the window is doubled (up to MAX_WINDOW_STEPS times): the defect is larger than
     the stroke suggested. The region always holds the strokes' own pixels inside the image.
     """
-    if method not in ASSIST_METHODS:
-        raise ValueError(f"unknown assist method {method!r}; expected one of {', '.join(ASSIST_METHODS)}")
+    if method not in (*ASSIST_METHODS, SEGMENTER_METHOD):
+        raise ValueError(f"unknown assist method {method!r}; expected one of {', '.join((*ASSIST_METHODS, SEGMENTER_METHOD))}")
+    if method == SEGMENTER_METHOD and prior is None:
+        raise ValueError("the segmenter assist grows over the segmenter's prediction: pass it as `prior` "
+                         "(train a segmenter first)")
     height, width = image.shape[:2]
     radius = max(1, int(radius))  # a one-pixel seed is too few samples for a colour model
     polylines = [np.array([(int(round(x)), int(round(y))) for x, y in stroke], np.int64).reshape(-1, 2) for stroke in strokes]
@@ -223,7 +252,7 @@ def grow_region(
         box = (max(0, inner[0] - pad), max(0, inner[1] - pad), min(width, inner[2] + pad), min(height, inner[3] + pad))
         region, message, crowded = _grow_in_window(image, box, polylines, backgrounds, radius, prior, method)
         # Watershed always floods up to the frame where no edge stops it: a larger window would only flood more.
-        if crowded and method == "grabcut" and box != (0, 0, width, height) and step < MAX_WINDOW_STEPS:
+        if crowded and method != "watershed" and box != (0, 0, width, height) and step < MAX_WINDOW_STEPS:
             pad *= 2
             continue
         no_frame = not _interior_frame(region.shape, box, (height, width)).any()
@@ -278,10 +307,17 @@ def _grow_in_window(image: np.ndarray, box: Box, polylines: Sequence[np.ndarray]
 
     message = ""
     try:
-        grown = _grabcut(work, work_fg, bg, probable) if method == "grabcut" else _watershed(work, work_fg, bg)
+        if method == SEGMENTER_METHOD:
+            assert prior is not None
+            grown = _over_prediction(to_work_map(np.asarray(prior[y0:y1, x0:x1], np.float32), work_shape), work_fg)
+        elif method == "grabcut":
+            grown = _grabcut(work, work_fg, bg, probable)
+        else:
+            grown = _watershed(work, work_fg, bg)
     except (ValueError, cv2.error):
         grown = work_fg
-        message = "No room to grow around the stroke: only the stroke itself was marked."
+        message = ("The segmenter sees no defect under the stroke: only the stroke itself was marked."
+                   if method == SEGMENTER_METHOD else "No room to grow around the stroke: only the stroke itself was marked.")
     grown = _without_holes(_connected_to(grown | work_fg, work_fg))
     if not message and not (grown & ~work_fg).any():
         message = "Nothing grew beyond the stroke: no edge or contrast around it to follow."
