@@ -14,6 +14,7 @@ painted, and the time from sending to the end of that paint is recorded. Targets
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -284,5 +285,46 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def brush_on_image(image_path: str | os.PathLike[str], events: int = 100) -> dict[str, Any]:
+    """`bench scale`'s brush step, in a process of its own: the viewer and mask editor show the image
+    (fitted in an 800 × 600 view) with an empty mask; seconds to show it, brush repaint milliseconds,
+    the stroke's undo bytes and the peak RSS above the RSS before the image was read."""
+    import numpy as np
+    from types import SimpleNamespace
+
+    from PySide6.QtWidgets import QApplication
+
+    from defect_studio.bench.scale import peak_rss
+    from defect_studio.gui.mask_editor import MaskEditor
+    from defect_studio.gui.viewer import ImageViewer
+    from defect_studio.imageio import decode_image
+
+    app = QApplication.instance() or QApplication([])
+    viewer = ImageViewer()
+    viewer.resize(800, 600)
+    viewer.show()
+    editor = MaskEditor(viewer)
+    _spin(app, 0.2)
+    baseline = peak_rss()
+    started = time.perf_counter()
+    pixels, _ = decode_image(image_path)
+    viewer.set_image(pixels)
+    editor.open(-1, -1, np.zeros(pixels.shape[:2], bool), scratch=True)
+    editor.set_tool("brush")
+    editor.set_brush_size(24)
+    _spin(app, 0.3)
+    shown_s = time.perf_counter() - started
+    timings = measure_brush(app, SimpleNamespace(viewer=viewer), events=events)
+    undo_bytes = editor.undo_bytes()
+    viewer.close()
+    return {"seconds": shown_s, "brush_median_ms": statistics.median(timings) if timings else float("nan"),
+            "brush_max_ms": max(timings) if timings else float("nan"), "brush_events": len(timings),
+            "undo_bytes": undo_bytes, "baseline_rss": baseline, "peak_rss": peak_rss()}
+
+
 if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--brush-on":  # bench scale's brush step
+        os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+        print(json.dumps(brush_on_image(sys.argv[2]), default=float), flush=True)
+        raise SystemExit(0)
     raise SystemExit(main())

@@ -12,7 +12,7 @@ a fresh Python process of its own, so its peak RSS (VmHWM) is that step's alone:
   model has run once on a full tile, so it holds the model and one tile's working memory.
 - brush: the viewer and mask editor (offscreen Qt) showing the image fitted in an 800 × 600 view;
   milliseconds from a brush mouse-move event to the end of the mask layer's repaint
-  (`gui_responsiveness.measure_brush`, 100 events).
+  (`gui_responsiveness.brush_on_image`, 100 events).
 
 CAMs and proposals are not measured: the app computes them on the whole image letterboxed to the
 classifier's input (CAMs by tiles exist as `ml/tiled_cams.py` but nothing uses them yet).
@@ -105,7 +105,7 @@ def export_timing_model(out_dir: Path) -> Path:
 
 
 # ----------------------------------------------------------------------------------- one step, in a child
-def _peak_rss() -> int:
+def peak_rss() -> int:
     """This process's peak resident memory in bytes: /proc's VmHWM where there is one, since Linux keeps
     getrusage's ru_maxrss across exec (a child started by a large parent would report the parent's peak)."""
     try:
@@ -126,13 +126,13 @@ def _measure_import(image_path: Path, workdir: Path) -> dict[str, Any]:
     from defect_studio.project.importer import import_job
 
     with Project.create(workdir / "project", image_path.parent) as project:  # a new project's fixed cost: not timed
-        baseline = _peak_rss()
+        baseline = peak_rss()
         started = time.perf_counter()
         report = run_job(import_job(project, image_path.parent, None, CancelToken()))
         seconds = time.perf_counter() - started
     if report.added != 1:
         raise RuntimeError(f"the import added {report.added} images: {report.lines()}")
-    return {"seconds": seconds, "baseline_rss": baseline, "peak_rss": _peak_rss()}
+    return {"seconds": seconds, "baseline_rss": baseline, "peak_rss": peak_rss()}
 
 
 def _measure_predict(image_path: Path, model_dir: Path, workdir: Path) -> dict[str, Any]:
@@ -144,7 +144,7 @@ def _measure_predict(image_path: Path, model_dir: Path, workdir: Path) -> dict[s
     # "Plus the models": the network and its working memory for one full tile are part of the baseline.
     tile = model.tiling.tile_size
     model.whole_probability(np.zeros((tile, tile, model.channels), np.float32))
-    baseline = _peak_rss()
+    baseline = peak_rss()
     started = time.perf_counter()
     predict_image_file(model, image_path, workdir)  # what `defect-studio predict` does per image
     seconds = time.perf_counter() - started
@@ -152,41 +152,7 @@ def _measure_predict(image_path: Path, model_dir: Path, workdir: Path) -> dict[s
         width, height = header.size
     grid = model.tiling.grid_for(height, width)
     return {"seconds": seconds, "tiles": 1 if grid is None else len(grid), "baseline_rss": baseline,
-            "peak_rss": _peak_rss()}
-
-
-def _measure_brush(image_path: Path) -> dict[str, Any]:
-    os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
-    from types import SimpleNamespace
-
-    from PySide6.QtWidgets import QApplication
-
-    from defect_studio.bench.gui_responsiveness import _spin, measure_brush
-    from defect_studio.gui.mask_editor import MaskEditor
-    from defect_studio.gui.viewer import ImageViewer
-    from defect_studio.imageio import decode_image
-
-    app = QApplication.instance() or QApplication([])
-    viewer = ImageViewer()
-    viewer.resize(800, 600)
-    viewer.show()
-    editor = MaskEditor(viewer)
-    _spin(app, 0.2)
-    baseline = _peak_rss()
-    started = time.perf_counter()
-    pixels, _ = decode_image(image_path)
-    viewer.set_image(pixels)
-    editor.open(-1, -1, np.zeros(pixels.shape[:2], bool), scratch=True)
-    editor.set_tool("brush")
-    editor.set_brush_size(24)
-    _spin(app, 0.3)
-    shown_s = time.perf_counter() - started
-    timings = measure_brush(app, SimpleNamespace(viewer=viewer), events=BRUSH_EVENTS)
-    undo_bytes = editor.undo_bytes()
-    viewer.close()
-    return {"seconds": shown_s, "brush_median_ms": float(np.median(timings)) if timings else float("nan"),
-            "brush_max_ms": max(timings) if timings else float("nan"), "brush_events": len(timings),
-            "undo_bytes": undo_bytes, "baseline_rss": baseline, "peak_rss": _peak_rss()}
+            "peak_rss": peak_rss()}
 
 
 def measure_step(step: str, image_path: Path, model_dir: Path | None, workdir: Path) -> dict[str, Any]:
@@ -196,15 +162,17 @@ def measure_step(step: str, image_path: Path, model_dir: Path | None, workdir: P
     if step == "predict":
         assert model_dir is not None
         return _measure_predict(image_path, model_dir, workdir)
-    if step == "brush":
-        return _measure_brush(image_path)
     raise ValueError(step)
 
 
 def run_step_in_child(step: str, image_path: Path, model_dir: Path, workdir: Path) -> dict[str, Any]:
-    """One step in a fresh interpreter: its peak RSS is its own."""
-    command = [sys.executable, "-m", "defect_studio.bench.scale", "--measure", step, "--image", str(image_path),
-               "--model", str(model_dir), "--workdir", str(workdir)]
+    """One step in a fresh interpreter: its peak RSS is its own. The brush runs in the GUI benchmark's
+    module (Qt lives there; the core never imports it)."""
+    if step == "brush":
+        command = [sys.executable, "-m", "defect_studio.bench.gui_responsiveness", "--brush-on", str(image_path)]
+    else:
+        command = [sys.executable, "-m", "defect_studio.bench.scale", "--measure", step, "--image", str(image_path),
+                   "--model", str(model_dir), "--workdir", str(workdir)]
     env = {**os.environ, "QT_QPA_PLATFORM": os.environ.get("QT_QPA_PLATFORM", "offscreen")}
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=STEP_TIMEOUT_S, env=env)
@@ -328,7 +296,7 @@ def main(args: argparse.Namespace) -> int:
 
 def _child_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--measure", choices=STEPS, required=True)
+    parser.add_argument("--measure", choices=("import", "predict"), required=True)
     parser.add_argument("--image", type=Path, required=True)
     parser.add_argument("--model", type=Path)
     parser.add_argument("--workdir", type=Path, required=True)
