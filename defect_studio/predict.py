@@ -188,10 +188,35 @@ def load_exported(model_dir: str | Path) -> ExportedSegmenter:
     return ExportedSegmenter(directory, card, session)
 
 
-def predict_images(model_dir: str | Path, images: Sequence[str | Path], out_dir: str | Path) -> list[Path]:
-    """Write `<out>/<stem>.png` for each image; returns the mask paths."""
+def parse_shard(text: str) -> tuple[int, int]:
+    """"I/N" (shard I of N, counted from 1, as a scheduler's array job numbers them) -> (I, N)."""
+    index_text, _, count_text = str(text).partition("/")
+    try:
+        index, count = int(index_text), int(count_text)
+    except ValueError:
+        raise ModelError(f"a shard is I/N, shard I of N counted from 1 (e.g. 2/8), got {text!r}.") from None
+    if not 1 <= index <= count:
+        raise ModelError(f"shard {text!r}: I must be from 1 to N.")
+    return index, count
+
+
+def shard_of(images: Sequence[str | Path], shard: tuple[int, int] | None) -> list[Path]:
+    """The images shard (I, N) predicts: every N-th of the images sorted by path, starting at the I-th,
+    so the N shards split the set whatever order the images were listed in, and a killed shard can be
+    run again alone."""
+    paths = [Path(image) for image in images]
+    if shard is None:
+        return paths
+    index, count = shard
+    return sorted(paths, key=str)[index - 1 :: count]
+
+
+def predict_images(model_dir: str | Path, images: Sequence[str | Path], out_dir: str | Path,
+                   shard: tuple[int, int] | None = None) -> list[Path]:
+    """Write `<out>/<stem>.png` for each image (of shard (I, N) only, when given; each mask is written
+    atomically); returns the mask paths."""
     model = load_exported(model_dir)
-    return [predict_image_file(model, image_path, out_dir) for image_path in images]
+    return [predict_image_file(model, image_path, out_dir) for image_path in shard_of(images, shard)]
 
 
 def predict_image_file(model: ExportedSegmenter, image_path: str | Path, out_dir: str | Path, cancel: Any = None) -> Path:

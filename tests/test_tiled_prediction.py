@@ -118,3 +118,25 @@ def test_a_large_image_is_predicted_band_by_band_in_bounded_memory(trained, tmp_
     np.testing.assert_array_equal(mask, model.mask(to_float01(strip)))
     assert mask.any()
     torch.set_num_threads(torch.get_num_threads())  # (no thread change leaks from here)
+
+
+def test_shards_split_the_images_whatever_their_order_and_refuse_bad_input(trained, tmp_path: Path) -> None:
+    from defect_studio.errors import ModelError
+    from defect_studio.predict import parse_shard, predict_images, shard_of
+
+    images = [tmp_path / f"image-{index}.png" for index in (3, 0, 4, 1, 2)]
+    shards = [shard_of(images, (index, 2)) for index in (1, 2)]
+    assert sorted(map(str, shards[0] + shards[1])) == sorted(map(str, images)) and not set(shards[0]) & set(shards[1])
+    assert shard_of(list(reversed(images)), (1, 2)) == shards[0]  # the same split in any order
+    assert parse_shard("2/8") == (2, 8)
+    for bad in ("0/4", "5/4", "two/4", "3"):
+        with pytest.raises(ModelError, match="shard"):
+            parse_shard(bad)
+
+    _, tiled, mosaic, _ = trained
+    out, _ = export_segmenter(tiled, tmp_path / "model", [mosaic])
+    for path in images:
+        cv2.imwrite(str(path), np.round(mosaic[:, :, 0] * 255).astype(np.uint8))
+    written = predict_images(out, images, tmp_path / "masks", shard=(2, 2))
+    assert [p.stem for p in written] == [p.stem for p in shards[1]]
+    assert sorted(p.name for p in (tmp_path / "masks").iterdir()) == sorted(p.stem + ".png" for p in shards[1])
