@@ -53,6 +53,8 @@ def test_export_writes_checked_model_files(exported, model_and_images) -> None:
     # three levels at half resolution: the input must be a multiple of 2 ** 2 * 2 (the model pads to it)
     assert card["input"]["channels"] == 3 and card["input"]["size_multiple"] == loaded.model.size_multiple == 8
     assert card["threshold"] == pytest.approx(loaded.threshold)
+    # the exported graph averages the flipped views itself: the parity above holds against the app's averaged prediction
+    assert card["test_time_flips"] == loaded.prediction_flips == "hv"
     assert card["parity"]["passed"] is True and card["note"] == "test"
     assert card["versions"]["onnxruntime"] and card["training"]["training_data_hash"]
     assert not list(out.parent.glob(".*partial"))

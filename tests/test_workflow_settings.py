@@ -100,3 +100,6 @@ def test_the_commands_start_from_and_keep_the_projects_choices(demo_project: Pat
         assert made_with["cam_method"] == "fgbp" and made_with["cam_settings"]["stages"] == [3]
         assert made_with["pseudo"]["high"] == 0.6
         assert opened.mask_records(round_index=1)
+        # the new round's review queue is ranked edit-first already: every proposed defect mask has a place
+        proposed = {r.image_id for r in opened.mask_records(round_index=1, tag="defect") if r.state == "proposed"}
+        assert proposed and proposed <= {entry.image_id for entry in opened.review_order(1)}

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import random
 import shutil
 import sys
@@ -32,7 +33,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
@@ -58,6 +59,9 @@ from defect_studio.ml.segmenter import (
     make_target,
     train_segmenter_job,
 )
+
+if TYPE_CHECKING:
+    from defect_studio.project.store import Project
 
 ROUNDS = 3
 FULL_SEGMENTER: dict[str, Any] = {}  # the app's defaults
@@ -164,7 +168,7 @@ class SimulatedReviewer:
         """What the simulated user did, for the report."""
         return review_note(self.edits_per_round, self.reject_unedited, self.edit_order)
 
-    def _to_edit(self, project: Any, round_index: int) -> list[Any]:
+    def _to_edit(self, project: Project, round_index: int) -> list[Any]:
         if self.edit_order == "ranked":
             from defect_studio.ml.review_order import rank_for_review
 
@@ -176,7 +180,7 @@ class SimulatedReviewer:
         candidates = [image for image in project.images("defect") if image.id not in self.edited]
         return self.random.sample(candidates, min(self.edits_per_round, len(candidates)))
 
-    def __call__(self, project: Any, round_index: int) -> None:
+    def __call__(self, project: Project, round_index: int) -> None:
         from defect_studio.project import review
 
         if self.edits_per_round:
@@ -222,6 +226,23 @@ def _evaluate_segmenter(model: LoadedSegmenter, test: list[DatasetSample]) -> di
     return evaluate_pairs(pairs())
 
 
+def _one_view(model: LoadedSegmenter) -> LoadedSegmenter | None:
+    """The same segmenter predicting from the image alone (no test-time flips, the same threshold and gate), to
+    show what the flipped views add; None when it already predicts from one view."""
+    if model.prediction_flips == "none":
+        return None
+    return dataclasses.replace(model, meta={**model.meta, "config": {**model.meta["config"], "prediction_flips": "none"}})
+
+
+def _evaluate_with_one_view(bench: FullBench, model: LoadedSegmenter) -> dict[str, Any]:
+    """_evaluate_segmenter, plus under "one_view" the same without test-time flips (when it uses them)."""
+    metrics = bench.clock.run("evaluation", lambda: _evaluate_segmenter(model, bench.test))
+    single = _one_view(model)
+    if single is not None:
+        metrics["one_view"] = bench.clock.run("evaluation", lambda: _evaluate_segmenter(single, bench.test))
+    return metrics
+
+
 def _classifier_scores(path: Path, test: list[DatasetSample]) -> dict[str, Any]:
     from defect_studio.ml.classifier import load_classifier
     from defect_studio.ml.metrics import auroc, binary_scores
@@ -237,7 +258,7 @@ def _classifier_scores(path: Path, test: list[DatasetSample]) -> dict[str, Any]:
             "test_precision": binary.precision, "test_recall": binary.recall}
 
 
-def _pseudo_ablation(project: Any, classifier_sha: str, method: str, cam_settings: dict[str, Any],
+def _pseudo_ablation(project: Project, classifier_sha: str, method: str, cam_settings: dict[str, Any],
                      train: list[DatasetSample]) -> list[dict[str, Any]]:
     """Each threshold mode on the round-0 CAMs (from the cache) vs ground truth on the training split."""
     from defect_studio.ml.cam_cache import CamCache
@@ -303,7 +324,7 @@ def _write_train_labels(bench: FullBench, work: Path) -> Path:
     return labels_csv
 
 
-def _classifier_step(bench: FullBench, project: Any) -> dict[str, Any]:
+def _classifier_step(bench: FullBench, project: Project) -> dict[str, Any]:
     """Train the classifier (or reuse --classifier) and score it on the test split."""
     from defect_studio.bench.classifier import DEFAULT_CANDIDATE, candidate_config
     from defect_studio.ml.classifier import train_project_classifier_job
@@ -323,7 +344,7 @@ def _classifier_step(bench: FullBench, project: Any) -> dict[str, Any]:
     return bench.clock.run("classifier evaluation", lambda: _classifier_scores(path, bench.test))
 
 
-def _cam_step(bench: FullBench, project: Any) -> list[dict[str, Any]]:
+def _cam_step(bench: FullBench, project: Project) -> list[dict[str, Any]]:
     """CAMs of the defect-tagged images for every method (or --method); the method and thresholds are
     chosen on the training split against its ground truth (method.md: defaults are chosen by the
     benchmark on the training split). Only the chosen method's CAM time counts in the weak loop.
@@ -352,7 +373,7 @@ def _cam_step(bench: FullBench, project: Any) -> list[dict[str, Any]]:
     return ablation
 
 
-def _rounds_step(bench: FullBench, project: Any) -> dict[str, Any]:
+def _rounds_step(bench: FullBench, project: Project) -> dict[str, Any]:
     """The refinement rounds, reviewed by the simulated user (by default: every proposal used as it came)."""
     config = RefineConfig(method=str(bench.method), cam_settings=bench.cam_settings, pseudo=bench.pseudo,
                           segmenter=bench.segmenter, stop_change=0.0)
@@ -360,14 +381,18 @@ def _rounds_step(bench: FullBench, project: Any) -> dict[str, Any]:
         project, bench.rounds, CancelToken(), bench.reviewer, bench.dataset, config, bench.classifier_path), bench.show))
 
 
-def _round_rows(bench: FullBench, project: Any, summary: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def _round_rows(bench: FullBench, project: Project, summary: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Each round's proposals against the training ground truth and its segmenter on the test split;
     (the rows, the last round's test metrics)."""
     rows = []
     final_metrics: dict[str, Any] = {}
-    for entry, run_record in zip(summary["rounds"], project.training_runs("segmenter")):
+    runs = list(zip(summary["rounds"], project.training_runs("segmenter")))
+    for index, (entry, run_record) in enumerate(runs):
         model = load_segmenter(run_record.checkpoint_path)
-        metrics = bench.clock.run("evaluation", lambda: _evaluate_segmenter(model, bench.test))
+        if index + 1 == len(runs):
+            metrics = _evaluate_with_one_view(bench, model)
+        else:
+            metrics = bench.clock.run("evaluation", lambda: _evaluate_segmenter(model, bench.test))
         final_metrics = metrics
         truth = entry.get("ground_truth", {})
         rows.append({
@@ -424,8 +449,7 @@ def _upper_bound_step(bench: FullBench, work: Path, trained_epochs: int) -> tupl
     result = bench.clock.run("upper bound training", lambda: run_job(
         train_segmenter_job(gt_samples(), SegmenterConfig.from_dict(upper_bound), full_path, CancelToken(),
                             classifier_path=bench.classifier_path), bench.show))
-    metrics = bench.clock.run("evaluation", lambda: _evaluate_segmenter(load_segmenter(full_path), bench.test))
-    return metrics, result.metrics
+    return _evaluate_with_one_view(bench, load_segmenter(full_path)), result.metrics
 
 
 def report_name(dataset: Path, bench_options: dict[str, Any]) -> str:
@@ -452,6 +476,10 @@ def _report(bench: FullBench, summary: dict[str, Any], round_rows: list[dict[str
     summary_rows = [summary_row(f"weak: CAM ({bench.method}) + {bench.rounds} rounds, {reviewer.describe()}", final_metrics)]
     if full_metrics:
         summary_rows.append(summary_row(f"upper bound: same segmenter on ground-truth masks, {trained_epochs} epochs", full_metrics))
+    for name, metrics in (("weak", final_metrics), ("upper bound", full_metrics or {})):
+        if "one_view" in metrics:
+            summary_rows.append(summary_row(f"{name}, one view (no test-time flips; same threshold and gate)",
+                                            metrics["one_view"]))
     full_types = full_metrics["per_type"] if full_metrics else {}
     kinds = sorted(set(final_metrics["per_type"]) | set(full_types))
     type_rows = [

@@ -169,7 +169,8 @@ def run_next_round(args: argparse.Namespace) -> int:
     if "next_round" in summary:
         proposals = summary["proposals"]
         line = (f"round {round_index} trained; round {summary['next_round']}: {proposals['proposed']} proposal(s) from "
-                f"{proposals['source']}, {proposals['carried_forward']} accepted/edited mask(s) carried forward")
+                f"{proposals['source']}, {proposals['carried_forward']} accepted/edited mask(s) carried forward; "
+                f"{summary['review_order']}")
     else:
         line = f"round {round_index}: the masks stopped changing; no new round"
     _print_json_or(args, summary, [line])

@@ -5,8 +5,9 @@ changes during training, so computing it for every random crop of every step rep
 expensive half of the network. Here each training image is encoded once, whole (padded to the
 network's stride, as at inference), and kept in half precision; a training batch is a set of
 crops cut from those features at positions aligned to the deepest stride, so every level's crop is
-exactly the features of the same pixels. Flips are applied to the features and the target alike
-(an approximation of the features of a flipped image that the decoder tolerates as augmentation).
+exactly the features of the same pixels. Flips may be applied to the features and the target alike
+(`flip_features`): only an approximation of the features of a flipped image, as a CNN's features are not
+mirror-symmetric. A flipped view of an image (`encode_samples(flip=...)`) is encoded for real.
 
 Memory: about 1.2 MB per 320×265 gray image (five levels, 16-320 channels, fp16). Projects whose
 features would exceed `FEATURE_BUDGET_BYTES` train without the cache (the encoder runs per crop).
@@ -79,10 +80,12 @@ def forget_features() -> None:
 
 
 def encode_samples(model: torch.nn.Module, keys: Sequence[str], images: Sequence[np.ndarray],
-                   targets: Sequence[np.ndarray], device: torch.device, cancel: CancelToken
+                   targets: Sequence[np.ndarray], device: torch.device, cancel: CancelToken, flip: tuple[int, ...] = ()
                    ) -> Generator[Progress, None, tuple[list[EncodedSample], int]]:
     """Encode each whole image once (eval mode: frozen BatchNorm statistics), reusing the features this
-    encoder computed for the same image earlier in this process; (samples, how many were encoded now)."""
+    encoder computed for the same image earlier in this process; (samples, how many were encoded now).
+    `flip`: encode the network input (padded as at inference) mirrored along these N×C×H×W dimensions, as
+    segmenter.FlipAveraged does; the target is mirrored with it."""
     was_training = model.training
     model.eval()
     kept = _LAST_ENCODER.for_encoder(encoder_digest(model))
@@ -93,6 +96,8 @@ def encode_samples(model: torch.nn.Module, keys: Sequence[str], images: Sequence
         for done, (key, image, target) in enumerate(zip(keys, images, targets), start=1):
             cancel.raise_if_cancelled()
             batch, (height, width) = to_network_input(image, model.in_channels, model.size_multiple)
+            if flip:
+                batch = np.ascontiguousarray(np.flip(batch, flip))
             identity = (key, hashlib.sha1(batch.tobytes()).hexdigest())
             levels = kept.get(identity)
             if levels is None:
@@ -103,6 +108,8 @@ def encode_samples(model: torch.nn.Module, keys: Sequence[str], images: Sequence
                 computed += 1
             padded = np.full(batch.shape[2:], IGNORE, np.uint8)
             padded[:height, :width] = target
+            if flip:
+                padded = np.ascontiguousarray(np.flip(padded, tuple(d - 2 for d in flip)))
             encoded.append(EncodedSample(levels, padded, np.flatnonzero(padded.ravel() == 1)))
             if done % 25 == 0 or done == len(images):
                 yield clock.progress("encode images", done, f"{computed} encoded, {done - computed} reused")
@@ -128,10 +135,11 @@ def draw_crop_origin(rng: np.random.Generator, defect_pixels: np.ndarray | None,
 
 class EncodedCropSampler:
     """Batches of (feature crops per level, target crops), like CropSampler's: seeded, a share of the
-    crops centred on a defect pixel, random flips."""
+    crops centred on a defect pixel, random flips of the features (`flip_features`)."""
 
     def __init__(self, samples: Sequence[EncodedSample], crop_size: int, batch_size: int,
-                 defect_crop_fraction: float, seed: int, alignment: int) -> None:
+                 defect_crop_fraction: float, seed: int, alignment: int, flip_features: bool = True) -> None:
+        self.flip_features = flip_features
         self.samples = list(samples)
         self.alignment = alignment
         self.crop_size = max(alignment, crop_size // alignment * alignment)
@@ -159,7 +167,7 @@ class EncodedCropSampler:
             levels.append(crop)
         target_t = torch.from_numpy(target)
         for axis in (-1, -2):  # the same flips for every level and the target
-            if self.rng.random() < 0.5:
+            if self.rng.random() < 0.5 and self.flip_features:
                 levels = [level.flip(axis) for level in levels]
                 target_t = target_t.flip(axis)
         return levels, target_t

@@ -21,7 +21,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generator, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Generator, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -30,9 +30,12 @@ from defect_studio.atomic import atomic_write_json, fsync_directory
 from defect_studio.errors import ModelError
 from defect_studio.imageio import file_sha256
 from defect_studio.jobs import Progress
-from defect_studio.ml.segmenter import LoadedSegmenter, SegmenterConfig, SegmenterNet, build_segmenter
+from defect_studio.ml.segmenter import FlipAveraged, LoadedSegmenter, SegmenterConfig, build_segmenter
 from defect_studio.ml.tiling import Tiling, tiled_map
 from defect_studio.predict import CARD_FILE, MODEL_FILE, TORCHSCRIPT_FILE, load_exported, sigmoid, to_network_input
+
+if TYPE_CHECKING:
+    from defect_studio.project.store import Project
 
 ONNX_OPSET = 17
 DEFAULT_MAX_ABS_DIFF = 1e-3
@@ -72,7 +75,7 @@ def garbage_collection_paused() -> Iterator[None]:
             gc.enable()
 
 
-def _export_onnx(model: SegmenterNet, path: Path) -> None:
+def _export_onnx(model: torch.nn.Module, path: Path) -> None:
     import warnings
 
     dummy = torch.zeros(1, model.in_channels, 64, 64)
@@ -90,7 +93,7 @@ def _export_onnx(model: SegmenterNet, path: Path) -> None:
         )
 
 
-def _export_torchscript(model: SegmenterNet, path: Path) -> None:
+def _export_torchscript(model: torch.nn.Module, path: Path) -> None:
     import warnings
 
     dummy = torch.zeros(1, model.in_channels, 64, 64)
@@ -191,6 +194,8 @@ def build_model_card(loaded: LoadedSegmenter, extra: dict[str, Any] | None = Non
             "gray images as one channel; colour to gray (or gray repeated to 3 channels) to match input.channels",
             "reflect-pad bottom and right to a multiple of input.size_multiple; crop the output back",
             "normalisation (mean/std) is inside the network",
+            ("the network averages the logits of the flipped views listed in test_time_flips (each mirrored back) "
+             "inside its graph"),
             ("images larger than tiling.whole_image_max_pixels (mode auto; every image with mode tiles) are run by "
              "overlapping tiles of tiling.tile_size px, each tile's probabilities weighted by a raised-cosine ramp over "
              "tiling.overlap px at the borders it shares with other tiles, divided by the weights' sum "
@@ -198,6 +203,7 @@ def build_model_card(loaded: LoadedSegmenter, extra: dict[str, Any] | None = Non
         ],
         # How images are cut for the network: what the app did with this model, what predict does.
         "tiling": segmenter_tiling(loaded).to_dict(),
+        "test_time_flips": loaded.prediction_flips,  # none | h (left-right) | hv (left-right and top-bottom)
         "threshold": float(meta.get("threshold", 0.5)),
         # An image whose score (mean of its top_k probabilities) is under min_score gets an empty mask.
         "image_gate": meta.get("image_gate"),
@@ -233,13 +239,15 @@ def export_segmenter(
     model = build_segmenter(loaded.model.in_channels, SegmenterConfig.from_dict(loaded.meta["config"]))
     model.load_state_dict({k: v.cpu() for k, v in loaded.model.state_dict().items()})
     model.eval()
+    # The exported graph averages the flipped views inside it, as the app predicts: predict needs no change.
+    exported_network = FlipAveraged(model, loaded.prediction_flips).eval()
     remove_stale_staging(out)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
         try:
             with garbage_collection_paused():
-                _export_onnx(model, staging / MODEL_FILE)
-                _export_torchscript(model, staging / TORCHSCRIPT_FILE)
+                _export_onnx(exported_network, staging / MODEL_FILE)
+                _export_torchscript(exported_network, staging / TORCHSCRIPT_FILE)
         except Exception as error:
             raise ModelError(f"exporting the segmenter failed: {str(error)[:300]}") from error
         cpu_loaded = LoadedSegmenter(model, loaded.meta, torch.device("cpu"), loaded.checkpoint_sha256)
@@ -288,7 +296,7 @@ def remove_stale_staging(out: Path, older_than_s: float = STALE_STAGING_S) -> li
 
 
 def export_project_job(
-    project: Any, out_dir: str | Path, cancel: Any, segmenter_path: str | Path | None = None, parity_count: int = 8,
+    project: Project, out_dir: str | Path, cancel: Any, segmenter_path: str | Path | None = None, parity_count: int = 8,
     run_id: int | None = None,
 ) -> Generator[Progress, None, dict[str, Any]]:
     """Export a project's segmenter for `defect-studio export` and the GUI: training run `run_id`, or

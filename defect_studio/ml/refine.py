@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, Generator
 
 import numpy as np
 
-from defect_studio.errors import DataError
+from defect_studio.errors import DataError, ModelError
 from defect_studio.imageio import read_image
 from defect_studio.jobs import CancelToken, Progress
 from defect_studio.ml.cams.registry import DEFAULT_CAM_METHOD, CamSpec
@@ -338,4 +338,13 @@ def next_round_job(
             return summary
     next_round = create_checked_round(project, config.to_dict(), classifier_path)
     proposals = yield from pseudo_job(project, next_round, config.cam_spec, config.pseudo, cancel, None, classifier_path)
-    return {**summary, "next_round": next_round, "proposals": proposals}
+    # The Review tab opens on the new round in the edit-first order (ml/review_order.py), made now so the
+    # inspector does not wait for it; a round with nothing to review simply has no order.
+    from defect_studio.ml.review_order import rank_for_review_job
+
+    try:
+        ranked = yield from rank_for_review_job(project, next_round, cancel, classifier_path)
+        review_order = f"{len(ranked)} mask(s) in the edit-first order"
+    except (DataError, ModelError) as error:
+        review_order = f"no edit-first order: {error}"
+    return {**summary, "next_round": next_round, "proposals": proposals, "review_order": review_order}

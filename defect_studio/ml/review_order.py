@@ -39,7 +39,7 @@ import numpy as np
 from defect_studio.errors import DataError, ModelError
 from defect_studio.imageio import read_image
 from defect_studio.jobs import CancelToken, EtaClock, Progress, run_job
-from defect_studio.project.store import LOCKED_STATES, ReviewOrderEntry
+from defect_studio.project.store import LOCKED_STATES, Project, ReviewOrderEntry
 
 # Weights of the signals in the score (renormalised over the signals a round has).
 SIGNAL_WEIGHTS: dict[str, float] = {
@@ -238,7 +238,7 @@ class QueueEntry:
     flagged: bool
 
 
-def edit_first_queue(project: Any, round_index: int) -> list[QueueEntry]:
+def edit_first_queue(project: Project, round_index: int) -> list[QueueEntry]:
     """The round's defect masks still `proposed`, in the stored edit-first order (those the order does
     not know follow in image order); in image order when the round has no stored order."""
     stems = {image.id: image.stem for image in project.images("defect")}
@@ -276,7 +276,7 @@ def uncertainty_around(probability: np.ndarray, threshold: float, around: int = 
     return float(binary_entropy(probability[region]).mean())
 
 
-def _cam_proposal(project: Any, image: Any, params: dict[str, Any]) -> np.ndarray | None:
+def _cam_proposal(project: Project, image: Any, params: dict[str, Any]) -> np.ndarray | None:
     """The CAM-only pseudo-label of the image, from the CAM cache and the round's own settings."""
     from defect_studio.ml.cam_cache import CamCache
     from defect_studio.ml.pseudo import PseudoLabelSettings, pseudo_label
@@ -292,7 +292,7 @@ def _cam_proposal(project: Any, image: Any, params: dict[str, Any]) -> np.ndarra
 
 
 def review_order_job(
-    project: Any, round_index: int, cancel: CancelToken, classifier_path: str | Path | None = None, seed: int = 0,
+    project: Project, round_index: int, cancel: CancelToken, classifier_path: str | Path | None = None, seed: int = 0,
 ) -> Generator[Progress, None, list[ReviewItem]]:
     """Measure the signals of round `round_index`'s defect images and rank its proposed masks."""
     from defect_studio.ml.cam_cache import default_classifier_path
@@ -351,7 +351,7 @@ def review_order_job(
 
 
 def rank_for_review_job(
-    project: Any, round_index: int, cancel: CancelToken, classifier_path: str | Path | None = None, seed: int = 0,
+    project: Project, round_index: int, cancel: CancelToken, classifier_path: str | Path | None = None, seed: int = 0,
 ) -> Generator[Progress, None, list[ReviewItem]]:
     """`review_order_job`, then the order stored in the project (replacing the round's earlier one)."""
     items = yield from review_order_job(project, round_index, cancel, classifier_path, seed)
@@ -360,7 +360,7 @@ def rank_for_review_job(
     return items
 
 
-def rank_for_review(project: Any, round_index: int, cancel: CancelToken | None = None,
+def rank_for_review(project: Project, round_index: int, cancel: CancelToken | None = None,
                     classifier_path: str | Path | None = None, seed: int = 0,
                     on_progress: Any = None) -> list[ReviewItem]:
     """Order round `round_index`'s proposed masks for review (edit first at rank 1) and store the

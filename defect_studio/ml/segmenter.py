@@ -46,7 +46,7 @@ from defect_studio.ml.encoded_crops import (
 )
 from defect_studio.ml.device import peak_memory_mb, select_device, torch_threads
 from defect_studio.ml.metrics import SegmentationTally, ThresholdSweep
-from defect_studio.ml.segmenter_options import SegmenterConfig  # re-exported: the config lives without torch
+from defect_studio.ml.segmenter_options import PREDICTION_FLIPS, SegmenterConfig  # re-exported: the config lives without torch
 from defect_studio.predict import IMAGE_SCORE_TOP_K, decide_mask, image_score, match_channels, to_network_input
 
 IGNORE = 255
@@ -296,6 +296,33 @@ def build_segmenter(in_channels: int, config: "SegmenterConfig", imagenet_weight
     return SegmenterNet(in_channels, config.channels, config.stem_stride, config.detail_branch)
 
 
+# The tensor dimensions each view of `SegmenterConfig.prediction_flips` mirrors (N×C×H×W: 3 = left-right, 2 = top-bottom).
+FLIP_VIEWS: dict[str, tuple[tuple[int, ...], ...]] = {"none": ((),), "h": ((), (3,)), "hv": ((), (3,), (2,))}
+assert set(FLIP_VIEWS) == set(PREDICTION_FLIPS)
+
+
+def average_over_flips(logits_of_view: Callable[[tuple[int, ...]], torch.Tensor], flips: str) -> torch.Tensor:
+    """The mean of the logits of each flipped view, each mirrored back. `logits_of_view(dims)` returns the logits
+    of the input mirrored along `dims` (() = the input itself)."""
+    views = FLIP_VIEWS[flips]
+    total = logits_of_view(views[0])
+    for dims in views[1:]:
+        total = total + logits_of_view(dims).flip(dims)
+    return total / len(views) if len(views) > 1 else total
+
+
+class FlipAveraged(nn.Module):
+    """A segmenter that predicts by `average_over_flips`: what the app runs and what is exported."""
+
+    def __init__(self, network: nn.Module, flips: str) -> None:
+        super().__init__()
+        self.network, self.flips = network, flips
+        self.in_channels, self.size_multiple = network.in_channels, network.size_multiple
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return average_over_flips(lambda dims: self.network(pixels.flip(dims) if dims else pixels), self.flips)
+
+
 def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, dice_weight: float = 1.0) -> torch.Tensor:
     """BCE + soft Dice over the valid (non-ignored) pixels of a batch; target uint8 N×H×W."""
     logits = logits[:, 0].float()
@@ -382,6 +409,10 @@ class LoadedSegmenter:
     def image_gate(self) -> dict[str, Any] | None:
         return self.meta.get("image_gate")
 
+    @property
+    def prediction_flips(self) -> str:
+        return str((self.meta.get("config") or {}).get("prediction_flips", "none"))  # checkpoints before it: one view
+
     @torch.no_grad()
     def probability(self, image: np.ndarray) -> np.ndarray:
         """float H×W×C image in [0, 1] -> H×W defect probability at the image's own resolution; a large
@@ -389,17 +420,20 @@ class LoadedSegmenter:
         from defect_studio.ml.tiling import Tiling, tiled_map
 
         tiling = Tiling.from_dict(self.meta.get("tiling"))
-        return tiled_map(image, lambda pixels: predict_probability(self.model, pixels, self.device), tiling)
+        return tiled_map(image, lambda pixels: predict_probability(self.model, pixels, self.device, self.prediction_flips),
+                         tiling)
 
     def mask(self, image: np.ndarray) -> np.ndarray:
         return decide_mask(self.probability(image), self.threshold, self.image_gate)
 
 
 @torch.no_grad()
-def predict_probability(model: SegmenterNet, image: np.ndarray, device: torch.device | None = None) -> np.ndarray:
+def predict_probability(model: SegmenterNet, image: np.ndarray, device: torch.device | None = None,
+                        flips: str = "none") -> np.ndarray:
+    """H×W defect probability of the whole image, averaged over the flipped views `flips` (FLIP_VIEWS)."""
     device = device or next(model.parameters()).device
     batch, size = to_network_input(image, model.in_channels, model.size_multiple)
-    return _probability_in_eval(model, lambda: model(torch.from_numpy(batch).to(device)), size)
+    return _probability_in_eval(model, lambda: FlipAveraged(model, flips)(torch.from_numpy(batch).to(device)), size)
 
 
 def _probability_in_eval(model: nn.Module, logits_of: Callable[[], torch.Tensor], size: tuple[int, int]) -> np.ndarray:
@@ -433,6 +467,7 @@ def load_segmenter(path: str | Path, device: str | torch.device = "auto") -> Loa
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise ModelError(f"{path}: not a defect-studio segmenter checkpoint.")
     meta = checkpoint["meta"]
+    meta["config"].setdefault("prediction_flips", "none")  # trained and validated on one view
     model = build_segmenter(int(meta["in_channels"]), SegmenterConfig.from_dict(meta["config"]))
     try:
         model.load_state_dict(checkpoint["state_dict"])
@@ -550,13 +585,18 @@ def _train_segmenter(
     encoded = None
     if _caches_features(model, samples):
         # The frozen encoder's features, once per image (validation images first: fewer, and the same job).
-        validation_encoded, _ = yield from encode_samples(
-            model, [s.key for s in validation_samples], [s.image for s in validation_samples],
-            [s.target for s in validation_samples], device, cancel)
+        # Validation predicts as the app will, so each of its images is encoded in every flipped view.
+        validation_encoded = [{} for _ in validation_samples]
+        for dims in FLIP_VIEWS[config.prediction_flips]:
+            view, _ = yield from encode_samples(
+                model, [s.key for s in validation_samples], [s.image for s in validation_samples],
+                [s.target for s in validation_samples], device, cancel, flip=dims)
+            for by_view, sample in zip(validation_encoded, view):
+                by_view[dims] = sample
         encoded, _ = yield from encode_samples(model, [s.key for s in train_samples], [s.image for s in train_samples],
                                                [s.target for s in train_samples], device, cancel)
         sampler: Any = EncodedCropSampler(encoded, config.crop_size, config.batch_size, config.defect_crop_fraction,
-                                          config.seed, model.size_multiple)
+                                          config.seed, model.size_multiple, config.flip_encoded_features)
     else:
         sampler = CropSampler(train_samples, config, in_channels)
     use_amp = device.type == "cuda"
@@ -587,7 +627,8 @@ def _train_segmenter(
             losses.append(float(loss.detach()))
         cancel.raise_if_cancelled()
         threshold, image_gate, validation = _validate(model, validation_samples, device,
-                                                      None if encoded is None else validation_encoded)
+                                                      None if encoded is None else validation_encoded,
+                                                      config.prediction_flips)
         score = validation.get("defect_iou", float("nan"))
         if math.isnan(score):
             score = -float(np.mean(losses))
@@ -691,10 +732,13 @@ def _caches_features(model: nn.Module, samples: Sequence[SegmentationSample]) ->
 
 
 @torch.no_grad()
-def _probability_from_features(model: nn.Module, sample: EncodedSample, size: tuple[int, int],
-                               device: torch.device) -> np.ndarray:
-    return _probability_in_eval(model, lambda: model.decode([level[None].float().to(device) for level in sample.levels]),
-                                size)
+def _probability_from_features(model: nn.Module, views: dict[tuple[int, ...], EncodedSample], flips: str,
+                               size: tuple[int, int], device: torch.device) -> np.ndarray:
+    """predict_probability from cached features: `views` holds the image's encoded flipped views (by dims)."""
+    def logits_of_view(dims: tuple[int, ...]) -> torch.Tensor:
+        return model.decode([level[None].float().to(device) for level in views[dims].levels])
+
+    return _probability_in_eval(model, lambda: average_over_flips(logits_of_view, flips), size)
 
 
 VALIDATION_THRESHOLDS = np.linspace(0.05, 0.95, 19)
@@ -708,9 +752,11 @@ GATE_KEEPS_DEFECT_IMAGES = 0.95
 
 def _validate(
     model: SegmenterNet, samples: Sequence[SegmentationSample], device: torch.device,
-    encoded: Sequence[EncodedSample] | None = None, keeps_defect_images: float = GATE_KEEPS_DEFECT_IMAGES,
+    encoded: Sequence[dict[tuple[int, ...], EncodedSample]] | None = None, flips: str = "none",
+    keeps_defect_images: float = GATE_KEEPS_DEFECT_IMAGES,
 ) -> tuple[float, dict[str, Any] | None, dict[str, float]]:
-    """(best threshold, image gate, metrics at them) on whole validation images, ignored pixels left out.
+    """(best threshold, image gate, metrics at them) on whole validation images, ignored pixels left out, each
+    predicted as the app will: averaged over the flipped views `flips`; `encoded`: their cached features by view.
 
     The pixel threshold and the image gate are chosen together for the pooled defect IoU, among the gates
     that keep at least `keeps_defect_images` of the held-out defect images: the gate empties the mask of an
@@ -721,9 +767,9 @@ def _validate(
     sweeps, scores = [], []
     for index, sample in enumerate(samples):
         if encoded is None:
-            probability = predict_probability(model, sample.image, device)
+            probability = predict_probability(model, sample.image, device, flips)
         else:
-            probability = _probability_from_features(model, encoded[index], sample.target.shape, device)
+            probability = _probability_from_features(model, encoded[index], flips, sample.target.shape, device)
         valid = sample.target != IGNORE
         sweep = ThresholdSweep(thresholds=VALIDATION_THRESHOLDS)
         sweep.add(sample.target[valid] == 1, probability[valid])

@@ -10,6 +10,9 @@ from defect_studio.errors import ConfigError
 
 
 ENCODER_WEIGHTS = ("imagenet", "classifier")
+# Views a prediction averages (logits, each flipped back): "hv" = the image, mirrored left-right, mirrored
+# top-bottom. Measured on MT's weak segmenter (seed 2): test defect IoU 0.297 with one view, 0.351 with "hv".
+PREDICTION_FLIPS = ("none", "h", "hv")
 
 
 @dataclass
@@ -43,6 +46,10 @@ class SegmenterConfig:
     # `warm_start_epochs`: the expensive part, leaving the all-background plateau, is done once.
     warm_start: bool = True
     warm_start_epochs: int = 4
+    # Flip the cached encoder features of a training crop (with its target) at random. Not equivalent to encoding
+    # a flipped image: a CNN's features are not mirror-symmetric (measured 30-100 % apart at every level).
+    flip_encoded_features: bool = True
+    prediction_flips: str = "hv"  # one of PREDICTION_FLIPS: test-time views, used by validation, the app and export
     device: str = "auto"
     threads: int | None = None  # torch CPU threads while training; None leaves the default
     time_budget_s: float | None = None  # stop after the epoch that crosses it (same budget for weak and full)
@@ -58,6 +65,8 @@ class SegmenterConfig:
             values["channels"] = tuple(int(c) for c in values["channels"])
         if values.get("encoder_weights", "imagenet") not in ENCODER_WEIGHTS:
             raise ConfigError(f"encoder_weights must be one of {', '.join(ENCODER_WEIGHTS)}, got {values['encoder_weights']!r}")
+        if values.get("prediction_flips", "hv") not in PREDICTION_FLIPS:
+            raise ConfigError(f"prediction_flips must be one of {', '.join(PREDICTION_FLIPS)}, got {values['prediction_flips']!r}")
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
