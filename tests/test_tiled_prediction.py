@@ -140,3 +140,10 @@ def test_shards_split_the_images_whatever_their_order_and_refuse_bad_input(train
     written = predict_images(out, images, tmp_path / "masks", shard=(2, 2))
     assert [p.stem for p in written] == [p.stem for p in shards[1]]
     assert sorted(p.name for p in (tmp_path / "masks").iterdir()) == sorted(p.stem + ".png" for p in shards[1])
+    # the command line: shard 1 of 2 writes the other half; a bad shard is a clear message, not a traceback
+    from defect_studio.cli import main as cli_main
+
+    assert cli_main(["predict", str(out), *map(str, images), "--out", str(tmp_path / "masks"), "--shard", "1/2"]) == 0
+    assert sorted(p.name for p in (tmp_path / "masks").iterdir()) == sorted(p.stem + ".png" for p in images)
+    assert cli_main(["predict", str(out), *map(str, images), "--out", str(tmp_path / "other"), "--shard", "3/2"]) != 0
+    assert not (tmp_path / "other").exists()

@@ -260,10 +260,12 @@ def run_export(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------------ predict
 def run_predict(args: argparse.Namespace) -> int:
-    from defect_studio.predict import predict_images
+    from defect_studio.predict import parse_shard, predict_images
 
-    written = predict_images(args.model_dir, args.images, args.out)
-    _print_json_or(args, [str(p) for p in written], [f"{len(written)} mask(s) written to {args.out}"])
+    shard = parse_shard(args.shard) if args.shard else None
+    written = predict_images(args.model_dir, args.images, args.out, shard=shard)
+    of_shard = f" (shard {shard[0]} of {shard[1]}: {len(written)} of {len(args.images)} image(s))" if shard else ""
+    _print_json_or(args, [str(p) for p in written], [f"{len(written)} mask(s) written to {args.out}{of_shard}"])
     return 0
 
 
@@ -343,5 +345,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("model_dir", type=Path)
     parser.add_argument("images", type=Path, nargs="+")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--shard", metavar="I/N",
+                        help="predict only shard I of N (counted from 1, e.g. $SLURM_ARRAY_TASK_ID/8): every N-th image "
+                             "sorted by path, so N array jobs split the images whatever order they list them in; "
+                             "a killed shard is run again alone")
     parser.add_argument("--json", action="store_true")
     parser.set_defaults(handler=run_predict)
