@@ -83,3 +83,19 @@ def test_the_cli_lists_an_image_over_the_projects_limit(tmp_path: Path, capsys: 
     output = capsys.readouterr()
     assert "Traceback" not in output.out + output.err
     assert "skipped: b.png: 30 × 30 pixels is more than the 0.0005 megapixel limit" in output.out
+
+
+def test_the_import_command_sets_the_limit_and_refuses_a_bad_one(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    root = tmp_path / "images"
+    write_cv2(root / "a.png", gradient(20, 20))
+    write_cv2(root / "b.png", gradient(30, 30))
+    project_dir = tmp_path / "p"
+    assert main(["import", str(project_dir), "--images", str(root), "--max-megapixels", "0.0005"]) == EXIT_PARTIAL
+    assert "skipped: b.png: 30 × 30 pixels is more than the 0.0005 megapixel limit" in capsys.readouterr().out
+    with Project.open(project_dir) as project:
+        assert import_pixel_limit(project) == 500  # remembered for the next import
+    assert main(["import", str(project_dir), "--images", str(root), "--max-megapixels", "-3"]) != 0
+    output = capsys.readouterr()
+    assert "Traceback" not in output.out + output.err and "more than 0" in output.out + output.err
+    with Project.open(project_dir) as project:
+        assert import_pixel_limit(project) == 500

@@ -9,7 +9,7 @@ from pathlib import Path
 from defect_studio.cli.progress import add_progress_arguments, drive
 from defect_studio.jobs import CancelToken
 from defect_studio.project import Project
-from defect_studio.project.importer import import_job
+from defect_studio.project.importer import import_job, set_import_megapixels
 from defect_studio.project.location import default_project_dir
 
 EXIT_PARTIAL = 4  # finished, but some input was skipped: the listing says which and why
@@ -20,6 +20,8 @@ def run_import(args: argparse.Namespace) -> int:
     project_dir = Path(args.project) if args.project else default_project_dir(images)
     with Project.open_or_create(project_dir, images) as project:
         # A stale lock taken over is reported by the store's log warning, for every command alike.
+        if args.max_megapixels is not None:  # remembered: a re-import applies the same limit
+            set_import_megapixels(project, args.max_megapixels)
         cancel = CancelToken()
         report = drive(import_job(project, images, args.labels, cancel), args, cancel)
         for line in report.lines():
@@ -92,6 +94,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("project", nargs="?", help="project folder (default: DIR/.defect-studio)")
     parser.add_argument("--images", required=True, metavar="DIR", help="the image folder")
     parser.add_argument("--labels", metavar="FILE.csv", help="stem,label rows with label good or defect")
+    parser.add_argument("--max-megapixels", type=float, metavar="MP",
+                        help="refuse images over MP megapixels, from their header (the project remembers it; "
+                             "default 300, the most any reader accepts)")
     add_progress_arguments(parser)
     parser.set_defaults(handler=run_import)
 
