@@ -103,3 +103,12 @@ def test_the_commands_start_from_and_keep_the_projects_choices(demo_project: Pat
         # the new round's review queue is ranked edit-first already: every proposed defect mask has a place
         proposed = {r.image_id for r in opened.mask_records(round_index=1, tag="defect") if r.state == "proposed"}
         assert proposed and proposed <= {entry.image_id for entry in opened.review_order(1)}
+    # Proposing round 1 again with another CAM method: the round says what its masks are made with now.
+    with Project.open(demo_project) as opened:
+        update_workflow_settings(opened, cam_method="gradcam")
+    assert main(["pseudo", project, "--round", "1"]) == 0
+    with Project.open(demo_project) as opened:
+        made_with = opened.round(1).config
+        assert made_with["cam_method"] == "gradcam" and made_with["pseudo"]["high"] == 0.6
+        assert all(r.params["cam_method"] == "gradcam" for r in opened.mask_records(round_index=1, tag="defect")
+                   if r.state == "proposed")

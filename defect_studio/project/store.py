@@ -606,6 +606,17 @@ class Project:
                        (index, utc_now(), json.dumps(config or {})))
         return self.round(index)
 
+    def set_round_proposal_settings(self, index: int, settings: dict) -> RoundRecord:
+        """Merge `settings` into the round's config: what its masks are proposed with now (a round re-proposed
+        with another CAM method or thresholds must say so, and finishing an interrupted proposing uses them)."""
+        with self._transaction() as db:
+            row = db.execute("SELECT config FROM rounds WHERE idx=?", (index,)).fetchone()
+            if row is None:
+                raise ProjectError(f"this project has no round {index}.")
+            merged = {**json.loads(row[0]), **settings}
+            db.execute("UPDATE rounds SET config=? WHERE idx=?", (json.dumps(merged, default=float), index))
+        return self.round(index)
+
     def update_round(self, index: int, status: str | None = None, metrics: dict | None = None) -> RoundRecord:
         """Set the status and/or merge `metrics` into the round's metrics."""
         with self._transaction() as db:
