@@ -11,7 +11,8 @@ from defect_studio.errors import ConfigError
 
 ENCODER_WEIGHTS = ("imagenet", "classifier")
 # Views a prediction averages (logits, each flipped back): "hv" = the image, mirrored left-right, mirrored
-# top-bottom. Measured on MT's weak segmenter (seed 2): test defect IoU 0.297 with one view, 0.351 with "hv".
+# top-bottom. MT weak segmenter, seed 2, test defect IoU with one view / "hv": 0.288 / 0.306 (feature flips on in
+# training), 0.289 / 0.306 (off); an earlier segmenter of the same seed 0.297 / 0.351 (docs/method-notes.md).
 PREDICTION_FLIPS = ("none", "h", "hv")
 
 
@@ -47,8 +48,9 @@ class SegmenterConfig:
     warm_start: bool = True
     warm_start_epochs: int = 4
     # Flip the cached encoder features of a training crop (with its target) at random. Not equivalent to encoding
-    # a flipped image: a CNN's features are not mirror-symmetric (measured 30-100 % apart at every level).
-    flip_encoded_features: bool = True
+    # a flipped image: a CNN's features are not mirror-symmetric (measured 30-100 % apart at every level). MT seed 2,
+    # same classifier and pseudo-labels: weak segmenter 0.306 either way, ground-truth bound 0.643 off / 0.618 on.
+    flip_encoded_features: bool = False
     prediction_flips: str = "hv"  # one of PREDICTION_FLIPS: test-time views, used by validation, the app and export
     device: str = "auto"
     threads: int | None = None  # torch CPU threads while training; None leaves the default
