@@ -160,7 +160,11 @@ def test_full_bench_quick_on_the_demo(demo_dataset: Path, tmp_path: Path) -> Non
     assert len(report["rounds"]) == 2 and 0.0 <= result["full"]["defect_iou"] <= 1.0
     assert set(report["weak_seconds"]) >= {"classifier", "CAMs", "pseudo-labels", "segmenter training"}
     tables = report["tables"]
-    assert len(tables["Test split: weak loop vs full supervision"]) == 2
+    rows = [row["what"] for row in tables["Test split: weak loop vs full supervision"]]
+    # weak and bound, then each without the test-time flips the segmenter predicts with by default
+    assert len(rows) == 4 and rows[0].startswith("weak:") and rows[1].startswith("upper bound:")
+    assert rows[2].startswith("weak, one view") and rows[3].startswith("upper bound, one view")
+    assert 0.0 <= report["weak"]["one_view"]["defect_iou"] <= 1.0
 
 
 def test_simulated_reviewer_edits_new_images_each_round_and_rejects_the_rest(demo_project: Path, demo_dataset: Path) -> None:
