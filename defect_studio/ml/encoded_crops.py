@@ -167,6 +167,7 @@ class EncodedCropSampler:
             levels.append(crop)
         target_t = torch.from_numpy(target)
         for axis in (-1, -2):  # the same flips for every level and the target
+            # drawn even when flips are off, so both settings cut the same crops
             if self.rng.random() < 0.5 and self.flip_features:
                 levels = [level.flip(axis) for level in levels]
                 target_t = target_t.flip(axis)

@@ -211,12 +211,12 @@ def pseudo_job(
     check_can_propose(project, round_index, classifier_path)
     records = [r for r in project.images() if r.tag in ("good", "defect")]
     kept = 0
-    if not only_missing:  # every mask is proposed again: the round records what it is proposed with now
-        project.set_round_proposal_settings(round_index, {**cam_spec.to_record(), "pseudo": label_settings.to_dict()})
     if only_missing:
         present = {m.image_id for m in project.mask_records(round_index=round_index)}
         kept = sum(r.id in present for r in records)
         records = [r for r in records if r.id not in present]
+    else:  # every mask is proposed again: the round records what it is proposed with now
+        project.set_round_proposal_settings(round_index, {**cam_spec.to_record(), "pseudo": label_settings.to_dict()})
     defect_records = [r for r in records if r.tag == "defect"]
     segmenter_run = segmenter_checkpoint_for_round(project, round_index)
     # CAM maps of the defect-tagged images: from the cache, computed in batches where missing.

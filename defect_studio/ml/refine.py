@@ -24,6 +24,7 @@ from defect_studio.ml.cams.registry import DEFAULT_CAM_METHOD, CamSpec
 from defect_studio.project.provenance import segmenter_to_build_on
 from defect_studio.project.store import RunInput
 from defect_studio.ml.pseudo import PseudoLabelSettings, create_checked_round, load_ignore, pseudo_job
+from defect_studio.ml.review_order import rank_for_review_job
 from defect_studio.ml.segmenter import (
     SegmentationSample,
     SegmenterConfig,
@@ -340,8 +341,6 @@ def next_round_job(
     proposals = yield from pseudo_job(project, next_round, config.cam_spec, config.pseudo, cancel, None, classifier_path)
     # The Review tab opens on the new round in the edit-first order (ml/review_order.py), made now so the
     # inspector does not wait for it; a round with nothing to review simply has no order.
-    from defect_studio.ml.review_order import rank_for_review_job
-
     try:
         ranked = yield from rank_for_review_job(project, next_round, cancel, classifier_path)
         review_order = f"{len(ranked)} mask(s) in the edit-first order"
