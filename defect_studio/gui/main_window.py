@@ -1,7 +1,7 @@
 """The main window: gallery (left), viewer (centre), one panel per stage (right), status bar.
 
 It lays these out and wires them to the `Session` it owns: it opens projects, shows the image
-chosen in the gallery, tags, and fulfils the panels' requests (select an image, show a stage,
+chosen in the gallery pane, and fulfils the panels' requests (select an image, show a stage,
 put a widget in the centre). The panels get the session, never the window.
 """
 
@@ -12,10 +12,9 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from PySide6.QtCore import QByteArray, QItemSelectionModel, QModelIndex, QSettings, Qt, QTimer
-from PySide6.QtGui import QAction, QCloseEvent, QKeySequence, QUndoCommand, QUndoStack
+from PySide6.QtCore import QByteArray, QSettings, Qt, QTimer
+from PySide6.QtGui import QAction, QCloseEvent, QKeySequence, QUndoStack
 from PySide6.QtWidgets import (
-    QComboBox,
     QDialog,
     QDialogButtonBox,
     QDockWidget,
@@ -31,14 +30,13 @@ from PySide6.QtWidgets import (
 
 from defect_studio.errors import DefectStudioError
 from defect_studio.gui.dialogs import log_file, report_error
-from defect_studio.gui.gallery import FILTERS, GalleryItem, GalleryModel, GalleryView, ThumbnailCache, IMAGE_ID_ROLE
+from defect_studio.gui.gallery_pane import GalleryPane
 from defect_studio.gui.image_loader import ImageLoader
 from defect_studio.gui.mask_editor import MaskEditor
 from defect_studio.gui.job_status import JobStatus
 from defect_studio.gui.session import Session, Stage
 from defect_studio.gui.shortcuts import SHORTCUTS, html_sheet
 from defect_studio.gui.stage_tabs import StagePage, StageTabs
-from defect_studio.gui.suspects import SuspectTags
 from defect_studio.gui.viewer import ImageViewer
 from defect_studio.gui.workers import JobRunner
 from defect_studio.project import Project
@@ -47,27 +45,6 @@ from defect_studio.project.location import default_project_dir, find_project_dir
 log = logging.getLogger(__name__)
 
 SYNC_DECODE_PIXELS = 2_000_000  # larger images are decoded off the GUI thread
-
-
-class TagCommand(QUndoCommand):
-    """One tag change of one or more images; undo restores each image's previous tag."""
-
-    def __init__(self, window: "MainWindow", image_ids: list[int], new_tag: str, old_tags: dict[int, str]) -> None:
-        super().__init__(f"Tag {len(image_ids)} image(s) {new_tag}")
-        self._window = window
-        self._ids = image_ids
-        self._new = new_tag
-        self._old = old_tags
-
-    def redo(self) -> None:
-        self._window._write_tags(self._ids, self._new)
-
-    def undo(self) -> None:
-        by_tag: dict[str, list[int]] = {}
-        for image_id in self._ids:
-            by_tag.setdefault(self._old[image_id], []).append(image_id)
-        for tag, ids in by_tag.items():
-            self._window._write_tags(ids, tag)
 
 
 class MainWindow(QMainWindow):
@@ -79,18 +56,13 @@ class MainWindow(QMainWindow):
         self.session = Session(self)
         # Connected before the panels connect theirs: the gallery and the counts are up to date
         # when a panel hears of a change.
-        self.session.masks_changed.connect(self.refresh_gallery)
-        self.session.mask_state_changed.connect(self._on_mask_state_changed)
-        self.session.mask_states_changed.connect(self.refresh_gallery)
-        self.session.image_requested.connect(self.select_image)
-        self.session.step_requested.connect(self.step_image)
         self.session.tag_requested.connect(self.tag_selected)
+        self.session.tags_changed.connect(self._update_image_title)
+        self.session.counts_changed.connect(self._show_counts)
         self.session.rescan_requested.connect(self.rescan_images)
         self.session.stage_requested.connect(self._show_stage)
         self.session.central_widget_requested.connect(self._show_in_centre)
         self.session.job_failed.connect(lambda runner, error, details: report_error(self, f"{runner.title} failed", error, details))
-        self.thumbnails: ThumbnailCache | None = None
-        self.tag_stack = QUndoStack(self)
         self._actions: dict[str, QAction] = {}
         self.image_loader = ImageLoader(self)
         self.image_loader.loaded.connect(self._display_pixels)
@@ -106,10 +78,9 @@ class MainWindow(QMainWindow):
         self._build_actions_and_menus()
         self.import_runner = self.make_runner("Import")
         self.import_runner.succeeded.connect(self._on_import_done)
-        self.suspects = SuspectTags(self)  # the gallery's "Suspect tags" filter (the mislabel queue)
         self._restore_window_state()
         self._update_title()
-        self._update_counts()
+        self.gallery_pane.update_counts()
         self.stage_tabs.currentChanged.connect(self._on_stage_changed)
 
     # ================================================================= building
@@ -133,26 +104,12 @@ class MainWindow(QMainWindow):
         dock = QDockWidget("Images", self)
         dock.setObjectName("galleryDock")
         dock.setFeatures(QDockWidget.DockWidgetFeature.DockWidgetMovable | QDockWidget.DockWidgetFeature.DockWidgetFloatable)
-        container = QWidget(dock)
-        layout = QVBoxLayout(container)
-        layout.setContentsMargins(6, 6, 6, 6)
-        self.filter_combo = QComboBox(container)
-        self.filter_combo.setObjectName("filterCombo")
-        self.filter_combo.setToolTip("Show only some images: untagged, good, defect, masks to review, flagged masks, "
-                                     "suspect tags (the tags the models contradict, most suspect first)")
-        for key, label in FILTERS.items():
-            self.filter_combo.addItem(label, key)
-        self.filter_combo.currentIndexChanged.connect(lambda _: self.set_filter(self.filter_combo.currentData()))
-        self.gallery_model = GalleryModel(self)
-        self.gallery = GalleryView(container)
-        self.gallery.setModel(self.gallery_model)
-        self.gallery.selectionModel().currentChanged.connect(self._on_gallery_current)
-        self.gallery_count_label = QLabel(container)
-        self.gallery_count_label.setObjectName("galleryCount")
-        layout.addWidget(self.filter_combo)
-        layout.addWidget(self.gallery, 1)
-        layout.addWidget(self.gallery_count_label)
-        dock.setWidget(container)
+        self.gallery_pane = GalleryPane(self.session, dock)
+        self.gallery_pane.current_image_changed.connect(self.show_image)
+        self.gallery_pane.message.connect(lambda text, timeout: self.statusBar().showMessage(text, timeout))
+        self.session.image_requested.connect(self.gallery_pane.select_image)
+        self.session.step_requested.connect(self.gallery_pane.step_image)
+        dock.setWidget(self.gallery_pane)
         dock.setMinimumWidth(300)
         self._initial_dock_width = 430
         self.addDockWidget(Qt.DockWidgetArea.LeftDockWidgetArea, dock)
@@ -250,10 +207,10 @@ class MainWindow(QMainWindow):
         tag_menu.addAction(self._action("tag_good", "Tag &good", lambda: self.tag_selected("good")))
         tag_menu.addAction(self._action("tag_defect", "Tag &defect", lambda: self.tag_selected("defect")))
         tag_menu.addAction(self._action("untag", "&Untag", lambda: self.tag_selected("untagged")))
-        tag_menu.addAction(self._action("confirm_tag", "&Confirm tag (suspect tags)", lambda: self.suspects.confirm_selected()))
+        tag_menu.addAction(self._action("confirm_tag", "&Confirm tag (suspect tags)", lambda: self.gallery_pane.suspects.confirm_selected()))
         tag_menu.addSeparator()
-        tag_menu.addAction(self._action("next_image", "&Next image", lambda: self.step_image(+1)))
-        tag_menu.addAction(self._action("previous_image", "&Previous image", lambda: self.step_image(-1)))
+        tag_menu.addAction(self._action("next_image", "&Next image", lambda: self.gallery_pane.step_image(+1)))
+        tag_menu.addAction(self._action("previous_image", "&Previous image", lambda: self.gallery_pane.step_image(-1)))
 
         review_menu = menu.addMenu("&Review")
         review_menu.addAction(self._action("accept_mask", "&Accept mask", lambda: self.review_panel.accept_current()))
@@ -318,8 +275,7 @@ class MainWindow(QMainWindow):
         self.session.shutdown_jobs()
         self.cam_panel.shutdown()
         self.image_loader.shutdown()
-        if self.thumbnails is not None:
-            self.thumbnails.shutdown()
+        self.gallery_pane.shutdown()
         self._close_project()
 
     # ================================================================= the session, as the window's API
@@ -398,7 +354,7 @@ class MainWindow(QMainWindow):
         if isinstance(report, Path):  # the demo job returns the project folder to open
             QTimer.singleShot(0, lambda: self.open_path(report))
             return
-        self.refresh_gallery()
+        self.gallery_pane.refresh()
         lines = getattr(report, "lines", None)
         if callable(lines):
             summary = lines()
@@ -421,17 +377,16 @@ class MainWindow(QMainWindow):
     def set_project(self, project: Project | None) -> None:
         """Show `project` (the window owns it from now on and closes it)."""
         self._close_project()
-        self.tag_stack.clear()
+        self.gallery_pane.set_project(project)
         self.editor.set_project(project)
         if project is not None:
-            self.thumbnails = ThumbnailCache(project.cache_dir / "thumbs", parent=self)
             self.center_stack.setCurrentWidget(self.viewer)
             self.settings.setValue("project/last", str(project.path))
         self.session.set_project(project)
-        self.refresh_gallery()
+        self.gallery_pane.refresh()
         self._update_title()
-        if project is not None and self.gallery_model.rowCount() > 0:
-            self.select_row(0)
+        if project is not None and self.gallery_pane.gallery_model.rowCount() > 0:
+            self.gallery_pane.select_row(0)
         if project is not None and project.took_over_stale_lock:
             # Say so: the user may wonder whether the crash cost them work (it did not: saves are atomic).
             self.statusBar().showMessage(
@@ -449,10 +404,7 @@ class MainWindow(QMainWindow):
         self.session.shutdown_jobs()  # a job must not outlive the project it writes to
         self.cam_panel.shutdown()
         self.image_loader.shutdown()
-        if self.thumbnails is not None:
-            self.thumbnails.shutdown()
-            self.thumbnails.deleteLater()
-            self.thumbnails = None
+        self.gallery_pane.set_project(None)
         project = self.project
         self.session.set_project(None)
         project.close()
@@ -465,81 +417,7 @@ class MainWindow(QMainWindow):
         else:
             self.setWindowTitle(f"{self.project.image_root.name} — defect-studio  [{self.project.path}]")
 
-    # ================================================================= gallery
-    def refresh_gallery(self) -> None:
-        """Reload records from the project (keeps the current image when it is still listed)."""
-        keep = self.current_image_id
-        if self.project is None:
-            self.gallery_model.set_items([], None)
-            self._update_counts()
-            return
-        round_index = self.current_round
-        states = self.project.mask_states(round_index) if round_index is not None else {}
-        items = []
-        for image in self.project.images():
-            state, flagged = states.get(image.id, (None, False))
-            if state == "proposed" and image.tag != "defect":
-                state, flagged = None, False  # a good image's empty mask needs no review: no badge, not in "to review"
-            items.append(GalleryItem(image.id, image.stem, image.image_root, image.rel_path, image.sha256, image.tag,
-                                     state, flagged))
-        self.suspects.annotate(items)
-        self.gallery_model.set_items(items, self.thumbnails)
-        self._update_counts()
-        if keep is not None and self.gallery_model.row_of(keep) is not None:
-            self.gallery.setCurrentIndex(self.gallery_model.index(self.gallery_model.row_of(keep)))
-
-    def set_filter(self, name: str) -> None:
-        if self.filter_combo.currentData() != name:
-            self.filter_combo.setCurrentIndex(self.filter_combo.findData(name))
-            return
-        keep = self.current_image_id
-        self.suspects.annotate(self.gallery_model.all_items(), active=name == "suspect")
-        self.gallery_model.set_filter(name)
-        self._update_counts()
-        row = self.gallery_model.row_of(keep) if keep is not None else None
-        if row is not None:
-            self.select_row(row)
-        elif self.gallery_model.rowCount() > 0:
-            self.select_row(0)
-        if name == "suspect":
-            self.suspects.activated()
-
-    def select_row(self, row: int) -> None:
-        index = self.gallery_model.index(row)
-        self.gallery.selectionModel().setCurrentIndex(index, QItemSelectionModel.SelectionFlag.ClearAndSelect)
-        self.gallery.scrollTo(index)
-
-    def select_image(self, image_id: int) -> bool:
-        row = self.gallery_model.row_of(image_id)
-        if row is None:
-            self.set_filter("all")
-            row = self.gallery_model.row_of(image_id)
-        if row is None:
-            return False
-        self.select_row(row)
-        return True
-
-    def step_image(self, step: int) -> None:
-        count = self.gallery_model.rowCount()
-        if count == 0:
-            return
-        current = self.gallery.currentIndex().row()
-        row = 0 if current < 0 else min(count - 1, max(0, current + step))
-        self.select_row(row)
-
-    def selected_image_ids(self) -> list[int]:
-        rows = sorted(index.row() for index in self.gallery.selectionModel().selectedIndexes())
-        ids = [self.gallery_model.item(row).image_id for row in rows]
-        if not ids and self.current_image_id is not None:
-            ids = [self.current_image_id]
-        return ids
-
-    def _on_gallery_current(self, current: QModelIndex, previous: QModelIndex) -> None:
-        image_id = current.data(IMAGE_ID_ROLE) if current.isValid() else None
-        self.show_image(image_id)
-        if self.gallery_model.filter_name == "suspect" and self.suspects.status_for(image_id):
-            self.statusBar().showMessage(self.suspects.status_for(image_id))
-
+    # ================================================================= the image shown
     def show_image(self, image_id: int | None) -> None:
         if image_id == self.current_image_id:
             return
@@ -565,9 +443,14 @@ class MainWindow(QMainWindow):
                 self.viewer.set_image(None)
             else:
                 self.viewer.set_image(pixels, fit=False)
-            self.viewer.set_title(f" {image.stem} · {image.width}×{image.height} · {image.tag} ")
             self._prefetch_neighbour()
         self.session.set_image(image_id, pixels)
+        self._update_image_title()
+
+    def _update_image_title(self) -> None:
+        if self.project is not None and self.current_image_id is not None:
+            image = self.project.image(self.current_image_id)
+            self.viewer.set_title(f" {image.stem} · {image.width}×{image.height} · {image.tag} ")
 
     def _display_pixels(self, image_id: int, pixels: np.ndarray) -> None:
         if image_id != self.current_image_id:
@@ -582,46 +465,21 @@ class MainWindow(QMainWindow):
 
     def _prefetch_neighbour(self) -> None:
         """Decode the next image in the gallery in the background, so J / → shows it at once."""
-        row = self.gallery.currentIndex().row()
-        if self.project is None or row < 0 or row + 1 >= self.gallery_model.rowCount():
-            return
-        item = self.gallery_model.item(row + 1)
-        self.image_loader.request(item.image_id, item.path)
+        item = self.gallery_pane.next_item()
+        if self.project is not None and item is not None:
+            self.image_loader.request(item.image_id, item.path)
 
     # ================================================================= tagging
     def tag_selected(self, tag: str) -> None:
-        if self.project is None:
-            return
-        ids = self.selected_image_ids()
-        if not ids:
-            return
-        old = {image_id: self.gallery_model.item_by_id(image_id).tag for image_id in ids}  # type: ignore[union-attr]
-        if all(value == tag for value in old.values()):
-            return
-        self.tag_stack.push(TagCommand(self, ids, tag, old))
-        if len(ids) == 1 and self.stage_tabs.currentWidget() is self.tag_panel:
-            self.step_image(+1)  # keyboard flow: tag, next, tag, next...
-
-    def _write_tags(self, ids: list[int], tag: str) -> None:
-        assert self.project is not None
-        try:
-            self.project.set_tags(ids, tag, source="user")
-        except DefectStudioError as error:
-            report_error(self, "Cannot save the tags", error)
-            return
-        self.gallery_model.update_tags(ids, tag)
-        if self.current_image_id in ids and self.project is not None:
-            image = self.project.image(self.current_image_id)
-            self.viewer.set_title(f" {image.stem} · {image.width}×{image.height} · {image.tag} ")
-        self._update_counts()
-        self.session.notify_tags_changed()
+        # In the Tag stage a single image tagged moves the selection on: tag, next, tag, next...
+        self.gallery_pane.tag_selected(tag, advance=self.stage_tabs.currentWidget() is self.tag_panel)
 
     # ================================================================= undo / redo
     def _undo_target(self) -> QUndoStack | None:
         """In the Review tab undo goes to the image's mask strokes; elsewhere to the tag changes."""
         if self.stage_tabs.currentWidget() is self.review_panel and self.editor.undo_stack is not None:
             return self.editor.undo_stack
-        return self.tag_stack
+        return self.gallery_pane.tag_stack
 
     def undo(self) -> None:
         stack = self._undo_target()
@@ -633,12 +491,7 @@ class MainWindow(QMainWindow):
         if stack is not None and stack.canRedo():
             stack.redo()
 
-    # ================================================================= masks
-    def _on_mask_state_changed(self, image_id: int, round_index: int, state: str) -> None:
-        if round_index == self.current_round:
-            self.gallery_model.update_mask_state(image_id, state)
-        self._update_counts()
-
+    # ================================================================= view and stages
     def toggle_overlays(self) -> None:
         visible = not self.viewer.mask_layer.isVisible()
         for item in (self.viewer.mask_layer, self.viewer.heat_item, self.viewer.outline_item):
@@ -663,16 +516,13 @@ class MainWindow(QMainWindow):
             self.center_stack.addWidget(widget)
         self.center_stack.setCurrentWidget(widget)
 
-    def _update_counts(self) -> None:
-        counts = self.gallery_model.counts()
+    def _show_counts(self, counts: dict[str, int]) -> None:
         text = (f"{counts['images']} images · {counts.get('good', 0)} good · {counts.get('defect', 0)} defect · "
                 f"{counts.get('untagged', 0)} untagged")
         round_index = self.current_round if self.project is not None else None
         if round_index is not None:
             text += f" · round {round_index}: {counts['to_review']} to review"
         self.counts_label.setText(text)
-        self.gallery_count_label.setText(f"{self.gallery_model.rowCount()} shown of {counts['images']}")
-        self.session.set_counts(counts)
 
     # ================================================================= help
     def show_shortcut_sheet(self) -> None:

@@ -93,12 +93,12 @@ def capture(out_dir: Path, images: int, work_dir: Path, size: tuple[int, int]) -
         # A few untagged images make the tagging screenshot honest: not every image comes tagged.
         untagged = [image.id for image in project.images()][5:9]
         project.set_tags(untagged, "untagged")
-        window.refresh_gallery()
-        wait_for(app, lambda: window.thumbnails is not None and window.thumbnails.is_idle() and bool(
-            window.gallery_model.rowCount()), 60)
+        window.gallery_pane.refresh()
+        wait_for(app, lambda: window.gallery_pane.thumbnails is not None and window.gallery_pane.thumbnails.is_idle() and bool(
+            window.gallery_pane.gallery_model.rowCount()), 60)
         settle(app, 1.0)
         window.stage_tabs.setCurrentWidget(window.tag_panel)
-        window.select_image(defect_ids[0])
+        window.gallery_pane.select_image(defect_ids[0])
         settle(app)
         shots.append(grab(window, out_dir / "01-tag.png"))
 
@@ -115,7 +115,7 @@ def capture(out_dir: Path, images: int, work_dir: Path, size: tuple[int, int]) -
 
         cams = window.cam_panel
         window.stage_tabs.setCurrentWidget(cams)
-        window.select_image(defect_ids[1])
+        window.gallery_pane.select_image(defect_ids[1])
         cams.set_method("region-aware") if "region-aware" in cams.methods else None
         wait_for(app, lambda: window.viewer.heatmap is not None, 300)
         settle(app)
@@ -136,7 +136,7 @@ def capture(out_dir: Path, images: int, work_dir: Path, size: tuple[int, int]) -
         wait_for(app, lambda: not review.runner.busy, 1200)
         settle(app)
         if review.queue.count():
-            window.select_image(review.queue.item(0).data(Qt.ItemDataRole.UserRole))
+            window.gallery_pane.select_image(review.queue.item(0).data(Qt.ItemDataRole.UserRole))
         settle(app)
         review.choose_tool("brush")
         window.editor.set_brush_size(7)

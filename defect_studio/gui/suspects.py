@@ -1,8 +1,8 @@
-"""The gallery's "Suspect tags" filter: the mislabel queue in the window.
+"""The gallery's "Suspect tags" filter: the mislabel queue in the gallery pane.
 
 Choosing the filter shows the queue's open entries, most suspect first, each with its reason in the
 tooltip and the status bar; when the models changed since the queue was ranked (or it never was),
-the ranking runs in the background first. `G` / `D` flip a tag (the window's undoable tag change);
+the ranking runs in the background first. `G` / `D` flip a tag (the gallery's undoable tag change);
 `C` confirms it (undoable too): either way the image leaves the queue the next time the filter is
 applied, so the row stays put while you work down the list.
 """
@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Protocol
 
 from PySide6.QtGui import QUndoCommand, QUndoStack
-from PySide6.QtWidgets import QStatusBar
 
 from defect_studio.errors import DefectStudioError
 from defect_studio.gui.dialogs import report_error
@@ -26,8 +25,8 @@ if TYPE_CHECKING:
 FILTER = "suspect"
 
 
-class GalleryWindow(Protocol):
-    """What the filter needs of the window whose gallery it filters (the main window)."""
+class Gallery(Protocol):
+    """What the filter needs of the gallery it filters (the window's GalleryPane)."""
 
     project: "Project | None"
     current_image_id: int | None
@@ -35,10 +34,10 @@ class GalleryWindow(Protocol):
     tag_stack: QUndoStack
 
     def make_runner(self, title: str) -> "JobRunner": ...
-    def refresh_gallery(self) -> None: ...
+    def refresh(self) -> None: ...
     def selected_image_ids(self) -> list[int]: ...
     def step_image(self, step: int) -> None: ...
-    def statusBar(self) -> QStatusBar: ...  # noqa: N802
+    def show_message(self, text: str, timeout_ms: int = 0) -> None: ...
 
 
 class ConfirmTagsCommand(QUndoCommand):
@@ -50,33 +49,33 @@ class ConfirmTagsCommand(QUndoCommand):
         self._ids = image_ids
 
     def redo(self) -> None:
-        project = self._controller.window.project
+        project = self._controller.gallery.project
         if project is not None:
             try:
                 confirm_tags(project, self._ids)
             except DefectStudioError as error:
-                report_error(self._controller.window, "Cannot confirm the tag", error)
+                report_error(self._controller.gallery, "Cannot confirm the tag", error)
                 self.setObsolete(True)
 
     def undo(self) -> None:
-        project = self._controller.window.project
+        project = self._controller.gallery.project
         if project is not None:
             try:
                 project.undo_tag_review()
             except DefectStudioError as error:
-                report_error(self._controller.window, "Cannot undo the confirmation", error)
+                report_error(self._controller.gallery, "Cannot undo the confirmation", error)
 
 
 class SuspectTags:
-    def __init__(self, window: GalleryWindow) -> None:
-        self.window = window
-        self.runner = window.make_runner("Suspect tags")
+    def __init__(self, gallery: Gallery) -> None:
+        self.gallery = gallery
+        self.runner = gallery.make_runner("Suspect tags")
         self.runner.succeeded.connect(lambda _: self._ranked())
         self._cache: tuple[Any, float, dict[str, Any] | None] | None = None  # (project path, mtime, queue)
 
     # --- the queue ------------------------------------------------------------------------------
     def _queue(self) -> dict[str, Any] | None:
-        project = self.window.project
+        project = self.gallery.project
         if project is None:
             return None
         from defect_studio.project.mislabels import queue_path
@@ -90,9 +89,9 @@ class SuspectTags:
     def annotate(self, items: list["GalleryItem"], active: bool | None = None) -> None:
         """Mark the gallery's items with their place in the queue (only while the filter is on, or
         `active`: about to be)."""
-        project = self.window.project
+        project = self.gallery.project
         if active is None:
-            active = self.window.gallery_model.filter_name == FILTER
+            active = self.gallery.gallery_model.filter_name == FILTER
         queue = self._queue() if active else None
         ranks: dict[int, tuple[int, str]] = {}
         if queue is not None and project is not None:
@@ -108,7 +107,7 @@ class SuspectTags:
 
     def activated(self) -> None:
         """The filter was chosen: rank the tags in the background when the models changed since."""
-        project = self.window.project
+        project = self.gallery.project
         if project is None or self.runner.busy:
             return
         reason = stale_reason(project, self._queue())
@@ -116,42 +115,42 @@ class SuspectTags:
             self._show_status()
             return
         if project.latest_run("classifier") is None:
-            self.window.statusBar().showMessage("Suspect tags need a trained classifier (Train tab).", 8000)
+            self.gallery.show_message("Suspect tags need a trained classifier (Train tab).", 8000)
             return
         from defect_studio.ml.mislabels import mislabel_job  # on use: loads torch
 
-        self.window.statusBar().showMessage(f"Ranking the tags ({reason})…", 8000)
+        self.gallery.show_message(f"Ranking the tags ({reason})…", 8000)
         self.runner.start(lambda cancel: mislabel_job(project, cancel), "Rank suspect tags")
 
     def _ranked(self) -> None:
         self._cache = None
-        self.window.refresh_gallery()
+        self.gallery.refresh()
         self._show_status()
 
     def _show_status(self) -> None:
         """The current suspect's reason, else how many suspects there are."""
-        reason = self.status_for(self.window.current_image_id)
-        count = sum(item.suspect_rank is not None for item in self.window.gallery_model.all_items())
-        self.window.statusBar().showMessage(
+        reason = self.status_for(self.gallery.current_image_id)
+        count = sum(item.suspect_rank is not None for item in self.gallery.gallery_model.all_items())
+        self.gallery.show_message(
             reason or (f"{count} suspect tag(s): G / D flips the tag, C confirms it (undo with Ctrl+Z)." if count else
                        "No suspect tag: the models agree with every open tag."))
 
     # --- decisions ------------------------------------------------------------------------------
     def confirm_selected(self) -> None:
         """C: keep the selected images' tags; they leave the queue (undoable), the next image follows."""
-        window = self.window
-        if window.project is None:
+        gallery = self.gallery
+        if gallery.project is None:
             return
-        ids = [i for i in window.selected_image_ids()
-               if (item := window.gallery_model.item_by_id(i)) is not None and item.tag in ("good", "defect")]
+        ids = [i for i in gallery.selected_image_ids()
+               if (item := gallery.gallery_model.item_by_id(i)) is not None and item.tag in ("good", "defect")]
         if not ids:
             return
-        window.tag_stack.push(ConfirmTagsCommand(self, ids))
+        gallery.tag_stack.push(ConfirmTagsCommand(self, ids))
         if len(ids) == 1:
-            window.step_image(+1)
+            gallery.step_image(+1)
 
     def status_for(self, image_id: int | None) -> str:
-        item = self.window.gallery_model.item_by_id(image_id) if image_id is not None else None
+        item = self.gallery.gallery_model.item_by_id(image_id) if image_id is not None else None
         if item is None or item.suspect_rank is None:
             return ""
         return f"Suspect tag #{item.suspect_rank}: {item.suspect_reason}"

@@ -44,7 +44,7 @@ def test_assist_stroke_grows_the_defect_undo_redo_subtract_and_autosave(qtbot, m
     assert window.open_path(review_project)
     window.stage_tabs.setCurrentWidget(window.review_panel)
     image_id = window.review_panel.queue.item(0).data(Qt.ItemDataRole.UserRole)
-    window.select_image(image_id)
+    window.gallery_pane.select_image(image_id)
     editor = window.editor
     qtbot.waitUntil(lambda: editor.session is not None and editor.session.image_id == image_id)
     project = window.project

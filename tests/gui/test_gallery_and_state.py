@@ -59,8 +59,8 @@ def test_first_run_offers_the_demo_project(qtbot, make_window, monkeypatch) -> N
     box = next(w for w in QApplication.topLevelWidgets() if isinstance(w, QMessageBox) and w.isVisible())
     demo_button = next(b for b in box.findChildren(QPushButton) if b.text() == "Create the demo project")
     demo_button.click()
-    qtbot.waitUntil(lambda: window.project is not None and window.gallery_model.rowCount() == 12, timeout=60_000)
-    assert window.gallery_model.counts()["defect"] > 0  # the demo comes tagged
+    qtbot.waitUntil(lambda: window.project is not None and window.gallery_pane.gallery_model.rowCount() == 12, timeout=60_000)
+    assert window.gallery_pane.gallery_model.counts()["defect"] > 0  # the demo comes tagged
 
 
 def test_closing_the_window_mid_edit_keeps_the_edit(qtbot, make_window, review_project: Path) -> None:
@@ -68,7 +68,7 @@ def test_closing_the_window_mid_edit_keeps_the_edit(qtbot, make_window, review_p
     assert window.open_path(review_project)
     window.stage_tabs.setCurrentWidget(window.review_panel)
     image_id = window.review_panel.queue.item(0).data(Qt.ItemDataRole.UserRole)
-    window.select_image(image_id)
+    window.gallery_pane.select_image(image_id)
     window.editor.clear()  # an edit, not yet autosaved
     window.close()
     from defect_studio.project import Project
@@ -104,7 +104,7 @@ def test_run_app_opens_the_given_project_and_returns_zero(qtbot, review_project:
     def close_when_open() -> None:
         windows = [w for w in QApplication.topLevelWidgets() if isinstance(w, MainWindow) and w.isVisible()]
         if windows and windows[0].project is not None:
-            seen["images"] = windows[0].gallery_model.rowCount()
+            seen["images"] = windows[0].gallery_pane.gallery_model.rowCount()
             seen["splash visible"] = any(w.objectName() == "startupSplash" and w.isVisible()
                                          for w in QApplication.topLevelWidgets())
             windows[0].close()
@@ -135,10 +135,10 @@ def test_large_images_decode_in_the_background(qtbot, make_window, tmp_path: Pat
     cv2.imwrite(str(folder / "b_large.png"), (rng.random((side, side)) * 255).astype(np.uint8))
     window = make_window()
     assert window.create_project(folder, tmp_path / "project")
-    qtbot.waitUntil(lambda: window.gallery_model.rowCount() == 2, timeout=30_000)
-    window.select_row(0)
+    qtbot.waitUntil(lambda: window.gallery_pane.gallery_model.rowCount() == 2, timeout=30_000)
+    window.gallery_pane.select_row(0)
     assert window.current_pixels is not None and window.current_pixels.shape == (64, 80)  # small: at once
-    window.select_row(1)
+    window.gallery_pane.select_row(1)
     qtbot.waitUntil(lambda: window.current_pixels is not None, timeout=30_000)
     assert window.current_pixels.shape == (side, side)
     assert window.viewer.image_shape == (side, side)

@@ -20,42 +20,42 @@ def test_create_from_folder_tag_by_keys_undo_and_reopen(qtbot, make_window, gui_
     assert window.create_project(images, project_dir)
     wait_idle(qtbot, window)
     image_count = len(list(images.iterdir()))
-    assert window.gallery_model.rowCount() == image_count
-    assert window.gallery_model.counts()["untagged"] == image_count  # the demo images have no tag folders
+    assert window.gallery_pane.gallery_model.rowCount() == image_count
+    assert window.gallery_pane.gallery_model.counts()["untagged"] == image_count  # the demo images have no tag folders
 
     window.stage_tabs.setCurrentWidget(window.tag_panel)
-    window.gallery.setFocus()
-    window.select_row(0)
+    window.gallery_pane.gallery.setFocus()
+    window.gallery_pane.select_row(0)
     first = window.current_image_id
-    qtbot.keyClick(window.gallery, Qt.Key.Key_G)
+    qtbot.keyClick(window.gallery_pane.gallery, Qt.Key.Key_G)
     assert window.project.image(first).tag == "good"
     second = window.current_image_id
     assert second != first  # tagging moves on to the next image
-    qtbot.keyClick(window.gallery, Qt.Key.Key_D)
+    qtbot.keyClick(window.gallery_pane.gallery, Qt.Key.Key_D)
     assert window.project.image(second).tag == "defect"
-    qtbot.keyClick(window.gallery, Qt.Key.Key_K)  # back to the second image
+    qtbot.keyClick(window.gallery_pane.gallery, Qt.Key.Key_K)  # back to the second image
     assert window.current_image_id == second
-    qtbot.keyClick(window.gallery, Qt.Key.Key_J)
+    qtbot.keyClick(window.gallery_pane.gallery, Qt.Key.Key_J)
     third = window.current_image_id
     assert third not in (first, second)
-    qtbot.keyClick(window.gallery, Qt.Key.Key_Left)
+    qtbot.keyClick(window.gallery_pane.gallery, Qt.Key.Key_Left)
     assert window.current_image_id == second
-    qtbot.keyClick(window.gallery, Qt.Key.Key_Right)
+    qtbot.keyClick(window.gallery_pane.gallery, Qt.Key.Key_Right)
     assert window.current_image_id == third
 
     # Undo / redo of tag changes go to the database at once.
-    qtbot.keyClick(window.gallery, Qt.Key.Key_Z, Qt.KeyboardModifier.ControlModifier)
+    qtbot.keyClick(window.gallery_pane.gallery, Qt.Key.Key_Z, Qt.KeyboardModifier.ControlModifier)
     assert window.project.image(second).tag == "untagged"
-    qtbot.keyClick(window.gallery, Qt.Key.Key_Z, Qt.KeyboardModifier.ControlModifier | Qt.KeyboardModifier.ShiftModifier)
+    qtbot.keyClick(window.gallery_pane.gallery, Qt.Key.Key_Z, Qt.KeyboardModifier.ControlModifier | Qt.KeyboardModifier.ShiftModifier)
     assert window.project.image(second).tag == "defect"
 
     # Bulk tagging of a multi-selection.
-    selection = window.gallery.selectionModel()
+    selection = window.gallery_pane.gallery.selectionModel()
     from PySide6.QtCore import QItemSelection, QItemSelectionModel
 
-    rows = QItemSelection(window.gallery_model.index(4), window.gallery_model.index(7))
+    rows = QItemSelection(window.gallery_pane.gallery_model.index(4), window.gallery_pane.gallery_model.index(7))
     selection.select(rows, QItemSelectionModel.SelectionFlag.ClearAndSelect)
-    bulk_ids = window.selected_image_ids()
+    bulk_ids = window.gallery_pane.selected_image_ids()
     assert len(bulk_ids) == 4
     window.action("tag_defect").trigger()
     assert all(window.project.image(i).tag == "defect" for i in bulk_ids)
@@ -63,11 +63,11 @@ def test_create_from_folder_tag_by_keys_undo_and_reopen(qtbot, make_window, gui_
     assert all(window.project.image(i).tag == "untagged" for i in bulk_ids)
     window.redo()
 
-    window.set_filter("good")
-    assert window.gallery_model.rowCount() == 1
-    window.set_filter("defect")
-    assert window.gallery_model.rowCount() == 5
-    window.set_filter("all")
+    window.gallery_pane.set_filter("good")
+    assert window.gallery_pane.gallery_model.rowCount() == 1
+    window.gallery_pane.set_filter("defect")
+    assert window.gallery_pane.gallery_model.rowCount() == 5
+    window.gallery_pane.set_filter("all")
     assert "1 good" in window.counts_label.text()
 
     # Thumbnails land in the project's cache.
@@ -78,8 +78,8 @@ def test_create_from_folder_tag_by_keys_undo_and_reopen(qtbot, make_window, gui_
     assert QSettings().value("project/last") == str(project_dir)
     again = make_window()
     assert again.open_path(project_dir)
-    assert again.gallery_model.counts()["defect"] == 5
-    assert again.gallery_model.counts()["good"] == 1
+    assert again.gallery_pane.gallery_model.counts()["defect"] == 5
+    assert again.gallery_pane.gallery_model.counts()["good"] == 1
 
 
 def test_shortcut_sheet_lists_every_shortcut(qtbot, make_window) -> None:

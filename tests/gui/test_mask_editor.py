@@ -37,7 +37,7 @@ def open_review(qtbot, make_window, project: Path):  # type: ignore[no-untyped-d
     window.stage_tabs.setCurrentWidget(window.review_panel)
     assert window.review_panel.queue.count() > 0
     first_id = window.review_panel.queue.item(0).data(Qt.ItemDataRole.UserRole)
-    window.select_image(first_id)
+    window.gallery_pane.select_image(first_id)
     qtbot.waitUntil(lambda: window.editor.session is not None and window.editor.session.image_id == first_id)
     window.viewer.fit()
     QApplication.processEvents()
@@ -84,7 +84,7 @@ def test_stroke_undo_redo_accept_writes_the_png(qtbot, make_window, review_proje
     np.testing.assert_array_equal(read_mask(record.path, (image.height, image.width)), painted)
     assert window.current_image_id != image_id  # accept moves on
     # The gallery badge follows.
-    assert window.gallery_model.item_by_id(image_id).mask_state == "edited"
+    assert window.gallery_pane.gallery_model.item_by_id(image_id).mask_state == "edited"
 
 
 def test_eraser_fill_clear_revert_and_leaving_keeps_the_edit(qtbot, make_window, review_project: Path) -> None:
@@ -106,14 +106,14 @@ def test_eraser_fill_clear_revert_and_leaving_keeps_the_edit(qtbot, make_window,
     assert 0 < erased.sum() < original.sum()
 
     # Leave the image at once (before the autosave timer): the edit is saved on leaving.
-    window.step_image(+1)
+    window.gallery_pane.step_image(+1)
     assert window.current_image_id != image_id
     record = project.mask_record(image_id, 0)
     assert record.state == "edited"
     np.testing.assert_array_equal(read_mask(record.path, (image.height, image.width)), erased)
 
     # Back to it: the undo history is still there.
-    window.select_image(image_id)
+    window.gallery_pane.select_image(image_id)
     assert editor.undo_stack.canUndo()
     editor.clear()
     assert not editor.current_mask().any()
@@ -149,9 +149,9 @@ def test_reject_and_ctrl_wheel_brush_size(qtbot, make_window, review_project: Pa
     assert window.editor.brush_size > size
     qtbot.keyClick(window, Qt.Key.Key_R)
     assert window.project.mask_record(image_id, 0).state == "rejected"
-    assert window.gallery_model.item_by_id(image_id).mask_state == "rejected"
-    window.set_filter("to_review")
-    assert window.gallery_model.row_of(image_id) is None
+    assert window.gallery_pane.gallery_model.item_by_id(image_id).mask_state == "rejected"
+    window.gallery_pane.set_filter("to_review")
+    assert window.gallery_pane.gallery_model.row_of(image_id) is None
 
 
 def test_a_stroke_still_unsaved_when_proposals_arrive_is_kept(qtbot, make_window, review_project: Path) -> None:
@@ -198,7 +198,7 @@ def test_shift_r_rejects_the_rest_after_asking(qtbot, make_window, review_projec
     states = {r.image_id: r.state for r in window.project.mask_records(0, tag="defect")}
     assert states.pop(image_id) == "edited"
     assert set(states.values()) == {"rejected"}
-    assert window.gallery_model.item_by_id(next(iter(states))).mask_state == "rejected"
+    assert window.gallery_pane.gallery_model.item_by_id(next(iter(states))).mask_state == "rejected"
     assert window.editor.undo_stack is not None and window.editor.undo_stack.count() == 1  # the stroke stays undoable
 
 

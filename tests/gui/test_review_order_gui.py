@@ -32,7 +32,7 @@ def test_rank_the_queue_from_the_keyboard_and_review_in_that_order(qtbot, make_w
     project = window.project
     assert panel.queue.count() == len(project.images("defect"))
     first = panel.queue.item(0).data(Qt.ItemDataRole.UserRole)
-    window.select_image(first)
+    window.gallery_pane.select_image(first)
     qtbot.waitUntil(lambda: window.editor.session is not None and window.editor.session.image_id == first)
     assert "no edit-first order yet" in panel.reason_label.text()
     press(window, "rank_queue", "Ctrl+K")
@@ -41,7 +41,7 @@ def test_rank_the_queue_from_the_keyboard_and_review_in_that_order(qtbot, make_w
     order = [entry.image_id for entry in project.review_order(0)]
     assert [image_id for image_id, _ in _queue(panel)] == order
     assert panel.queue.item(0).toolTip() == project.review_order(0)[0].reason
-    window.select_image(order[0])
+    window.gallery_pane.select_image(order[0])
     qtbot.waitUntil(lambda: panel.queue.currentRow() == 0)
     assert panel.reason_label.text().startswith("<b>Why here:</b>") and "group" in panel.reason_label.text()
 

@@ -144,7 +144,7 @@ def test_in_the_window_the_cams_hide_the_mask_and_a_review_reaches_gallery_and_c
     review, layer = window.review_panel, window.viewer.mask_layer
     window.stage_tabs.setCurrentWidget(review)
     assert window.session.current_stage is Stage.REVIEW
-    to_review = window.gallery_model.counts()["to_review"]
+    to_review = window.gallery_pane.gallery_model.counts()["to_review"]
     first_id = review.queue.item(0).data(Qt.ItemDataRole.UserRole)
     qtbot.mouseClick(review.queue.viewport(), Qt.MouseButton.LeftButton,
                      pos=review.queue.visualItemRect(review.queue.item(0)).center())
@@ -153,15 +153,15 @@ def test_in_the_window_the_cams_hide_the_mask_and_a_review_reaches_gallery_and_c
 
     window.stage_tabs.setCurrentWidget(window.cam_panel)
     assert not layer.isVisible()
-    window.select_image(review.queue.item(1).data(Qt.ItemDataRole.UserRole))  # its mask opens, hidden
+    window.gallery_pane.select_image(review.queue.item(1).data(Qt.ItemDataRole.UserRole))  # its mask opens, hidden
     assert window.editor.session is not None and not layer.isVisible()
     window.stage_tabs.setCurrentWidget(window.tag_panel)
     assert layer.isVisible()
 
-    window.select_image(first_id)
+    window.gallery_pane.select_image(first_id)
     window.stage_tabs.setCurrentWidget(review)
     qtbot.mouseClick(review.accept_button, Qt.MouseButton.LeftButton)
-    assert window.gallery_model.item_by_id(first_id).mask_state == "accepted"
+    assert window.gallery_pane.gallery_model.item_by_id(first_id).mask_state == "accepted"
     assert window.session.counts["to_review"] == to_review - 1
     assert f"{to_review - 1} to review" in window.counts_label.text()
     # B jumps to the review stage from anywhere (a request the window fulfils).

@@ -19,7 +19,7 @@ def test_cam_methods_change_the_overlay_and_compare_view_links_zoom(qtbot, make_
     window = open_project(make_window, project_copy)
     panel = window.cam_panel
     defect_id = window.project.images("defect")[0].id
-    window.select_image(defect_id)
+    window.gallery_pane.select_image(defect_id)
     window.stage_tabs.setCurrentWidget(panel)
     panel.set_method("gradcam")
     qtbot.waitUntil(lambda: window.viewer.heatmap is not None, timeout=60_000)
@@ -102,10 +102,10 @@ def test_proposals_round_and_reopen(qtbot, make_window, project_copy: Path) -> N
     # Review: accept two, reject one.
     accepted = []
     for _ in range(2):
-        window.select_image(review.queue.item(0).data(Qt.ItemDataRole.UserRole))
+        window.gallery_pane.select_image(review.queue.item(0).data(Qt.ItemDataRole.UserRole))
         accepted.append(window.current_image_id)
         review.accept_current()
-    window.select_image(review.queue.item(0).data(Qt.ItemDataRole.UserRole))
+    window.gallery_pane.select_image(review.queue.item(0).data(Qt.ItemDataRole.UserRole))
     rejected = window.current_image_id
     review.reject_current()
     assert review.queue.count() == to_review - 3
@@ -209,7 +209,7 @@ def test_showing_maps_writes_nothing_and_a_bad_stages_list_is_a_message(qtbot, m
     monkeypatch.setattr(window.project, "set_setting", lambda key, value: (writes.append(key), real_set_setting(key, value)))
     window.stage_tabs.setCurrentWidget(panel)
     for image in window.project.images("defect")[:3]:
-        window.select_image(image.id)
+        window.gallery_pane.select_image(image.id)
     panel.threshold_slider.setValue(30)
     panel.set_method("fgbp")
     qtbot.waitUntil(lambda: not panel.runner.busy, timeout=60_000)

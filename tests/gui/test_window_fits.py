@@ -155,7 +155,7 @@ def test_every_dock_control_is_reachable_at_common_screen_sizes(qtbot, make_wind
     assert window.open_path(review_project)
     window.resize(*size)
     qtbot.waitUntil(lambda: (window.width(), window.height()) == size)
-    window.select_image(window.project.images("defect")[0].id)  # the review queue, the mask tools
+    window.gallery_pane.select_image(window.project.images("defect")[0].id)  # the review queue, the mask tools
     settle_layouts(window)
     problems = fit_problems(window)
 

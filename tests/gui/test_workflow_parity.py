@@ -23,7 +23,7 @@ def test_cam_settings_chosen_in_the_app_make_the_same_masks_through_the_command_
     window = make_window()
     assert window.open_path(project_copy)
     cams, review = window.cam_panel, window.review_panel
-    window.select_image(window.project.images("defect")[0].id)
+    window.gallery_pane.select_image(window.project.images("defect")[0].id)
 
     # CAM tab: FGBP on stage 3 alone (not its default) ...
     window.stage_tabs.setCurrentWidget(cams)
