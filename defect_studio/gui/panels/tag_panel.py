@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from PySide6.QtWidgets import QGridLayout, QGroupBox, QLabel, QPushButton, QVBoxLayout, QWidget
+from PySide6.QtWidgets import QDoubleSpinBox, QFormLayout, QGridLayout, QGroupBox, QLabel, QPushButton, QVBoxLayout, QWidget
 
+from defect_studio.errors import DefectStudioError
+from defect_studio.gui.dialogs import report_error
 from defect_studio.gui.session import Session
+from defect_studio.imageio import MAX_PIXELS
+from defect_studio.project.importer import import_pixel_limit, set_import_megapixels
 
 
 class TagPanel(QWidget):
@@ -59,6 +63,20 @@ class TagPanel(QWidget):
         self.rescan_button = QPushButton("Import new images from the folder", counts_box)
         self.rescan_button.setToolTip("Look for images added to the project's image folder since the last import")
         self.rescan_button.clicked.connect(session.request_rescan)
+        # Images over the limit are skipped (from their header, before decoding) and listed in the import report;
+        # raising it and importing again brings them in.
+        self.import_limit = QDoubleSpinBox(counts_box)
+        self.import_limit.setObjectName("importLimit")
+        self.import_limit.setRange(0.1, MAX_PIXELS / 1e6)
+        self.import_limit.setDecimals(1)
+        self.import_limit.setSuffix(" MP")
+        self.import_limit.setKeyboardTracking(False)  # commit the typed number, not every digit of it
+        self.import_limit.setToolTip("Images larger than this are not imported (they are listed in the import report). "
+                                     "Remembered by the project; the command line's import --max-megapixels sets it too.")
+        self.import_limit.valueChanged.connect(self._set_import_limit)
+        limit_form = QFormLayout()
+        limit_form.addRow("Largest image to import", self.import_limit)
+        counts_layout.addLayout(limit_form)
         counts_layout.addWidget(self.rescan_button)
         layout.addWidget(counts_box)
         layout.addStretch(1)
@@ -73,9 +91,13 @@ class TagPanel(QWidget):
         for button in (self.good_button, self.defect_button, self.untag_button, self.previous_button,
                        self.next_button, self.rescan_button):
             button.setEnabled(enabled)
+        self.import_limit.setEnabled(enabled)
         if project is None:
             self.counts_label.setText("No project open.")
             return
+        self.import_limit.blockSignals(True)  # showing the project's value is not a change of it
+        self.import_limit.setValue(import_pixel_limit(project) / 1e6)
+        self.import_limit.blockSignals(False)
         counts = self.session.counts
         ready = counts.get("good", 0) >= 2 and counts.get("defect", 0) >= 2
         self.counts_label.setText(
@@ -86,3 +108,12 @@ class TagPanel(QWidget):
             f"<tr><td><span style='color:#8b949e'>●</span> Untagged</td><td align='right'><b>{counts.get('untagged', 0)}</b></td></tr>"
             f"</table><p>{'Ready to train the classifier (Train tab).' if ready else 'Tag at least a few images of each class to train.'}</p>"
         )
+
+    def _set_import_limit(self, megapixels: float) -> None:
+        project = self.session.project
+        if project is None:
+            return
+        try:
+            set_import_megapixels(project, megapixels)
+        except DefectStudioError as error:
+            report_error(self, "Cannot set the import limit", error)
