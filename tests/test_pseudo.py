@@ -14,9 +14,11 @@ from defect_studio.ml.pseudo import (
     PseudoLabelSettings,
     calibrate_probability,
     fuse_scores,
+    fused_pseudo_label,
     pseudo_label,
     remove_small_components,
 )
+from defect_studio.ml.segmenter import IGNORE, make_target
 from defect_studio.project import Project
 from defect_studio.project import review
 
@@ -66,6 +68,24 @@ def test_small_components_and_fusion() -> None:
     assert fuse_scores(cam, None, 0.5) is cam
     with pytest.raises(DataError):
         fuse_scores(cam, np.ones((3, 3), np.float32), 0.5)
+
+
+def test_training_ignores_where_the_segmenter_and_the_cam_disagree() -> None:
+    cam = blob_map()  # a blob at [5:15, 5:15]
+    segmenter = np.zeros_like(cam)
+    segmenter[5:15, 5:15] = 0.9  # agrees on the blob...
+    segmenter[20:30, 20:30] = 1.0  # ...and alone finds a second one, strong enough to carry the fused score
+    settings = PseudoLabelSettings(high=0.5, low=0.25, min_area=4, segmenter_weight=0.6)
+    mask, ignore, _, disagreeing = fused_pseudo_label(cam, segmenter, settings)
+    assert mask[5:15, 5:15].all() and mask[20:30, 20:30].all()  # the reviewer sees both
+    assert not ignore[5:15, 5:15].any() and ignore[20:30, 20:30].all()  # training learns only the agreed one
+    assert disagreeing >= 100 and not ignore[0, 0]
+    target = make_target(mask, ignore)
+    assert (target[5:15, 5:15] == 1).all() and (target[20:30, 20:30] == IGNORE).all() and target[0, 0] == 0
+    # Switched off, the fused pseudo-label is used as it is: its ignore band never covers the mask.
+    plain_mask, plain_ignore, _, none = fused_pseudo_label(cam, segmenter, PseudoLabelSettings(
+        high=0.5, low=0.25, min_area=4, segmenter_weight=0.6, ignore_disagreement=False))
+    assert none == 0 and np.array_equal(plain_mask, mask) and not (plain_mask & plain_ignore).any()
 
 
 def test_calibration_puts_the_model_threshold_on_the_high_threshold() -> None:

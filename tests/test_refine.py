@@ -78,6 +78,7 @@ def test_loop_runs_rounds_and_records_metrics(loop) -> None:
             assert record.source == "segmenter-0+cam:gradcam"
             assert record.params["segmenter_sha256"] == runs[0].checkpoint_sha256
             assert record.params["classifier_sha256"] and record.params["round"] == 1
+            assert record.params["disagreeing_pixels"] >= 0  # left out of training with the ignore band
         good = next(i for i in project.images() if i.tag == "good")
         assert not project.load_mask(project.mask_record(good.id, 1)).any()
 
@@ -120,11 +121,14 @@ def test_pseudo_cli_starts_the_next_round_from_the_segmenter(loop, capsys: pytes
     """Runs after the tests that read the loop's two rounds: it adds round 2."""
     project_dir, _, decisions, _ = loop
     args = ["pseudo", str(project_dir), "--method", "gradcam", "--mode", "percentile", "--high-percentile", "97",
-            "--low-percentile", "90", "--min-area", "4"]
+            "--low-percentile", "90", "--min-area", "4", "--train-on-disagreement"]
     assert cli_main(args) == 0
     assert "round 2:" in capsys.readouterr().out
     with Project.open(project_dir) as project:
         assert [r.index for r in project.rounds()] == [0, 1, 2]
+        assert project.round(2).config["pseudo"]["ignore_disagreement"] is False
+        assert all(r.params.get("disagreeing_pixels") == 0 for r in project.mask_records(round_index=2)
+                   if r.state == "proposed" and r.source.startswith("segmenter"))
         edited = project.mask_record(decisions["edited"].id, 2)
         assert edited.state == "edited" and np.array_equal(project.load_mask(edited), decisions["edited_mask"])
         sources = {r.source for r in project.mask_records(round_index=2) if r.state == "proposed"}

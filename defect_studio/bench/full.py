@@ -194,7 +194,8 @@ class SimulatedReviewer:
 
 def review_note(edits_per_round: int, reject_unedited: bool, edit_order: str = "random") -> str:
     """The report's sentence on what happened to each round's proposals."""
-    tail = "good-tagged images train as all-background; the ignore band is left out of the loss."
+    tail = ("good-tagged images train as all-background; the ignore band is left out of the loss (from round 1 on it "
+            "also covers the pixels where the fused proposal and the CAM's own disagree).")
     if not edits_per_round and not reject_unedited:
         return ("Every round's proposals were used as they came (a user who accepts everything without clicking accept: "
                 "an explicit accept locks a mask for all later rounds, which would freeze the round-0 CAM masks); " + tail)
@@ -507,7 +508,8 @@ def _report(bench: FullBench, summary: dict[str, Any], round_rows: list[dict[str
         + (" — quick subset" if bench.quick else "") + f"; seed {bench.seed}; device {describe_device(device)}.",
         f"Round-0 proposals on the training split: pooled defect IoU {round_rows[0]['pseudo defect IoU (train)']:.3f} "
         f"(target >= 0.35), mean over defect types {round_rows[0]['pseudo type-mean IoU (train)']:.3f} (target >= 0.25). "
-        f"Weak / full test defect IoU: {ratio:.2f} (target >= 0.70); weak defect IoU {final_metrics['defect_iou']:.3f} "
+        + (f"Weak / full test defect IoU: {ratio:.2f} (target >= 0.70); " if full_metrics else "")
+        + f"Weak defect IoU {final_metrics['defect_iou']:.3f} "
         f"(target >= 0.35); {bound}weak loop {weak_total / 60:.1f} min (target <= 20 min on MT).",
         f"Segmenter: {SegmenterConfig.from_dict(bench.segmenter).to_dict()}; round 0 from random init, later rounds warm-started "
         f"from the previous round" + (f"; the upper bound from random init for the {trained_epochs} epochs of all rounds together."

@@ -23,7 +23,7 @@ def _print_json_or(args: argparse.Namespace, payload: Any, lines: list[str]) -> 
 
 
 def _pseudo_settings(args: argparse.Namespace) -> dict[str, Any]:
-    names = ("mode", "high", "low", "high_percentile", "low_percentile", "min_area", "segmenter_weight")
+    names = ("mode", "high", "low", "high_percentile", "low_percentile", "min_area", "segmenter_weight", "ignore_disagreement")
     return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
 
 
@@ -37,6 +37,9 @@ def _add_pseudo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--low-percentile", type=float, help="percentile mode: LOW as a percentile")
     parser.add_argument("--min-area", type=int, help="drop defect components smaller than this many pixels")
     parser.add_argument("--segmenter-weight", type=float, help="round >= 1: weight of the segmenter vs the CAM")
+    parser.add_argument("--train-on-disagreement", dest="ignore_disagreement", action="store_false", default=None,
+                        help="round >= 1: also train where the fused mask and the CAM's own disagree (default: those "
+                             "pixels are left out of the loss)")
     parser.add_argument("--classifier", type=Path, help="classifier checkpoint (default: the project's latest)")
 
 

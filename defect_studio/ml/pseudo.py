@@ -7,6 +7,11 @@ background: they are uncertain, not known clean). The mask PNG stays a plain 0/2
 ignore band is written beside it as its own 0/255 PNG (`<project>/cache/pseudo/round-<k>/`) and
 its path recorded in the mask's provenance, so training can leave those pixels out.
 
+From round 1 on, the mask comes from the previous segmenter fused with the CAM, and the pixels where
+that mask and the CAM's own (round-0 style) pseudo-label disagree join the ignore band: training learns
+only what both sources say, so a segmenter does not teach the next one its own mistakes (measured in
+docs/method-notes.md, section 12). The mask the user reviews is still the fused one.
+
 Images tagged good get an empty mask with no ignore band (fully known background). Images tagged
 defect whose mask comes out empty are flagged for review.
 """
@@ -46,6 +51,7 @@ class PseudoLabelSettings:
     otsu_low_ratio: float = 0.5  # otsu mode: low = ratio × Otsu threshold
     min_area: int = 16  # pixels; smaller defect components are dropped (ignored)
     segmenter_weight: float = 0.5  # round k >= 1: score = w × segmenter probability + (1 − w) × CAM
+    ignore_disagreement: bool = True  # round k >= 1: train only where the fused mask and the CAM's agree
 
     @classmethod
     def from_dict(cls, values: dict[str, Any] | None) -> "PseudoLabelSettings":
@@ -104,6 +110,20 @@ def pseudo_label(score_map: np.ndarray, settings: PseudoLabelSettings) -> tuple[
     mask = remove_small_components(raw, settings.min_area)
     ignore = ((score_map > low) & ~mask) | (raw & ~mask)
     return mask, ignore, {"high": high, "low": low}
+
+
+def fused_pseudo_label(cam_map: np.ndarray, segmenter_probability: np.ndarray,
+                       settings: PseudoLabelSettings) -> tuple[np.ndarray, np.ndarray, dict[str, float], int]:
+    """pseudo_label of the CAM fused with a segmenter's (calibrated) probability: (mask, ignore, thresholds,
+    disagreeing pixels). With `ignore_disagreement` the ignore band also covers every pixel where the fused
+    mask and the CAM's own pseudo-label (mask or ignore band) differ, defect pixels of the mask included."""
+    mask, ignore, thresholds = pseudo_label(fuse_scores(cam_map, segmenter_probability, settings.segmenter_weight),
+                                            settings)
+    if not settings.ignore_disagreement:
+        return mask, ignore, thresholds, 0
+    cam_mask, cam_ignore, _ = pseudo_label(cam_map, settings)
+    disagree = (mask != cam_mask) | (cam_ignore & ~ignore)
+    return mask, ignore | disagree, thresholds, int(disagree.sum())
 
 
 def calibrate_probability(probability: np.ndarray, model_threshold: float, target: float) -> np.ndarray:
@@ -245,12 +265,13 @@ def pseudo_job(
             cam_map = cache.get(record.sha256, classifier_sha, method, resolved_cam)
             if cam_map is None or cam_map.shape != shape:
                 raise ModelError(f"{record.stem}: the CAM cache lost its map during the job; run it again.")
-            probability = None
-            if segmenter is not None:
+            if segmenter is None:
+                mask, ignore, thresholds = pseudo_label(cam_map, label_settings)
+            else:
                 target = label_settings.high if label_settings.mode == "fixed" else 0.5
                 probability = calibrate_probability(segmenter.probability(read_image(record.path)), segmenter.threshold, target)
-            score = fuse_scores(cam_map, probability, label_settings.segmenter_weight)
-            mask, ignore, thresholds = pseudo_label(score, label_settings)
+                mask, ignore, thresholds, disagreeing = fused_pseudo_label(cam_map, probability, label_settings)
+                params["disagreeing_pixels"] = disagreeing
             is_flagged = not mask.any()
             record_source = source
             params.update(

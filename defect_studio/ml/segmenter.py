@@ -68,9 +68,10 @@ class SegmentationSample:
 
 
 def make_target(mask: np.ndarray, ignore: np.ndarray | None = None) -> np.ndarray:
+    """0/1 from the mask, IGNORE wherever `ignore` is set (defect pixels included: see ml/pseudo.py)."""
     target = np.asarray(mask, dtype=bool).astype(np.uint8)
     if ignore is not None:
-        target[np.asarray(ignore, dtype=bool) & (target == 0)] = IGNORE
+        target[np.asarray(ignore, dtype=bool)] = IGNORE
     return target
 
 
