@@ -4,8 +4,8 @@ It holds the open `Project`, the current image (id and decoded pixels), the curr
 stage last shown and every `JobRunner`. Panels read it and call the core; they tell each other
 nothing directly. What a panel needs another part of the window to do (select an image, show a
 stage, put a widget in the centre) it asks through a `request_*` method, whose signal the window
-wires. The window is the only writer of the project, the image and the stage; anyone may announce
-that masks, tags or the classifier changed.
+wires. The window is the only writer of the project, the image and the stage (its gallery pane of
+the counts); anyone may announce that masks, tags or the classifier changed.
 """
 
 from __future__ import annotations
