@@ -27,8 +27,8 @@ def main() -> int:
 
     def close_when_shown() -> None:
         windows = [w for w in app.topLevelWidgets() if isinstance(w, MainWindow) and w.isVisible()]
-        if windows and windows[0].project is not None and windows[0].gallery_model.rowCount() > 0:
-            seen["images"] = windows[0].gallery_model.rowCount()
+        if windows and windows[0].project is not None and windows[0].gallery_pane.gallery_model.rowCount() > 0:
+            seen["images"] = windows[0].gallery_pane.gallery_model.rowCount()
             seen["styled"] = bool(app.styleSheet()) and not app.windowIcon().isNull()
             windows[0].close()
         else:
