@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 import cv2
 import numpy as np
@@ -25,6 +25,8 @@ import numpy as np
 from defect_studio.errors import ModelError
 from defect_studio.imageio import decode_image, file_sha256, to_float01, write_mask
 from defect_studio.ml.tiling import Tiling, TopValues, map_tiles, stitched_rows, tiled_map
+
+T = TypeVar("T")
 
 MODEL_FILE = "model.onnx"
 CARD_FILE = "model-card.json"
@@ -204,11 +206,15 @@ def shard_of(images: Sequence[str | Path], shard: tuple[int, int] | None) -> lis
     """The images shard (I, N) predicts: every N-th of the images sorted by path, starting at the I-th,
     so the N shards split the set whatever order the images were listed in, and a killed shard can be
     run again alone."""
-    paths = [Path(image) for image in images]
+    return shard_items([Path(image) for image in images], shard, key=str)
+
+
+def shard_items(items: Sequence[T], shard: tuple[int, int] | None, key: Callable[[T], str]) -> list[T]:
+    """shard_of for any items, sorted by `key` (their path)."""
     if shard is None:
-        return paths
+        return list(items)
     index, count = shard
-    return sorted(paths, key=str)[index - 1 :: count]
+    return sorted(items, key=key)[index - 1 :: count]
 
 
 def predict_images(model_dir: str | Path, images: Sequence[str | Path], out_dir: str | Path,

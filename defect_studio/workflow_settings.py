@@ -114,7 +114,8 @@ def load_workflow_settings(project: "Project") -> WorkflowSettings:
         return WorkflowSettings.from_stored(stored)
     old = {field_name: project.get_setting(key) for key, field_name in OLD_GUI_SETTINGS.items()}
     record = WorkflowSettings.from_stored({name: value for name, value in old.items() if value is not None})
-    save_workflow_settings(project, record)
+    if not project.read_only:  # a reader (a shard) uses the record as made; the next writer saves it
+        save_workflow_settings(project, record)
     return record
 
 

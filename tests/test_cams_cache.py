@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from defect_studio.errors import ProjectError
 from defect_studio.jobs import CancelToken, JobCancelled, run_job
 from defect_studio.ml.cam_cache import CamCache, cam_job, decode_heatmap_png, encode_heatmap_png, read_heatmap_png
 from defect_studio.ml.cams import CamSettingsError, default_settings
+from defect_studio.workflow_settings import load_workflow_settings
 
 IMAGE_SHA = "a" * 64
 CHECKPOINT_SHA = "b" * 64
@@ -135,3 +138,25 @@ def test_cam_command(project_with_classifier, tmp_path: Path, capsys) -> None:
     assert len(list((tmp_path / "maps").glob("*.png"))) == 8
     assert main(["cam", str(path), "--method", "fgbp", "--set", "nonsense"]) == 2
     assert "key=value" in capsys.readouterr().err
+
+
+def test_cam_shards_split_the_images_read_only_beside_an_open_project(project_with_classifier, capsys) -> None:
+    from defect_studio.cli import main
+    from defect_studio.project import Project
+
+    project = project_with_classifier  # stays open (and locked) while the shards run: they only read it
+    path = project.path
+    for shard in ("1/3", "2/3", "3/3"):
+        assert main(["cam", str(path), "--method", "fgbp", "--set", "fgbp_quantile=0.8", "--shard", shard]) == 0
+    output = capsys.readouterr().out
+    counts = [int(line.split(" maps")[0].split()[-1]) for line in output.splitlines() if " maps (shard" in line]
+    assert counts == [3, 3, 2] and "(shard 3 of 3)" in output
+    assert load_workflow_settings(project).cam_settings.get("fgbp", {}).get("fgbp_quantile") != 0.8  # a shard saves nothing
+    project.close()
+    assert main(["cam", str(path), "--method", "fgbp", "--set", "fgbp_quantile=0.8", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["result"]
+    assert result["computed"] == 0 and result["cached"] == 8  # the shards left every map in the cache
+    assert main(["cam", str(path), "--shard", "4/3"]) == 2
+    assert "shard" in capsys.readouterr().err
+    with Project.open_for_reading(path) as reader, pytest.raises(ProjectError, match="readonly database"):
+        reader.set_setting("anything", 1)

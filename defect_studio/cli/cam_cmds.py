@@ -14,31 +14,38 @@ from defect_studio.ml.cams.registry import CAM_REGISTRY, CamSpec
 
 def run_cam(args: argparse.Namespace) -> int:
     from defect_studio.ml.cam_cache import cam_job
+    from defect_studio.predict import parse_shard, shard_items
     from defect_studio.project import Project
     from defect_studio.workflow_settings import load_workflow_settings, save_workflow_settings
 
     settings = parse_key_values(args.set, "--set")
     if args.method is not None:
         CamSpec.resolve(args.method, settings)  # refuse bad settings before the project is opened
-    with Project.open(args.project) as project:
+    shard = parse_shard(args.shard) if args.shard else None
+    # A shard only reads the project (its maps go to the content-addressed cache, one atomic file each), so the
+    # N shards of an array job run side by side, beside the app even; the next `pseudo` finds every map cached.
+    with (Project.open_for_reading(args.project) if shard else Project.open(args.project)) as project:
         record = load_workflow_settings(project)
         # The project's settings of the method (chosen in the app's CAM tab, or here before), --set over them;
-        # what --set changes is kept, as the CAM tab keeps what its form changes.
+        # what --set changes is kept, as the CAM tab keeps what its form changes (a shard keeps nothing).
         spec = CamSpec.resolve(record.cam_spec(args.method), settings)
-        if settings:
+        if settings and shard is None:
             save_workflow_settings(project, record.with_cam_spec(spec))
+        image_ids = [r.id for r in shard_items(project.images(), shard, key=lambda r: str(r.rel_path))] if shard else None
         cancel = CancelToken()
         result = drive(
-            cam_job(project, spec, None, cancel, classifier_path=args.classifier, write_png_dir=args.png_dir),
+            cam_job(project, spec, None, cancel, classifier_path=args.classifier, write_png_dir=args.png_dir,
+                    image_ids=image_ids),
             args,
             cancel,
         )
     if args.json:
         print(json.dumps({"result": result}, default=str))
     else:
+        of_shard = f" (shard {shard[0]} of {shard[1]})" if shard else ""
         print(
-            f"{result['method']}: {result['images']} maps ({result['computed']} computed, {result['cached']} from the cache) "
-            f"in {result['seconds']:.1f} s with {Path(result['classifier']).name}"
+            f"{result['method']}: {result['images']} maps{of_shard} ({result['computed']} computed, {result['cached']} from "
+            f"the cache) in {result['seconds']:.1f} s with {Path(result['classifier']).name}"
         )
         print("settings: " + json.dumps(result["settings"], sort_keys=True))
         if result["png_dir"]:
@@ -69,5 +76,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="a method setting; repeatable")
     parser.add_argument("--classifier", type=Path, help="classifier checkpoint (default: the project's latest)")
     parser.add_argument("--png-dir", type=Path, help="also write each map as a 16-bit PNG <stem>.png here")
+    parser.add_argument("--shard", metavar="I/N",
+                        help="compute only shard I of N (counted from 1, e.g. $SLURM_ARRAY_TASK_ID/8): every N-th image "
+                             "by path; shards open the project read-only and run side by side, a killed one is run "
+                             "again alone, and the next pseudo or refine finds every map cached. --set is not saved")
     add_progress_arguments(parser)
     parser.set_defaults(handler=run_cam)

@@ -37,7 +37,8 @@ from defect_studio.atomic import (
 from defect_studio.errors import ProjectError
 from defect_studio.imageio import encode_mask_png, file_sha256, read_mask
 from defect_studio.project.lock import ProjectLock
-from defect_studio.project.schema import migrate
+from defect_studio.project.schema import LATEST_VERSION, migrate
+from defect_studio.project.schema import schema_version as database_schema_version
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +165,7 @@ class Project:
         self._mutex = threading.RLock()
         self.took_over_stale_lock = lock.took_over_from
         self.recovered_files = 0  # mask files whose interrupted save was finished on open
+        self.read_only = False  # opened by open_for_reading: every write fails
         self.image_root = self._resolve_image_root()
 
     # ----------------------------------------------------------------- opening and closing
@@ -212,6 +214,33 @@ class Project:
                 f"{project_dir}: creating this project was interrupted before it was finished; "
                 "run `defect-studio import` on it again to finish it."
             )
+        return project
+
+    @classmethod
+    def open_for_reading(cls, project_dir: str | os.PathLike[str]) -> "Project":
+        """The project opened read-only, without taking its lock: for the shards of a batch job (`cam --shard`),
+        which read the project while another process may hold it. Nothing is recovered, cleaned up or upgraded;
+        every write fails with sqlite's "readonly database" error."""
+        project_dir = Path(project_dir).absolute()
+        database = project_dir / DB_NAME
+        if not database.is_file():
+            raise ProjectError(f"{project_dir}: not a defect-studio project (no {DB_NAME}).")
+        try:
+            connection = sqlite3.connect(f"{database.as_uri()}?mode=ro", uri=True, isolation_level=None,
+                                         check_same_thread=False, timeout=10.0)
+            version = database_schema_version(connection)
+        except sqlite3.Error as error:
+            raise ProjectError(f"{database}: cannot open the project database to read ({error}).") from error
+        if version != LATEST_VERSION:
+            connection.close()
+            raise ProjectError(f"{project_dir}: this project's database is at schema {version}, this defect-studio "
+                               f"reads {LATEST_VERSION}; open it once without --shard to upgrade it.")
+        project = cls(project_dir, connection, ProjectLock(project_dir))  # never acquired: closing releases nothing
+        project.read_only = True
+        if not project._creation_finished():
+            project.close()
+            raise ProjectError(f"{project_dir}: creating this project was interrupted before it was finished; "
+                               "run `defect-studio import` on it again to finish it.")
         return project
 
     @classmethod
