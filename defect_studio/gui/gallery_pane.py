@@ -16,7 +16,6 @@ from defect_studio.gui.dialogs import report_error
 from defect_studio.gui.gallery import FILTERS, IMAGE_ID_ROLE, GalleryItem, GalleryModel, GalleryView, ThumbnailCache
 from defect_studio.gui.session import Session
 from defect_studio.gui.suspects import SuspectTags
-from defect_studio.gui.workers import JobRunner
 from defect_studio.project import Project
 
 
@@ -73,18 +72,6 @@ class GalleryPane(QWidget):
         session.mask_states_changed.connect(self.refresh)
         session.mask_state_changed.connect(self._on_mask_state_changed)
 
-    # --- what SuspectTags needs of its gallery ---------------------------------------------------
-    @property
-    def project(self) -> Project | None:
-        return self.session.project
-
-    @property
-    def current_image_id(self) -> int | None:
-        return self.session.image_id
-
-    def make_runner(self, title: str) -> JobRunner:
-        return self.session.make_runner(title)
-
     def show_message(self, text: str, timeout_ms: int = 0) -> None:
         self.message.emit(text, timeout_ms)
 
@@ -106,8 +93,8 @@ class GalleryPane(QWidget):
     # --- the list --------------------------------------------------------------------------------
     def refresh(self) -> None:
         """Reload records from the project (keeps the current image when it is still listed)."""
-        keep = self.current_image_id
-        project = self.project
+        keep = self.session.image_id
+        project = self.session.project
         if project is None:
             self.gallery_model.set_items([], None)
             self.update_counts()
@@ -131,7 +118,7 @@ class GalleryPane(QWidget):
         if self.filter_combo.currentData() != name:
             self.filter_combo.setCurrentIndex(self.filter_combo.findData(name))
             return
-        keep = self.current_image_id
+        keep = self.session.image_id
         self.suspects.annotate(self.gallery_model.all_items(), active=name == "suspect")
         self.gallery_model.set_filter(name)
         self.update_counts()
@@ -170,8 +157,8 @@ class GalleryPane(QWidget):
     def selected_image_ids(self) -> list[int]:
         rows = sorted(index.row() for index in self.gallery.selectionModel().selectedIndexes())
         ids = [self.gallery_model.item(row).image_id for row in rows]
-        if not ids and self.current_image_id is not None:
-            ids = [self.current_image_id]
+        if not ids and self.session.image_id is not None:
+            ids = [self.session.image_id]
         return ids
 
     def next_item(self) -> GalleryItem | None:
@@ -201,7 +188,7 @@ class GalleryPane(QWidget):
     def tag_selected(self, tag: str, advance: bool = False) -> None:
         """Tag the selected images (undoable); `advance`: then move on to the next image when one was tagged
         (the keyboard flow of the Tag stage: tag, next, tag, next...)."""
-        if self.project is None:
+        if self.session.project is None:
             return
         ids = self.selected_image_ids()
         if not ids:
@@ -214,9 +201,9 @@ class GalleryPane(QWidget):
             self.step_image(+1)
 
     def write_tags(self, ids: list[int], tag: str) -> None:
-        assert self.project is not None
+        assert self.session.project is not None
         try:
-            self.project.set_tags(ids, tag, source="user")
+            self.session.project.set_tags(ids, tag, source="user")
         except DefectStudioError as error:
             report_error(self, "Cannot save the tags", error)
             return

@@ -19,8 +19,7 @@ from defect_studio.project.mislabels import SUSPECT_THRESHOLD, confirm_tags, loa
 
 if TYPE_CHECKING:
     from defect_studio.gui.gallery import GalleryItem, GalleryModel
-    from defect_studio.gui.workers import JobRunner
-    from defect_studio.project import Project
+    from defect_studio.gui.session import Session
 
 FILTER = "suspect"
 
@@ -28,12 +27,10 @@ FILTER = "suspect"
 class Gallery(Protocol):
     """What the filter needs of the gallery it filters (the window's GalleryPane)."""
 
-    project: "Project | None"
-    current_image_id: int | None
+    session: "Session"  # the open project, the current image, the job runners
     gallery_model: "GalleryModel"
     tag_stack: QUndoStack
 
-    def make_runner(self, title: str) -> "JobRunner": ...
     def refresh(self) -> None: ...
     def selected_image_ids(self) -> list[int]: ...
     def step_image(self, step: int) -> None: ...
@@ -49,7 +46,7 @@ class ConfirmTagsCommand(QUndoCommand):
         self._ids = image_ids
 
     def redo(self) -> None:
-        project = self._controller.gallery.project
+        project = self._controller.gallery.session.project
         if project is not None:
             try:
                 confirm_tags(project, self._ids)
@@ -58,7 +55,7 @@ class ConfirmTagsCommand(QUndoCommand):
                 self.setObsolete(True)
 
     def undo(self) -> None:
-        project = self._controller.gallery.project
+        project = self._controller.gallery.session.project
         if project is not None:
             try:
                 project.undo_tag_review()
@@ -69,13 +66,13 @@ class ConfirmTagsCommand(QUndoCommand):
 class SuspectTags:
     def __init__(self, gallery: Gallery) -> None:
         self.gallery = gallery
-        self.runner = gallery.make_runner("Suspect tags")
+        self.runner = gallery.session.make_runner("Suspect tags")
         self.runner.succeeded.connect(lambda _: self._ranked())
         self._cache: tuple[Any, float, dict[str, Any] | None] | None = None  # (project path, mtime, queue)
 
     # --- the queue ------------------------------------------------------------------------------
     def _queue(self) -> dict[str, Any] | None:
-        project = self.gallery.project
+        project = self.gallery.session.project
         if project is None:
             return None
         from defect_studio.project.mislabels import queue_path
@@ -89,7 +86,7 @@ class SuspectTags:
     def annotate(self, items: list["GalleryItem"], active: bool | None = None) -> None:
         """Mark the gallery's items with their place in the queue (only while the filter is on, or
         `active`: about to be)."""
-        project = self.gallery.project
+        project = self.gallery.session.project
         if active is None:
             active = self.gallery.gallery_model.filter_name == FILTER
         queue = self._queue() if active else None
@@ -107,7 +104,7 @@ class SuspectTags:
 
     def activated(self) -> None:
         """The filter was chosen: rank the tags in the background when the models changed since."""
-        project = self.gallery.project
+        project = self.gallery.session.project
         if project is None or self.runner.busy:
             return
         reason = stale_reason(project, self._queue())
@@ -129,7 +126,7 @@ class SuspectTags:
 
     def _show_status(self) -> None:
         """The current suspect's reason, else how many suspects there are."""
-        reason = self.status_for(self.gallery.current_image_id)
+        reason = self.status_for(self.gallery.session.image_id)
         count = sum(item.suspect_rank is not None for item in self.gallery.gallery_model.all_items())
         self.gallery.show_message(
             reason or (f"{count} suspect tag(s): G / D flips the tag, C confirms it (undo with Ctrl+Z)." if count else
@@ -139,7 +136,7 @@ class SuspectTags:
     def confirm_selected(self) -> None:
         """C: keep the selected images' tags; they leave the queue (undoable), the next image follows."""
         gallery = self.gallery
-        if gallery.project is None:
+        if gallery.session.project is None:
             return
         ids = [i for i in gallery.selected_image_ids()
                if (item := gallery.gallery_model.item_by_id(i)) is not None and item.tag in ("good", "defect")]

@@ -158,14 +158,14 @@ CURRENT_SEGMENTER_SETTING = "current_segmenter_run"  # a run id the user chose; 
 class Project:
     """An open project. Thread-safe: the GUI thread and one worker thread may share it."""
 
-    def __init__(self, path: Path, connection: sqlite3.Connection, lock: ProjectLock) -> None:
+    def __init__(self, path: Path, connection: sqlite3.Connection, lock: ProjectLock, read_only: bool = False) -> None:
         self.path = path
         self._db = connection
         self._lock = lock
         self._mutex = threading.RLock()
         self.took_over_stale_lock = lock.took_over_from
         self.recovered_files = 0  # mask files whose interrupted save was finished on open
-        self.read_only = False  # opened by open_for_reading: every write fails
+        self.read_only = read_only  # opened by open_for_reading: every write fails
         self.image_root = self._resolve_image_root()
 
     # ----------------------------------------------------------------- opening and closing
@@ -202,46 +202,51 @@ class Project:
     def _creation_finished(self) -> bool:
         return bool(self._query("SELECT 1 FROM meta WHERE key='image_root'"))
 
-    @classmethod
-    def open(cls, project_dir: str | os.PathLike[str]) -> "Project":
-        project_dir = Path(project_dir).absolute()
-        if not (project_dir / DB_NAME).is_file():
-            raise ProjectError(f"{project_dir}: not a defect-studio project (no {DB_NAME}).")
-        project = cls._open(project_dir, creating=False)
-        if not project._creation_finished():
-            project.close()
+    @staticmethod
+    def _existing_database(project_dir: str | os.PathLike[str]) -> Path:
+        database = Path(project_dir).absolute() / DB_NAME
+        if not database.is_file():
+            raise ProjectError(f"{database.parent}: not a defect-studio project (no {DB_NAME}).")
+        return database
+
+    def _refuse_if_unfinished(self) -> "Project":
+        """This project, or closed and a ProjectError when its creation was interrupted."""
+        if not self._creation_finished():
+            self.close()
             raise ProjectError(
-                f"{project_dir}: creating this project was interrupted before it was finished; "
+                f"{self.path}: creating this project was interrupted before it was finished; "
                 "run `defect-studio import` on it again to finish it."
             )
-        return project
+        return self
+
+    @classmethod
+    def open(cls, project_dir: str | os.PathLike[str]) -> "Project":
+        database = cls._existing_database(project_dir)
+        return cls._open(database.parent, creating=False)._refuse_if_unfinished()
 
     @classmethod
     def open_for_reading(cls, project_dir: str | os.PathLike[str]) -> "Project":
         """The project opened read-only, without taking its lock: for the shards of a batch job (`cam --shard`),
         which read the project while another process may hold it. Nothing is recovered, cleaned up or upgraded;
         every write fails with sqlite's "readonly database" error."""
-        project_dir = Path(project_dir).absolute()
-        database = project_dir / DB_NAME
-        if not database.is_file():
-            raise ProjectError(f"{project_dir}: not a defect-studio project (no {DB_NAME}).")
+        database = cls._existing_database(project_dir)
         try:
             connection = sqlite3.connect(f"{database.as_uri()}?mode=ro", uri=True, isolation_level=None,
                                          check_same_thread=False, timeout=10.0)
+        except sqlite3.Error as error:
+            raise ProjectError(f"{database}: cannot open the project database to read ({error}).") from error
+        try:
             version = database_schema_version(connection)
         except sqlite3.Error as error:
+            connection.close()
             raise ProjectError(f"{database}: cannot open the project database to read ({error}).") from error
         if version != LATEST_VERSION:
             connection.close()
-            raise ProjectError(f"{project_dir}: this project's database is at schema {version}, this defect-studio "
+            raise ProjectError(f"{database.parent}: this project's database is at schema {version}, this defect-studio "
                                f"reads {LATEST_VERSION}; open it once without --shard to upgrade it.")
-        project = cls(project_dir, connection, ProjectLock(project_dir))  # never acquired: closing releases nothing
-        project.read_only = True
-        if not project._creation_finished():
-            project.close()
-            raise ProjectError(f"{project_dir}: creating this project was interrupted before it was finished; "
-                               "run `defect-studio import` on it again to finish it.")
-        return project
+        # The lock is never acquired: closing releases nothing.
+        project = cls(database.parent, connection, ProjectLock(database.parent), read_only=True)
+        return project._refuse_if_unfinished()
 
     @classmethod
     def open_or_create(cls, project_dir: str | os.PathLike[str], image_root: str | os.PathLike[str]) -> "Project":
