@@ -123,9 +123,9 @@ def offer_demo(window: MainWindow) -> None:
 
     def chosen(button: object) -> None:
         if button is demo:
-            window.open_demo_project()
+            window.project_flow.open_demo()
         elif button is folder:
-            window.open_project_dialog()
+            window.project_flow.choose_folder()
 
     box.buttonClicked.connect(chosen)
     box.open()

@@ -1,8 +1,9 @@
 """The main window: gallery (left), viewer (centre), one panel per stage (right), status bar.
 
-It lays these out and wires them to the `Session` it owns: it opens projects, shows the image
-chosen in the gallery pane, and fulfils the panels' requests (select an image, show a stage,
-put a widget in the centre). The panels get the session, never the window.
+It lays these out and wires them to the `Session` it owns, to the `ProjectFlow` that opens and
+closes projects and to the `ImageDisplay` that shows the image chosen in the gallery pane, and it
+fulfils the panels' requests (select an image, show a stage, put a widget in the centre). The
+panels get the session, never the window.
 """
 
 from __future__ import annotations
@@ -12,13 +13,12 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from PySide6.QtCore import QByteArray, QSettings, Qt, QTimer
+from PySide6.QtCore import QByteArray, QSettings, Qt
 from PySide6.QtGui import QAction, QCloseEvent, QKeySequence, QUndoStack
 from PySide6.QtWidgets import (
     QDialog,
     QDialogButtonBox,
     QDockWidget,
-    QFileDialog,
     QLabel,
     QMainWindow,
     QMessageBox,
@@ -31,20 +31,18 @@ from PySide6.QtWidgets import (
 from defect_studio.errors import DefectStudioError
 from defect_studio.gui.dialogs import log_file, report_error
 from defect_studio.gui.gallery_pane import GalleryPane
-from defect_studio.gui.image_loader import ImageLoader
-from defect_studio.gui.mask_editor import MaskEditor
+from defect_studio.gui.image_display import ImageDisplay
 from defect_studio.gui.job_status import JobStatus
+from defect_studio.gui.mask_editor import MaskEditor
+from defect_studio.gui.project_flow import ProjectFlow
 from defect_studio.gui.session import Session, Stage
 from defect_studio.gui.shortcuts import SHORTCUTS, html_sheet
 from defect_studio.gui.stage_tabs import StagePage, StageTabs
 from defect_studio.gui.viewer import ImageViewer
 from defect_studio.gui.workers import JobRunner
 from defect_studio.project import Project
-from defect_studio.project.location import default_project_dir, find_project_dir
 
 log = logging.getLogger(__name__)
-
-SYNC_DECODE_PIXELS = 2_000_000  # larger images are decoded off the GUI thread
 
 
 class MainWindow(QMainWindow):
@@ -57,27 +55,26 @@ class MainWindow(QMainWindow):
         # Connected before the panels connect theirs: the gallery and the counts are up to date
         # when a panel hears of a change.
         self.session.tag_requested.connect(self.tag_selected)
-        self.session.tags_changed.connect(self._update_image_title)
         self.session.counts_changed.connect(self._show_counts)
-        self.session.rescan_requested.connect(self.rescan_images)
+        self.session.project_changed.connect(self._on_project_changed)
         self.session.stage_requested.connect(self._show_stage)
         self.session.central_widget_requested.connect(self._show_in_centre)
         self.session.job_failed.connect(lambda runner, error, details: report_error(self, f"{runner.title} failed", error, details))
         self._actions: dict[str, QAction] = {}
-        self.image_loader = ImageLoader(self)
-        self.image_loader.loaded.connect(self._display_pixels)
-        self.image_loader.failed.connect(self._image_failed)
 
         self._build_central()
         self._build_gallery_dock()
         self.editor = MaskEditor(self.viewer, self)
         self.editor.message.connect(lambda text: self.statusBar().showMessage(text, 6000))  # what the assist tool did
         self.editor.mask_saved.connect(self.session.notify_mask_state)
+        self.image_display = ImageDisplay(self.session, self.viewer, self.editor, self.gallery_pane.next_item, self)
+        self.image_display.message.connect(self._show_message)
+        self.gallery_pane.current_image_changed.connect(self.image_display.show_image)
         self._build_stage_dock()
+        self.project_flow = ProjectFlow(self.session, self.settings, self)
+        self._wire_project_flow()
         self._build_status_bar()
         self._build_actions_and_menus()
-        self.import_runner = self.make_runner("Import")
-        self.import_runner.succeeded.connect(self._on_import_done)
         self._restore_window_state()
         self._update_title()
         self.gallery_pane.update_counts()
@@ -105,8 +102,7 @@ class MainWindow(QMainWindow):
         dock.setObjectName("galleryDock")
         dock.setFeatures(QDockWidget.DockWidgetFeature.DockWidgetMovable | QDockWidget.DockWidgetFeature.DockWidgetFloatable)
         self.gallery_pane = GalleryPane(self.session, dock)
-        self.gallery_pane.current_image_changed.connect(self.show_image)
-        self.gallery_pane.message.connect(lambda text, timeout: self.statusBar().showMessage(text, timeout))
+        self.gallery_pane.message.connect(self._show_message)
         self.session.image_requested.connect(self.gallery_pane.select_image)
         self.session.step_requested.connect(self.gallery_pane.step_image)
         dock.setWidget(self.gallery_pane)
@@ -192,8 +188,8 @@ class MainWindow(QMainWindow):
     def _build_actions_and_menus(self) -> None:
         menu = self.menuBar()
         file_menu = menu.addMenu("&File")
-        file_menu.addAction(self._action("open_project", "&Open folder…", self.open_project_dialog))
-        file_menu.addAction(self._action("open_demo", "Open the &demo project", self.open_demo_project))
+        file_menu.addAction(self._action("open_project", "&Open folder…", self.project_flow.choose_folder))
+        file_menu.addAction(self._action("open_demo", "Open the &demo project", self.project_flow.open_demo))
         file_menu.addSeparator()
         file_menu.addAction(self._action("export", "&Export segmenter…", lambda: self.rounds_panel.open_export_dialog()))
         file_menu.addSeparator()
@@ -267,16 +263,13 @@ class MainWindow(QMainWindow):
         super().closeEvent(event)
 
     def shutdown(self) -> None:
-        """Save edits, stop and join every thread, close the project. Safe to call twice."""
-        try:
-            self.editor.flush()
-        except DefectStudioError as error:
-            log.warning("could not save the last edit: %s", error)
+        """Stop and join every thread, save the last edit, close the project. Safe to call twice."""
+        self.project_flow.close_project()
+        # With no project open too: the demo project's making, decodes ahead, thumbnails.
         self.session.shutdown_jobs()
         self.cam_panel.shutdown()
-        self.image_loader.shutdown()
+        self.image_display.shutdown()
         self.gallery_pane.shutdown()
-        self._close_project()
 
     # ================================================================= the session, as the window's API
     @property
@@ -306,110 +299,55 @@ class MainWindow(QMainWindow):
         """Rounds or mask records changed (new proposals, a new round): refresh everything."""
         self.session.notify_masks_changed()
 
-    # ================================================================= projects
-    def open_project_dialog(self) -> None:
-        start = self.settings.value("project/lastFolder", str(Path.home()))
-        folder = QFileDialog.getExistingDirectory(self, "Open a project, or a folder of images to make one from", str(start))
-        if folder:
-            self.settings.setValue("project/lastFolder", folder)
-            self.open_path(Path(folder))
-
+    # ================================================================= projects (the project flow, as the window's API)
     def open_path(self, folder: Path) -> bool:
-        """Open the project at `folder` (or in `folder/.defect-studio`), else create one there and import."""
-        folder = Path(folder)
-        try:
-            project_dir = find_project_dir(folder)
-            if project_dir is None:
-                return self.create_project(folder)
-            self.set_project(Project.open(project_dir))
-        except DefectStudioError as error:
-            report_error(self, "Cannot open the project", error)
-            return False
-        return True
+        """Open the project at `folder`, or make one of the images there and import them."""
+        return self.project_flow.open_path(folder)
 
     def create_project(self, image_dir: Path, project_dir: Path | None = None, labels_csv: Path | None = None) -> bool:
         """Make a project of the images in `image_dir` and import them in the background."""
-        from defect_studio.project.importer import import_job
-
-        project_dir = project_dir or default_project_dir(image_dir)
-        try:
-            project = Project.create(project_dir, image_dir)
-        except DefectStudioError as error:
-            report_error(self, "Cannot create the project", error)
-            return False
-        self.set_project(project)
-        self.import_runner.start(lambda cancel: import_job(project, image_dir, labels_csv, cancel), "Import images")
-        return True
-
-    def rescan_images(self) -> None:
-        """Import images added to the folder since (re-import is safe: known images are skipped)."""
-        from defect_studio.project.importer import import_job
-
-        project = self.project
-        if project is None:
-            return
-        self.import_runner.start(lambda cancel: import_job(project, project.image_root, None, cancel), "Import images")
-
-    def _on_import_done(self, report: object) -> None:
-        if isinstance(report, Path):  # the demo job returns the project folder to open
-            QTimer.singleShot(0, lambda: self.open_path(report))
-            return
-        self.gallery_pane.refresh()
-        lines = getattr(report, "lines", None)
-        if callable(lines):
-            summary = lines()
-            self.statusBar().showMessage(summary[0], 8000)
-            if getattr(report, "skipped", None):
-                box = QMessageBox(QMessageBox.Icon.Information, "Import finished", "\n".join(summary[:30]), parent=self)
-                box.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
-                box.open()
-
-    def open_demo_project(self) -> None:
-        """Make (once) and open the synthetic demo project, in the background (the core's demo job)."""
-        from defect_studio.project.demo_project import default_demo_dir, demo_project_exists, demo_project_job
-
-        out_dir = default_demo_dir()
-        if demo_project_exists(out_dir):
-            self.open_path(out_dir / "project")
-            return
-        self.import_runner.start(lambda cancel: demo_project_job(out_dir, cancel), "Make the demo project")
+        return self.project_flow.create_project(image_dir, project_dir, labels_csv)
 
     def set_project(self, project: Project | None) -> None:
-        """Show `project` (the window owns it from now on and closes it)."""
-        self._close_project()
-        self.gallery_pane.set_project(project)
-        self.editor.set_project(project)
-        if project is not None:
-            self.center_stack.setCurrentWidget(self.viewer)
-            self.settings.setValue("project/last", str(project.path))
-        self.session.set_project(project)
-        self.gallery_pane.refresh()
-        self._update_title()
-        if project is not None and self.gallery_pane.gallery_model.rowCount() > 0:
-            self.gallery_pane.select_row(0)
-        if project is not None and project.took_over_stale_lock:
-            # Say so: the user may wonder whether the crash cost them work (it did not: saves are atomic).
-            self.statusBar().showMessage(
-                f"This project was left locked by {project.took_over_stale_lock}, which has ended "
-                "(a crash?). Everything it saved is here.", 20000)
+        """Show `project` (the window closes it), or no project: None closes the open one."""
+        self.project_flow.set_project(project)
 
-    def _close_project(self) -> None:
-        if self.project is None:
-            return
+    def _wire_project_flow(self) -> None:
+        flow = self.project_flow
+        flow.closing.connect(self._let_go_of_project)
+        flow.closed.connect(self.gallery_pane.refresh)  # it lists nothing now
+        flow.opening.connect(self._prepare_for_project)
+        flow.opened.connect(self._show_project)
+        flow.images_imported.connect(self.gallery_pane.refresh)
+        flow.message.connect(self._show_message)
+        self.session.rescan_requested.connect(flow.rescan)
+
+    def _let_go_of_project(self) -> None:
+        """The project closes next (its jobs have stopped): save its last edit and drop all that reads it."""
         try:
             self.editor.flush()
         except DefectStudioError as error:
             log.warning("could not save the last edit: %s", error)
         self.editor.set_project(None)
-        self.session.shutdown_jobs()  # a job must not outlive the project it writes to
         self.cam_panel.shutdown()
-        self.image_loader.shutdown()
+        self.image_display.shutdown()
         self.gallery_pane.set_project(None)
-        project = self.project
-        self.session.set_project(None)
-        project.close()
         self.viewer.set_image(None)
-        self.center_stack.setCurrentWidget(self.empty_hint)
+
+    def _prepare_for_project(self, project: Project) -> None:
+        """`project` becomes the session's next: the parts that keep per-project state start on it."""
+        self.gallery_pane.set_project(project)
+        self.editor.set_project(project)
+
+    def _on_project_changed(self) -> None:
+        self._update_title()
+        self.center_stack.setCurrentWidget(self.viewer if self.project is not None else self.empty_hint)
+
+    def _show_project(self, project: Project) -> None:
+        """After the panels heard of `project`: list its images and show the first."""
+        self.gallery_pane.refresh()
+        if self.gallery_pane.gallery_model.rowCount() > 0:
+            self.gallery_pane.select_row(0)
 
     def _update_title(self) -> None:
         if self.project is None:
@@ -417,57 +355,8 @@ class MainWindow(QMainWindow):
         else:
             self.setWindowTitle(f"{self.project.image_root.name} — defect-studio  [{self.project.path}]")
 
-    # ================================================================= the image shown
-    def show_image(self, image_id: int | None) -> None:
-        if image_id == self.current_image_id:
-            return
-        try:
-            self.editor.flush()  # leaving an image never loses its edit
-        except DefectStudioError as error:
-            report_error(self, "Cannot save the mask", error)
-        pixels = None
-        if image_id is None or self.project is None:
-            self.viewer.set_image(None)
-        else:
-            image = self.project.image(image_id)
-            pixels = self.image_loader.cached(image_id)
-            if pixels is None and image.width * image.height <= SYNC_DECODE_PIXELS:
-                # Small images decode in a few milliseconds: show them at once (and keep keyboard flow exact).
-                try:
-                    pixels = self.image_loader.load_now(image_id, image.path)
-                except DefectStudioError as error:
-                    self.statusBar().showMessage(str(error), 8000)
-            elif pixels is None:  # a large image decodes in the background; the viewer shows it when it is ready
-                self.image_loader.request(image_id, image.path)
-            if pixels is None:
-                self.viewer.set_image(None)
-            else:
-                self.viewer.set_image(pixels, fit=False)
-            self._prefetch_neighbour()
-        self.session.set_image(image_id, pixels)
-        self._update_image_title()
-
-    def _update_image_title(self) -> None:
-        if self.project is not None and self.current_image_id is not None:
-            image = self.project.image(self.current_image_id)
-            self.viewer.set_title(f" {image.stem} · {image.width}×{image.height} · {image.tag} ")
-
-    def _display_pixels(self, image_id: int, pixels: np.ndarray) -> None:
-        if image_id != self.current_image_id:
-            return  # the user has moved on
-        self.viewer.set_image(pixels, fit=False)
-        self.session.set_pixels(image_id, pixels)
-
-    def _image_failed(self, image_id: int, message: str) -> None:
-        if image_id == self.current_image_id:
-            self.viewer.set_image(None)
-            self.statusBar().showMessage(message, 8000)
-
-    def _prefetch_neighbour(self) -> None:
-        """Decode the next image in the gallery in the background, so J / → shows it at once."""
-        item = self.gallery_pane.next_item()
-        if self.project is not None and item is not None:
-            self.image_loader.request(item.image_id, item.path)
+    def _show_message(self, text: str, timeout_ms: int) -> None:
+        self.statusBar().showMessage(text, timeout_ms)
 
     # ================================================================= tagging
     def tag_selected(self, tag: str) -> None:

@@ -4,8 +4,9 @@ It holds the open `Project`, the current image (id and decoded pixels), the curr
 stage last shown and every `JobRunner`. Panels read it and call the core; they tell each other
 nothing directly. What a panel needs another part of the window to do (select an image, show a
 stage, put a widget in the centre) it asks through a `request_*` method, whose signal the window
-wires. The window is the only writer of the project, the image and the stage (its gallery pane of
-the counts); anyone may announce that masks, tags or the classifier changed.
+wires. Each piece of state has one writer: the project the `ProjectFlow`, the image the
+`ImageDisplay`, the stage the window, the counts the gallery pane; anyone may announce that masks,
+tags or the classifier changed.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ class Session(QObject):
         self._shared_runners: dict[str, JobRunner] = {}
         self._last_round: int | None = None
 
-    # --- state the window sets ---------------------------------------------------------------------
+    # --- state, each set by its one writer ----------------------------------------------------------
     def set_project(self, project: Project | None) -> None:
         self.project = project
         self.image_id = None
@@ -74,7 +75,7 @@ class Session(QObject):
         self._check_round()
 
     def set_image(self, image_id: int | None, pixels: np.ndarray | None = None) -> None:
-        """The window shows `image_id` (and its `pixels`, when already decoded)."""
+        """`image_id` is shown (and its `pixels`, when already decoded)."""
         self.image_id = image_id
         self.pixels = None
         if image_id is not None and pixels is not None:

@@ -125,7 +125,7 @@ def test_run_app_opens_the_given_project_and_returns_zero(qtbot, review_project:
 def test_large_images_decode_in_the_background(qtbot, make_window, tmp_path: Path) -> None:
     import cv2
 
-    from defect_studio.gui.main_window import SYNC_DECODE_PIXELS
+    from defect_studio.gui.image_display import SYNC_DECODE_PIXELS
 
     folder = tmp_path / "images"
     folder.mkdir()

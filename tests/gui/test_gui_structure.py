@@ -1,6 +1,7 @@
 """The GUI package's shape, read from its source: no import circle among its modules (every
-import counts: at module level, inside functions, under TYPE_CHECKING), the panels never name
-the main window, and nothing in the GUI matches a progress event by its stage's wording."""
+import counts: at module level, inside functions, under TYPE_CHECKING), only what starts the main
+window names it (not the panels, nor the parts it wires), the project flow reaches no widget, and
+nothing in the GUI matches a progress event by its stage's wording."""
 
 from __future__ import annotations
 
@@ -98,15 +99,32 @@ def test_the_gui_package_has_no_import_circle() -> None:
     assert find_cycle(graph) is None, " → ".join(find_cycle(graph) or [])
 
 
-def test_no_panel_knows_the_main_window() -> None:
-    """Panels get the session (and the widgets they draw on), never the window."""
-    for path in sorted((GUI_DIR / "panels").glob("*.py")):
+# They start the window (the app, the screenshot script); no other module of the GUI knows it.
+WINDOW_STARTERS = {f"{GUI_PACKAGE}.main_window", f"{GUI_PACKAGE}.app", f"{GUI_PACKAGE}.screenshots"}
+
+
+def test_no_panel_or_part_of_the_window_knows_the_main_window() -> None:
+    """Panels, the gallery pane, the project flow, the image display... get the session (and the widgets
+    they draw on), never the window."""
+    modules = module_files(GUI_DIR, GUI_PACKAGE)
+    assert {f"{GUI_PACKAGE}.panels.review_panel", f"{GUI_PACKAGE}.project_flow"} <= set(modules)
+    for name, path in modules.items():
+        if name in WINDOW_STARTERS:
+            continue
         tree = ast.parse(path.read_text(encoding="utf-8"))
         names = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
         attributes = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)}
-        assert "MainWindow" not in names and "window_" not in attributes, path.name
-        assert "defect_studio.gui.main_window" not in imported_modules(
-            f"{GUI_PACKAGE}.panels.{path.stem}", path, set(module_files(GUI_DIR, GUI_PACKAGE))), path.name
+        assert "MainWindow" not in names and "window_" not in attributes, name
+        assert f"{GUI_PACKAGE}.main_window" not in imported_modules(name, path, set(modules)), name
+
+
+def test_the_project_flow_knows_the_session_and_the_core_not_the_widgets() -> None:
+    """It opens and closes projects through the session and the core's jobs; the gallery, the editor and
+    the panels follow its signals, so it imports none of them."""
+    path = GUI_DIR / "project_flow.py"
+    imported = imported_modules(f"{GUI_PACKAGE}.project_flow", path, set(module_files(GUI_DIR, GUI_PACKAGE)))
+    assert f"{GUI_PACKAGE}.session" in imported  # the imports are read
+    assert imported <= {f"{GUI_PACKAGE}.session", f"{GUI_PACKAGE}.dialogs", f"{GUI_PACKAGE}.workers"}
 
 
 def test_no_progress_event_is_matched_by_its_stage_text() -> None:
