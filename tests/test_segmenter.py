@@ -96,9 +96,47 @@ def test_same_seed_same_batches() -> None:
     second = CropSampler(samples, SegmenterConfig(crop_size=32, batch_size=4, seed=3), 1)
     torch.manual_seed(0)
     a = first.batch()
-    torch.manual_seed(0)
+    torch.manual_seed(1)  # every draw comes from the seeded numpy generator, none from torch's
     b = second.batch()
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def _interleaved(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Rank r's rows are positions r, r + world_size, ... of the whole batch."""
+    return torch.stack(parts, dim=1).flatten(0, 1)
+
+
+def _rank_parts_make_up_the_batch(make_sampler) -> None:  # type: ignore[no-untyped-def]
+    inputs, targets = make_sampler().batch()
+    for world_size in (2, 4):
+        parts = [make_sampler().batch((rank, world_size)) for rank in range(world_size)]
+        assert torch.equal(_interleaved([part_targets for _, part_targets in parts]), targets)
+        if isinstance(inputs, list):  # feature crops, one tensor per encoder level
+            for level, whole in enumerate(inputs):
+                assert torch.equal(_interleaved([part_inputs[level] for part_inputs, _ in parts]), whole)
+        else:
+            assert torch.equal(_interleaved([part_inputs for part_inputs, _ in parts]), inputs)
+
+
+def test_the_ranks_parts_of_a_batch_make_up_the_batch_of_one_process() -> None:
+    """A distributed run draws every crop on every rank and cuts only its own: rank r gets positions
+    r, r + world_size, ...; together they are exactly one process's batch."""
+    from defect_studio.ml.encoded_crops import EncodedCropSampler, EncodedSample
+
+    rng = np.random.default_rng(2)
+    samples = []
+    for index in range(3):
+        image = rng.random((48 + 8 * index, 56, 1)).astype(np.float32)
+        samples.append(SegmentationSample(str(index), image, make_target(image[:, :, 0] > 0.8)))
+    _rank_parts_make_up_the_batch(lambda: CropSampler(samples, SegmenterConfig(crop_size=32, batch_size=8, seed=5), 1))
+
+    encoded = []
+    for sample in samples:
+        target = np.pad(sample.target, ((0, 64 - sample.target.shape[0]), (0, 64 - sample.target.shape[1])),
+                        constant_values=IGNORE)
+        levels = [torch.from_numpy(rng.random((c, 64 // s, 64 // s)).astype(np.float16)) for c, s in ((4, 2), (6, 4))]
+        encoded.append(EncodedSample(levels, target, np.flatnonzero(target.ravel() == 1)))
+    _rank_parts_make_up_the_batch(lambda: EncodedCropSampler(encoded, 32, 8, 0.5, seed=5, alignment=4, flip_features=True))
 
 
 def test_network_keeps_any_size_after_padding() -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from defect_studio.cli.progress import add_progress_arguments, drive
+from defect_studio.cli.workers import launch_workers, run_quietly, without_nproc
 from defect_studio.jobs import CancelToken
 from defect_studio.ml.classifier_options import ClassifierConfig
 
@@ -67,7 +68,7 @@ def run_train(args: argparse.Namespace) -> int:
     if launched_by_torchrun():
         return _run_train_rank(args)
     if args.nproc is not None and args.nproc > 1:
-        return _launch_workers(args)
+        return launch_workers(args.nproc, without_nproc(args.argv))
     from defect_studio.ml.classifier import train_project_classifier_job
     from defect_studio.project import Project
 
@@ -98,36 +99,6 @@ def _print_summary(result, args: argparse.Namespace) -> None:  # type: ignore[no
             f"train AUROC {summary.get('train_auroc', float('nan')):.4f}\n"
             f"  best epoch {result.best_epoch} of {result.epochs_run}, {result.seconds:.0f} s on {result.device}"
         )
-
-
-def _launch_workers(args: argparse.Namespace) -> int:
-    """`--nproc N` on one machine: the same command under torchrun with N workers (the exit code is torchrun's)."""
-    import signal
-    import subprocess
-
-    from defect_studio.cli import EXIT_CANCELLED
-    from defect_studio.ml.distributed import torchrun_command
-
-    arguments = ["train", str(Path(args.project).absolute()), "--device", args.device]
-    for name, option in _OPTIONS.items():
-        value = getattr(args, name, None)
-        if value is not None:
-            arguments += [option, str(Path(value).absolute()) if name == "pretrained" else str(value)]
-    if args.no_augment:
-        arguments.append("--no-augment")
-    if args.json:
-        arguments.append("--json")
-    # Ctrl+C reaches the workers directly (the terminal signals the whole process group) and they cancel
-    # cleanly; this launcher waits for them instead of leaving first. (A Python handler, unlike SIG_IGN,
-    # is not inherited by the children.)
-    interrupted: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(signum))
-    try:
-        code = subprocess.run(torchrun_command(args.nproc, arguments), check=False).returncode
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    # torchrun exits with 1 whatever ended its workers; a Ctrl+C ends the command as a cancel does.
-    return EXIT_CANCELLED if interrupted and code != 0 else code
 
 
 def _run_train_rank(args: argparse.Namespace) -> int:
@@ -161,7 +132,7 @@ def _run_train_rank(args: argparse.Namespace) -> int:
             job = train_classifier_job(plan.samples, plan.config, checkpoint_path, cancel, rank_device,
                                        validation_keys=plan.held_out, ranks=ranks)
             if not ranks.is_writer:
-                _run_quietly(job, cancel)
+                run_quietly(job, cancel)
                 return 0
             result = drive(job, args, cancel)
             record_project_training(project, plan, checkpoint_path, result)
@@ -170,26 +141,6 @@ def _run_train_rank(args: argparse.Namespace) -> int:
                 project.close()
     _print_summary(result, args)
     return 0
-
-
-def _run_quietly(job, cancel: CancelToken) -> None:  # type: ignore[no-untyped-def]
-    """A rank other than 0: no progress display (rank 0 shows the run); Ctrl+C cancels like on rank 0."""
-    import signal
-
-    from defect_studio.jobs import run_job
-
-    def on_interrupt(signum: int, frame: object) -> None:
-        if cancel.cancelled:
-            raise KeyboardInterrupt
-        cancel.cancel()
-
-    signal.signal(signal.SIGINT, on_interrupt)
-    run_job(job)
-
-
-_OPTIONS = {"arch": "--arch", "epochs": "--epochs", "width": "--width", "output_stride": "--output-stride",
-            "pooling": "--pooling", "input_size": "--input-size", "learning_rate": "--learning-rate", "batch_size": "--batch-size",
-            "seed": "--seed", "max_minutes": "--max-minutes", "pretrained": "--pretrained", "threads": "--threads"}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

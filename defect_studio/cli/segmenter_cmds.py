@@ -130,21 +130,31 @@ def _split_ids(values: list[str]) -> list[str]:
 # ------------------------------------------------------------------------------------------ refine
 def run_refine(args: argparse.Namespace) -> int:
     from defect_studio.ml.pseudo import PseudoLabelSettings
-    from defect_studio.ml.refine import RefineConfig, refine_job
     from defect_studio.ml.segmenter_options import SegmenterConfig
-    from defect_studio.workflow_settings import update_workflow_settings
 
     segmenter = {k: v for k, v in {"epochs": args.epochs, "steps_per_epoch": args.steps_per_epoch, "seed": args.seed,
                                    "device": args.device}.items() if v is not None}
     PseudoLabelSettings.from_dict(_pseudo_settings(args))  # refuse bad values before the project is opened
     SegmenterConfig.from_dict(segmenter)
+    if _on_several_processes(args):
+        return _launch_or_run_rank(args, lambda ranks, cancel: _refine(args, segmenter, cancel, ranks), _print_refine)
+    _print_refine(args, _refine(args, segmenter, CancelToken()))
+    return 0
+
+
+def _refine(args: argparse.Namespace, segmenter: dict[str, Any], cancel: CancelToken, ranks: Any = None) -> dict[str, Any]:
+    from defect_studio.ml.refine import RefineConfig, refine_job
+    from defect_studio.workflow_settings import update_workflow_settings
+
     with Project.open(args.project) as project:
         _chosen_workflow(project, args)
         update_workflow_settings(project, segmenter=segmenter)  # the Rounds tab shows them next
         config = RefineConfig.for_project(project, segmenter={"device": args.device} if args.device else None,
                                           stop_change=args.stop_change)
-        cancel = CancelToken()
-        summary = drive(refine_job(project, args.rounds, cancel, None, args.gt, config, args.classifier), args, cancel)
+        return drive(refine_job(project, args.rounds, cancel, None, args.gt, config, args.classifier, ranks), args, cancel)
+
+
+def _print_refine(args: argparse.Namespace, summary: dict[str, Any]) -> None:
     lines = []
     for entry in summary["rounds"]:
         line = f"round {entry['round']}: mask change {entry['mask_change'] if entry['mask_change'] is not None else '–'}"
@@ -156,19 +166,49 @@ def run_refine(args: argparse.Namespace) -> int:
             line += f" — stopped: {entry['stopped']}"
         lines.append(line)
     _print_json_or(args, summary, lines)
+
+
+# ------------------------------------------------------------------------------------------ several processes
+def _on_several_processes(args: argparse.Namespace) -> bool:
+    from defect_studio.ml.distributed import launched_by_torchrun
+
+    return launched_by_torchrun() or (args.nproc is not None and args.nproc > 1)
+
+
+def _launch_or_run_rank(args: argparse.Namespace, run_on_rank0: Any, report: Any) -> int:
+    """`--nproc N`: this command under torchrun; in a torchrun worker: its rank (rank 0 reports)."""
+    from defect_studio.cli.workers import launch_workers, run_segmenter_ranks, without_nproc
+    from defect_studio.ml.distributed import launched_by_torchrun
+
+    if not launched_by_torchrun():
+        return launch_workers(args.nproc, without_nproc(args.argv))
+    result = run_segmenter_ranks(args, run_on_rank0)
+    if result is not None:
+        report(args, result)
     return 0
 
 
 # ------------------------------------------------------------------------------------------ next-round
 def run_next_round(args: argparse.Namespace) -> int:
+    if _on_several_processes(args):
+        return _launch_or_run_rank(args, lambda ranks, cancel: _next_round(args, cancel, ranks), _print_next_round)
+    _print_next_round(args, _next_round(args, CancelToken()))
+    return 0
+
+
+def _next_round(args: argparse.Namespace, cancel: CancelToken, ranks: Any = None) -> tuple[int, dict[str, Any]]:
     from defect_studio.ml.refine import ground_truth_dir, next_round_job
 
     with Project.open(args.project) as project:
         round_index = project.round(args.round).index if args.round is not None else _latest_round(project)
-        cancel = CancelToken()
         gt_dir = args.gt if args.gt is not None else ground_truth_dir(project)
         machine = {"device": args.device} if args.device else None
-        summary = drive(next_round_job(project, round_index, cancel, machine, gt_dir, args.classifier), args, cancel)
+        summary = drive(next_round_job(project, round_index, cancel, machine, gt_dir, args.classifier, ranks), args, cancel)
+    return round_index, summary
+
+
+def _print_next_round(args: argparse.Namespace, outcome: tuple[int, dict[str, Any]]) -> None:
+    round_index, summary = outcome
     if "next_round" in summary:
         proposals = summary["proposals"]
         line = (f"round {round_index} trained; round {summary['next_round']}: {proposals['proposed']} proposal(s) from "
@@ -177,7 +217,6 @@ def run_next_round(args: argparse.Namespace) -> int:
     else:
         line = f"round {round_index}: the masks stopped changing; no new round"
     _print_json_or(args, summary, [line])
-    return 0
 
 
 def _latest_round(project: Project) -> int:
@@ -305,6 +344,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int)
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--stop-change", type=float, default=0.02, help="stop when fewer defect pixels change (fraction)")
+    parser.add_argument("--nproc", type=int, metavar="N",
+                        help="train the segmenter with N processes on this machine (torch.distributed: one per GPU, or "
+                        "gloo on the CPU); for several machines run `torchrun ... -m defect_studio refine PROJECT` (README)")
     _add_pseudo_arguments(parser)
     add_progress_arguments(parser)
     parser.set_defaults(handler=run_refine)
@@ -318,6 +360,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--round", type=int, help="the round to train on (default: the latest)")
     parser.add_argument("--gt", type=Path, help="ground-truth masks for the round metrics (default: masks/ beside the images)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--nproc", type=int, metavar="N",
+                        help="train the segmenter with N processes on this machine (torch.distributed: one per GPU, or "
+                        "gloo on the CPU); for several machines run `torchrun ... -m defect_studio next-round PROJECT` (README)")
     parser.add_argument("--classifier", type=Path, help="classifier checkpoint (default: the project's latest)")
     add_progress_arguments(parser)
     parser.set_defaults(handler=run_next_round)

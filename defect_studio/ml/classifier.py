@@ -27,11 +27,11 @@ from defect_studio.atomic import atomic_write_bytes
 from defect_studio.dataset_layout import LABELS, check_two_classes
 from defect_studio.errors import DataError, ModelError
 from defect_studio.imageio import read_image
-from defect_studio.jobs import CancelToken, EtaClock, JobCancelled, Progress, ProgressKind
+from defect_studio.jobs import CancelToken, EtaClock, Progress, ProgressKind
 from defect_studio.ml.augment import augment_batch, surface_augmentation
 from defect_studio.ml.good_prior import GoodImagePrior, build_good_prior
 from defect_studio.ml.device import describe_device, peak_memory_mb, select_device, torch_threads
-from defect_studio.ml.distributed import Ranks, with_global_batch_norm
+from defect_studio.ml.distributed import Ranks, data_parallel
 from defect_studio.ml.metrics import auroc, binary_scores
 from defect_studio.ml.models import ClassifierConfig, DefectClassifier, build_classifier
 from defect_studio.ml.preprocess import Geometry, Preprocessing
@@ -432,12 +432,6 @@ class _TrainingForward(nn.Module):
         return self.model.forward_from_frozen(batch) if self.from_frozen else self.model(batch)
 
 
-def _raise_if_cancelled(cancel: CancelToken, ranks: Ranks) -> None:
-    """A cancel on any rank stops every rank at the same step (a lone rank leaving would hang the others)."""
-    if ranks.any(cancel.cancelled):
-        raise JobCancelled("cancelled by the user")
-
-
 def _split_samples(
     samples: Sequence[Sample], config: ClassifierConfig, validation_keys: Iterable[str] | None
 ) -> tuple[list[Sample], list[Sample]]:
@@ -486,7 +480,7 @@ def _prepare_data(
     from_frozen = model.frozen_stages > 0
     if from_frozen:
         cache = yield from frozen_features_cached(model, cache, device, config, cancel)
-    _raise_if_cancelled(cancel, ranks)
+    ranks.raise_if_cancelled(cancel)
     cache = ranks.gather_rows(cache, len(all_paths))
     n_train, n_val = len(train_samples), len(val_samples)
     data = _TrainingData(
@@ -565,7 +559,7 @@ def _run_epoch(
     transform = surface_augmentation(config.augment_strength, config.rotate90)
     total_loss, seen = 0.0, 0
     for global_index, index, distinct in _global_batches(order, config.batch_size, ranks):
-        _raise_if_cancelled(cancel, ranks)
+        ranks.raise_if_cancelled(cancel)
         if distinct < 2:  # BatchNorm needs two images (in the global batch: its statistics are global)
             continue
         if config.augment and data.from_frozen:
@@ -619,19 +613,8 @@ def _validate(
 
 
 def _step_model(model: DefectClassifier, from_frozen: bool, device: torch.device, ranks: Ranks) -> nn.Module:
-    """What the training steps call: the classifier itself, or its DistributedDataParallel wrapper
-    (gradients of the trainable part averaged over the ranks; the frozen part has none)."""
-    forward = _TrainingForward(model, from_frozen)
-    if not ranks.distributed:
-        return forward
-    from torch.nn.parallel import DistributedDataParallel
-
-    # BatchNorm statistics over the global batch, as in one process: torch's SyncBatchNorm on GPUs,
-    # our all-reduce of the sums elsewhere (SyncBatchNorm refuses CPU tensors).
-    if device.type == "cuda":
-        forward = nn.SyncBatchNorm.convert_sync_batchnorm(forward)
-        return DistributedDataParallel(forward, device_ids=[device.index])
-    return DistributedDataParallel(with_global_batch_norm(forward))
+    """What the training steps call: the classifier itself, or its DistributedDataParallel wrapper."""
+    return data_parallel(_TrainingForward(model, from_frozen), device, ranks)
 
 
 def _train(
@@ -664,13 +647,13 @@ def _train(
     for epoch in range(1, config.epochs + 1):
         if epoch > planned_epochs:
             break
-        _raise_if_cancelled(cancel, ranks)
+        ranks.raise_if_cancelled(cancel)
         epoch_start = time.monotonic()
         step_model.train()
         low_resolution = 0 < config.low_res_scale < 1 and epoch <= int(config.low_res_fraction * planned_epochs) and not data.from_frozen
         order = _epoch_order(data.train_y, config, optimisation.steps_per_epoch, generator)
         train_loss = _run_epoch(step_model, data, config, optimisation, order, generator, low_resolution, cancel, device, ranks)
-        _raise_if_cancelled(cancel, ranks)
+        ranks.raise_if_cancelled(cancel)
         ranks.share_buffers_of_rank0(model)
         # Low-resolution epochs are validated at their own scale (shown, never kept as the best: the
         # saved model must be the one that works at the full input size).
@@ -698,7 +681,7 @@ def _train(
     else:  # every epoch ran at low resolution (a tiny budget): keep the last state
         best = _Best(epoch=epochs_run, metrics={k: v for k, v in history[-1].items() if k != "epoch"}, threshold=0.5)
     final_metrics, test_probabilities = _final_metrics(model, data, evaluation, config, device, ranks, best)
-    _raise_if_cancelled(cancel, ranks)
+    ranks.raise_if_cancelled(cancel)
     if ranks.is_writer:
         yield from _write_checkpoint(model, data, config, preprocessing, best, final_metrics, checkpoint_path, cancel, device)
     seconds = time.monotonic() - started

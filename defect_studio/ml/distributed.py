@@ -26,6 +26,7 @@ import torch
 
 from defect_studio.atomic import TEMP_SUFFIX, atomic_write_text
 from defect_studio.errors import DataError
+from defect_studio.jobs import CancelToken, JobCancelled
 
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -103,6 +104,26 @@ class Ranks:
             return
         for buffer in model.buffers():
             torch.distributed.broadcast(buffer.data, src=0)
+
+    def share_model_of_rank0(self, model: torch.nn.Module) -> None:
+        """Rank 0's parameters and buffers on every rank: the weights rank 0 alone loaded (a warm start, a
+        classifier's encoder) start every rank's copy."""
+        if not self.distributed:
+            return
+        with torch.no_grad():
+            for tensor in [*model.parameters(), *model.buffers()]:
+                torch.distributed.broadcast(tensor.data, src=0)
+
+    def sum_with_gradient(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The sum of `tensor` over the ranks, differentiable: a loss built from global sums (of pixels over
+        the whole global batch) is the loss one process would compute, and so are its gradients once
+        DistributedDataParallel averages them."""
+        return _SumOverRanks.apply(tensor) if self.distributed else tensor
+
+    def raise_if_cancelled(self, cancel: "CancelToken") -> None:
+        """A cancel on any rank stops every rank at the same step (a lone rank leaving would hang the others)."""
+        if self.any(cancel.cancelled):
+            raise JobCancelled("cancelled by the user")
 
     def sum(self, values: Sequence[float]) -> list[float]:
         """The element-wise sums of `values` over the ranks, on every rank."""
@@ -195,6 +216,21 @@ def with_global_batch_norm(module: torch.nn.Module) -> torch.nn.Module:
     for name, child in module.named_children():
         module.add_module(name, with_global_batch_norm(child))
     return module
+
+
+def data_parallel(module: torch.nn.Module, device: torch.device, ranks: Ranks) -> torch.nn.Module:
+    """`module` for the training steps: itself in one process, else its DistributedDataParallel wrapper
+    (gradients of the trainable parameters averaged over the ranks; frozen ones have none), with BatchNorm
+    statistics over the global batch as in one process: torch's SyncBatchNorm on GPUs, GlobalBatchNorm2d
+    elsewhere (SyncBatchNorm refuses CPU tensors). The state_dict of `module` is unchanged."""
+    if not ranks.distributed:
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return DistributedDataParallel(torch.nn.SyncBatchNorm.convert_sync_batchnorm(module), device_ids=[index])
+    return DistributedDataParallel(with_global_batch_norm(module))
 
 
 @contextlib.contextmanager

@@ -148,13 +148,24 @@ class EncodedCropSampler:
         self.rng = np.random.default_rng(seed)
         self.defect_indices = [i for i, s in enumerate(self.samples) if len(s.defect_pixels)]
 
-    def _crop(self, index: int, centred: bool) -> tuple[list[torch.Tensor], torch.Tensor]:
+    def _draw(self) -> tuple[int, int, int, tuple[bool, bool]]:
+        """The next crop's (image index, top, left, (flip left-right, flip top-bottom)): every random draw."""
+        centred = bool(self.defect_indices) and self.rng.random() < self.defect_crop_fraction
+        index = int(self.rng.choice(self.defect_indices)) if centred else int(self.rng.integers(len(self.samples)))
         sample = self.samples[index]
         height, width = sample.target.shape
         size, step = self.crop_size, self.alignment
         top, left = draw_crop_origin(self.rng, sample.defect_pixels if centred else None, (height, width), size)
         top = int(np.clip(round(top / step) * step, 0, max(0, (height - size) // step * step)))
         left = int(np.clip(round(left / step) * step, 0, max(0, (width - size) // step * step)))
+        # drawn even when flips are off, so both settings cut the same crops
+        flips = (bool(self.rng.random() < 0.5), bool(self.rng.random() < 0.5))
+        return index, top, left, flips
+
+    def _cut(self, index: int, top: int, left: int, flips: tuple[bool, bool]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        sample = self.samples[index]
+        height = sample.target.shape[0]
+        size = self.crop_size
         target = np.full((size, size), IGNORE, np.uint8)  # beyond a small image: not trained on
         part = sample.target[top : top + size, left : left + size]
         target[: part.shape[0], : part.shape[1]] = part
@@ -166,19 +177,22 @@ class EncodedCropSampler:
             crop[:, : piece.shape[1], : piece.shape[2]] = piece
             levels.append(crop)
         target_t = torch.from_numpy(target)
-        for axis in (-1, -2):  # the same flips for every level and the target
-            # drawn even when flips are off, so both settings cut the same crops
-            if self.rng.random() < 0.5 and self.flip_features:
+        for axis, flip in zip((-1, -2), flips):  # the same flips for every level and the target
+            if flip and self.flip_features:
                 levels = [level.flip(axis) for level in levels]
                 target_t = target_t.flip(axis)
         return levels, target_t
 
-    def batch(self) -> tuple[list[torch.Tensor], torch.Tensor]:
+    def batch(self, part: tuple[int, int] = (0, 1)) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The next batch; `part` (rank, world size): only that rank's crops of it (every world_size-th one),
+        the draws of the whole batch made on every rank, so the ranks' parts make up one process's batch."""
+        rank, world_size = part
         crops, targets = [], []
-        for _ in range(self.batch_size):
-            centred = bool(self.defect_indices) and self.rng.random() < self.defect_crop_fraction
-            index = int(self.rng.choice(self.defect_indices)) if centred else int(self.rng.integers(len(self.samples)))
-            levels, target = self._crop(index, centred)
+        for position in range(self.batch_size):
+            drawn = self._draw()
+            if position % world_size != rank:
+                continue
+            levels, target = self._cut(*drawn)
             crops.append(levels)
             targets.append(target)
         stacked = [torch.stack([crop[i] for crop in crops]).float() for i in range(len(crops[0]))]

@@ -21,6 +21,7 @@ from defect_studio.errors import DataError, ModelError
 from defect_studio.imageio import read_image
 from defect_studio.jobs import CancelToken, Progress
 from defect_studio.ml.cams.registry import DEFAULT_CAM_METHOD, CamSpec
+from defect_studio.ml.distributed import Ranks
 from defect_studio.project.provenance import segmenter_to_build_on
 from defect_studio.project.store import RunInput
 from defect_studio.ml.pseudo import PseudoLabelSettings, create_checked_round, load_ignore, pseudo_job
@@ -146,11 +147,12 @@ def next_segmenter_path(project: Project, round_index: int) -> Path:
 
 def train_project_segmenter_job(
     project: Project, round_index: int, config: SegmenterConfig, cancel: CancelToken,
-    classifier_path: str | Path | None = None,
+    classifier_path: str | Path | None = None, ranks: Ranks | None = None,
 ) -> Generator[Progress, None, SegmenterTrainingResult]:
     """Train on round `round_index`'s masks and record the run; a cancelled run records nothing.
     `classifier_path` (default: the project's latest classifier) starts the segmenter's encoder when the
-    config's encoder_weights is "classifier"."""
+    config's encoder_weights is "classifier". `ranks`: this is rank 0 of a distributed command, the other
+    ranks train with it (train_segmenter_job)."""
     from defect_studio.ml.export import training_data_hash
 
     yield Progress("loading masks", 0, None, f"round {round_index}")
@@ -170,7 +172,7 @@ def train_project_segmenter_job(
         classifier_run = project.latest_run("classifier")  # none yet: the encoder starts from ImageNet
         classifier_path = classifier_run.checkpoint_path if classifier_run is not None else None
     result = yield from train_segmenter_job(samples, config, path, cancel, extra_meta=meta, start_from=start_from,
-                                            classifier_path=classifier_path)
+                                            classifier_path=classifier_path, ranks=ranks)
     provenance, inputs = _segmenter_provenance(project, round_index, used, meta["training_data_hash"], start_run)
     project.record_training_run(
         kind="segmenter",
@@ -249,8 +251,10 @@ def refine_job(
     gt_dir: str | Path | None = None,
     config: RefineConfig | None = None,
     classifier_path: str | Path | None = None,
+    ranks: Ranks | None = None,
 ) -> Generator[Progress, None, dict[str, Any]]:
-    """Run up to `rounds` proposal -> review -> train rounds; returns a summary per round.
+    """Run up to `rounds` proposal -> review -> train rounds; returns a summary per round. `ranks`: the
+    segmenters train on every rank of a distributed command (rank 0 runs this job).
 
     Continues from the project's state: a latest round without a segmenter is reviewed and
     trained on as it is (the user may have reviewed it already); otherwise a new round starts.
@@ -290,7 +294,8 @@ def refine_job(
             break
         project.update_round(round_index, status="training", metrics=metrics)
         started = time.monotonic()
-        result = yield from train_project_segmenter_job(project, round_index, segmenter_config, cancel, classifier_path)
+        result = yield from train_project_segmenter_job(project, round_index, segmenter_config, cancel, classifier_path,
+                                                        ranks)
         timings["train_s"] = time.monotonic() - started
         metrics.update({"segmenter": {k: v for k, v in result.metrics.items()}, **timings})
         project.update_round(round_index, status="trained", metrics=metrics)
@@ -311,7 +316,7 @@ def ground_truth_dir(project: Project) -> Path | None:
 
 def next_round_job(
     project: Project, round_index: int, cancel: CancelToken, segmenter: dict[str, Any] | None = None,
-    gt_dir: str | Path | None = None, classifier_path: str | Path | None = None,
+    gt_dir: str | Path | None = None, classifier_path: str | Path | None = None, ranks: Ranks | None = None,
 ) -> Generator[Progress, None, dict[str, Any]]:
     """Train the segmenter on round `round_index`'s reviewed masks, then propose round `round_index` + 1's
     masks from segmenter + CAM: the Rounds tab's "next round" and `defect-studio next-round`.
@@ -334,7 +339,8 @@ def next_round_job(
         config.pseudo = dict(pseudo)
     summary: dict[str, Any] = {}
     if not _segmenter_runs_for(project, round_index):  # else a previous run trained it and stopped before proposing
-        summary = yield from refine_job(project, 1, cancel, gt_dir=gt_dir, config=config, classifier_path=classifier_path)
+        summary = yield from refine_job(project, 1, cancel, gt_dir=gt_dir, config=config, classifier_path=classifier_path,
+                                        ranks=ranks)
         if summary.get("stopped_early"):
             return summary
     next_round = create_checked_round(project, config.to_dict(), classifier_path)
