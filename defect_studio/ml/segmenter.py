@@ -25,7 +25,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Generator, Mapping, Sequence
+from typing import Any, Callable, Generator, Sequence
 
 import numpy as np
 import torch
@@ -625,6 +625,88 @@ class _TrainingStep(nn.Module):
         return self.model.decode(inputs) if self.from_features else self.model(inputs)
 
 
+@dataclass
+class _StartingNetwork:
+    model: nn.Module
+    in_channels: int
+    encoder_from: str | None
+    started_from: str | None  # the warm start's checkpoint sha256
+
+
+def _starting_network(samples: Sequence[SegmentationSample], train_samples: Sequence[SegmentationSample],
+                      config: SegmenterConfig, device: torch.device, start_from: str | Path | None,
+                      classifier_path: str | Path | None, ranks: Ranks) -> _StartingNetwork:
+    """The network training starts from, on `device`: ImageNet's or the classifier's encoder, the input
+    statistics, a warm start. Rank 0 alone reads the classifier and the warm start; its weights start every rank."""
+    encoder_classifier, encoder_from = _encoder_classifier(config, classifier_path) if ranks.is_writer else (None, None)
+    if encoder_classifier is not None:  # the classifier's encoder sees the images as the classifier does
+        in_channels = encoder_classifier.preprocessing.channels
+    else:
+        in_channels = 1 if all(s.image.shape[2] == 1 for s in samples) else 3
+    in_channels, encoder_from = ranks.from_rank0((in_channels, encoder_from))
+    model = build_segmenter(in_channels, config, imagenet_weights=ranks.is_writer)
+    if encoder_classifier is not None:
+        model.load_classifier_encoder(encoder_classifier.model)
+    if not getattr(model, "fixed_normalisation", False):
+        mean, std = input_statistics(train_samples, in_channels)
+        model.input_mean.copy_(torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        model.input_std.copy_(torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+    started_from = ranks.from_rank0(_warm_start(model, start_from) if start_from is not None else None)
+    model.to(device)
+    ranks.share_model_of_rank0(model)
+    return _StartingNetwork(model, in_channels, encoder_from, started_from)
+
+
+EncodedViews = dict[int, dict[tuple[int, ...], EncodedSample]]  # held-out image index -> its encoded flipped views
+
+
+def _training_data(
+    model: nn.Module, train_samples: Sequence[SegmentationSample], validation_samples: Sequence[SegmentationSample],
+    config: SegmenterConfig, in_channels: int, device: torch.device, cancel: CancelToken, ranks: Ranks,
+) -> Generator[Progress, None, tuple[Any, EncodedViews | None]]:
+    """(the crop sampler, this rank's held-out images encoded per flipped view or None). With a frozen encoder
+    whose features fit the budget, every image is encoded once and the crops are cut from its features."""
+    if not _caches_features(model, [*train_samples, *validation_samples]):
+        return CropSampler(train_samples, config, in_channels), None
+    # Validation images first (fewer, and the same job); each in every flipped view, as the app predicts.
+    validated = ranks.shard(len(validation_samples))  # this rank's share of the held-out images
+    validation_encoded: EncodedViews = {index: {} for index in validated}
+    for dims in FLIP_VIEWS[config.prediction_flips]:
+        view, _ = yield from encode_samples(
+            model, [validation_samples[i].key for i in validated], [validation_samples[i].image for i in validated],
+            [validation_samples[i].target for i in validated], device, cancel, flip=dims)
+        for index, sample in zip(validated, view):
+            validation_encoded[index][dims] = sample
+    # Every rank encodes every training image: the ranks draw their crops from the same global batches.
+    encoded, _ = yield from encode_samples(model, [s.key for s in train_samples], [s.image for s in train_samples],
+                                           [s.target for s in train_samples], device, cancel)
+    sampler = EncodedCropSampler(encoded, config.crop_size, config.batch_size, config.defect_crop_fraction,
+                                 config.seed, model.size_multiple, config.flip_encoded_features)
+    return sampler, validation_encoded
+
+
+def _train_one_epoch(step: nn.Module, sampler: Any, optimizer: torch.optim.Optimizer, scheduler: Any,
+                     config: SegmenterConfig, device: torch.device, cancel: CancelToken, ranks: Ranks) -> list[float]:
+    """`config.steps_per_epoch` steps of this rank's part of each global batch; the steps' losses."""
+    step.train()
+    from_features = isinstance(sampler, EncodedCropSampler)
+    losses = []
+    for _ in range(config.steps_per_epoch):
+        ranks.raise_if_cancelled(cancel)
+        inputs, targets = sampler.batch((ranks.rank, ranks.world_size))
+        inputs = [level.to(device) for level in inputs] if from_features else inputs.to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = step(inputs)
+        loss = segmentation_loss(logits, targets.to(device), config.dice_weight, ranks)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()  # under DDP the ranks' gradients are averaged here: the global batch's
+        optimizer.step()
+        scheduler.step()
+        losses.append(float(loss.detach()))
+    ranks.raise_if_cancelled(cancel)
+    return losses
+
+
 def _train_segmenter(
     samples: Sequence[SegmentationSample],
     config: SegmenterConfig,
@@ -637,57 +719,23 @@ def _train_segmenter(
 ) -> Generator[Progress, None, SegmenterTrainingResult]:
     torch.manual_seed(config.seed)
     device = select_device(config.device)
-    # Rank 0 alone reads the classifier and the warm start; its weights start every rank.
-    encoder_classifier, encoder_from = _encoder_classifier(config, classifier_path) if ranks.is_writer else (None, None)
-    if encoder_classifier is not None:  # the classifier's encoder sees the images as the classifier does
-        in_channels = encoder_classifier.preprocessing.channels
-    else:
-        in_channels = 1 if all(s.image.shape[2] == 1 for s in samples) else 3
-    in_channels, encoder_from = ranks.from_rank0((in_channels, encoder_from))
     train_indices, validation_indices = _validation_split(samples, config)
     if not train_indices:
         train_indices, validation_indices = list(range(len(samples))), []
     train_samples = [samples[i] for i in train_indices]
     validation_samples = [samples[i] for i in validation_indices]
-    model = build_segmenter(in_channels, config, imagenet_weights=ranks.is_writer)
-    if encoder_classifier is not None:
-        model.load_classifier_encoder(encoder_classifier.model)
-    if not getattr(model, "fixed_normalisation", False):
-        mean, std = input_statistics(train_samples, in_channels)
-        model.input_mean.copy_(torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
-        model.input_std.copy_(torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
-    started_from = ranks.from_rank0(_warm_start(model, start_from) if start_from is not None else None)
+    start = _starting_network(samples, train_samples, config, device, start_from, classifier_path, ranks)
+    model, in_channels, encoder_from, started_from = start.model, start.in_channels, start.encoder_from, start.started_from
     epochs = min(config.warm_start_epochs, config.epochs) if started_from else config.epochs
-    model.to(device)
-    ranks.share_model_of_rank0(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(  # a warm-started network needs no long warm-up
         optimizer, max_lr=config.learning_rate, total_steps=epochs * config.steps_per_epoch,
         pct_start=0.05 if started_from else 0.15,
     )
-    validated = ranks.shard(len(validation_samples))  # this rank's share of the held-out images
-    validation_encoded: dict[int, dict[tuple[int, ...], EncodedSample]] | None = None
-    from_features = _caches_features(model, samples)
-    if from_features:
-        # The frozen encoder's features, once per image (validation images first: fewer, and the same job).
-        # Validation predicts as the app will, so each of its images is encoded in every flipped view.
-        validation_encoded = {index: {} for index in validated}
-        for dims in FLIP_VIEWS[config.prediction_flips]:
-            view, _ = yield from encode_samples(
-                model, [validation_samples[i].key for i in validated], [validation_samples[i].image for i in validated],
-                [validation_samples[i].target for i in validated], device, cancel, flip=dims)
-            for index, sample in zip(validated, view):
-                validation_encoded[index][dims] = sample
-        # Every rank encodes every training image: the ranks draw their crops from the same global batches.
-        encoded, _ = yield from encode_samples(model, [s.key for s in train_samples], [s.image for s in train_samples],
-                                               [s.target for s in train_samples], device, cancel)
-        sampler: Any = EncodedCropSampler(encoded, config.crop_size, config.batch_size, config.defect_crop_fraction,
-                                          config.seed, model.size_multiple, config.flip_encoded_features)
-    else:
-        sampler = CropSampler(train_samples, config, in_channels)
-    step = data_parallel(_TrainingStep(model, from_features), device, ranks)
-    use_amp = device.type == "cuda"
+    sampler, validation_encoded = yield from _training_data(model, train_samples, validation_samples, config,
+                                                            in_channels, device, cancel, ranks)
+    step = data_parallel(_TrainingStep(model, from_features=validation_encoded is not None), device, ranks)
     clock = EtaClock(epochs)
     started = time.monotonic()
     best_score, best_threshold, best_epoch = -math.inf, 0.5, -1
@@ -695,22 +743,8 @@ def _train_segmenter(
     best_sha = ""
     history: list[dict[str, float]] = []
     for epoch in range(epochs):
-        step.train()
         epoch_start = time.monotonic()
-        losses = []
-        for _ in range(config.steps_per_epoch):
-            ranks.raise_if_cancelled(cancel)
-            inputs, targets = sampler.batch((ranks.rank, ranks.world_size))
-            inputs = [level.to(device) for level in inputs] if from_features else inputs.to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                logits = step(inputs)
-            loss = segmentation_loss(logits, targets.to(device), config.dice_weight, ranks)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()  # under DDP the ranks' gradients are averaged here: the global batch's
-            optimizer.step()
-            scheduler.step()
-            losses.append(float(loss.detach()))
-        ranks.raise_if_cancelled(cancel)
+        losses = _train_one_epoch(step, sampler, optimizer, scheduler, config, device, cancel, ranks)
         threshold, image_gate, validation = _validate(model, validation_samples, device, validation_encoded,
                                                       config.prediction_flips, ranks=ranks)
         score = validation.get("defect_iou", float("nan"))
@@ -840,7 +874,7 @@ GATE_KEEPS_DEFECT_IMAGES = 0.95
 
 def _validate(
     model: SegmenterNet, samples: Sequence[SegmentationSample], device: torch.device,
-    encoded: Mapping[int, dict[tuple[int, ...], EncodedSample]] | None = None, flips: str = "none",
+    encoded: EncodedViews | None = None, flips: str = "none",
     keeps_defect_images: float = GATE_KEEPS_DEFECT_IMAGES, ranks: Ranks | None = None,
 ) -> tuple[float, dict[str, Any] | None, dict[str, float]]:
     """(best threshold, image gate, metrics at them) on whole validation images, ignored pixels left out, each
