@@ -117,6 +117,33 @@ def test_evaluate_and_export_from_the_cli(loop, demo_dataset: Path, tmp_path: Pa
     assert [r["round"] for r in card["rounds"]] == [0, 1] and card["parity"]["passed"]
 
 
+def test_pseudo_shards_compute_every_map_read_only_and_pseudo_proposes_from_them(
+        loop, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Shards of an array job fill the caches (CAMs and the round-1 segmenter's maps) beside the open app;
+    `pseudo` then computes no map at all. Runs on a copy: the next test adds round 2 to the loop's project."""
+    import shutil
+
+    project_dir = tmp_path / "copy"
+    shutil.copytree(loop[0], project_dir)
+    options = ["--method", "gradcam", "--mode", "percentile", "--high-percentile", "97", "--low-percentile", "90"]
+    app = Project.open(project_dir)  # the app holds the project (and its lock) while the shards run
+    try:
+        defect_images = sum(i.tag == "defect" for i in app.images())
+        for shard in ("1/2", "2/2"):
+            assert cli_main(["pseudo", str(project_dir), *options, "--shard", shard]) == 0
+        output = capsys.readouterr().out
+        assert output.count("round 2, shard") == 2 and "segmenter maps" in output
+        assert [r.index for r in app.rounds()] == [0, 1], "a shard writes nothing in the project"
+    finally:
+        app.close()
+    assert cli_main(["pseudo", str(project_dir), *options, "--json"]) == 0
+    out = capsys.readouterr().out
+    summary = json.loads(out[out.rindex('{\n  "round"'):])
+    assert summary["round"] == 2 and summary["proposed"] + summary["carried_forward"] >= defect_images
+    assert summary["maps_computed"] == {"cam": 0, "segmenter_maps": 0}, "the shards left every map in the caches"
+    assert cli_main(["pseudo", str(project_dir), "--shard", "3/2"]) == 2  # a clear message, not a traceback
+
+
 def test_pseudo_cli_starts_the_next_round_from_the_segmenter(loop, capsys: pytest.CaptureFixture[str]) -> None:
     """Runs after the tests that read the loop's two rounds: it adds round 2."""
     project_dir, _, decisions, _ = loop

@@ -59,6 +59,8 @@ def run_pseudo(args: argparse.Namespace) -> int:
     from defect_studio.ml.pseudo import PseudoLabelSettings, create_checked_round, pseudo_job
 
     PseudoLabelSettings.from_dict(_pseudo_settings(args))  # refuse bad values before the project is opened
+    if args.shard:
+        return _pseudo_maps_of_shard(args)
     with Project.open(args.project) as project:
         record = _chosen_workflow(project, args)
         settings = PseudoLabelSettings.from_dict(record.pseudo).to_dict()
@@ -78,6 +80,33 @@ def run_pseudo(args: argparse.Namespace) -> int:
             f"{summary['flagged_empty']} defect image(s) flagged with an empty proposal."
         ],
     )
+    return 0
+
+
+def _pseudo_maps_of_shard(args: argparse.Namespace) -> int:
+    """`pseudo --shard I/N`: the maps the proposals of shard I of the defect images need (CAMs, and the
+    segmenter's from round 1 on), into the project's caches. The project is only read (no lock, nothing in
+    its database, no mask), so the shards of an array job run side by side and beside the app; a killed
+    shard is run again alone, and `pseudo` without --shard then proposes from the cached maps alone."""
+    from defect_studio.ml.pseudo import pseudo_maps_job
+    from defect_studio.predict import parse_shard, shard_items
+    from defect_studio.workflow_settings import load_workflow_settings
+
+    shard = parse_shard(args.shard)
+    with Project.open_for_reading(args.project) as project:
+        cam_spec = load_workflow_settings(project).cam_spec(args.method)
+        rounds = project.rounds()
+        round_index = project.round(args.round).index if args.round is not None else (rounds[-1].index + 1 if rounds else 0)
+        defect = shard_items([r for r in project.images() if r.tag == "defect"], shard, key=lambda r: str(r.rel_path))
+        cancel = CancelToken()
+        maps = drive(pseudo_maps_job(project, round_index, cam_spec, [r.id for r in defect], cancel, args.classifier),
+                     args, cancel)
+    summary = {"round": round_index, "shard": args.shard, "images": len(defect), "cam": maps["cam"],
+               "segmenter_maps": maps.get("segmenter_maps")}
+    counts = ", ".join(f"{name}: {c['computed']} computed, {c['cached']} cached"
+                       for name, c in (("CAM maps", maps["cam"]), ("segmenter maps", maps.get("segmenter_maps"))) if c)
+    _print_json_or(args, summary, [f"round {round_index}, shard {args.shard}: {len(defect)} defect image(s); {counts}. "
+                                   "Run `defect-studio pseudo` without --shard to propose the masks from them."])
     return 0
 
 
@@ -315,6 +344,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("pseudo", help="propose round masks from CAMs (or the last segmenter + CAMs)")
     parser.add_argument("project", type=Path)
     parser.add_argument("--round", type=int, help="re-propose this existing round (default: start a new round)")
+    parser.add_argument("--shard", metavar="I/N",
+                        help="only compute the maps of shard I of N of the defect images (CAMs; from round 1 the "
+                             "segmenter's too) into the project's caches: the project is only read, shards run side by "
+                             "side, and `pseudo` without --shard then proposes from the cached maps")
     _add_pseudo_arguments(parser)
     add_progress_arguments(parser)
     parser.set_defaults(handler=run_pseudo)

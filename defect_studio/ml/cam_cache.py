@@ -1,4 +1,5 @@
-"""CAM maps on disk: the cache the GUI reads instantly, the `cam` job that fills it, 16-bit PNG heatmaps.
+"""CAM maps on disk: the cache the GUI reads instantly, the `cam` job that fills it, 16-bit PNG heatmaps
+(and the same store for the segmenter's maps that the next round's proposals fuse with the CAM).
 
 A cached map is keyed by everything that determines it: the image's content hash, the classifier
 checkpoint's hash, the method and its resolved settings (canonical JSON, so defaults spelled out
@@ -62,49 +63,35 @@ def read_heatmap_png(path: str | Path) -> np.ndarray | None:
         return None
 
 
-class CamCache:
-    """Maps keyed by (image sha256, checkpoint sha256, method, settings) under `<cache_dir>/cams/`.
+def _content_key(record: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(record, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
-    `cache_dir` is the project's cache folder (`project.cache_dir`); passing its `cams` folder
-    itself works too.
-    """
+
+class HeatmapStore:
+    """Float maps in [0, 1] under `<cache_dir>/<SUBDIR>/`, one 16-bit PNG per content key, written atomically
+    (so processes may fill one store side by side); a damaged file is a miss and is replaced."""
+
+    SUBDIR = ""
 
     def __init__(self, cache_dir: str | Path) -> None:
         cache_dir = Path(cache_dir)
-        self.root = cache_dir if cache_dir.name == CACHE_SUBDIR else cache_dir / CACHE_SUBDIR
+        self.root = cache_dir if cache_dir.name == self.SUBDIR else cache_dir / self.SUBDIR
 
-    @staticmethod
-    def key(image_sha256: str, checkpoint_sha256: str, method: str, settings: dict[str, Any] | None) -> str:
-        check_method(method)
-        record = {
-            "image": image_sha256,
-            "checkpoint": checkpoint_sha256,
-            "method": method,
-            "settings": json.loads(canonical_settings(method, settings)),
-        }
-        return hashlib.sha256(json.dumps(record, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-    def path(self, image_sha256: str, checkpoint_sha256: str, method: str, settings: dict[str, Any] | None) -> Path:
-        key = self.key(image_sha256, checkpoint_sha256, method, settings)
+    def _path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.png"
 
-    def get(
-        self, image_sha256: str, checkpoint_sha256: str, method: str, settings: dict[str, Any] | None = None
-    ) -> np.ndarray | None:
-        path = self.path(image_sha256, checkpoint_sha256, method, settings)
+    def _get(self, key: str) -> np.ndarray | None:
+        path = self._path(key)
         if not path.is_file():
             return None
-        cam_map = read_heatmap_png(path)
-        if cam_map is None:  # damaged: forget it, it will be recomputed
+        heatmap = read_heatmap_png(path)
+        if heatmap is None:  # damaged: forget it, it will be recomputed
             path.unlink(missing_ok=True)
-        return cam_map
+        return heatmap
 
-    def put(
-        self, image_sha256: str, checkpoint_sha256: str, method: str, settings: dict[str, Any] | None,
-        cam_map: np.ndarray,
-    ) -> Path:
-        path = self.path(image_sha256, checkpoint_sha256, method, settings)
-        write_heatmap_png(path, cam_map)
+    def _put(self, key: str, heatmap: np.ndarray) -> Path:
+        path = self._path(key)
+        write_heatmap_png(path, heatmap)
         return path
 
     def clear(self) -> int:
@@ -115,6 +102,54 @@ class CamCache:
                 path.unlink(missing_ok=True)
                 removed += 1
         return removed
+
+
+class CamCache(HeatmapStore):
+    """CAM maps keyed by (image sha256, checkpoint sha256, method, settings) under `<cache_dir>/cams/`.
+
+    `cache_dir` is the project's cache folder (`project.cache_dir`); passing its `cams` folder
+    itself works too.
+    """
+
+    SUBDIR = CACHE_SUBDIR
+
+    @staticmethod
+    def key(image_sha256: str, checkpoint_sha256: str, method: str, settings: dict[str, Any] | None) -> str:
+        check_method(method)
+        return _content_key({
+            "image": image_sha256,
+            "checkpoint": checkpoint_sha256,
+            "method": method,
+            "settings": json.loads(canonical_settings(method, settings)),
+        })
+
+    def path(self, image_sha256: str, checkpoint_sha256: str, method: str, settings: dict[str, Any] | None) -> Path:
+        return self._path(self.key(image_sha256, checkpoint_sha256, method, settings))
+
+    def get(
+        self, image_sha256: str, checkpoint_sha256: str, method: str, settings: dict[str, Any] | None = None
+    ) -> np.ndarray | None:
+        return self._get(self.key(image_sha256, checkpoint_sha256, method, settings))
+
+    def put(
+        self, image_sha256: str, checkpoint_sha256: str, method: str, settings: dict[str, Any] | None,
+        cam_map: np.ndarray,
+    ) -> Path:
+        return self._put(self.key(image_sha256, checkpoint_sha256, method, settings), cam_map)
+
+
+class SegmenterMapCache(HeatmapStore):
+    """A segmenter's defect probability per image (as the app predicts it, test-time flips included), keyed by
+    (image sha256, segmenter checkpoint sha256) under `<cache_dir>/segmenter-maps/`: what the proposals of
+    the next round fuse with the CAM, computed once, by `pseudo` or by its shards."""
+
+    SUBDIR = "segmenter-maps"
+
+    def get(self, image_sha256: str, segmenter_sha256: str) -> np.ndarray | None:
+        return self._get(_content_key({"image": image_sha256, "segmenter": segmenter_sha256}))
+
+    def put(self, image_sha256: str, segmenter_sha256: str, probability: np.ndarray) -> Path:
+        return self._put(_content_key({"image": image_sha256, "segmenter": segmenter_sha256}), probability)
 
 
 def default_classifier_path(project: Project) -> Path:

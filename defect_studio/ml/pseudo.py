@@ -22,7 +22,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Generator
+from typing import TYPE_CHECKING, Any, Generator, Sequence
 
 import cv2
 import numpy as np
@@ -201,6 +201,53 @@ def create_checked_round(project: Project, config: dict[str, Any], classifier_pa
     return int(project.create_round(config).index)
 
 
+def segmenter_maps_job(
+    project: Project, segmenter_run: Any, image_ids: Sequence[int], cancel: CancelToken,
+) -> Generator[Progress, None, dict[str, Any]]:
+    """The segmenter's probability maps of these images in the project's cache (SegmenterMapCache), computed
+    where missing; a read-only project will do, as for cam_job: each map is one atomic file, so shards of
+    `pseudo --shard` fill the cache side by side. Returns the loaded segmenter and the counts."""
+    from defect_studio.ml.cam_cache import SegmenterMapCache
+    from defect_studio.ml.segmenter import load_segmenter
+
+    yield Progress("loading segmenter", 0, None, Path(segmenter_run.checkpoint_path).name)
+    segmenter = load_segmenter(segmenter_run.checkpoint_path)
+    cache = SegmenterMapCache(project.cache_dir)
+    records = [project.image(i) for i in image_ids]
+    clock = EtaClock(len(records))
+    computed = 0
+    for done, record in enumerate(records, start=1):
+        cancel.raise_if_cancelled()
+        cached = cache.get(record.sha256, segmenter.checkpoint_sha256)
+        if cached is None or cached.shape != (record.height, record.width):
+            cache.put(record.sha256, segmenter.checkpoint_sha256, segmenter.probability(read_image(record.path)))
+            computed += 1
+        yield clock.progress("segmenter maps", done, record.stem, {"computed": computed})
+    return {"segmenter": segmenter, "images": len(records), "computed": computed, "cached": len(records) - computed}
+
+
+def pseudo_maps_job(
+    project: Project, round_index: int, cam_spec: CamSpec, image_ids: Sequence[int], cancel: CancelToken,
+    classifier_path: str | Path | None = None,
+) -> Generator[Progress, None, dict[str, Any]]:
+    """The maps round `round_index`'s proposals of these (defect-tagged) images are made from, in the
+    project's caches: their CAMs and, from round 1 on, the previous round's segmenter's maps; computed where
+    missing. Writes no mask and nothing in the database, so a read-only project will do: `pseudo --shard`
+    runs it for its share of the images, side by side with the other shards and beside the app.
+    Returns the counts per kind of map ("cam", "segmenter") and what made them."""
+    from defect_studio.ml.cam_cache import cam_job
+
+    segmenter_run = segmenter_checkpoint_for_round(project, round_index)  # "train the segmenter first"
+    cams = yield from cam_job(project, cam_spec, None, cancel, classifier_path=classifier_path, image_ids=image_ids)
+    result: dict[str, Any] = {"cam": {"computed": cams["computed"], "cached": cams["cached"]},
+                              "classifier_sha256": cams["checkpoint_sha256"], "segmenter": None, "segmenter_run": segmenter_run}
+    if segmenter_run is not None:
+        maps = yield from segmenter_maps_job(project, segmenter_run, image_ids, cancel)
+        result["segmenter"] = maps["segmenter"]
+        result["segmenter_maps"] = {"computed": maps["computed"], "cached": maps["cached"]}
+    return result
+
+
 def pseudo_job(
     project: Project,
     round_index: int,
@@ -220,7 +267,7 @@ def pseudo_job(
     the segmenter trained on round k-1 is run and fused with the CAM. Accepted or edited masks of
     earlier rounds are carried forward by the store untouched.
     """
-    from defect_studio.ml.cam_cache import CamCache, cam_job
+    from defect_studio.ml.cam_cache import CamCache, SegmenterMapCache
 
     label_settings = PseudoLabelSettings.from_dict(settings)
     cam_spec = CamSpec.resolve(method, cam_settings)  # a name with its settings, or a resolved spec
@@ -238,18 +285,10 @@ def pseudo_job(
     else:  # every mask is proposed again: the round records what it is proposed with now
         project.set_round_proposal_settings(round_index, {**cam_spec.to_record(), "pseudo": label_settings.to_dict()})
     defect_records = [r for r in records if r.tag == "defect"]
-    segmenter_run = segmenter_checkpoint_for_round(project, round_index)
-    # CAM maps of the defect-tagged images: from the cache, computed in batches where missing.
-    cams = yield from cam_job(
-        project, cam_spec, None, cancel, classifier_path=classifier_path, image_ids=[r.id for r in defect_records]
-    )
-    classifier_sha = cams["checkpoint_sha256"]
-    segmenter = None
-    if segmenter_run is not None:
-        from defect_studio.ml.segmenter import load_segmenter
-
-        segmenter = load_segmenter(segmenter_run.checkpoint_path)
+    maps = yield from pseudo_maps_job(project, round_index, cam_spec, [r.id for r in defect_records], cancel, classifier_path)
+    classifier_sha, segmenter, segmenter_run = maps.pop("classifier_sha256"), maps.pop("segmenter"), maps.pop("segmenter_run")
     cache = CamCache(project.cache_dir)
+    probabilities = SegmenterMapCache(project.cache_dir)
     source = f"cam:{method}" if segmenter is None else f"segmenter-{segmenter_run.round_index}+cam:{method}"
     clock = EtaClock(len(records))
     flagged = proposed = carried = 0
@@ -269,7 +308,10 @@ def pseudo_job(
                 mask, ignore, thresholds = pseudo_label(cam_map, label_settings)
             else:
                 target = label_settings.high if label_settings.mode == "fixed" else 0.5
-                probability = calibrate_probability(segmenter.probability(read_image(record.path)), segmenter.threshold, target)
+                probability = probabilities.get(record.sha256, segmenter.checkpoint_sha256)
+                if probability is None or probability.shape != shape:
+                    raise ModelError(f"{record.stem}: the segmenter's map left the cache during the job; run it again.")
+                probability = calibrate_probability(probability, segmenter.threshold, target)
                 mask, ignore, thresholds, disagreeing = fused_pseudo_label(cam_map, probability, label_settings)
                 params["disagreeing_pixels"] = disagreeing
             is_flagged = not mask.any()
@@ -308,6 +350,7 @@ def pseudo_job(
         "defect_pixels": defect_pixels,
         "settings": label_settings.to_dict(),
         "settings_hash": hashlib.sha256(json.dumps(label_settings.to_dict(), sort_keys=True).encode()).hexdigest()[:16],
+        "maps_computed": {name: counts["computed"] for name, counts in maps.items()},
     }
     project.update_round(round_index, status="proposed", metrics={"pseudo": summary})
     return summary
