@@ -54,7 +54,30 @@ class ReviewPanel(QWidget):
         layout.setContentsMargins(10, 10, 10, 10)
         layout.setSpacing(8)
 
-        # --- proposals --------------------------------------------------------------------------
+        layout.addWidget(self._build_proposals())
+        layout.addWidget(self._build_queue())
+        layout.addWidget(self._build_editing())
+        layout.addStretch(1)
+
+        self.editor.brush_size_changed.connect(self._brush_size_changed)
+        self.editor.tool_changed.connect(self._tool_changed)
+        self.editor.mask_changed.connect(self._update_buttons)
+        self.editor.mask_saved.connect(lambda *_: self.refresh())  # an edited mask leaves the queue
+        self.editor.undo_group.canUndoChanged.connect(lambda _: self._update_buttons())
+        self.editor.undo_group.canRedoChanged.connect(lambda _: self._update_buttons())
+        self.runner.succeeded.connect(lambda _: session.notify_masks_changed())
+        self.runner.finished.connect(lambda _: self.refresh())
+        self.order_runner.finished.connect(lambda _: self.refresh())
+        session.image_changed.connect(self._image_changed)
+        session.project_changed.connect(self._show_project_thresholds)
+        session.project_changed.connect(self.refresh)
+        session.masks_changed.connect(self._masks_changed)
+        session.tags_changed.connect(self.refresh)
+        session.stage_changed.connect(lambda stage: self.stage_activated() if stage == Stage.REVIEW else self.stage_deactivated())
+        self.refresh()
+
+    def _build_proposals(self) -> QGroupBox:
+        """The CAM method, the thresholds and the button that makes the round's proposals."""
         propose_box = QGroupBox("Proposals", self)
         propose_form = QFormLayout(propose_box)
         self.round_label = QLabel(propose_box)
@@ -90,12 +113,13 @@ class ReviewPanel(QWidget):
         self.propose_button.clicked.connect(self.make_proposals)
         propose_form.addRow(self.propose_button)
         propose_form.addRow(JobRow(self.runner, propose_box))
-        layout.addWidget(propose_box)
+        return propose_box
 
-        # --- queue -----------------------------------------------------------------------------
+    def _build_queue(self) -> QGroupBox:
+        """The masks still to review, in the edit-first order with each one's reason, and the decisions."""
         queue_box = QGroupBox("To review", self)
         queue_layout = QVBoxLayout(queue_box)
-        self.order_runner = session.make_runner("Review order")
+        self.order_runner = self.session.make_runner("Review order")
         order_row = QHBoxLayout()
         order_label = QLabel("Order", queue_box)
         self.order_combo = QComboBox(queue_box)
@@ -148,9 +172,10 @@ class ReviewPanel(QWidget):
         self.state_label = QLabel(queue_box)
         self.state_label.setObjectName("maskState")
         queue_layout.addWidget(self.state_label)
-        layout.addWidget(queue_box)
+        return queue_box
 
-        # --- editing -----------------------------------------------------------------------------
+    def _build_editing(self) -> QGroupBox:
+        """The mask tools: pan, brush, eraser, assist, the brush size, undo and redo."""
         edit_box = QGroupBox("Edit the mask", self)
         grid = QGridLayout(edit_box)
         self.tool_group = QButtonGroup(self)
@@ -205,25 +230,7 @@ class ReviewPanel(QWidget):
         grid.addWidget(self.fill_button, 2, 2)
         grid.addWidget(self.clear_button, 3, 0)
         grid.addWidget(self.revert_button, 3, 1, 1, 2)
-        layout.addWidget(edit_box)
-        layout.addStretch(1)
-
-        self.editor.brush_size_changed.connect(self._brush_size_changed)
-        self.editor.tool_changed.connect(self._tool_changed)
-        self.editor.mask_changed.connect(self._update_buttons)
-        self.editor.mask_saved.connect(lambda *_: self.refresh())  # an edited mask leaves the queue
-        self.editor.undo_group.canUndoChanged.connect(lambda _: self._update_buttons())
-        self.editor.undo_group.canRedoChanged.connect(lambda _: self._update_buttons())
-        self.runner.succeeded.connect(lambda _: session.notify_masks_changed())
-        self.runner.finished.connect(lambda _: self.refresh())
-        self.order_runner.finished.connect(lambda _: self.refresh())
-        session.image_changed.connect(self._image_changed)
-        session.project_changed.connect(self._show_project_thresholds)
-        session.project_changed.connect(self.refresh)
-        session.masks_changed.connect(self._masks_changed)
-        session.tags_changed.connect(self.refresh)
-        session.stage_changed.connect(lambda stage: self.stage_activated() if stage == Stage.REVIEW else self.stage_deactivated())
-        self.refresh()
+        return edit_box
 
     # --- state ---------------------------------------------------------------------------------------
     def refresh(self) -> None:
