@@ -201,6 +201,26 @@ def create_checked_round(project: Project, config: dict[str, Any], classifier_pa
     return int(project.create_round(config).index)
 
 
+def _cached(record: Any, found: np.ndarray | None, what: str) -> np.ndarray:
+    """A map the job put in a cache moments ago (pseudo_maps_job), checked against the image's size."""
+    if found is None or found.shape != (record.height, record.width):
+        raise ModelError(f"{record.stem}: the {what} left the cache during the job; run it again.")
+    return found
+
+
+def _defect_proposal(cam_map: np.ndarray, probability: np.ndarray | None, segmenter: Any,
+                     settings: PseudoLabelSettings) -> tuple[np.ndarray, np.ndarray, dict[str, float], dict[str, Any]]:
+    """(mask, ignore, thresholds, extra params) of a defect image: the CAM's pseudo-label in round 0, later
+    the CAM fused with the segmenter's probability, calibrated so that its threshold meets the CAM's scale."""
+    if probability is None:
+        mask, ignore, thresholds = pseudo_label(cam_map, settings)
+        return mask, ignore, thresholds, {}
+    target = settings.high if settings.mode == "fixed" else 0.5
+    probability = calibrate_probability(probability, segmenter.threshold, target)
+    mask, ignore, thresholds, disagreeing = fused_pseudo_label(cam_map, probability, settings)
+    return mask, ignore, thresholds, {"disagreeing_pixels": disagreeing}
+
+
 def segmenter_maps_job(
     project: Project, segmenter_run: Any, image_ids: Sequence[int], cancel: CancelToken,
 ) -> Generator[Progress, None, dict[str, Any]]:
@@ -301,19 +321,11 @@ def pseudo_job(
             mask, is_flagged = np.zeros(shape, bool), False
             params["source"] = record_source = "tag:good"
         else:
-            cam_map = cache.get(record.sha256, classifier_sha, method, resolved_cam)
-            if cam_map is None or cam_map.shape != shape:
-                raise ModelError(f"{record.stem}: the CAM cache lost its map during the job; run it again.")
-            if segmenter is None:
-                mask, ignore, thresholds = pseudo_label(cam_map, label_settings)
-            else:
-                target = label_settings.high if label_settings.mode == "fixed" else 0.5
-                probability = probabilities.get(record.sha256, segmenter.checkpoint_sha256)
-                if probability is None or probability.shape != shape:
-                    raise ModelError(f"{record.stem}: the segmenter's map left the cache during the job; run it again.")
-                probability = calibrate_probability(probability, segmenter.threshold, target)
-                mask, ignore, thresholds, disagreeing = fused_pseudo_label(cam_map, probability, label_settings)
-                params["disagreeing_pixels"] = disagreeing
+            cam_map = _cached(record, cache.get(record.sha256, classifier_sha, method, resolved_cam), "CAM")
+            probability = None if segmenter is None else _cached(
+                record, probabilities.get(record.sha256, segmenter.checkpoint_sha256), "segmenter's map")
+            mask, ignore, thresholds, extra = _defect_proposal(cam_map, probability, segmenter, label_settings)
+            params.update(extra)
             is_flagged = not mask.any()
             record_source = source
             params.update(
