@@ -160,3 +160,34 @@ def test_cam_shards_split_the_images_read_only_beside_an_open_project(project_wi
     assert "shard" in capsys.readouterr().err
     with Project.open_for_reading(path) as reader, pytest.raises(ProjectError, match="readonly database"):
         reader.set_setting("anything", 1)
+
+
+def test_large_images_get_their_cams_by_tiles_and_every_reader_finds_them(project_with_classifier, monkeypatch) -> None:
+    """Above one segmenter tile of pixels a CAM is computed by tiles at the image's own resolution (here the
+    limit is lowered so the demo's 48 px images count as large); the map is the tiled one, cached under a key
+    of its own, so a whole-image map an earlier version cached for the same image is never read for it."""
+    from defect_studio.imageio import read_image
+    from defect_studio.ml import cam_cache
+    from defect_studio.ml.classifier import load_classifier
+    from defect_studio.ml.tiled_cams import tiled_cam
+    from defect_studio.ml.tiling import Tiling
+
+    project = project_with_classifier
+    image = project.images()[0]
+    run = project.latest_run("classifier")
+    classifier = load_classifier(run.checkpoint_path, "cpu")
+    size = (image.height, image.width)
+    stale = np.full(size, 0.5, np.float32)  # what a version without tiles cached for this image
+    CamCache(project.cache_dir).put(image.sha256, classifier.checkpoint_sha256, "gradcam", {}, stale)
+
+    monkeypatch.setattr(cam_cache, "WHOLE_IMAGE_MAX_PIXELS", 40 * 40)
+    small_tiles = Tiling("auto", 32, 8, 40 * 40)
+    monkeypatch.setattr("defect_studio.ml.tiled_cams.cam_tiling", lambda classifier: small_tiles)
+    result = run_job(cam_job(project, "gradcam", {}, CancelToken(), image_ids=[image.id]))
+    assert result["computed"] == 1 and result["by_tiles"] == 1, "the stale whole-image map is not taken"
+    cached = CamCache(project.cache_dir).get(image.sha256, classifier.checkpoint_sha256, "gradcam", {}, size)
+    expected = tiled_cam(classifier, read_image(image.path), "gradcam", {}, small_tiles)
+    assert cached is not None and cached.shape == size
+    np.testing.assert_allclose(cached, expected, atol=1e-4)
+    again = run_job(cam_job(project, "gradcam", {}, CancelToken(), image_ids=[image.id]))
+    assert again["cached"] == 1 and again["computed"] == 0

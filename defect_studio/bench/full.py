@@ -272,7 +272,7 @@ def _pseudo_ablation(project: Project, classifier_sha: str, method: str, cam_set
         image = by_stem.get(sample.stem)
         if image is None or sample.mask_path is None:
             continue
-        cam_map = cache.get(image.sha256, classifier_sha, method, cam_settings)
+        cam_map = cache.get(image.sha256, classifier_sha, method, cam_settings, (image.height, image.width))
         if cam_map is not None:
             maps.append((cam_map, read_mask(sample.mask_path, cam_map.shape)))
     rows = []

@@ -23,6 +23,7 @@ from defect_studio.atomic import atomic_write_bytes
 from defect_studio.errors import ModelError
 from defect_studio.jobs import CancelToken, EtaClock, Progress
 from defect_studio.ml.cams.registry import CamSpec, canonical_settings, check_method
+from defect_studio.ml.tiling import WHOLE_IMAGE_MAX_PIXELS
 
 if TYPE_CHECKING:
     from defect_studio.project.store import Project
@@ -61,6 +62,12 @@ def read_heatmap_png(path: str | Path) -> np.ndarray | None:
         return decode_heatmap_png(Path(path).read_bytes())
     except OSError:
         return None
+
+
+def cam_by_tiles(height: int, width: int) -> bool:
+    """Whether an image's CAMs are computed by tiles at its own resolution (ml/tiled_cams.py): above one
+    segmenter tile of pixels, as the default tiling decides; below, whole, as before tiles."""
+    return height * width > WHOLE_IMAGE_MAX_PIXELS
 
 
 def _content_key(record: dict[str, Any]) -> str:
@@ -114,28 +121,39 @@ class CamCache(HeatmapStore):
     SUBDIR = CACHE_SUBDIR
 
     @staticmethod
-    def key(image_sha256: str, checkpoint_sha256: str, method: str, settings: dict[str, Any] | None) -> str:
+    def key(image_sha256: str, checkpoint_sha256: str, method: str, settings: dict[str, Any] | None,
+            size: tuple[int, int] | None = None) -> str:
+        """`size` (height, width): an image large enough to be computed by tiles (cam_by_tiles) has maps of
+        its own, never the whole-image map an earlier version cached for it."""
         check_method(method)
-        return _content_key({
+        record = {
             "image": image_sha256,
             "checkpoint": checkpoint_sha256,
             "method": method,
             "settings": json.loads(canonical_settings(method, settings)),
-        })
+        }
+        if size is not None and cam_by_tiles(*size):
+            record["frame"] = "tiles"
+        return _content_key(record)
 
-    def path(self, image_sha256: str, checkpoint_sha256: str, method: str, settings: dict[str, Any] | None) -> Path:
-        return self._path(self.key(image_sha256, checkpoint_sha256, method, settings))
+    def path(self, image_sha256: str, checkpoint_sha256: str, method: str, settings: dict[str, Any] | None,
+             size: tuple[int, int] | None = None) -> Path:
+        return self._path(self.key(image_sha256, checkpoint_sha256, method, settings, size))
 
     def get(
-        self, image_sha256: str, checkpoint_sha256: str, method: str, settings: dict[str, Any] | None = None
+        self, image_sha256: str, checkpoint_sha256: str, method: str, settings: dict[str, Any] | None = None,
+        size: tuple[int, int] | None = None,
     ) -> np.ndarray | None:
-        return self._get(self.key(image_sha256, checkpoint_sha256, method, settings))
+        """The cached map, or None; `size`: the image's (height, width), which every reader of a project's
+        images passes (see `key`)."""
+        found = self._get(self.key(image_sha256, checkpoint_sha256, method, settings, size))
+        return None if found is not None and size is not None and found.shape != tuple(size) else found
 
     def put(
         self, image_sha256: str, checkpoint_sha256: str, method: str, settings: dict[str, Any] | None,
         cam_map: np.ndarray,
     ) -> Path:
-        return self._put(self.key(image_sha256, checkpoint_sha256, method, settings), cam_map)
+        return self._put(self.key(image_sha256, checkpoint_sha256, method, settings, cam_map.shape), cam_map)
 
 
 class SegmenterMapCache(HeatmapStore):
@@ -177,6 +195,7 @@ def cam_job(
     from defect_studio.imageio import read_image
     from defect_studio.ml.cams import compute_cams
     from defect_studio.ml.classifier import load_classifier
+    from defect_studio.ml.tiled_cams import tiled_cam
 
     spec = CamSpec.resolve(method, settings)  # refuse bad settings before any work
     method, resolved = spec.method, spec.settings
@@ -188,7 +207,7 @@ def cam_job(
     cache = CamCache(project.cache_dir)
     png_dir = Path(write_png_dir) if write_png_dir is not None else None
     clock = EtaClock(len(records))
-    computed = cached = 0
+    computed = cached = tiled = 0
     yield clock.progress(f"{method} maps", 0)
     for start in range(0, len(records), max(1, batch_size)):
         cancel.raise_if_cancelled()
@@ -196,16 +215,21 @@ def cam_job(
         maps: dict[int, np.ndarray] = {}
         missing = []
         for record in chunk:
-            hit = cache.get(record.sha256, classifier.checkpoint_sha256, method, resolved)
-            if hit is not None and hit.shape == (record.height, record.width):
+            hit = cache.get(record.sha256, classifier.checkpoint_sha256, method, resolved, (record.height, record.width))
+            if hit is not None:
                 maps[record.id] = hit
             else:
                 missing.append(record)
-        if missing:
-            fresh = compute_cams(classifier, [read_image(r.path) for r in missing], spec, batch_size=batch_size)
-            for record, cam_map in zip(missing, fresh):
-                cache.put(record.sha256, classifier.checkpoint_sha256, method, resolved, cam_map)
-                maps[record.id] = cam_map
+        whole = [r for r in missing if not cam_by_tiles(r.height, r.width)]
+        fresh = compute_cams(classifier, [read_image(r.path) for r in whole], spec, batch_size=batch_size) if whole else []
+        for record, cam_map in zip(whole, fresh):
+            cache.put(record.sha256, classifier.checkpoint_sha256, method, resolved, cam_map)
+            maps[record.id] = cam_map
+        for record in (r for r in missing if cam_by_tiles(r.height, r.width)):  # one large image at a time
+            cam_map = tiled_cam(classifier, read_image(record.path), spec, cancel=cancel)
+            cache.put(record.sha256, classifier.checkpoint_sha256, method, resolved, cam_map)
+            maps[record.id] = cam_map
+            tiled += 1
         computed += len(missing)
         cached += len(chunk) - len(missing)
         if png_dir is not None:
@@ -221,6 +245,7 @@ def cam_job(
         "images": len(records),
         "computed": computed,
         "cached": cached,
+        "by_tiles": tiled,
         "png_dir": str(png_dir) if png_dir is not None else None,
         "seconds": round(time.perf_counter() - started, 3),
     }

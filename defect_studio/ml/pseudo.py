@@ -321,7 +321,7 @@ def pseudo_job(
             mask, is_flagged = np.zeros(shape, bool), False
             params["source"] = record_source = "tag:good"
         else:
-            cam_map = _cached(record, cache.get(record.sha256, classifier_sha, method, resolved_cam), "CAM")
+            cam_map = _cached(record, cache.get(record.sha256, classifier_sha, method, resolved_cam, shape), "CAM")
             probability = None if segmenter is None else _cached(
                 record, probabilities.get(record.sha256, segmenter.checkpoint_sha256), "segmenter's map")
             mask, ignore, thresholds, extra = _defect_proposal(cam_map, probability, segmenter, label_settings)

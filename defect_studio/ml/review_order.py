@@ -284,8 +284,9 @@ def _cam_proposal(project: Project, image: Any, params: dict[str, Any]) -> np.nd
     method, classifier_sha = params.get("cam_method"), params.get("classifier_sha256")
     if not method or not classifier_sha:
         return None
-    cam_map = CamCache(project.cache_dir).get(image.sha256, classifier_sha, method, params.get("cam_settings") or {})
-    if cam_map is None or cam_map.shape != (image.height, image.width):
+    cam_map = CamCache(project.cache_dir).get(image.sha256, classifier_sha, method, params.get("cam_settings") or {},
+                                              (image.height, image.width))
+    if cam_map is None:
         return None
     mask, _, _ = pseudo_label(cam_map, PseudoLabelSettings.from_dict(params.get("settings")))
     return mask

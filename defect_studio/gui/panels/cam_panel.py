@@ -362,10 +362,8 @@ class CamPanel(QWidget):
         image = project.image(image_id)
         checkpoint_hash = self._checkpoint_hash.get(str(run.checkpoint_path), run.checkpoint_sha256)
         spec = self.cam_spec(method)
-        cam_map = CamCache(project.cache_dir).get(image.sha256, checkpoint_hash, spec.method, spec.settings)
-        if cam_map is not None and cam_map.shape != (image.height, image.width):
-            return None
-        return cam_map
+        return CamCache(project.cache_dir).get(image.sha256, checkpoint_hash, spec.method, spec.settings,
+                                               (image.height, image.width))
 
     def _request(self, image_id: int, method: str) -> None:
         if (image_id, method) not in self._pending:
