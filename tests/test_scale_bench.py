@@ -1,4 +1,4 @@
-"""`bench scale --quick`: synthetic 1 and 4 MP images, each step (import, predict, brush) measured in
+"""`bench scale --quick`: synthetic 1 and 4 MP images, each step (import, predict, cams, brush) measured in
 its own process, a markdown table with seconds and peak RSS; benches that need a dataset still say so."""
 
 from __future__ import annotations
@@ -40,6 +40,8 @@ def test_bench_scale_quick_prints_a_table_for_1_and_4_mp(tmp_path: Path, capsys:
         assert result["brush"]["brush_events"] > 50 and result["brush"]["brush_median_ms"] > 0
     # auto tiling: 1 MP (1000²) fits in one tile and is predicted whole as before; 4 MP (2000²) by 3 × 3 tiles
     assert [result["predict"]["tiles"] for result in results] == [1, 9]
+    # CAMs: 1 MP whole, 4 MP by tiles of the classifier's 256 px input
+    assert results[0]["cams"]["tiles"] == 1 and results[1]["cams"]["tiles"] > 9
     assert (tmp_path / "scale.md").read_text().count("\n| 4") == 1
 
 

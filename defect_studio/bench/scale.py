@@ -10,12 +10,13 @@ a fresh Python process of its own, so its peak RSS (VmHWM) is that step's alone:
   (EfficientNet-Lite0 U-Net, ImageNet encoder, untrained decoder: its cost, not its masks) by
   overlapping tiles where the tiling says so, the mask PNG written. The baseline is taken after the
   model has run once on a full tile, so it holds the model and one tile's working memory.
+- cams: the round-0 proposal of the image as the app makes it: decode, the default CAM method on the
+  default classifier (EfficientNet-Lite0, ImageNet weights, untrained head: its cost, not its maps), by
+  tiles of the classifier's input size above one megapixel (`ml/tiled_cams.py`), then the pseudo-label
+  (mask and ignore band). The baseline is taken after the classifier's CAM of one tile.
 - brush: the viewer and mask editor (offscreen Qt) showing the image fitted in an 800 × 600 view;
   milliseconds from a brush mouse-move event to the end of the mask layer's repaint
   (`gui_responsiveness.brush_on_image`, 100 events).
-
-CAMs and proposals are not measured: the app computes them on the whole image letterboxed to the
-classifier's input (CAMs by tiles exist as `ml/tiled_cams.py` but nothing uses them yet).
 
 Targets (issue 15): seconds per megapixel within ±25 % from 4 to 100 MP; peak RSS at most 3× the
 decoded image plus the process's baseline (interpreter, libraries, the model: measured before the
@@ -39,12 +40,13 @@ import numpy as np
 
 SIZES_MP = (1, 4, 16, 64, 100)
 QUICK_SIZES_MP = (1, 4)
-STEPS = ("import", "predict", "brush")
+STEPS = ("import", "predict", "cams", "brush")
 BRUSH_EVENTS = 100
 BRUSH_TARGET_MS = 16.0
 PER_MP_SPREAD_TARGET = 0.25
 RSS_TARGET_FACTOR = 3.0
 STEP_TIMEOUT_S = 1800
+CLASSIFIER_FILE = "timing-classifier.pt"  # beside the exported segmenter
 
 
 def image_side(megapixels: float) -> int:
@@ -104,6 +106,24 @@ def export_timing_model(out_dir: Path) -> Path:
     return out_dir
 
 
+def save_timing_classifier(path: Path) -> Path:
+    """A classifier checkpoint for timing: the default backbone with ImageNet's weights, an untrained head."""
+    import torch
+
+    from defect_studio.ml.classifier import checkpoint_bytes
+    from defect_studio.ml.classifier_options import ClassifierConfig
+    from defect_studio.ml.models import build_classifier
+    from defect_studio.ml.preprocess import Preprocessing
+
+    config = ClassifierConfig()
+    torch.manual_seed(0)
+    model = build_classifier(config).eval()
+    preprocessing = Preprocessing(config.input_size, config.channels, config.normalisation)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(checkpoint_bytes(model, config, preprocessing, 0.5, {}, [], 0))
+    return path
+
+
 # ----------------------------------------------------------------------------------- one step, in a child
 def peak_rss() -> int:
     """This process's peak resident memory in bytes: /proc's VmHWM where there is one, since Linux keeps
@@ -155,6 +175,30 @@ def _measure_predict(image_path: Path, model_dir: Path, workdir: Path) -> dict[s
             "peak_rss": peak_rss()}
 
 
+def _measure_cams(image_path: Path, classifier_path: Path) -> dict[str, Any]:
+    from defect_studio.imageio import read_image
+    from defect_studio.ml.cam_cache import cam_by_tiles
+    from defect_studio.ml.cams.registry import DEFAULT_CAM_METHOD
+    from defect_studio.ml.classifier import load_classifier
+    from defect_studio.ml.pseudo import PseudoLabelSettings, pseudo_label
+    from defect_studio.ml.tiled_cams import cam_tiling, tiled_cam
+
+    classifier = load_classifier(classifier_path, "cpu")
+    tiling = cam_tiling(classifier)
+    warm_up = np.zeros((tiling.tile_size, tiling.tile_size, 1), np.float32)
+    tiled_cam(classifier, warm_up, DEFAULT_CAM_METHOD)  # "plus the models": one tile's working memory
+    baseline = peak_rss()
+    started = time.perf_counter()
+    image = read_image(image_path)
+    cam_map = tiled_cam(classifier, image, DEFAULT_CAM_METHOD)
+    pseudo_label(cam_map, PseudoLabelSettings())
+    seconds = time.perf_counter() - started
+    height, width = image.shape[:2]
+    grid = tiling.grid_for(height, width) if cam_by_tiles(height, width) else None
+    return {"seconds": seconds, "tiles": 1 if grid is None else len(grid), "baseline_rss": baseline,
+            "peak_rss": peak_rss()}
+
+
 def measure_step(step: str, image_path: Path, model_dir: Path | None, workdir: Path) -> dict[str, Any]:
     workdir.mkdir(parents=True, exist_ok=True)
     if step == "import":
@@ -162,6 +206,9 @@ def measure_step(step: str, image_path: Path, model_dir: Path | None, workdir: P
     if step == "predict":
         assert model_dir is not None
         return _measure_predict(image_path, model_dir, workdir)
+    if step == "cams":
+        assert model_dir is not None
+        return _measure_cams(image_path, model_dir / CLASSIFIER_FILE)
     raise ValueError(step)
 
 
@@ -206,6 +253,10 @@ def table_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if "seconds" in predict:
             row["predict s/MP"] = predict["seconds"] / megapixels
             row["tiles"] = predict["tiles"]
+        cams = result.get("cams", {})
+        if "seconds" in cams:
+            row["cams s/MP"] = cams["seconds"] / megapixels
+            row["CAM tiles"] = cams["tiles"]
         if "seconds" in result.get("import", {}):
             row["import s/MP"] = result["import"]["seconds"] / megapixels
         brush = result.get("brush", {})
@@ -217,6 +268,7 @@ def table_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 COLUMNS = ["MP", "image", "decoded MB", "import s", "import s/MP", "import peak MB", "import ×decoded",
            "predict s", "predict s/MP", "tiles", "predict peak MB", "predict ×decoded",
+           "cams s", "cams s/MP", "CAM tiles", "cams peak MB", "cams ×decoded",
            "brush s", "brush peak MB", "brush ×decoded", "brush median ms", "brush max ms"]
 
 
@@ -231,7 +283,7 @@ def per_mp_spread(rows: list[dict[str, Any]], column: str) -> float:
 
 def target_notes(rows: list[dict[str, Any]]) -> list[str]:
     notes = []
-    for column in ("import s/MP", "predict s/MP"):
+    for column in ("import s/MP", "predict s/MP", "cams s/MP"):
         spread = per_mp_spread(rows, column)
         verdict = "–" if math.isnan(spread) else ("met" if spread <= PER_MP_SPREAD_TARGET else "NOT met")
         notes.append(f"{column} from 4 MP up: largest distance from the mean {spread * 100:.0f} % "
@@ -251,8 +303,6 @@ def target_notes(rows: list[dict[str, Any]]) -> list[str]:
                      f"{largest['brush max ms']:.1f} ms (target ≤ {BRUSH_TARGET_MS:.0f} ms): "
                      f"{'met' if largest['brush max ms'] <= BRUSH_TARGET_MS else 'NOT met'} for the max, "
                      f"{'met' if largest['brush median ms'] <= BRUSH_TARGET_MS else 'NOT met'} for the median.")
-    notes.append("CAMs and proposals: not measured (CAMs by tiles exist as ml/tiled_cams.py, not yet used by the "
-                 "app's CAMs or proposals).")
     return notes
 
 
@@ -266,6 +316,7 @@ def main(args: argparse.Namespace) -> int:
         root = Path(scratch)
         print("exporting the timing segmenter ...", flush=True)
         model_dir = export_timing_model(root / "model")
+        save_timing_classifier(model_dir / CLASSIFIER_FILE)
         for megapixels in sizes:
             label = f"{megapixels:g}mp"
             image_path = root / label / "images" / f"surface-{label}.png"
@@ -285,6 +336,9 @@ def main(args: argparse.Namespace) -> int:
         "predict: the default segmenter architecture (EfficientNet-Lite0 U-Net) with an untrained decoder, onnxruntime "
         "on the CPU, auto tiling (an image that fits in one 1024² tile whole, larger ones by tiles of at most 1024 px, "
         "128 px overlap); time includes decoding and writing the mask.",
+        "cams: the default CAM method on the default classifier (untrained head), by tiles of its input size above "
+        "1 MP, then the pseudo-label; time includes decoding; the image is held as float32 (4 bytes a pixel), "
+        "which the ×decoded column counts against the 8-bit decoded size.",
         "brush: an 800 × 600 offscreen view fitted to the image, 24 px brush, a spiral stroke near the top-left "
         f"corner, {BRUSH_EVENTS} mouse-move events; 'brush s' is decoding and showing the image.",
     ]
@@ -296,7 +350,7 @@ def main(args: argparse.Namespace) -> int:
 
 def _child_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--measure", choices=("import", "predict"), required=True)
+    parser.add_argument("--measure", choices=("import", "predict", "cams"), required=True)
     parser.add_argument("--image", type=Path, required=True)
     parser.add_argument("--model", type=Path)
     parser.add_argument("--workdir", type=Path, required=True)
