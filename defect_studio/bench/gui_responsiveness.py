@@ -322,7 +322,181 @@ def brush_on_image(image_path: str | os.PathLike[str], events: int = 100) -> dic
             "undo_bytes": undo_bytes, "baseline_rss": baseline, "peak_rss": peak_rss()}
 
 
+FILTER_CYCLE = ("untagged", "all", "good", "defect", "all")
+TAGS_TO_TIME = 20
+
+
+class GcPauses:
+    """The longest pause of Python's cyclic garbage collector while it is on: a stall's usual suspect
+    once 100 000 records live in the window."""
+
+    def __init__(self) -> None:
+        self._started: float | None = None
+        self.longest_ms = 0.0
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        elif self._started is not None:
+            self.longest_ms = max(self.longest_ms, (time.perf_counter() - self._started) * 1000)
+
+    def __enter__(self) -> "GcPauses":
+        import gc
+
+        self.longest_ms = 0.0
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import gc
+
+        gc.callbacks.remove(self._callback)
+
+
+def _wait_for_layout(app: Any, view: Any, timeout_s: float = 120.0) -> float:
+    """Spin until the gallery's batched layout is done (its scroll range stops growing); seconds taken."""
+    started = time.perf_counter()
+    bar = view.verticalScrollBar()
+    last, stable_since = -1, time.perf_counter()
+    while time.perf_counter() - started < timeout_s:
+        _spin(app, 0.05)
+        if bar.maximum() != last:
+            last, stable_since = bar.maximum(), time.perf_counter()
+        elif time.perf_counter() - stable_since > 0.5:
+            break
+    return time.perf_counter() - started
+
+
+def _seconds_until_visible_thumbnails(app: Any, view: Any, model: Any, thumbnails: Any, timeout_s: float = 60.0) -> float:
+    """Seconds from now until every card on screen has its thumbnail (nan: not within `timeout_s`)."""
+    from PySide6.QtCore import QPoint
+
+    viewport = view.viewport()
+    first = view.indexAt(QPoint(8, 8)).row()
+    last = view.indexAt(QPoint(viewport.width() - 8, viewport.height() - 8)).row()
+    last = model.rowCount() - 1 if last < 0 else last
+    rows = range(max(0, first), last + 1)
+    started = time.perf_counter()
+    while time.perf_counter() - started < timeout_s:
+        if all(thumbnails.get(model.item(row)) is not None for row in rows):
+            return time.perf_counter() - started
+        _spin(app, 0.05)
+    return float("nan")
+
+
+def large_project_window(project_dir: str | os.PathLike[str], opens: int = 5, scroll_steps: int = 2000) -> dict[str, Any]:
+    """`bench large-project`'s window step, in a process of its own: seconds of `MainWindow.open_path` up
+    to the first processed events (`opens` times), then event-loop stalls after opening, while the
+    gallery scrolls top to bottom in `scroll_steps` steps, while its filter switches, while images are tagged."""
+    from PySide6.QtCore import QSettings
+    from PySide6.QtWidgets import QApplication
+
+    from defect_studio.gui.app import configure_application, freeze_startup_objects, load_training_engine
+    from defect_studio.gui.main_window import MainWindow
+
+    os.environ.setdefault("DEFECT_STUDIO_NO_DIALOGS", "1")
+    app = QApplication.instance() or QApplication(sys.argv[:1])
+    configure_application(app)  # type: ignore[arg-type]
+    result: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="ds-large-project-") as temp:
+        QSettings.setDefaultFormat(QSettings.Format.IniFormat)
+        QSettings.setPath(QSettings.Format.IniFormat, QSettings.Scope.UserScope, str(Path(temp) / "settings"))
+        window = MainWindow(QSettings())
+        window.resize(1400, 900)
+        window.show()
+        load_training_engine()  # as the app does once its window is built
+        freeze_startup_objects()
+        _spin(app, 0.5)
+        pane = window.gallery_pane
+        view = pane.gallery
+        meter = StallMeter()
+        open_s = []
+        for attempt in range(opens):
+            if attempt:
+                window.set_project(None)
+                _spin(app, 0.3)
+            started = time.perf_counter()
+            if not window.open_path(Path(project_dir)):
+                raise RuntimeError(f"the window could not open {project_dir}")
+            app.processEvents()  # the first paint of the listed gallery
+            open_s.append(time.perf_counter() - started)
+            if attempt < opens - 1:
+                _spin(app, 0.3)
+        result["open_s"] = open_s
+        with GcPauses() as gc_pauses:
+            meter.start()
+            result["layout_s"] = _wait_for_layout(app, view)
+            _spin(app, 1.0)
+            meter.stop()
+        result["after_open"] = {**meter.summary(), "gc_max_ms": gc_pauses.longest_ms}
+        result["after_open_detail"] = f"{result['layout_s']:.1f} s to lay out + 1 s"
+        result["window_size"] = f"{window.width()} × {window.height()}, gallery {view.viewport().width()} × {view.viewport().height()}"
+        result["columns"] = max(1, view.viewport().width() // view.gridSize().width())
+
+        bar = view.verticalScrollBar()
+        rows = pane.gallery_model.rowCount()
+        with GcPauses() as gc_pauses:
+            meter.start()
+            for step in range(1, scroll_steps + 1):
+                bar.setValue(round(bar.maximum() * step / scroll_steps))
+                _spin(app, 0.004)
+            _spin(app, 0.5)
+            meter.stop()
+        result["scroll"] = {**meter.summary(), "gc_max_ms": gc_pauses.longest_ms}
+        result["scroll_detail"] = (f"{rows} images in {scroll_steps} steps of "
+                                   f"{bar.maximum() / scroll_steps / view.gridSize().height() * result['columns']:.1f} images")
+        thumbnails = pane.thumbnails
+        result["thumbnails"] = len(list(thumbnails.cache_dir.glob("*.png"))) if thumbnails is not None else 0
+        result["thumbnails_on_screen_s"] = _seconds_until_visible_thumbnails(app, view, pane.gallery_model, thumbnails)
+
+        filter_ms = []
+        with GcPauses() as gc_pauses:
+            meter.start()
+            for name in FILTER_CYCLE * 2:
+                started = time.perf_counter()
+                pane.set_filter(name)
+                filter_ms.append((time.perf_counter() - started) * 1000)
+                _spin(app, 0.4)
+            meter.stop()
+        result["filter"] = {**meter.summary(), "gc_max_ms": gc_pauses.longest_ms}
+        result["filter_ms_each"] = filter_ms
+        result["filter_detail"] = f"{len(filter_ms)} switches"
+
+        pane.set_filter("all")
+        _spin(app, 0.5)
+        window.stage_tabs.setCurrentWidget(window.tag_panel)  # tag, next, tag, next...
+        pane.select_row(rows // 2)
+        _spin(app, 0.3)
+        tag_ms = []
+        with GcPauses() as gc_pauses:
+            meter.start()
+            for step in range(TAGS_TO_TIME):
+                started = time.perf_counter()
+                window.tag_selected("defect" if step % 2 else "good")
+                tag_ms.append((time.perf_counter() - started) * 1000)
+                _spin(app, 0.1)
+            meter.stop()
+        result["tag"] = {**meter.summary(), "gc_max_ms": gc_pauses.longest_ms}
+        result["tag_ms_each"] = tag_ms
+        result["tag_detail"] = f"{len(tag_ms)} images"
+        window.close()
+    return result
+
+
 if __name__ == "__main__":
+    if len(sys.argv) > 2 and sys.argv[1] == "--large-project":  # bench large-project's window step
+        os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+        child = argparse.ArgumentParser()
+        child.add_argument("--large-project", type=Path, required=True)
+        child.add_argument("--opens", type=int, default=5)
+        child.add_argument("--scroll-steps", type=int, default=2000)
+        options = child.parse_args()
+        print(json.dumps(large_project_window(options.large_project, options.opens, options.scroll_steps), default=float),
+              flush=True)
+        sys.stderr.flush()
+        # Measured and closed: skip the interpreter's teardown, where PySide6 6.12 on Python 3.11 can abort
+        # with "bool_dealloc" (the same abort the GUI tests see at exit) and fail a finished measurement.
+        os._exit(0)
     if len(sys.argv) == 3 and sys.argv[1] == "--brush-on":  # bench scale's brush step
         os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
         print(json.dumps(brush_on_image(sys.argv[2]), default=float), flush=True)

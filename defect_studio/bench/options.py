@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-# What `defect-studio bench WHICH` runs: each a module defect_studio.bench.<name> with main(args).
-BENCH_NAMES = ("classifier", "cams", "segmenter", "full", "mislabels", "assist", "scale")
-BENCHES_WITHOUT_DATASET = ("scale",)  # they make their own synthetic images
+# What `defect-studio bench WHICH` runs: each a module defect_studio.bench.<name> with main(args) (- becomes _).
+BENCH_NAMES = ("classifier", "cams", "segmenter", "full", "mislabels", "assist", "scale", "large-project")
+BENCHES_WITHOUT_DATASET = ("scale", "large-project")  # they make their own synthetic images
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser, dataset_required: bool = True) -> None:
@@ -47,6 +47,12 @@ def add_bench_arguments(parser: argparse.ArgumentParser, dataset_required: bool 
     parser.add_argument("--json", action="store_true", help="print progress events as JSON lines")
     parser.add_argument("--sizes", nargs="+", type=float, metavar="MP",
                         help="scale: image sizes in megapixels (default 1 4 16 64 100; --quick: 1 4)")
+    parser.add_argument("--images", type=int, default=100_000, help="large-project: synthetic images (default 100000)")
+    parser.add_argument("--opens", type=int, default=5, help="large-project: times the project is opened (median)")
+    parser.add_argument("--scroll-steps", type=int, default=2000,
+                        help="large-project: steps in which the gallery scrolls from top to bottom")
+    parser.add_argument("--workdir", type=Path, help="large-project: where to write the images and the project "
+                        "(in a temporary folder, removed at the end; default: the system's)")
 
 
 def dataset_problem(which: str, dataset: Path | None) -> str | None:

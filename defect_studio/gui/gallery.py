@@ -7,7 +7,10 @@ row is first painted, made on a background thread pool and cached on disk under
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import sys
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +40,48 @@ from defect_studio.imageio import decode_image
 
 log = logging.getLogger(__name__)
 
+
+class _ReferenceProbe(QObject):
+    ping = Signal()
+
+
+def _constants_the_bindings_drop() -> list[object]:
+    """None and/or True when this PySide6 returns them without the reference it owes: 6.12.0's abi3 wheels
+    on Python 3.10-3.11 take one reference of None away on every void call (`painter.setPen(...)`) and one
+    of True on every signal emission (`emit` returns True)."""
+    if sys.version_info >= (3, 12) or hasattr(sys, "gettotalrefcount"):  # immortal constants; a debug build differs
+        return []
+    rect, probe = QRect(), _ReferenceProbe()
+    none_before, true_before = sys.getrefcount(None), sys.getrefcount(True)
+    for _ in range(64):
+        rect.setWidth(0)
+        probe.ping.emit()
+    dropped: list[object] = []
+    if none_before - sys.getrefcount(None) >= 64:
+        dropped.append(None)
+    if true_before - sys.getrefcount(True) >= 64:
+        dropped += [True, False]  # the same bool conversion returns False too
+    return dropped
+
+
+_REFERENCES_GIVEN = 1 << 48  # at a million dropped a second, enough for nine years
+
+
+def immortalise_constants_the_bindings_drop() -> list[object]:
+    """Give None, True and False the references such bindings take, as Python 3.12 makes them immortal.
+    Without it a gallery of 100 000 images freed None within seconds of scrolling (~15 void calls a card
+    painted) and thumbnails freed True (3 emissions each), aborting the app with `Fatal Python error:
+    none_dealloc` / `bool_dealloc` (bench large-project). Returns the constants it gave references to."""
+    given = []
+    for constant in _constants_the_bindings_drop():
+        if sys.getrefcount(constant) < _REFERENCES_GIVEN // 2:  # not given already
+            ctypes.c_ssize_t.from_address(id(constant)).value += _REFERENCES_GIVEN  # ob_refcnt: an object's first field
+            given.append(constant)
+    return given
+
+
+immortalise_constants_the_bindings_drop()
+
 THUMB_SIZE = 112
 CELL = QSize(THUMB_SIZE + 16, THUMB_SIZE + 34)
 IMAGE_ID_ROLE = Qt.ItemDataRole.UserRole + 1
@@ -54,6 +99,7 @@ FILTERS: dict[str, str] = {
     "suspect": "Suspect tags",  # the mislabel queue, most suspect first
 }
 
+TAG_CODES = {"good": 0, "defect": 1, "untagged": 2}  # the model's array of tags
 TAG_COLOURS = {"good": QColor("#3fb950"), "defect": QColor("#f85149")}
 MASK_STATE_COLOURS = {
     "proposed": QColor("#d29922"),
@@ -110,42 +156,60 @@ class _ThumbnailSignals(QObject):
     failed = Signal(int)
 
 
-class _ThumbnailTask(QRunnable):
-    def __init__(self, item: GalleryItem, cache_dir: Path, signals: _ThumbnailSignals) -> None:
+def _make_thumbnail(item: GalleryItem, cache_dir: Path) -> QImage:
+    """The item's thumbnail from the disk cache, else decoded, scaled and saved there."""
+    cached = cache_dir / f"{item.sha256}.png"
+    image = QImage(str(cached)) if cached.exists() else QImage()
+    if image.isNull():
+        array = thumbnail_array(item.path)
+        ok, encoded = cv2.imencode(".png", cv2.cvtColor(array, cv2.COLOR_RGB2BGR))
+        if ok:
+            atomic_write_bytes(cached, encoded.tobytes())
+        image = rgb_qimage(array)
+    return image
+
+
+class _ThumbnailWorker(QRunnable):
+    """Makes the newest requested thumbnail, then the next newest, until none is left waiting."""
+
+    def __init__(self, cache: "ThumbnailCache") -> None:
         super().__init__()
-        self._item = item
-        self._cache_dir = cache_dir
-        self._signals = signals
+        self._cache = cache
 
     def run(self) -> None:
-        cached = self._cache_dir / f"{self._item.sha256}.png"
-        try:
-            image = QImage(str(cached)) if cached.exists() else QImage()
-            if image.isNull():
-                array = thumbnail_array(self._item.path)
-                ok, encoded = cv2.imencode(".png", cv2.cvtColor(array, cv2.COLOR_RGB2BGR))
-                if ok:
-                    atomic_write_bytes(cached, encoded.tobytes())
-                image = rgb_qimage(array)
-            self._signals.ready.emit(self._item.image_id, image)
-        except Exception as error:  # an unreadable image gets a placeholder, not a crash
-            log.warning("thumbnail of %s failed: %s", self._item.path, error)
-            self._signals.failed.emit(self._item.image_id)
+        while (item := self._cache._take_newest()) is not None:
+            try:
+                image = _make_thumbnail(item, self._cache.cache_dir)
+            except Exception as error:  # an unreadable image gets a placeholder, not a crash
+                log.warning("thumbnail of %s failed: %s", item.path, error)
+                self._cache._signals.failed.emit(item.image_id)
+            else:
+                self._cache._signals.ready.emit(item.image_id, image)
 
 
 class ThumbnailCache(QObject):
-    """Thumbnails by image id: memory LRU in front of the disk cache in front of a decoder thread."""
+    """Thumbnails by image id: memory LRU in front of the disk cache in front of a decoder thread.
+
+    The decoder makes the newest request first and forgets requests beyond the newest `max_waiting`:
+    scrolling through 100 000 images asks for every card it paints on the way, and the cards on screen
+    when it stops must not wait behind the tens of thousands it passed (they are asked for again
+    if they are painted again)."""
 
     updated = Signal(int)
 
-    def __init__(self, cache_dir: Path, capacity: int = 3000, parent: QObject | None = None) -> None:
+    def __init__(self, cache_dir: Path, capacity: int = 3000, max_waiting: int = 256,
+                 parent: QObject | None = None) -> None:
         super().__init__(parent)
         self.cache_dir = cache_dir
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         self._images: OrderedDict[int, QImage] = OrderedDict()
-        self._pending: set[int] = set()
+        self._pending: set[int] = set()  # asked for and not made yet (GUI thread only)
         self._failed: set[int] = set()
         self._capacity = capacity
+        self._max_waiting = max_waiting
+        self._waiting: OrderedDict[int, GalleryItem] = OrderedDict()  # not started yet, newest last
+        self._waiting_lock = threading.Lock()  # shared with the decoder thread
+        self._worker_running = False
         self._pool = QThreadPool(self)
         self._pool.setMaxThreadCount(1)  # decoding competes with training for few cores
         self._signals = _ThumbnailSignals(self)
@@ -158,15 +222,35 @@ class ThumbnailCache(QObject):
             self._images.move_to_end(item.image_id)
             return image
         if item.image_id not in self._pending and item.image_id not in self._failed:
-            self._pending.add(item.image_id)
-            self._pool.start(_ThumbnailTask(item, self.cache_dir, self._signals))
+            self._request(item)
         return None
+
+    def _request(self, item: GalleryItem) -> None:
+        self._pending.add(item.image_id)
+        with self._waiting_lock:
+            self._waiting[item.image_id] = item
+            while len(self._waiting) > self._max_waiting:
+                forgotten, _ = self._waiting.popitem(last=False)
+                self._pending.discard(forgotten)
+            start = not self._worker_running
+            self._worker_running = True
+        if start:
+            self._pool.start(_ThumbnailWorker(self))
+
+    def _take_newest(self) -> GalleryItem | None:
+        """The decoder thread's next item, or None (and the worker ends) when nothing waits."""
+        with self._waiting_lock:
+            if not self._waiting:
+                self._worker_running = False
+                return None
+            return self._waiting.popitem(last=True)[1]
 
     def is_idle(self) -> bool:
         return not self._pending
 
     def shutdown(self) -> None:
-        self._pool.clear()
+        with self._waiting_lock:
+            self._waiting.clear()
         self._pool.waitForDone()
 
     def _on_ready(self, image_id: int, image: QImage) -> None:
@@ -183,12 +267,22 @@ class ThumbnailCache(QObject):
 
 
 class GalleryModel(QAbstractListModel):
+    """The gallery's items and the rows the filter shows.
+
+    Each item's tag, "to review" and "flagged" also live in numpy arrays (by position in the item list),
+    and the rows shown are an array of positions: a filter switch, a count or `row_of` over 100 000
+    images costs a fraction of a millisecond, where a Python pass over the items costs tens (a stall)."""
+
     def __init__(self, parent: QObject | None = None) -> None:
         super().__init__(parent)
         self._all: list[GalleryItem] = []
-        self._rows: list[GalleryItem] = []
-        self._row_of: dict[int, int] = {}
-        self._by_id: dict[int, GalleryItem] = {}
+        self._position: dict[int, int] = {}  # image id -> index in _all
+        self._tag_code = np.zeros(0, np.uint8)  # TAG_CODES of each item
+        self._to_review = np.zeros(0, bool)
+        self._flagged = np.zeros(0, bool)
+        self._shown = np.zeros(0, np.intp)  # the rows: positions in _all, in row order
+        self._row_count = 0
+        self._suspect_row_of: dict[int, int] | None = None  # the suspect filter's rows go by rank, not position
         self.filter_name = "all"
         self.thumbnails: ThumbnailCache | None = None
 
@@ -196,7 +290,10 @@ class GalleryModel(QAbstractListModel):
     def set_items(self, items: Iterable[GalleryItem], thumbnails: ThumbnailCache | None) -> None:
         self.beginResetModel()
         self._all = list(items)
-        self._by_id = {item.image_id: item for item in self._all}
+        self._position = {item.image_id: position for position, item in enumerate(self._all)}
+        self._tag_code = np.fromiter((TAG_CODES[item.tag] for item in self._all), np.uint8, len(self._all))
+        self._to_review = np.fromiter((item.mask_state == "proposed" for item in self._all), bool, len(self._all))
+        self._flagged = np.fromiter((item.flagged for item in self._all), bool, len(self._all))
         if self.thumbnails is not None and self.thumbnails is not thumbnails:
             self.thumbnails.updated.disconnect(self._on_thumbnail)
         if thumbnails is not None and thumbnails is not self.thumbnails:
@@ -213,45 +310,48 @@ class GalleryModel(QAbstractListModel):
         self._apply_filter()
         self.endResetModel()
 
-    def _matches(self, item: GalleryItem) -> bool:
-        name = self.filter_name
-        if name == "all":
-            return True
-        if name in ("untagged", "good", "defect"):
-            return item.tag == name
-        if name == "to_review":
-            return item.mask_state == "proposed"
-        if name == "flagged":
-            return item.flagged
-        if name == "suspect":
-            return item.suspect_rank is not None
-        return True
-
     def _apply_filter(self) -> None:
-        self._rows = [item for item in self._all if self._matches(item)]
-        if self.filter_name == "suspect":
-            self._rows.sort(key=lambda item: item.suspect_rank)  # type: ignore[arg-type, return-value]
-        self._row_of = {item.image_id: row for row, item in enumerate(self._rows)}
+        name = self.filter_name
+        self._suspect_row_of = None
+        if name in TAG_CODES:
+            shown = np.flatnonzero(self._tag_code == TAG_CODES[name])
+        elif name == "to_review":
+            shown = np.flatnonzero(self._to_review)
+        elif name == "flagged":
+            shown = np.flatnonzero(self._flagged)
+        elif name == "suspect":  # most suspect first
+            ranked = sorted((item.suspect_rank, position) for position, item in enumerate(self._all)
+                            if item.suspect_rank is not None)
+            shown = np.array([position for _, position in ranked], np.intp)
+            self._suspect_row_of = {self._all[position].image_id: row for row, position in enumerate(shown.tolist())}
+        else:
+            shown = np.arange(len(self._all), dtype=np.intp)
+        self._shown = shown
+        self._row_count = len(shown)
 
     def update_tags(self, image_ids: Iterable[int], tag: str) -> None:
         """Change the badges in place; rows stay where they are until the filter is applied again."""
         for image_id in image_ids:
-            item = self._by_id.get(image_id)
-            if item is not None:
-                item.tag = tag
+            position = self._position.get(image_id)
+            if position is not None:
+                self._all[position].tag = tag
+                self._tag_code[position] = TAG_CODES[tag]
                 self._changed(image_id)
 
     def update_mask_state(self, image_id: int, state: str | None, flagged: bool | None = None) -> None:
-        item = self._by_id.get(image_id)
-        if item is None:
+        position = self._position.get(image_id)
+        if position is None:
             return
+        item = self._all[position]
         item.mask_state = state
+        self._to_review[position] = state == "proposed"
         if flagged is not None:
             item.flagged = flagged
+            self._flagged[position] = flagged
         self._changed(image_id)
 
     def _changed(self, image_id: int) -> None:
-        row = self._row_of.get(image_id)
+        row = self.row_of(image_id)
         if row is not None:
             index = self.index(row)
             self.dataChanged.emit(index, index)
@@ -261,38 +361,49 @@ class GalleryModel(QAbstractListModel):
 
     # --- queries -----------------------------------------------------------------------------
     def item(self, row: int) -> GalleryItem:
-        return self._rows[row]
+        if not 0 <= row < self._row_count:
+            raise IndexError(f"row {row} of {self._row_count}")
+        return self._all[self._shown[row]]
+
+    def thumbnail(self, item: GalleryItem) -> QImage | None:
+        """The item's thumbnail when it is made; else None, and it is asked for."""
+        return self.thumbnails.get(item) if self.thumbnails is not None else None
 
     def all_items(self) -> list[GalleryItem]:
         """Every item, whatever the filter (the suspect-tags filter annotates them before filtering)."""
         return self._all
 
     def item_by_id(self, image_id: int) -> GalleryItem | None:
-        return self._by_id.get(image_id)
+        position = self._position.get(image_id)
+        return None if position is None else self._all[position]
 
     def row_of(self, image_id: int) -> int | None:
-        return self._row_of.get(image_id)
+        if self._suspect_row_of is not None:
+            return self._suspect_row_of.get(image_id)
+        position = self._position.get(image_id)
+        if position is None:
+            return None
+        row = int(np.searchsorted(self._shown, position))  # the rows are in position order
+        return row if row < self._row_count and self._shown[row] == position else None
 
     def counts(self) -> dict[str, int]:
-        counts = {"images": len(self._all), "good": 0, "defect": 0, "untagged": 0, "to_review": 0}
-        for item in self._all:
-            counts[item.tag] = counts.get(item.tag, 0) + 1
-            if item.mask_state == "proposed":
-                counts["to_review"] += 1
-        return counts
+        """images, good, defect, untagged, to_review (masks proposed and not yet reviewed)."""
+        per_tag = np.bincount(self._tag_code, minlength=len(TAG_CODES))
+        return {"images": len(self._all), **{tag: int(per_tag[code]) for tag, code in TAG_CODES.items()},
+                "to_review": int(np.count_nonzero(self._to_review))}
 
     # --- Qt model API ------------------------------------------------------------------------
     def rowCount(self, parent: QModelIndex | QPersistentModelIndex = QModelIndex()) -> int:  # noqa: B008
-        return 0 if parent.isValid() else len(self._rows)
+        return 0 if parent.isValid() else self._row_count
 
     def data(self, index: QModelIndex | QPersistentModelIndex, role: int = Qt.ItemDataRole.DisplayRole) -> Any:
-        if not index.isValid() or index.row() >= len(self._rows):
+        if not index.isValid() or index.row() >= self._row_count:
             return None
-        item = self._rows[index.row()]
+        item = self._all[self._shown[index.row()]]
         if role == Qt.ItemDataRole.DisplayRole:
             return item.stem
         if role == Qt.ItemDataRole.DecorationRole:
-            return self.thumbnails.get(item) if self.thumbnails is not None else None
+            return self.thumbnail(item)
         if role == Qt.ItemDataRole.ToolTipRole:
             state = MASK_STATE_LABELS.get(item.mask_state or "", "no mask")
             suspect = f"\nsuspect tag #{item.suspect_rank}: {item.suspect_reason}" if item.suspect_rank else ""
@@ -328,8 +439,13 @@ class GalleryDelegate(QStyledItemDelegate):
             painter.drawRoundedRect(QRectF(rect).adjusted(1, 1, -1, -1), 6, 6)
 
         thumb_box = QRect(rect.x() + 5, rect.y() + 5, rect.width() - 10, rect.width() - 10)
-        image = index.data(Qt.ItemDataRole.DecorationRole)
-        if isinstance(image, QImage) and not image.isNull():
+        # The item itself, not index.data(role): PySide6 6.12 drops a reference to None each time
+        # QModelIndex.data() answers "no value" (an image without a thumbnail yet, or without a mask),
+        # and a few thousand painted cards freed None and aborted the app (bench large-project).
+        model = index.model()
+        item: GalleryItem = model.item(index.row())  # type: ignore[attr-defined]
+        image = model.thumbnail(item)  # type: ignore[attr-defined]
+        if image is not None and not image.isNull():
             scaled = image.size().scaled(thumb_box.size(), Qt.AspectRatioMode.KeepAspectRatio)
             target = QRect(0, 0, scaled.width(), scaled.height())
             target.moveCenter(thumb_box.center())
@@ -339,7 +455,7 @@ class GalleryDelegate(QStyledItemDelegate):
             painter.setBrush(QColor("#0d1117"))
             painter.drawRect(thumb_box)
 
-        stem = index.data(Qt.ItemDataRole.DisplayRole) or ""
+        stem = item.stem
         text_rect = QRect(rect.x() + 4, thumb_box.bottom() + 3, rect.width() - 8, rect.bottom() - thumb_box.bottom() - 3)
         painter.setPen(QColor("#c9d1d9"))
         metrics = QFontMetrics(painter.font())
@@ -349,15 +465,15 @@ class GalleryDelegate(QStyledItemDelegate):
         font.setPointSizeF(max(6.5, font.pointSizeF() * 0.78))
         font.setBold(True)
         painter.setFont(font)
-        tag = index.data(TAG_ROLE)
+        tag = item.tag
         if tag in TAG_COLOURS:
             self._pill(painter, thumb_box.topLeft().x() + 3, thumb_box.top() + 3, tag.upper(), TAG_COLOURS[tag], left=True)
-        state = index.data(MASK_STATE_ROLE)
+        state = item.mask_state
         pill_height = QFontMetrics(painter.font()).height() + 2
         bottom = thumb_box.bottom() - pill_height - 2
         if state in MASK_STATE_COLOURS:
             self._pill(painter, thumb_box.left() + 3, bottom, MASK_STATE_LABELS[state], MASK_STATE_COLOURS[state], left=True)
-        if index.data(FLAGGED_ROLE):
+        if item.flagged:
             self._pill(painter, thumb_box.right() - 3, bottom, "⚑", QColor("#db6d28"), left=False)
         painter.restore()
 

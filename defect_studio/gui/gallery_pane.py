@@ -119,7 +119,8 @@ class GalleryPane(QWidget):
             self.filter_combo.setCurrentIndex(self.filter_combo.findData(name))
             return
         keep = self.session.image_id
-        self.suspects.annotate(self.gallery_model.all_items(), active=name == "suspect")
+        if "suspect" in (name, self.gallery_model.filter_name):  # only that filter reads (or leaves) the ranks
+            self.suspects.annotate(self.gallery_model.all_items(), active=name == "suspect")
         self.gallery_model.set_filter(name)
         self.update_counts()
         row = self.gallery_model.row_of(keep) if keep is not None else None

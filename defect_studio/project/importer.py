@@ -130,7 +130,7 @@ def import_job(project: Project, images_dir: str | os.PathLike[str], labels_csv:
     pending_hashes: dict[str, str] = {}
     retag: dict[str, list[int]] = {"good": [], "defect": []}
     retag_source: dict[str, str] = {}
-    untagged_ids = {record.rel_path: record.id for record in project.images("untagged")}
+    known = {record.rel_path: record for record in project.images()}  # one query, not one a file
 
     def flush() -> None:
         if pending:
@@ -143,10 +143,10 @@ def import_job(project: Project, images_dir: str | os.PathLike[str], labels_csv:
         cancel.raise_if_cancelled()
         rel_path = path.relative_to(root).as_posix()
         tag, source = (labels.get(path.stem), "csv") if path.stem in labels else (tag_from_folders(Path(rel_path)), "folder")
-        if project.has_image_path(rel_path):
+        if rel_path in known:
             report.already_known += 1
-            if tag and rel_path in untagged_ids:  # re-import keeps tags; only untagged images get one
-                retag[tag].append(untagged_ids[rel_path])
+            if tag and known[rel_path].tag == "untagged":  # re-import keeps tags; only untagged images get one
+                retag[tag].append(known[rel_path].id)
                 retag_source[tag] = source
         else:
             try:
