@@ -191,6 +191,31 @@ def freeze_startup_objects() -> None:
     gc.freeze()
 
 
+def qt_bindings_problem(calls: int = 64) -> str | None:
+    """Why these Qt bindings would crash the app, or None. PySide6 6.12.0 under Python 3.11 takes a reference
+    of None away on every void call and one of True on every signal emission; the window makes thousands a
+    second and Python aborts (`Fatal Python error: none_dealloc`). pyproject.toml excludes that release;
+    this catches an install that has it all the same, before any window is open."""
+    if sys.version_info >= (3, 12) or hasattr(sys, "gettotalrefcount"):  # immortal constants; a debug build counts apart
+        return None
+    from PySide6 import __version__ as pyside_version
+    from PySide6.QtCore import QObject, QRect, Signal
+
+    class Probe(QObject):
+        ping = Signal()
+
+    rect, probe = QRect(), Probe()
+    none_before, true_before = sys.getrefcount(None), sys.getrefcount(True)
+    for _ in range(calls):
+        rect.setWidth(0)
+        probe.ping.emit()
+    if none_before - sys.getrefcount(None) < calls and true_before - sys.getrefcount(True) < calls:
+        return None
+    return (f"defect-studio cannot run on PySide6 {pyside_version} with Python {sys.version.split()[0]}: it loses "
+            "references to None and True, and the app would crash within minutes. Install another release: "
+            "pip install 'PySide6-Essentials>=6.6,!=6.12.0' (or use Python 3.12 or later).")
+
+
 def run_app(project_path: Path | None = None, whole_process: bool = False) -> int:
     """Open the main window (on `project_path` if given, else the last project) and run until it closes.
 
@@ -212,6 +237,10 @@ def run_app(project_path: Path | None = None, whole_process: bool = False) -> in
         return DefectStudioError.exit_code
     from defect_studio.gui.dialogs import install_log_file
 
+    problem = qt_bindings_problem()
+    if problem is not None:
+        print(problem, file=sys.stderr)
+        return DefectStudioError.exit_code
     app = QApplication.instance() or QApplication(sys.argv[:1])
     assert isinstance(app, QApplication)
     configure_application(app)

@@ -7,9 +7,7 @@ row is first painted, made on a background thread pool and cached on disk under
 
 from __future__ import annotations
 
-import ctypes
 import logging
-import sys
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -40,47 +38,6 @@ from defect_studio.imageio import decode_image
 
 log = logging.getLogger(__name__)
 
-
-class _ReferenceProbe(QObject):
-    ping = Signal()
-
-
-def _constants_the_bindings_drop() -> list[object]:
-    """None and/or True when this PySide6 returns them without the reference it owes: 6.12.0's abi3 wheels
-    on Python 3.10-3.11 take one reference of None away on every void call (`painter.setPen(...)`) and one
-    of True on every signal emission (`emit` returns True)."""
-    if sys.version_info >= (3, 12) or hasattr(sys, "gettotalrefcount"):  # immortal constants; a debug build differs
-        return []
-    rect, probe = QRect(), _ReferenceProbe()
-    none_before, true_before = sys.getrefcount(None), sys.getrefcount(True)
-    for _ in range(64):
-        rect.setWidth(0)
-        probe.ping.emit()
-    dropped: list[object] = []
-    if none_before - sys.getrefcount(None) >= 64:
-        dropped.append(None)
-    if true_before - sys.getrefcount(True) >= 64:
-        dropped += [True, False]  # the same bool conversion returns False too
-    return dropped
-
-
-_REFERENCES_GIVEN = 1 << 48  # at a million dropped a second, enough for nine years
-
-
-def immortalise_constants_the_bindings_drop() -> list[object]:
-    """Give None, True and False the references such bindings take, as Python 3.12 makes them immortal.
-    Without it a gallery of 100 000 images freed None within seconds of scrolling (~15 void calls a card
-    painted) and thumbnails freed True (3 emissions each), aborting the app with `Fatal Python error:
-    none_dealloc` / `bool_dealloc` (bench large-project). Returns the constants it gave references to."""
-    given = []
-    for constant in _constants_the_bindings_drop():
-        if sys.getrefcount(constant) < _REFERENCES_GIVEN // 2:  # not given already
-            ctypes.c_ssize_t.from_address(id(constant)).value += _REFERENCES_GIVEN  # ob_refcnt: an object's first field
-            given.append(constant)
-    return given
-
-
-immortalise_constants_the_bindings_drop()
 
 THUMB_SIZE = 112
 CELL = QSize(THUMB_SIZE + 16, THUMB_SIZE + 34)
