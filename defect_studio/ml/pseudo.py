@@ -87,7 +87,7 @@ def thresholds_for(score_map: np.ndarray, settings: PseudoLabelSettings) -> tupl
         high = float(np.percentile(score_map, settings.high_percentile))
         low = float(np.percentile(score_map, settings.low_percentile))
         return max(high, 1e-6), min(low, high)
-    scaled = np.clip(score_map * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    scaled = cv2.convertScaleAbs(score_map, alpha=255.0)  # straight to one byte a pixel: no float copies
     otsu, _ = cv2.threshold(scaled, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
     high = max(float(otsu) / 255.0, 1e-6)
     return high, high * settings.otsu_low_ratio
@@ -104,7 +104,9 @@ def remove_small_components(mask: np.ndarray, min_area: int) -> np.ndarray:
 
 def pseudo_label(score_map: np.ndarray, settings: PseudoLabelSettings) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
     """score map in [0, 1] -> (defect mask, ignore mask, {'high', 'low'}); the two masks never overlap."""
-    score_map = np.nan_to_num(np.asarray(score_map, dtype=np.float32), nan=0.0)
+    score_map = np.asarray(score_map, dtype=np.float32)
+    if np.isnan(score_map).any():  # a copy only when there is something to replace (400 MB at 100 MP)
+        score_map = np.nan_to_num(score_map, nan=0.0)
     high, low = thresholds_for(score_map, settings)
     raw = score_map >= high
     mask = remove_small_components(raw, settings.min_area)

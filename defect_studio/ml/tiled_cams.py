@@ -64,4 +64,5 @@ def tiled_cam(classifier: Any, image: np.ndarray, method: str | CamSpec, setting
         tile = image[box.slices]
         return compute_cams(classifier, [tile], spec)[0] * tile_defect_probability(classifier, tile)
 
-    return np.clip(stitch_map(grid, weighted_tile_map, cancel), 0.0, 1.0)
+    stitched = stitch_map(grid, weighted_tile_map, cancel)
+    return np.clip(stitched, 0.0, 1.0, out=stitched)  # in place: the map is 4 bytes a pixel of a large image
