@@ -128,6 +128,16 @@ def _segmenter_provenance(project: Project, round_index: int, used: list[Any], d
     return provenance, inputs
 
 
+def _finish_recorded_training(project: Project, round_index: int) -> None:
+    """A round whose segmenter run is recorded but whose status still says "training" (a kill between the two
+    writes) gets the status and metrics the finished job would have given it, so resuming does not leave it."""
+    runs = _segmenter_runs_for(project, round_index)
+    record = project.round(round_index)
+    if runs and record.status == "training":
+        metrics = {k: v for k, v in runs[-1].metrics.items() if k != "history"}
+        project.update_round(round_index, status="trained", metrics={"segmenter": metrics})
+
+
 def _missing_masks(project: Project, round_index: int) -> bool:
     """Whether a tagged image has no mask in the round (a proposal job stopped before the end)."""
     present = {m.image_id for m in project.mask_records(round_index=round_index)}
@@ -265,6 +275,8 @@ def refine_job(
     segmenter_config = SegmenterConfig.from_dict(config.segmenter)
     summaries: list[dict[str, Any]] = []
     existing = project.rounds()
+    if existing:
+        _finish_recorded_training(project, existing[-1].index)
     round_index = existing[-1].index if existing and not _segmenter_runs_for(project, existing[-1].index) else None
     stopped_early = False
     for step in range(rounds):
@@ -338,6 +350,7 @@ def next_round_job(
     if pseudo is not None:
         config.pseudo = dict(pseudo)
     summary: dict[str, Any] = {}
+    _finish_recorded_training(project, round_index)
     if not _segmenter_runs_for(project, round_index):  # else a previous run trained it and stopped before proposing
         summary = yield from refine_job(project, 1, cancel, gt_dir=gt_dir, config=config, classifier_path=classifier_path,
                                         ranks=ranks)
