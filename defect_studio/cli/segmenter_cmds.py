@@ -101,10 +101,10 @@ def _pseudo_maps_of_shard(args: argparse.Namespace) -> int:
         cancel = CancelToken()
         maps = drive(pseudo_maps_job(project, round_index, cam_spec, [r.id for r in defect], cancel, args.classifier),
                      args, cancel)
-    summary = {"round": round_index, "shard": args.shard, "images": len(defect), "cam": maps["cam"],
-               "segmenter_maps": maps.get("segmenter_maps")}
+    summary = {"round": round_index, "shard": args.shard, "images": len(defect), "cam": maps.counts["cam"],
+               "segmenter_maps": maps.counts.get("segmenter_maps")}
     counts = ", ".join(f"{name}: {c['computed']} computed, {c['cached']} cached"
-                       for name, c in (("CAM maps", maps["cam"]), ("segmenter maps", maps.get("segmenter_maps"))) if c)
+                       for name, c in (("CAM maps", maps.counts["cam"]), ("segmenter maps", maps.counts.get("segmenter_maps"))) if c)
     _print_json_or(args, summary, [f"round {round_index}, shard {args.shard}: {len(defect)} defect image(s); {counts}. "
                                    "Run `defect-studio pseudo` without --shard to propose the masks from them."])
     return 0

@@ -87,13 +87,16 @@ class HeatmapStore:
     def _path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.png"
 
-    def _get(self, key: str) -> np.ndarray | None:
+    def _get(self, key: str, size: tuple[int, int] | None = None) -> np.ndarray | None:
+        """The map stored under `key`, or None; with `size` (height, width), None too for a map of another size."""
         path = self._path(key)
         if not path.is_file():
             return None
         heatmap = read_heatmap_png(path)
         if heatmap is None:  # damaged: forget it, it will be recomputed
             path.unlink(missing_ok=True)
+        if heatmap is not None and size is not None and heatmap.shape != tuple(size):
+            return None
         return heatmap
 
     def _put(self, key: str, heatmap: np.ndarray) -> Path:
@@ -146,8 +149,7 @@ class CamCache(HeatmapStore):
     ) -> np.ndarray | None:
         """The cached map, or None; `size`: the image's (height, width), which every reader of a project's
         images passes (see `key`)."""
-        found = self._get(self.key(image_sha256, checkpoint_sha256, method, settings, size))
-        return None if found is not None and size is not None and found.shape != tuple(size) else found
+        return self._get(self.key(image_sha256, checkpoint_sha256, method, settings, size), size)
 
     def put(
         self, image_sha256: str, checkpoint_sha256: str, method: str, settings: dict[str, Any] | None,
@@ -163,8 +165,8 @@ class SegmenterMapCache(HeatmapStore):
 
     SUBDIR = "segmenter-maps"
 
-    def get(self, image_sha256: str, segmenter_sha256: str) -> np.ndarray | None:
-        return self._get(_content_key({"image": image_sha256, "segmenter": segmenter_sha256}))
+    def get(self, image_sha256: str, segmenter_sha256: str, size: tuple[int, int] | None = None) -> np.ndarray | None:
+        return self._get(_content_key({"image": image_sha256, "segmenter": segmenter_sha256}), size)
 
     def put(self, image_sha256: str, segmenter_sha256: str, probability: np.ndarray) -> Path:
         return self._put(_content_key({"image": image_sha256, "segmenter": segmenter_sha256}), probability)

@@ -204,10 +204,21 @@ def create_checked_round(project: Project, config: dict[str, Any], classifier_pa
 
 
 def _cached(record: Any, found: np.ndarray | None, what: str) -> np.ndarray:
-    """A map the job put in a cache moments ago (pseudo_maps_job), checked against the image's size."""
-    if found is None or found.shape != (record.height, record.width):
+    """A map the job put in a cache moments ago (pseudo_maps_job), read with the image's size."""
+    if found is None:
         raise ModelError(f"{record.stem}: the {what} left the cache during the job; run it again.")
     return found
+
+
+@dataclass
+class ProposalMaps:
+    """What pseudo_maps_job leaves in the caches and what made it: the classifier's hash (the CAMs' key), the
+    segmenter run and model (rounds >= 1, else None), and per kind of map how many were computed and cached."""
+
+    classifier_sha256: str
+    segmenter_run: Any
+    segmenter: Any
+    counts: dict[str, dict[str, int]]
 
 
 def _defect_proposal(cam_map: np.ndarray, probability: np.ndarray | None, segmenter: Any,
@@ -240,8 +251,7 @@ def segmenter_maps_job(
     computed = 0
     for done, record in enumerate(records, start=1):
         cancel.raise_if_cancelled()
-        cached = cache.get(record.sha256, segmenter.checkpoint_sha256)
-        if cached is None or cached.shape != (record.height, record.width):
+        if cache.get(record.sha256, segmenter.checkpoint_sha256, (record.height, record.width)) is None:
             cache.put(record.sha256, segmenter.checkpoint_sha256, segmenter.probability(read_image(record.path)))
             computed += 1
         yield clock.progress("segmenter maps", done, record.stem, {"computed": computed})
@@ -251,23 +261,22 @@ def segmenter_maps_job(
 def pseudo_maps_job(
     project: Project, round_index: int, cam_spec: CamSpec, image_ids: Sequence[int], cancel: CancelToken,
     classifier_path: str | Path | None = None,
-) -> Generator[Progress, None, dict[str, Any]]:
+) -> Generator[Progress, None, ProposalMaps]:
     """The maps round `round_index`'s proposals of these (defect-tagged) images are made from, in the
     project's caches: their CAMs and, from round 1 on, the previous round's segmenter's maps; computed where
     missing. Writes no mask and nothing in the database, so a read-only project will do: `pseudo --shard`
-    runs it for its share of the images, side by side with the other shards and beside the app.
-    Returns the counts per kind of map ("cam", "segmenter") and what made them."""
+    runs it for its share of the images, side by side with the other shards and beside the app."""
     from defect_studio.ml.cam_cache import cam_job
 
     segmenter_run = segmenter_checkpoint_for_round(project, round_index)  # "train the segmenter first"
     cams = yield from cam_job(project, cam_spec, None, cancel, classifier_path=classifier_path, image_ids=image_ids)
-    result: dict[str, Any] = {"cam": {"computed": cams["computed"], "cached": cams["cached"]},
-                              "classifier_sha256": cams["checkpoint_sha256"], "segmenter": None, "segmenter_run": segmenter_run}
+    maps = ProposalMaps(cams["checkpoint_sha256"], segmenter_run, None,
+                        {"cam": {"computed": cams["computed"], "cached": cams["cached"]}})
     if segmenter_run is not None:
-        maps = yield from segmenter_maps_job(project, segmenter_run, image_ids, cancel)
-        result["segmenter"] = maps["segmenter"]
-        result["segmenter_maps"] = {"computed": maps["computed"], "cached": maps["cached"]}
-    return result
+        made = yield from segmenter_maps_job(project, segmenter_run, image_ids, cancel)
+        maps.segmenter = made["segmenter"]
+        maps.counts["segmenter_maps"] = {"computed": made["computed"], "cached": made["cached"]}
+    return maps
 
 
 def pseudo_job(
@@ -308,7 +317,7 @@ def pseudo_job(
         project.set_round_proposal_settings(round_index, {**cam_spec.to_record(), "pseudo": label_settings.to_dict()})
     defect_records = [r for r in records if r.tag == "defect"]
     maps = yield from pseudo_maps_job(project, round_index, cam_spec, [r.id for r in defect_records], cancel, classifier_path)
-    classifier_sha, segmenter, segmenter_run = maps.pop("classifier_sha256"), maps.pop("segmenter"), maps.pop("segmenter_run")
+    classifier_sha, segmenter, segmenter_run = maps.classifier_sha256, maps.segmenter, maps.segmenter_run
     cache = CamCache(project.cache_dir)
     probabilities = SegmenterMapCache(project.cache_dir)
     source = f"cam:{method}" if segmenter is None else f"segmenter-{segmenter_run.round_index}+cam:{method}"
@@ -325,7 +334,7 @@ def pseudo_job(
         else:
             cam_map = _cached(record, cache.get(record.sha256, classifier_sha, method, resolved_cam, shape), "CAM")
             probability = None if segmenter is None else _cached(
-                record, probabilities.get(record.sha256, segmenter.checkpoint_sha256), "segmenter's map")
+                record, probabilities.get(record.sha256, segmenter.checkpoint_sha256, shape), "segmenter's map")
             mask, ignore, thresholds, extra = _defect_proposal(cam_map, probability, segmenter, label_settings)
             params.update(extra)
             is_flagged = not mask.any()
@@ -364,7 +373,7 @@ def pseudo_job(
         "defect_pixels": defect_pixels,
         "settings": label_settings.to_dict(),
         "settings_hash": hashlib.sha256(json.dumps(label_settings.to_dict(), sort_keys=True).encode()).hexdigest()[:16],
-        "maps_computed": {name: counts["computed"] for name, counts in maps.items()},
+        "maps_computed": {name: counts["computed"] for name, counts in maps.counts.items()},
     }
     project.update_round(round_index, status="proposed", metrics={"pseudo": summary})
     return summary
