@@ -384,6 +384,22 @@ def _seconds_until_visible_thumbnails(app: Any, view: Any, model: Any, thumbnail
     return float("nan")
 
 
+def _timed_actions(app: Any, meter: StallMeter, actions: list[Callable[[], object]],
+                   spin_s: float) -> tuple[dict[str, Any], list[float]]:
+    """Run each action, then the event loop for `spin_s`, under the stall meter: (the stalls with the longest
+    garbage-collector pause, the milliseconds each action took)."""
+    took_ms = []
+    with GcPauses() as gc_pauses:
+        meter.start()
+        for action in actions:
+            started = time.perf_counter()
+            action()
+            took_ms.append((time.perf_counter() - started) * 1000)
+            _spin(app, spin_s)
+        meter.stop()
+    return {**meter.summary(), "gc_max_ms": gc_pauses.longest_ms}, took_ms
+
+
 def large_project_window(project_dir: str | os.PathLike[str], opens: int = 5, scroll_steps: int = 2000) -> dict[str, Any]:
     """`bench large-project`'s window step, in a process of its own: seconds of `MainWindow.open_path` up
     to the first processed events (`opens` times), then event-loop stalls after opening, while the
@@ -449,36 +465,18 @@ def large_project_window(project_dir: str | os.PathLike[str], opens: int = 5, sc
         result["thumbnails"] = len(list(thumbnails.cache_dir.glob("*.png"))) if thumbnails is not None else 0
         result["thumbnails_on_screen_s"] = _seconds_until_visible_thumbnails(app, view, pane.gallery_model, thumbnails)
 
-        filter_ms = []
-        with GcPauses() as gc_pauses:
-            meter.start()
-            for name in FILTER_CYCLE * 2:
-                started = time.perf_counter()
-                pane.set_filter(name)
-                filter_ms.append((time.perf_counter() - started) * 1000)
-                _spin(app, 0.4)
-            meter.stop()
-        result["filter"] = {**meter.summary(), "gc_max_ms": gc_pauses.longest_ms}
-        result["filter_ms_each"] = filter_ms
-        result["filter_detail"] = f"{len(filter_ms)} switches"
+        actions = [lambda name=name: pane.set_filter(name) for name in FILTER_CYCLE * 2]
+        result["filter"], result["filter_ms_each"] = _timed_actions(app, meter, actions, 0.4)
+        result["filter_detail"] = f"{len(actions)} switches"
 
         pane.set_filter("all")
         _spin(app, 0.5)
         window.stage_tabs.setCurrentWidget(window.tag_panel)  # tag, next, tag, next...
         pane.select_row(rows // 2)
         _spin(app, 0.3)
-        tag_ms = []
-        with GcPauses() as gc_pauses:
-            meter.start()
-            for step in range(TAGS_TO_TIME):
-                started = time.perf_counter()
-                window.tag_selected("defect" if step % 2 else "good")
-                tag_ms.append((time.perf_counter() - started) * 1000)
-                _spin(app, 0.1)
-            meter.stop()
-        result["tag"] = {**meter.summary(), "gc_max_ms": gc_pauses.longest_ms}
-        result["tag_ms_each"] = tag_ms
-        result["tag_detail"] = f"{len(tag_ms)} images"
+        actions = [lambda step=step: window.tag_selected("defect" if step % 2 else "good") for step in range(TAGS_TO_TIME)]
+        result["tag"], result["tag_ms_each"] = _timed_actions(app, meter, actions, 0.1)
+        result["tag_detail"] = f"{len(actions)} images"
         window.close()
     return result
 

@@ -25,7 +25,6 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from defect_studio.bench.scale import run_measurement_child
 
 DEFAULT_IMAGES = 100_000
 IMAGE_SIDE = 32
@@ -137,17 +138,7 @@ def measure_window_in_child(project_dir: Path, opens: int, scroll_steps: int) ->
     """The window's measurements (gui_responsiveness.large_project_window) in a fresh process: Qt lives there."""
     command = [sys.executable, "-m", "defect_studio.bench.gui_responsiveness", "--large-project", str(project_dir),
                "--opens", str(opens), "--scroll-steps", str(scroll_steps)]
-    env = {**os.environ, "QT_QPA_PLATFORM": os.environ.get("QT_QPA_PLATFORM", "offscreen")}
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=WINDOW_TIMEOUT_S, env=env)
-    except subprocess.TimeoutExpired:
-        return {"error": f"over {WINDOW_TIMEOUT_S} s"}
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    if done.returncode != 0 or not lines:
-        errors = done.stderr.strip().splitlines()
-        fatal = [line for line in errors if line.startswith("Fatal Python error")]  # an abort: its cause, not its module list
-        return {"error": ((fatal or errors or [f"exit code {done.returncode}"])[-1])[:300]}
-    return json.loads(lines[-1])
+    return run_measurement_child(command, WINDOW_TIMEOUT_S)
 
 
 # ----------------------------------------------------------------------------------- the tables

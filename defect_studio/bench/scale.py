@@ -220,14 +220,23 @@ def run_step_in_child(step: str, image_path: Path, model_dir: Path, workdir: Pat
     else:
         command = [sys.executable, "-m", "defect_studio.bench.scale", "--measure", step, "--image", str(image_path),
                    "--model", str(model_dir), "--workdir", str(workdir)]
+    return run_measurement_child(command, STEP_TIMEOUT_S)
+
+
+def run_measurement_child(command: list[str], timeout_s: float) -> dict[str, Any]:
+    """Run a measuring child process (offscreen Qt unless a platform is set) and read the JSON object it
+    prints last; {"error": why} when it times out, fails or prints none (an abort: its fatal line, not the
+    module list that follows it)."""
     env = {**os.environ, "QT_QPA_PLATFORM": os.environ.get("QT_QPA_PLATFORM", "offscreen")}
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=STEP_TIMEOUT_S, env=env)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, env=env)
     except subprocess.TimeoutExpired:
-        return {"error": f"over {STEP_TIMEOUT_S} s"}
+        return {"error": f"over {timeout_s:g} s"}
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
-        return {"error": (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1][:200]}
+        errors = done.stderr.strip().splitlines()
+        fatal = [line for line in errors if line.startswith("Fatal Python error")]
+        return {"error": ((fatal or errors or [f"exit code {done.returncode}"])[-1])[:300]}
     return json.loads(lines[-1])
 
 
