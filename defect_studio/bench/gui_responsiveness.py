@@ -20,6 +20,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -160,22 +161,104 @@ def _brush_row(name: str, timings: list[float]) -> dict[str, Any]:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+@dataclass
+class _Phase:
+    """One measured stretch of the session: its event-loop stalls, the brush repaints timed during it
+    (none when nothing was painted) and its seconds (0 when not timed)."""
+    stalls: dict[str, float]
+    brush_ms: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+@dataclass
+class _WindowMeasurements:
+    idle: _Phase
+    training: _Phase
+    training_with_brush: _Phase
+    refinement_round: _Phase
+    training_outcome: str
+    rounds_after: int
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("bench-results"), help="where to write gui-responsiveness.md/.json")
     parser.add_argument("--epochs", type=int, default=6, help="classifier epochs to train while measuring")
     parser.add_argument("--images", type=int, default=80, help="demo images to train on")
     parser.add_argument("--input-size", type=int, default=128)
     parser.add_argument("--segmenter-epochs", type=int, default=3, help="segmenter epochs (of 40 steps) of the round")
-    args = parser.parse_args(argv)
-    # Headless unless a display was asked for; error dialogs are logged, not shown (nobody to click them).
-    os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
-    os.environ.setdefault("DEFECT_STUDIO_NO_DIALOGS", "1")
+    return parser.parse_args(argv)
 
+
+def _measure_idle(app: Any, window: Any, meter: StallMeter) -> _Phase:
+    meter.start()
+    _spin(app, 3.0)
+    meter.stop()
+    stalls = meter.summary()
+    return _Phase(stalls, measure_brush(app, window))
+
+
+def _measure_classifier_training(app: Any, window: Any, meter: StallMeter,
+                                 args: argparse.Namespace) -> tuple[_Phase, _Phase, str]:
+    """Train the classifier twice: alone (the window only paints progress and curves), then longer
+    while painting brush strokes (only strokes during training count). The two phases and the
+    first training's result text."""
+    panel = window.train_panel
+    panel.form.set_values({"epochs": args.epochs, "min_epochs": args.epochs, "input_size": args.input_size,
+                           "batch_size": 16, "patience": args.epochs})
+    meter.start()
+    started = time.perf_counter()
+    panel.start_training()
+    _spin(app, 3600, until=lambda: not panel.runner.busy)
+    meter.stop()
+    seconds = time.perf_counter() - started
+    training = _Phase(meter.summary(), seconds=seconds)
+    outcome = panel.result_label.text()
+
+    panel.form.set_values({"epochs": args.epochs * 4, "min_epochs": args.epochs * 4, "patience": args.epochs * 4})
+    meter.start()
+    panel.start_training()
+    _spin(app, 1.5)
+    brush_ms = measure_brush(app, window, only_while=lambda: panel.runner.busy) if panel.runner.busy else []
+    _spin(app, 3600, until=lambda: not panel.runner.busy)
+    meter.stop()
+    return training, _Phase(meter.summary(), brush_ms), outcome
+
+
+def _measure_refinement_round(app: Any, window: Any, meter: StallMeter, canvas: Any, project_dir: Path,
+                              segmenter_epochs: int) -> tuple[_Phase, int]:
+    """A refinement round (segmenter training with the app's recipe, then the next round's proposals) on
+    round-0 masks taken from the demo's ground truth, painting meanwhile; the phase and the rounds after it."""
+    from defect_studio.imageio import read_mask
+
+    project = window.project
+    project.create_round({"source": "bench: demo masks"})
+    for image in project.images("defect"):
+        mask = read_mask(project_dir.parent / "dataset" / "masks" / f"{image.stem}.png", (image.height, image.width))
+        project.save_mask_proposal(image.id, 0, mask, "bench:demo-mask", {})
+    window.notify_masks_changed()
+    rounds = window.rounds_panel
+    window.stage_tabs.setCurrentWidget(rounds)
+    rounds.form.set_values({"epochs": segmenter_epochs})
+    meter.start()
+    started = time.perf_counter()
+    rounds.run_round()
+    _spin(app, 1.5)
+    window.stage_tabs.setCurrentWidget(window.review_panel)  # the brush lives on the review stage
+    prepare_brush_canvas(app, window, canvas)
+    brush_ms = measure_brush(app, window, only_while=lambda: rounds.runner.busy) if rounds.runner.busy else []
+    _spin(app, 3600, until=lambda: not rounds.runner.busy)
+    meter.stop()
+    seconds = time.perf_counter() - started
+    phase = _Phase(meter.summary(), brush_ms, seconds)
+    return phase, len(project.rounds())
+
+
+def _measure_window(args: argparse.Namespace) -> _WindowMeasurements | None:
+    """Every phase, in the real window on a fresh demo project (None: the project did not open)."""
     from PySide6.QtCore import QSettings
     from PySide6.QtWidgets import QApplication
 
-    from defect_studio.bench.report import write_report
     from defect_studio.gui.app import configure_application, freeze_startup_objects, load_training_engine
     from defect_studio.gui.main_window import MainWindow
     from defect_studio.project.demo_project import make_demo_project
@@ -193,80 +276,40 @@ def main(argv: list[str] | None = None) -> int:
         freeze_startup_objects()
         if not window.open_path(project_dir):
             print("could not open the demo project", file=sys.stderr)
-            return 1
+            return None
         _spin(app, 1.0)
         meter = StallMeter()
         canvas = _canvas()
         prepare_brush_canvas(app, window, canvas)
-
-        meter.start()
-        _spin(app, 3.0)
-        meter.stop()
-        idle = meter.summary()
-        brush_idle = measure_brush(app, window)
-
-        panel = window.train_panel
-        panel.form.set_values({"epochs": args.epochs, "min_epochs": args.epochs, "input_size": args.input_size,
-                               "batch_size": 16, "patience": args.epochs})
-        # Phase 1: training alone (the window only paints progress and curves).
-        meter.start()
-        started = time.perf_counter()
-        panel.start_training()
-        _spin(app, 3600, until=lambda: not panel.runner.busy)
-        meter.stop()
-        training_seconds = time.perf_counter() - started
-        training = meter.summary()
-        outcome = panel.result_label.text()
-        # Phase 2: train again, longer, and paint strokes meanwhile (only strokes during training count).
-        panel.form.set_values({"epochs": args.epochs * 4, "min_epochs": args.epochs * 4, "patience": args.epochs * 4})
-        meter.start()
-        panel.start_training()
-        _spin(app, 1.5)
-        brush_training = measure_brush(app, window, only_while=lambda: panel.runner.busy) if panel.runner.busy else []
-        _spin(app, 3600, until=lambda: not panel.runner.busy)
-        meter.stop()
-        training_with_brush = meter.summary()
-        # Phase 3: a refinement round (segmenter training with the app's recipe, then the next
-        # round's proposals), on round-0 masks taken from the demo's ground truth, painting meanwhile.
-        from defect_studio.imageio import read_mask
-
-        project = window.project
-        project.create_round({"source": "bench: demo masks"})
-        for image in project.images("defect"):
-            mask = read_mask(project_dir.parent / "dataset" / "masks" / f"{image.stem}.png", (image.height, image.width))
-            project.save_mask_proposal(image.id, 0, mask, "bench:demo-mask", {})
-        window.notify_masks_changed()
-        rounds = window.rounds_panel
-        window.stage_tabs.setCurrentWidget(rounds)
-        rounds.form.set_values({"epochs": args.segmenter_epochs})
-        meter.start()
-        started = time.perf_counter()
-        rounds.run_round()
-        _spin(app, 1.5)
-        window.stage_tabs.setCurrentWidget(window.review_panel)  # the brush lives on the review stage
-        prepare_brush_canvas(app, window, canvas)
-        brush_round = measure_brush(app, window, only_while=lambda: rounds.runner.busy) if rounds.runner.busy else []
-        _spin(app, 3600, until=lambda: not rounds.runner.busy)
-        meter.stop()
-        round_seconds = time.perf_counter() - started
-        round_stalls = meter.summary()
-        window_rounds = project.rounds()
+        idle = _measure_idle(app, window, meter)
+        training, training_with_brush, outcome = _measure_classifier_training(app, window, meter, args)
+        refinement_round, rounds_after = _measure_refinement_round(app, window, meter, canvas, project_dir,
+                                                                   args.segmenter_epochs)
         window.editor.forget(-1, -1)
         window.editor.close_session()
         window.close()
+    return _WindowMeasurements(idle, training, training_with_brush, refinement_round, outcome, rounds_after)
 
+
+def _write_gui_report(args: argparse.Namespace, measured: _WindowMeasurements) -> str:
+    """Write gui-responsiveness.md/.json under `args.out`; the markdown."""
+    from defect_studio.bench.report import write_report
+
+    idle, training, with_brush, refinement = (measured.idle, measured.training, measured.training_with_brush,
+                                              measured.refinement_round)
     stall_rows = [
-        {"condition": "idle (3 s)", **idle},
-        {"condition": f"classifier training ({args.epochs} epochs, {args.images} images, {training_seconds:.0f} s)", **training},
-        {"condition": "classifier training while painting brush strokes", **training_with_brush},
+        {"condition": "idle (3 s)", **idle.stalls},
+        {"condition": f"classifier training ({args.epochs} epochs, {args.images} images, {training.seconds:.0f} s)",
+         **training.stalls},
+        {"condition": "classifier training while painting brush strokes", **with_brush.stalls},
         {"condition": f"refinement round: segmenter training ({args.segmenter_epochs} epochs) + proposals, "
-                      f"painting meanwhile ({round_seconds:.0f} s)", **round_stalls},
+                      f"painting meanwhile ({refinement.seconds:.0f} s)", **refinement.stalls},
     ]
-    brush_rows = [_brush_row("brush move → mask repainted, idle (1024²)", brush_idle),
-                  _brush_row("brush move → mask repainted, while training (1024²)", brush_training),
-                  _brush_row("brush move → mask repainted, during a refinement round (1024²)", brush_round)]
-    worst_stall = max(training["max_ms"], training_with_brush["max_ms"], round_stalls["max_ms"])
-    everything = brush_idle + brush_training + brush_round
+    brush_rows = [_brush_row("brush move → mask repainted, idle (1024²)", idle.brush_ms),
+                  _brush_row("brush move → mask repainted, while training (1024²)", with_brush.brush_ms),
+                  _brush_row("brush move → mask repainted, during a refinement round (1024²)", refinement.brush_ms)]
+    worst_stall = max(training.stalls["max_ms"], with_brush.stalls["max_ms"], refinement.stalls["max_ms"])
+    everything = idle.brush_ms + with_brush.brush_ms + refinement.brush_ms
     worst_brush = max(everything) if everything else float("nan")
     notes = [
         f"Event-loop lateness of a {TICK_MS} ms timer; target: no stall over {STALL_TARGET_MS:.0f} ms "
@@ -274,14 +317,24 @@ def main(argv: list[str] | None = None) -> int:
         f"Brush: target under {BRUSH_TARGET_MS:.0f} ms ({'met' if worst_brush <= BRUSH_TARGET_MS else 'NOT met'}: "
         f"max {worst_brush:.1f} ms); only the stroke segment's rectangle is recoloured and repainted.",
         "Training runs in a QThread with torch threads = cores − 1, so one core is left for the GUI thread.",
-        f"Refinement round: {len(window_rounds)} rounds afterwards (the trained round 0 and the proposed round 1).",
-        f"Platform plugin: {os.environ.get('QT_QPA_PLATFORM', 'default')}. Training result: {outcome[:160]}",
+        f"Refinement round: {measured.rounds_after} rounds afterwards (the trained round 0 and the proposed round 1).",
+        f"Platform plugin: {os.environ.get('QT_QPA_PLATFORM', 'default')}. Training result: {measured.training_outcome[:160]}",
     ]
-    markdown = write_report(args.out, "gui-responsiveness", "GUI responsiveness",
-                            [("Event-loop stalls", stall_rows, ["condition", "ticks", "median_ms", "p99_ms", "max_ms", "over_50ms"]),
-                             ("Brush repaint", brush_rows, ["measurement", "events", "median_ms", "p99_ms", "max_ms", "target_ms"])],
-                            notes)
-    print(markdown)
+    return write_report(args.out, "gui-responsiveness", "GUI responsiveness",
+                        [("Event-loop stalls", stall_rows, ["condition", "ticks", "median_ms", "p99_ms", "max_ms", "over_50ms"]),
+                         ("Brush repaint", brush_rows, ["measurement", "events", "median_ms", "p99_ms", "max_ms", "target_ms"])],
+                        notes)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    # Headless unless a display was asked for; error dialogs are logged, not shown (nobody to click them).
+    os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+    os.environ.setdefault("DEFECT_STUDIO_NO_DIALOGS", "1")
+    measured = _measure_window(args)
+    if measured is None:
+        return 1
+    print(_write_gui_report(args, measured))
     return 0
 
 
