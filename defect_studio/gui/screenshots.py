@@ -67,9 +67,123 @@ def paint_stroke(app: Any, viewer: Any, points: list[tuple[float, float]]) -> No
     QTest.mouseRelease(viewport, Qt.MouseButton.LeftButton, Qt.KeyboardModifier.NoModifier, widget_points[-1].toPoint())
 
 
+def _shoot_tagging(app: Any, window: Any, project: Any, defect_id: int, out_dir: Path) -> list[Path]:
+    # A few untagged images make the tagging screenshot honest: not every image comes tagged.
+    untagged = [image.id for image in project.images()][5:9]
+    project.set_tags(untagged, "untagged")
+    window.gallery_pane.refresh()
+    wait_for(app, lambda: window.gallery_pane.thumbnails is not None and window.gallery_pane.thumbnails.is_idle() and bool(
+        window.gallery_pane.gallery_model.rowCount()), 60)
+    settle(app, 1.0)
+    window.stage_tabs.setCurrentWidget(window.tag_panel)
+    window.gallery_pane.select_image(defect_id)
+    settle(app)
+    return [grab(window, out_dir / "01-tag.png")]
+
+
+def _shoot_training(app: Any, window: Any, out_dir: Path) -> list[Path]:
+    panel = window.train_panel
+    window.stage_tabs.setCurrentWidget(panel)
+    panel.form.set_values({"epochs": 8, "min_epochs": 8, "input_size": 128, "batch_size": 16, "patience": 8})
+    panel.start_training()
+    wait_for(app, lambda: panel.point_count("loss") >= 3, 600)
+    settle(app)
+    shots = [grab(window, out_dir / "02-train-running.png")]
+    wait_for(app, lambda: not panel.runner.busy, 1800)
+    settle(app)
+    shots.append(grab(window, out_dir / "03-train-done.png"))
+    return shots
+
+
+def _shoot_cams(app: Any, window: Any, defect_id: int, out_dir: Path) -> list[Path]:
+    """One image's CAM, then every method side by side."""
+    cams = window.cam_panel
+    window.stage_tabs.setCurrentWidget(cams)
+    window.gallery_pane.select_image(defect_id)
+    if "region-aware" in cams.methods:
+        cams.set_method("region-aware")
+    wait_for(app, lambda: window.viewer.heatmap is not None, 300)
+    settle(app)
+    cams.threshold_slider.setValue(45)
+    settle(app)
+    shots = [grab(window, out_dir / "04-cams.png")]
+    cams.compare_check.setChecked(True)
+    wait_for(app, lambda: cams.compare_view is not None and all(
+        v.heatmap is not None for v in cams.compare_view.viewers.values()), 600)
+    settle(app)
+    shots.append(grab(window, out_dir / "05-cams-compare.png"))
+    cams.compare_check.setChecked(False)
+    return shots
+
+
+def _shoot_review(app: Any, window: Any, project: Any, out_dir: Path) -> list[Path]:
+    """Proposals with a brush edit in progress; then a few accepted and one rejected, for the round."""
+    from PySide6.QtCore import Qt
+
+    review = window.review_panel
+    window.stage_tabs.setCurrentWidget(review)
+    review.method_combo.setCurrentIndex(max(0, review.method_combo.findData("region-aware")))
+    review.make_proposals()
+    wait_for(app, lambda: not review.runner.busy, 1200)
+    settle(app)
+    if review.queue.count():
+        window.gallery_pane.select_image(review.queue.item(0).data(Qt.ItemDataRole.UserRole))
+    settle(app)
+    review.choose_tool("brush")
+    window.editor.set_brush_size(7)
+    image = project.image(window.current_image_id) if window.current_image_id is not None else None
+    if image is not None:
+        w, h = image.width, image.height
+        paint_stroke(app, window.viewer, [(w * 0.2, h * 0.7), (w * 0.35, h * 0.6), (w * 0.5, h * 0.65)])
+        # Leave the brush cursor in view, as a user would see it.
+        window.editor._hovered((w * 0.55, h * 0.62))
+    settle(app)
+    shots = [grab(window, out_dir / "06-review-edit.png")]
+    for _ in range(3):
+        review.accept_current()
+        settle(app, 0.2)
+    if review.queue.count():
+        review.reject_current()
+    return shots
+
+
+def _shoot_rounds_and_export(app: Any, window: Any, work_dir: Path, out_dir: Path) -> list[Path]:
+    """A small refinement round, then the export dialog after exporting into `work_dir`."""
+    rounds = window.rounds_panel
+    window.stage_tabs.setCurrentWidget(rounds)
+    if rounds.form is not None:
+        rounds.form.set_values({"epochs": 2, "steps_per_epoch": 8, "crop_size": 64, "batch_size": 8})
+    if rounds.run_round():
+        wait_for(app, lambda: not rounds.runner.busy, 1800)
+    settle(app)
+    shots = [grab(window, out_dir / "07-rounds.png")]
+
+    rounds.open_export_dialog()
+    dialog = getattr(rounds, "export_dialog", None)
+    if dialog is not None:
+        if dialog.export_button.isEnabled():
+            dialog.folder_edit.setText(str(work_dir / "export"))
+            dialog.start_export()
+            wait_for(app, lambda: not dialog.runner.busy, 600)
+        settle(app)
+        shots.append(grab(dialog, out_dir / "08-export.png"))
+        dialog.close()
+    return shots
+
+
+def _shoot_shortcut_sheet(app: Any, window: Any, out_dir: Path) -> list[Path]:
+    window.show_shortcut_sheet()
+    settle(app)
+    shot = grab(window.shortcut_dialog, out_dir / "09-shortcuts.png")
+    window.shortcut_dialog.close()
+    return [shot]
+
+
 def capture(out_dir: Path, images: int, work_dir: Path, size: tuple[int, int]) -> list[Path]:
+    """Open a fresh demo project of `images` images under `work_dir` in a `size` window and take
+    every stage's picture into `out_dir`, in the order a user meets them; the pictures' paths."""
     import numpy as np
-    from PySide6.QtCore import QSettings, Qt
+    from PySide6.QtCore import QSettings
     from PySide6.QtWidgets import QApplication
 
     from defect_studio.gui.app import configure_application
@@ -90,94 +204,12 @@ def capture(out_dir: Path, images: int, work_dir: Path, size: tuple[int, int]) -
         project = window.project
         assert project is not None
         defect_ids = [image.id for image in project.images("defect")]
-        # A few untagged images make the tagging screenshot honest: not every image comes tagged.
-        untagged = [image.id for image in project.images()][5:9]
-        project.set_tags(untagged, "untagged")
-        window.gallery_pane.refresh()
-        wait_for(app, lambda: window.gallery_pane.thumbnails is not None and window.gallery_pane.thumbnails.is_idle() and bool(
-            window.gallery_pane.gallery_model.rowCount()), 60)
-        settle(app, 1.0)
-        window.stage_tabs.setCurrentWidget(window.tag_panel)
-        window.gallery_pane.select_image(defect_ids[0])
-        settle(app)
-        shots.append(grab(window, out_dir / "01-tag.png"))
-
-        panel = window.train_panel
-        window.stage_tabs.setCurrentWidget(panel)
-        panel.form.set_values({"epochs": 8, "min_epochs": 8, "input_size": 128, "batch_size": 16, "patience": 8})
-        panel.start_training()
-        wait_for(app, lambda: panel.point_count("loss") >= 3, 600)
-        settle(app)
-        shots.append(grab(window, out_dir / "02-train-running.png"))
-        wait_for(app, lambda: not panel.runner.busy, 1800)
-        settle(app)
-        shots.append(grab(window, out_dir / "03-train-done.png"))
-
-        cams = window.cam_panel
-        window.stage_tabs.setCurrentWidget(cams)
-        window.gallery_pane.select_image(defect_ids[1])
-        cams.set_method("region-aware") if "region-aware" in cams.methods else None
-        wait_for(app, lambda: window.viewer.heatmap is not None, 300)
-        settle(app)
-        cams.threshold_slider.setValue(45)
-        settle(app)
-        shots.append(grab(window, out_dir / "04-cams.png"))
-        cams.compare_check.setChecked(True)
-        wait_for(app, lambda: cams.compare_view is not None and all(
-            v.heatmap is not None for v in cams.compare_view.viewers.values()), 600)
-        settle(app)
-        shots.append(grab(window, out_dir / "05-cams-compare.png"))
-        cams.compare_check.setChecked(False)
-
-        review = window.review_panel
-        window.stage_tabs.setCurrentWidget(review)
-        review.method_combo.setCurrentIndex(max(0, review.method_combo.findData("region-aware")))
-        review.make_proposals()
-        wait_for(app, lambda: not review.runner.busy, 1200)
-        settle(app)
-        if review.queue.count():
-            window.gallery_pane.select_image(review.queue.item(0).data(Qt.ItemDataRole.UserRole))
-        settle(app)
-        review.choose_tool("brush")
-        window.editor.set_brush_size(7)
-        image = project.image(window.current_image_id) if window.current_image_id is not None else None
-        if image is not None:
-            w, h = image.width, image.height
-            paint_stroke(app, window.viewer, [(w * 0.2, h * 0.7), (w * 0.35, h * 0.6), (w * 0.5, h * 0.65)])
-            # Leave the brush cursor in view, as a user would see it.
-            window.editor._hovered((w * 0.55, h * 0.62))
-        settle(app)
-        shots.append(grab(window, out_dir / "06-review-edit.png"))
-        for _ in range(3):
-            review.accept_current()
-            settle(app, 0.2)
-        if review.queue.count():
-            review.reject_current()
-
-        rounds = window.rounds_panel
-        window.stage_tabs.setCurrentWidget(rounds)
-        if rounds.form is not None:
-            rounds.form.set_values({"epochs": 2, "steps_per_epoch": 8, "crop_size": 64, "batch_size": 8})
-        if rounds.run_round():
-            wait_for(app, lambda: not rounds.runner.busy, 1800)
-        settle(app)
-        shots.append(grab(window, out_dir / "07-rounds.png"))
-
-        rounds.open_export_dialog()
-        dialog = getattr(rounds, "export_dialog", None)
-        if dialog is not None:
-            if dialog.export_button.isEnabled():
-                dialog.folder_edit.setText(str(work_dir / "export"))
-                dialog.start_export()
-                wait_for(app, lambda: not dialog.runner.busy, 600)
-            settle(app)
-            shots.append(grab(dialog, out_dir / "08-export.png"))
-            dialog.close()
-
-        window.show_shortcut_sheet()
-        settle(app)
-        shots.append(grab(window.shortcut_dialog, out_dir / "09-shortcuts.png"))
-        window.shortcut_dialog.close()
+        shots += _shoot_tagging(app, window, project, defect_ids[0], out_dir)
+        shots += _shoot_training(app, window, out_dir)
+        shots += _shoot_cams(app, window, defect_ids[1], out_dir)
+        shots += _shoot_review(app, window, project, out_dir)
+        shots += _shoot_rounds_and_export(app, window, work_dir, out_dir)
+        shots += _shoot_shortcut_sheet(app, window, out_dir)
         np.random.seed(0)
     finally:
         window.close()
