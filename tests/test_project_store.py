@@ -159,6 +159,49 @@ def test_training_runs_record_checkpoint_hash(tmp_path: Path):
             project.record_training_run("classifier", {}, 0, {}, tmp_path / "images", [])
 
 
+def _segmenter_checkpoint(project: Project) -> Path:
+    checkpoint = project.models_dir / "segmenter-round0-0.pt"
+    checkpoint.parent.mkdir(exist_ok=True)
+    checkpoint.write_bytes(b"segmenter weights")
+    return checkpoint
+
+
+def test_a_rounds_segmenter_and_the_trained_status_are_recorded_together(tmp_path: Path):
+    with make_project(tmp_path) as project:
+        project.create_round({})
+        project.update_round(0, status="training", metrics={"review": {"accept_rate": 1.0}})
+        run = project.record_round_segmenter(0, {"epochs": 1}, 0, {"best_val_defect_iou": 0.5},
+                                             _segmenter_checkpoint(project), ["h"],
+                                             round_metrics={"segmenter": {"best_val_defect_iou": 0.5}, "train_s": 2.0})
+        assert run.kind == "segmenter" and run.round_index == 0 and project.latest_run("segmenter") == run
+        record = project.round(0)
+        assert record.status == "trained"
+        assert record.metrics == {"review": {"accept_rate": 1.0}, "segmenter": {"best_val_defect_iou": 0.5},
+                                  "train_s": 2.0}
+
+
+def test_a_failed_round_status_write_records_no_segmenter_either(tmp_path: Path, monkeypatch):
+    """The run and the round's status commit together or not at all: the kill between them that left a
+    round at "training" with its model recorded cannot happen."""
+    with make_project(tmp_path) as project:
+        project.create_round({})
+        project.update_round(0, status="training", metrics={"review": {}})
+        checkpoint = _segmenter_checkpoint(project)
+
+        def disk_fails(*args, **kwargs):
+            raise sqlite3.OperationalError("disk I/O error")
+
+        monkeypatch.setattr(Project, "_update_round_in", staticmethod(disk_fails))
+        with pytest.raises(ProjectError, match="could not be saved"):
+            project.record_round_segmenter(0, {}, 0, {}, checkpoint, ["h"], round_metrics={"train_s": 1.0})
+        monkeypatch.undo()
+        assert project.training_runs() == [] and project.round(0).status == "training"
+        assert project.round(0).metrics == {"review": {}}
+        with pytest.raises(ProjectError, match="no round 3"):  # a round that is not there: no run either
+            project.record_round_segmenter(3, {}, 0, {}, checkpoint, ["h"])
+        assert project.training_runs() == []
+
+
 def test_duplicate_stems_in_subfolders_get_distinct_mask_names(tmp_path: Path):
     with make_project(tmp_path, count=0) as project:
         project.add_images(

@@ -172,6 +172,27 @@ def test_refine_stops_when_masks_stop_changing(loop) -> None:
         assert project.round(3).status == "converged" and "stopped" in project.round(3).metrics
         assert [r.round_index for r in project.training_runs("segmenter")] == [0, 1, 2]
 
+def test_a_round_left_training_with_its_segmenter_recorded_is_finished_on_resume(tmp_path: Path) -> None:
+    """A project written before record_round_segmenter, killed between recording the run and the round's
+    status, resumes with the round trained and the run's metrics (without the history) in it."""
+    from defect_studio.ml.refine import _finish_recorded_training
+
+    images = tmp_path / "images"
+    images.mkdir()
+    with Project.create(tmp_path / "project", images) as project:
+        project.create_round({})
+        project.update_round(0, status="training", metrics={"review": {}})
+        checkpoint = project.models_dir / "segmenter-round0-0.pt"
+        checkpoint.parent.mkdir(exist_ok=True)
+        checkpoint.write_bytes(b"weights")
+        project.record_training_run("segmenter", {}, 0, {"best_val_defect_iou": 0.4, "history": [{}]}, checkpoint,
+                                    [], round_index=0)  # the old first write; the kill came before the second
+        _finish_recorded_training(project, 0)
+        record = project.round(0)
+        assert record.status == "trained"
+        assert record.metrics == {"review": {}, "segmenter": {"best_val_defect_iou": 0.4}}
+
+
 @pytest.mark.slow
 def test_full_bench_quick_on_the_demo(demo_dataset: Path, tmp_path: Path) -> None:
     """`bench full --quick` end to end on the demo: both tables written, numbers in range; the kept project

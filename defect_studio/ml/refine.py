@@ -129,8 +129,10 @@ def _segmenter_provenance(project: Project, round_index: int, used: list[Any], d
 
 
 def _finish_recorded_training(project: Project, round_index: int) -> None:
-    """A round whose segmenter run is recorded but whose status still says "training" (a kill between the two
-    writes) gets the status and metrics the finished job would have given it, so resuming does not leave it."""
+    """A round whose segmenter run is recorded but whose status still says "training" gets the status and
+    metrics the finished job would have given it, so resuming does not leave it. Only projects written
+    before record_round_segmenter can be so: they recorded the run and set the status in two writes,
+    and a kill between them left the round there."""
     runs = _segmenter_runs_for(project, round_index)
     record = project.round(round_index)
     if runs and record.status == "training":
@@ -157,14 +159,17 @@ def next_segmenter_path(project: Project, round_index: int) -> Path:
 
 def train_project_segmenter_job(
     project: Project, round_index: int, config: SegmenterConfig, cancel: CancelToken,
-    classifier_path: str | Path | None = None, ranks: Ranks | None = None,
-) -> Generator[Progress, None, SegmenterTrainingResult]:
-    """Train on round `round_index`'s masks and record the run; a cancelled run records nothing.
+    classifier_path: str | Path | None = None, ranks: Ranks | None = None, round_metrics: dict[str, Any] | None = None,
+) -> Generator[Progress, None, tuple[SegmenterTrainingResult, dict[str, Any]]]:
+    """Train on round `round_index`'s masks, record the run and set the round "trained", in one
+    transaction; a cancelled run records nothing. The round's metrics get `round_metrics`, the
+    segmenter's metrics and the job's seconds (`train_s`); returns the result and those metrics.
     `classifier_path` (default: the project's latest classifier) starts the segmenter's encoder when the
     config's encoder_weights is "classifier". `ranks`: this is rank 0 of a distributed command, the other
     ranks train with it (train_segmenter_job)."""
     from defect_studio.ml.export import training_data_hash
 
+    started = time.monotonic()
     yield Progress("loading masks", 0, None, f"round {round_index}")
     project.round(round_index)  # "this project has no round K"
     samples, hashes, used = _training_set(project, round_index)
@@ -184,18 +189,19 @@ def train_project_segmenter_job(
     result = yield from train_segmenter_job(samples, config, path, cancel, extra_meta=meta, start_from=start_from,
                                             classifier_path=classifier_path, ranks=ranks)
     provenance, inputs = _segmenter_provenance(project, round_index, used, meta["training_data_hash"], start_run)
-    project.record_training_run(
-        kind="segmenter",
+    trained_metrics = {**(round_metrics or {}), "segmenter": dict(result.metrics), "train_s": time.monotonic() - started}
+    project.record_round_segmenter(
+        round_index,
         config=config.to_dict(),
         seed=config.seed,
         metrics={**result.metrics, "history": result.history},
         checkpoint_path=path,
         dataset_hashes=hashes,
-        round_index=round_index,
         provenance=provenance,
         inputs=inputs,
+        round_metrics=trained_metrics,
     )
-    return result
+    return result, trained_metrics
 
 
 def round_review_metrics(project: Project, round_index: int) -> dict[str, Any]:
@@ -305,12 +311,8 @@ def refine_job(
             stopped_early = True
             break
         project.update_round(round_index, status="training", metrics=metrics)
-        started = time.monotonic()
-        result = yield from train_project_segmenter_job(project, round_index, segmenter_config, cancel, classifier_path,
-                                                        ranks)
-        timings["train_s"] = time.monotonic() - started
-        metrics.update({"segmenter": {k: v for k, v in result.metrics.items()}, **timings})
-        project.update_round(round_index, status="trained", metrics=metrics)
+        _, metrics = yield from train_project_segmenter_job(project, round_index, segmenter_config, cancel,
+                                                            classifier_path, ranks, round_metrics={**metrics, **timings})
         summaries.append({"round": round_index, **metrics})
         round_index = None
     return {"rounds": summaries, "stopped_early": stopped_early}

@@ -654,14 +654,19 @@ class Project:
     def update_round(self, index: int, status: str | None = None, metrics: dict | None = None) -> RoundRecord:
         """Set the status and/or merge `metrics` into the round's metrics."""
         with self._transaction() as db:
-            row = db.execute("SELECT metrics FROM rounds WHERE idx=?", (index,)).fetchone()
-            if row is None:
-                raise ProjectError(f"this project has no round {index}.")
-            merged = {**json.loads(row[0]), **(metrics or {})}
-            db.execute("UPDATE rounds SET metrics=? WHERE idx=?", (json.dumps(merged, default=float), index))
-            if status is not None:
-                db.execute("UPDATE rounds SET status=? WHERE idx=?", (status, index))
+            self._update_round_in(db, index, status, metrics)
         return self.round(index)
+
+    @staticmethod
+    def _update_round_in(db: sqlite3.Connection, index: int, status: str | None, metrics: dict | None) -> None:
+        """update_round's writes, inside the caller's transaction."""
+        row = db.execute("SELECT metrics FROM rounds WHERE idx=?", (index,)).fetchone()
+        if row is None:
+            raise ProjectError(f"this project has no round {index}.")
+        merged = {**json.loads(row[0]), **(metrics or {})}
+        db.execute("UPDATE rounds SET metrics=? WHERE idx=?", (json.dumps(merged, default=float), index))
+        if status is not None:
+            db.execute("UPDATE rounds SET status=? WHERE idx=?", (status, index))
 
     # ----------------------------------------------------------------- masks
     _MASK_COLUMNS = "image_id, round_idx, path, state, source, params, flagged, sha256, updated_at"
@@ -869,6 +874,25 @@ class Project:
         masks) it trained on, `provenance` the settings and lineage beyond `config`. A classifier recorded
         without `inputs` gets them from `dataset_hashes` (image hashes) and the tags it was trained on.
         A new segmenter becomes the current one (it ends an earlier `choose_segmenter`)."""
+        return self._record_run(kind, config, seed, metrics, checkpoint_path, dataset_hashes, round_index,
+                                provenance, inputs)
+
+    def record_round_segmenter(self, round_index: int, config: dict, seed: int, metrics: dict,
+                               checkpoint_path: str | os.PathLike[str], dataset_hashes: Iterable[str],
+                               provenance: dict | None = None, inputs: Iterable[RunInput] | None = None,
+                               round_metrics: dict | None = None) -> TrainingRun:
+        """Record round `round_index`'s trained segmenter (as record_training_run) and set the round
+        "trained" with `round_metrics` merged into its metrics, in one transaction: a kill between the
+        two writes used to leave a round at "training" with its model recorded."""
+        return self._record_run("segmenter", config, seed, metrics, checkpoint_path, dataset_hashes, round_index,
+                                provenance, inputs,
+                                also=lambda db: self._update_round_in(db, round_index, "trained", round_metrics))
+
+    def _record_run(self, kind: str, config: dict, seed: int, metrics: dict, checkpoint_path: str | os.PathLike[str],
+                    dataset_hashes: Iterable[str], round_index: int | None, provenance: dict | None,
+                    inputs: Iterable[RunInput] | None,
+                    also: Callable[[sqlite3.Connection], None] | None = None) -> TrainingRun:
+        """record_training_run; `also` makes more writes in the same transaction (it commits with them or not at all)."""
         checkpoint_path = Path(checkpoint_path).absolute()
         try:
             relative = checkpoint_path.relative_to(self.path)
@@ -898,6 +922,8 @@ class Project:
             )
             if kind == "segmenter":
                 db.execute("DELETE FROM settings WHERE key=?", (CURRENT_SEGMENTER_SETTING,))
+            if also is not None:
+                also(db)
         return self.training_run(run_id)
 
     @staticmethod
