@@ -321,6 +321,12 @@ class MainWindow(QMainWindow):
         flow.images_imported.connect(self.gallery_pane.refresh)
         flow.message.connect(self._show_message)
         self.session.rescan_requested.connect(flow.rescan)
+        # The demo is made in the import's runner: its action waits, disabled, while an import runs.
+        flow.import_runner.started.connect(lambda _: self._update_demo_action())
+        flow.import_runner.finished.connect(lambda _: self._update_demo_action())
+
+    def _update_demo_action(self) -> None:
+        self.action("open_demo").setEnabled(not self.project_flow.import_runner.busy)
 
     def _let_go_of_project(self) -> None:
         """The project closes next (its jobs have stopped): save its last edit and drop all that reads it."""

@@ -12,6 +12,10 @@ widgets: the parts that hold the project follow its signals, in this order:
 - `images_imported`: an import into the open project finished;
 - `message(text, ms)`: a line for the status bar.
 
+Imports, rescans and the making of the demo share one runner (the session's "import" runner), one job
+at a time: the window disables Rescan and Open the demo project while it runs, and a call meanwhile
+says so in the status bar.
+
 Errors the user can act on (a folder that is no project, a project open in another window) show in
 a dialog over the window.
 """
@@ -43,7 +47,7 @@ class ProjectFlow(QObject):
         self.session = session
         self._settings = settings
         self._dialog_parent = parent
-        self.import_runner = session.make_runner("Import")
+        self.import_runner = session.shared_runner("import", "Import")  # the Tag stage's Rescan follows it
         self.import_runner.succeeded.connect(self._on_import_done)
 
     def choose_folder(self) -> None:
@@ -91,7 +95,7 @@ class ProjectFlow(QObject):
         from defect_studio.project.importer import import_job
 
         project = self.session.project
-        if project is None:
+        if project is None or self._refused_while_importing("import the folder's new images"):
             return
         self.import_runner.start(lambda cancel: import_job(project, project.image_root, None, cancel), "Import images")
 
@@ -99,11 +103,21 @@ class ProjectFlow(QObject):
         """Make (once) and open the synthetic demo project, in the background (the core's demo job)."""
         from defect_studio.project.demo_project import default_demo_dir, demo_project_exists, demo_project_job
 
+        if self._refused_while_importing("open the demo project"):
+            return
         out_dir = default_demo_dir()
         if demo_project_exists(out_dir):
             self.open_path(out_dir / "project")
             return
         self.import_runner.start(lambda cancel: demo_project_job(out_dir, cancel), "Make the demo project")
+
+    def _refused_while_importing(self, what: str) -> bool:
+        """Whether the import runner is busy, saying in the status bar that `what` waits for it: a start now
+        would be refused without a word (a rescan or the demo while an import runs)."""
+        if not self.import_runner.busy:
+            return False
+        self.message.emit(f"“{self.import_runner.title}” is still running: {what} when it has finished.", 6000)
+        return True
 
     def set_project(self, project: Project | None) -> None:
         """Close the open project, then make `project` the session's (None: no project). This flow closes

@@ -163,6 +163,59 @@ def test_the_demo_project_is_made_once_and_then_opens_at_once(qtbot, make_window
     assert len(made) == 1
 
 
+def test_rescan_and_the_demo_wait_while_an_import_runs_and_say_why(qtbot, make_window, tmp_path: Path,
+                                                                   monkeypatch) -> None:
+    """Rescan and Open the demo project start jobs in the import's runner: while an import runs they are
+    disabled, and a call that comes anyway (the command line's --demo, say) says in the status bar why
+    nothing started, instead of nothing at all."""
+    import threading
+    import time
+
+    import defect_studio.project.demo_project as demo_project
+    import defect_studio.project.importer as importer
+    from PySide6.QtCore import Qt
+
+    real_import = importer.import_job
+    release = threading.Event()
+
+    def held_import(project, image_dir, labels_csv, cancel):  # type: ignore[no-untyped-def]
+        while not release.is_set():
+            cancel.raise_if_cancelled()
+            time.sleep(0.01)
+            yield Progress("wait", 0)
+        return (yield from real_import(project, image_dir, labels_csv, cancel))
+
+    demos_made: list[Path] = []
+    monkeypatch.setattr(importer, "import_job", held_import)
+    monkeypatch.setattr(demo_project, "demo_project_job", lambda out_dir, cancel, **_: demos_made.append(out_dir))
+    folder = image_folder(tmp_path / "line 4", 2)
+    window = make_window()
+    assert window.open_path(folder)  # a new project: its first import runs, held
+    window.stage_tabs.setCurrentWidget(window.tag_panel)
+    rescan, demo = window.tag_panel.rescan_button, window.action("open_demo")
+    assert window.project_flow.import_runner.busy
+    assert not rescan.isEnabled() and not demo.isEnabled()
+    window.tag_panel.refresh()  # as when the counts change meanwhile: it stays disabled
+    assert not rescan.isEnabled()
+
+    window.project_flow.rescan()
+    assert window.statusBar().currentMessage() == (
+        "“Import images” is still running: import the folder's new images when it has finished.")
+    window.project_flow.open_demo()
+    assert window.statusBar().currentMessage() == (
+        "“Import images” is still running: open the demo project when it has finished.")
+    assert demos_made == [] and window.project.path == folder / PROJECT_SUBFOLDER
+
+    release.set()
+    wait_idle(qtbot, window)
+    assert rescan.isEnabled() and demo.isEnabled()
+    assert window.gallery_pane.gallery_model.rowCount() == 2
+    write_cv2(folder / "part_new.png", np.full((30, 40), 250, np.uint8))
+    qtbot.mouseClick(rescan, Qt.MouseButton.LeftButton)  # enabled again, and it imports
+    wait_idle(qtbot, window)
+    assert window.gallery_pane.gallery_model.rowCount() == 3 and error_texts(window) == []
+
+
 def test_the_flow_needs_only_a_session_and_keeps_its_order(qtbot, review_project: Path) -> None:
     """Without a window: the parts that hold the project hear `closing` with its jobs stopped and the project
     still open, `opening` before the session has the next one, `opened` and `closed` after the panels."""

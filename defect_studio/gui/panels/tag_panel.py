@@ -81,6 +81,10 @@ class TagPanel(QWidget):
         layout.addWidget(counts_box)
         layout.addStretch(1)
 
+        # Rescan starts an import: it waits, disabled, while one runs (the project flow's runner).
+        self.import_runner = session.shared_runner("import", "Import")
+        self.import_runner.started.connect(lambda _: self._update_rescan_enabled())
+        self.import_runner.finished.connect(lambda _: self._update_rescan_enabled())
         session.project_changed.connect(self.refresh)
         session.counts_changed.connect(lambda _: self.refresh())
         self.refresh()
@@ -89,8 +93,9 @@ class TagPanel(QWidget):
         project = self.session.project
         enabled = project is not None
         for button in (self.good_button, self.defect_button, self.untag_button, self.previous_button,
-                       self.next_button, self.rescan_button):
+                       self.next_button):
             button.setEnabled(enabled)
+        self._update_rescan_enabled()
         self.import_limit.setEnabled(enabled)
         if project is None:
             self.counts_label.setText("No project open.")
@@ -108,6 +113,9 @@ class TagPanel(QWidget):
             f"<tr><td><span style='color:#8b949e'>●</span> Untagged</td><td align='right'><b>{counts.get('untagged', 0)}</b></td></tr>"
             f"</table><p>{'Ready to train the classifier (Train tab).' if ready else 'Tag at least a few images of each class to train.'}</p>"
         )
+
+    def _update_rescan_enabled(self) -> None:
+        self.rescan_button.setEnabled(self.session.project is not None and not self.import_runner.busy)
 
     def _set_import_limit(self, megapixels: float) -> None:
         project = self.session.project
