@@ -4,7 +4,8 @@ Round k's proposals come from the CAM (k = 0) or from segmenter k-1 fused with t
 store carries accepted/edited masks forward untouched; the user (or `review_callback`) reviews;
 a segmenter trains on every mask of round k that is not rejected (a proposal nobody reviewed
 counts as the user's silent acceptance; a rejected image is left out), ignoring the ignore band
-recorded with pseudo-labels. Per-round metrics go to `project.update_round`.
+recorded with pseudo-labels. Per-round metrics go to `project.update_round`, a trained round's with
+its segmenter run (`project.record_round_segmenter`, one transaction).
 """
 
 from __future__ import annotations
