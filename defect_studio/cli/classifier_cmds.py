@@ -20,7 +20,7 @@ def _chosen_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The classifier settings the command's options set (the rest come from the project)."""
     settings: dict[str, Any] = {}
     for name in ("arch", "epochs", "width", "output_stride", "pooling", "input_size", "seed", "learning_rate", "batch_size",
-                 "threads"):
+                 "threads", "tiling", "tile_size", "tile_overlap"):
         value = getattr(args, name, None)
         if value is not None:
             settings[name] = value
@@ -64,10 +64,13 @@ def _project_config(project: Project, args: argparse.Namespace) -> ClassifierCon
 def run_train(args: argparse.Namespace) -> int:
     from defect_studio.ml.distributed import launched_by_torchrun
 
-    ClassifierConfig.from_settings(_chosen_settings(args))  # refuse bad options before anything starts
+    chosen = ClassifierConfig.from_settings(_chosen_settings(args))  # refuse bad options before anything starts
     if launched_by_torchrun():
         return _run_train_rank(args)
     if args.nproc is not None and args.nproc > 1:
+        from defect_studio.ml.tile_training import refuse_several_processes
+
+        refuse_several_processes(chosen, args.nproc)
         return launch_workers(args.nproc, without_nproc(args.argv))
     from defect_studio.ml.classifier import train_project_classifier_job
     from defect_studio.project import Project
@@ -108,6 +111,7 @@ def _run_train_rank(args: argparse.Namespace) -> int:
     from defect_studio.errors import DefectStudioError
     from defect_studio.ml.classifier import begin_project_training, plan_project_training, record_project_training, train_classifier_job
     from defect_studio.ml.distributed import check_shared_folder, process_group
+    from defect_studio.ml.tile_training import refuse_several_processes
     from defect_studio.project import Project
 
     cancel = CancelToken()
@@ -119,6 +123,7 @@ def _run_train_rank(args: argparse.Namespace) -> int:
                 try:
                     project = Project.open(args.project)
                     plan_or_error = plan_project_training(project, _project_config(project, args))
+                    refuse_several_processes(plan_or_error.config, ranks.world_size)
                 except DefectStudioError as error:
                     plan_or_error = error
             # Rank 0's refusal reaches every rank: none is left waiting for a plan that never comes.
@@ -145,6 +150,7 @@ def _run_train_rank(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     from defect_studio.ml.classifier_options import ARCHITECTURES, POOLINGS
+    from defect_studio.ml.tiling import TILING_MODES
 
     parser = subparsers.add_parser(
         "train", help="train the defect classifier on the project's tagged images",
@@ -168,6 +174,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--pretrained", type=Path, metavar="FILE",
                         help="local torchvision ImageNet weights for --arch resnet18/resnet34 (never downloaded)")
     parser.add_argument("--threads", type=int, help="CPU threads for training (default: torch's choice)")
+    parser.add_argument("--tiling", choices=TILING_MODES,
+                        help="tiles: learn from tiles of each image at native resolution (an image is defect when some tile is); "
+                        "whole: letterbox every image into the input; auto: tiles for images over 1024 x 1024 pixels "
+                        "(default: whole when every image is that small, else auto; kept in the project)")
+    parser.add_argument("--tile-size", dest="tile_size", type=int, metavar="N", help="tile side in px (default: the input size)")
+    parser.add_argument("--overlap", dest="tile_overlap", type=int, metavar="N",
+                        help="px that neighbouring tiles share (default: a quarter of the tile)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--nproc", type=int, metavar="N",
                         help="train with N processes on this machine (torch.distributed: one per GPU, or gloo on the CPU); "
