@@ -46,7 +46,8 @@ def _make_config(settings: dict[str, Any]) -> ClassifierConfig:
 def _project_config(project: Project, args: argparse.Namespace) -> ClassifierConfig:
     """The project's classifier settings (chosen in the app or by an earlier `train`) with the options over
     them; the options are kept in the project for the next training, from either face."""
-    from defect_studio.ml.classifier_options import ARCH_DEFAULTS
+    from defect_studio.dataset_layout import LABELS
+    from defect_studio.ml.classifier_options import ARCH_DEFAULTS, choose_classifier_tiling
     from defect_studio.workflow_settings import load_workflow_settings, save_workflow_settings
 
     chosen = _chosen_settings(args)
@@ -56,6 +57,8 @@ def _project_config(project: Project, args: argparse.Namespace) -> ClassifierCon
         # another backbone brings its own input size, learning rate and epochs (as the Train tab does)
         stored = {k: v for k, v in stored.items() if k not in ARCH_DEFAULTS[chosen["arch"]]}
     config = _make_config({**stored, **chosen})
+    # A tiling these images cannot take is refused before it is kept for the next training.
+    choose_classifier_tiling(config, [(r.height, r.width) for r in project.images() if r.tag in LABELS])
     record.classifier = {k: v for k, v in {**stored, **chosen}.items() if k != "threads"}
     save_workflow_settings(project, record)
     return config
