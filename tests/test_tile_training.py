@@ -130,11 +130,16 @@ def test_whole_mode_is_the_training_of_before_tiles(demo_dataset: Path, tmp_path
     unset = run_job(train_classifier_job(samples, ClassifierConfig(**config), tmp_path / "a.pt", CancelToken(), "cpu"))
     whole = run_job(train_classifier_job(samples, ClassifierConfig(**config, tiling="whole"), tmp_path / "b.pt",
                                          CancelToken(), "cpu"))
-    assert [h["val_auroc"] for h in unset.history] == [h["val_auroc"] for h in whole.history]
-    first, second = load_classifier(unset.checkpoint_path), load_classifier(whole.checkpoint_path)
+    # "auto" on images it does not cut (the demo's 96 px) trains whole too, and records "whole".
+    auto = run_job(train_classifier_job(samples, ClassifierConfig(**config, tiling="auto"), tmp_path / "c.pt",
+                                        CancelToken(), "cpu"))
+    assert [h["val_auroc"] for h in unset.history] == [h["val_auroc"] for h in whole.history] == \
+        [h["val_auroc"] for h in auto.history]
+    first, second, third = (load_classifier(r.checkpoint_path) for r in (unset, whole, auto))
     for name, tensor in first.model.state_dict().items():
-        assert torch.equal(tensor, second.model.state_dict()[name]), name
-    assert first.tiling is None and second.tiling is None
+        assert torch.equal(tensor, second.model.state_dict()[name]) and torch.equal(tensor, third.model.state_dict()[name]), name
+    assert first.tiling is None and second.tiling is None and third.tiling is None
+    assert third.config.tiling == "whole"
 
 
 def test_the_tiling_is_chosen_from_the_image_sizes() -> None:
@@ -147,6 +152,8 @@ def test_the_tiling_is_chosen_from_the_image_sizes() -> None:
     assert len(classifier_tile_grid(large.image_tiling(), 2048, 16384)) == 21 * 171  # (2048 - 32) / 96 rows, ceil((16384 - 32) / 96) columns
     chosen = choose_classifier_tiling(ClassifierConfig(arch="compact", input_size=128, tiling="tiles"), [(300, 300)])
     assert chosen.tiling == "tiles"  # an explicit choice stays
+    # "auto" that cuts no image (the Train tab's default) is whole
+    assert choose_classifier_tiling(ClassifierConfig(arch="compact", tiling="auto"), [(900, 1100)]).tiling == "whole"
     with pytest.raises(ConfigError, match="not smaller than any image"):
         choose_classifier_tiling(ClassifierConfig(arch="compact", tiling="tiles", tile_size=512), [(300, 400), (512, 200)])
     with pytest.raises(ConfigError, match="smaller than the network's minimum"):

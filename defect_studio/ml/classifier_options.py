@@ -27,7 +27,8 @@ ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
                  "output_stride": 16, "epochs": 60, "patience": 12, "min_epochs": 8},
 }
 POOLINGS = ("avg", "max", "topk", "lse")
-OLD_LEARNING_RATE = "lr"  # the name of `learning_rate` before it matched the segmenter's
+OLD_LEARNING_RATE = "lr"
+TILING_SETTINGS = ("tiling", "tile_size", "tile_overlap", "mil_top_k")  # the name of `learning_rate` before it matched the segmenter's
 
 
 @dataclass
@@ -176,14 +177,17 @@ def choose_classifier_tiling(config: ClassifierConfig, image_sizes: list[tuple[i
 
     Unset (None), the tiling is chosen from the sizes as the segmenter's is (`choose_tiling`): "whole" when
     every image has at most one segmenter tile of pixels (1024 x 1024: as before tiles), else "auto": the
-    larger images become bags of tiles of the input size, the others stay whole. The tile size and overlap
-    are written out, so the run's record says what it used. A tile larger than every image in "tiles" mode is
+    larger images become bags of tiles of the input size, the others stay whole. "auto" that would cut no
+    image is "whole". The tile size and overlap are written out, so the run's record says what it used. A tile larger than every image in "tiles" mode is
     refused: nothing would be tiled."""
     import dataclasses
 
     from defect_studio.ml.tiling import choose_tiling
 
     mode = config.tiling or choose_tiling(image_sizes, config.tile_pixels, config.overlap_pixels).mode
+    auto = Tiling("auto", config.tile_pixels, config.overlap_pixels, WHOLE_IMAGE_MAX_PIXELS)
+    if mode == "auto" and not any(classifier_tile_grid(auto, h, w) is not None for h, w in image_sizes):
+        mode = "whole"  # auto cuts none of these images: they train whole, as before tiles, and say so
     if mode == "tiles" and image_sizes and all(max(h, w) <= config.tile_pixels for h, w in image_sizes):
         largest = max(max(h, w) for h, w in image_sizes)
         raise ConfigError(f"the tile size ({config.tile_pixels} px) is not smaller than any image (the largest side is "

@@ -32,6 +32,7 @@ cached here (they would be larger than the tiles): the frozen stages run in ever
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -226,6 +227,7 @@ class _Bags:
     evaluation: InstanceStore | None
     train_y: np.ndarray
     val_y: np.ndarray
+    tiled_images: int
 
 
 def _bag_probabilities(model: DefectClassifier, store: InstanceStore, device: torch.device, config: ClassifierConfig
@@ -260,7 +262,7 @@ def _prepare_bags(
     yield Progress("load", 0, len(everything), f"device: {describe_device(device)}; cutting {len(everything)} images "
                    f"into tiles of {tiling.tile_size} px")
     stores = []
-    tiled_total = 0
+    tiled_total = 0  # images cut into tiles
     for group in (train_samples, val_samples, evaluation):
         store, tiled = yield from cut_into_bags([s[0] for s in group], preprocessing, tiling, cancel, device)
         stores.append(store)
@@ -270,7 +272,7 @@ def _prepare_bags(
                         "cut into tiles: choose smaller tiles or tiling 'whole'.")
     return _Bags(train_samples, val_samples, stores[0], stores[1], stores[2] if len(evaluation) else None,
                  np.array([s[1] == "defect" for s in train_samples], dtype=np.int64),
-                 np.array([s[1] == "defect" for s in val_samples], dtype=np.int64))
+                 np.array([s[1] == "defect" for s in val_samples], dtype=np.int64), tiled_total)
 
 
 def refuse_several_processes(config: ClassifierConfig, processes: int) -> None:
@@ -290,10 +292,16 @@ def train_by_tiles(
 
     refuse_several_processes(config, ranks.world_size)
     started = time.monotonic()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     tiling = config.image_tiling()
     assert tiling is not None
     preprocessing = Preprocessing(config.input_size, config.channels, config.normalisation)
     bags = yield from _prepare_bags(samples, config, preprocessing, tiling, cancel, device, validation_keys, evaluation)
+    if not bags.tiled_images:  # "auto" cut no image: train whole, exactly as before tiles, and record it so
+        del bags
+        whole_config = dataclasses.replace(config, tiling="whole")
+        return (yield from whole._train(samples, whole_config, checkpoint_path, cancel, device, validation_keys, evaluation, ranks))
     torch.manual_seed(config.seed)
     model = build_classifier(config).to(device)
     if config.channels_last:
