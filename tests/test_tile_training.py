@@ -213,3 +213,14 @@ def test_train_command_takes_the_tiling_and_keeps_it(demo_project: Path, capsys:
     with Project.open(demo_project) as project:
         assert len(project.training_runs("classifier")) == 1
         assert load_workflow_settings(project).classifier["tile_size"] == 64  # the refused size was not kept
+
+
+def test_torchrun_ranks_refuse_training_by_tiles_with_one_message(demo_project: Path, tmp_path: Path) -> None:
+    from tests.test_distributed import TINY as DISTRIBUTED_TINY, _runs, _torchrun
+
+    completed = _torchrun(["-m", "defect_studio", "train", str(demo_project), *DISTRIBUTED_TINY, "--tiling", "tiles",
+                           "--tile-size", "64"], cwd=tmp_path)
+    output = completed.stdout + completed.stderr
+    assert completed.returncode != 0 and output.count("runs in one process, not 2") == 1, output  # rank 0 says why
+    assert not [line for line in output.splitlines() if line.strip().startswith("File ") and "defect_studio" in line]
+    assert not list((demo_project / "models").glob("*.pt")) and _runs(demo_project) == []
