@@ -95,6 +95,10 @@ def test_an_image_scores_its_most_defect_like_tile_everywhere(trained, surfaces)
     tile_scores = classifier.predict_scores([images[1][box.slices] for box in grid.boxes()])
     assert scores[1] == pytest.approx(tile_scores.max(), abs=1e-6)
     assert cam_tiling(classifier) == classifier.tiling  # the tiled CAMs cut the tiles it learned on
+    from defect_studio.ml.mislabels import classifier_evidence
+
+    evidence, _ = classifier_evidence(classifier, images[:3])  # the review order's and the mislabel queue's score
+    np.testing.assert_array_equal(evidence, scores[:3])
     assert classifier.predict_labels(images[:2]) == ["good" if s <= classifier.decision_threshold else "defect" for s in scores[:2]]
 
 

@@ -5,6 +5,10 @@ images are decoded and prepared once and cached in memory, the network trains wi
 sampler, surface augmentation, AdamW and a warm-up + cosine schedule fitted to the time budget (re-planned
 after each epoch), and is evaluated on a fixed validation split after every epoch. The best epoch (by validation AUROC, then loss) is kept in memory and written
 atomically at the end, so a cancelled run leaves any previous checkpoint untouched.
+
+A config whose tiling cuts images (`ClassifierConfig.tiling`) trains by tiles instead
+(`ml/tile_training.py`: multiple-instance learning, with the same epochs, budget and checkpoint), and
+`LoadedClassifier.predict_scores` then scores a large image by its most defect-like tile.
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Generator, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Generator, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -51,6 +51,9 @@ from defect_studio.ml.metrics import auroc, binary_scores
 from defect_studio.ml.models import DefectClassifier, build_classifier
 from defect_studio.ml.preprocess import Preprocessing
 from defect_studio.ml.tiling import Tiling
+
+if TYPE_CHECKING:
+    from defect_studio.ml.classifier import TrainResult
 
 # Each good image gives this many times `mil_top_k` random tiles besides its hard negatives: good texture is
 # plentiful and cheap to learn from, and the balanced sampler repeats the defect tiles to match.
@@ -285,7 +288,7 @@ def refuse_several_processes(config: ClassifierConfig, processes: int) -> None:
 def train_by_tiles(
     samples: Sequence, config: ClassifierConfig, checkpoint_path: Path, cancel: CancelToken, device: torch.device,
     validation_keys: Iterable[str] | None, evaluation: Sequence, ranks: Ranks,
-) -> Generator[Progress, None, "TrainResult"]:  # type: ignore[name-defined]  # noqa: F821
+) -> Generator[Progress, None, TrainResult]:
     """The classifier's training job (`train_classifier_job`) when its tiling cuts images: the same epochs,
     budget, early stopping, best-epoch checkpoint and result, over bags of tiles (module docstring)."""
     from defect_studio.ml import classifier as whole
