@@ -228,3 +228,24 @@ def test_torchrun_ranks_refuse_training_by_tiles_with_one_message(demo_project: 
     assert completed.returncode != 0 and output.count("runs in one process, not 2") == 1, output  # rank 0 says why
     assert not [line for line in output.splitlines() if line.strip().startswith("File ") and "defect_studio" in line]
     assert not list((demo_project / "models").glob("*.pt")) and _runs(demo_project) == []
+
+
+@pytest.mark.parametrize("stage", ["load", "novelty", "train"])
+def test_cancel_while_training_by_tiles_keeps_the_previous_model(trained, surfaces, tmp_path: Path, stage: str) -> None:  # type: ignore[no-untyped-def]
+    from defect_studio.jobs import JobCancelled
+
+    samples, validation = surfaces
+    checkpoint = tmp_path / "classifier.pt"
+    checkpoint.write_bytes(trained[1][0].checkpoint_path.read_bytes())
+    before = checkpoint.read_bytes()
+    cancel = CancelToken()
+
+    def cancel_at_stage(event) -> None:  # type: ignore[no-untyped-def]
+        if event.stage == stage:
+            cancel.cancel()
+
+    config = ClassifierConfig(**{**SMALL, "seed": 1}, tiling="tiles", tile_size=TILE, tile_overlap=0)
+    with pytest.raises(JobCancelled):
+        run_job(train_classifier_job(samples, config, checkpoint, cancel, "cpu", validation_keys=validation), cancel_at_stage)
+    assert checkpoint.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["classifier.pt"]  # no temporary left behind

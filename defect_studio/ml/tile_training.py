@@ -61,6 +61,7 @@ RANDOM_NEGATIVES = 3
 PRIOR_TILES = 2048  # good tiles whose features feed the good-image prior (its candidates are capped anyway)
 NOVELTY_BANK = 512  # good locations kept (a k-centre coreset) to measure the novelty against
 NOVELTY_CANDIDATES = 16384  # good locations the coreset is chosen from
+SCORING_CHUNK_BYTES = 128 * 2**20  # float tiles made from the 8-bit store at a time
 
 
 def bag_probability(tile_probabilities: np.ndarray) -> float:
@@ -130,7 +131,7 @@ def cut_into_bags(
 
 @torch.no_grad()
 def good_tile_novelty(model: DefectClassifier, store: InstanceStore, labels: np.ndarray, device: torch.device,
-                      config: ClassifierConfig, batch_size: int = 64) -> np.ndarray:
+                      config: ClassifierConfig, cancel: CancelToken, batch_size: int = 64) -> np.ndarray:
     """Each instance's novelty: its most unusual first-stage location's distance to the nearest location of
     the good images' tiles (PatchCore's measure, against a k-centre coreset), in the network as it is. The
     first stage: a small defect is most unlike good texture in the finest features, and even random
@@ -159,6 +160,7 @@ def good_tile_novelty(model: DefectClassifier, store: InstanceStore, labels: np.
     bank = pool[greedy_coreset(pool, NOVELTY_BANK, config.seed)]
     novelty = np.zeros(len(store), np.float32)
     for first in range(0, len(store), batch_size):
+        cancel.raise_if_cancelled()
         part = locations(slice(first, first + batch_size))
         distances = nearest_distances(part.reshape(-1, part.shape[-1]), bank).view(len(part), -1)
         novelty[first : first + len(part)] = distances.max(dim=1).values.numpy()
@@ -233,20 +235,26 @@ class _Bags:
     tiled_images: int
 
 
-def _bag_probabilities(model: DefectClassifier, store: InstanceStore, device: torch.device, config: ClassifierConfig
-                       ) -> tuple[np.ndarray, np.ndarray]:
-    """(every instance's probability, every bag's)."""
+def _bag_probabilities(model: DefectClassifier, store: InstanceStore, device: torch.device, config: ClassifierConfig,
+                       cancel: CancelToken) -> tuple[np.ndarray, np.ndarray]:
+    """(every instance's probability, every bag's), a float chunk of at most SCORING_CHUNK_BYTES at a time."""
     from defect_studio.ml.classifier import predict_cached
 
-    instance = predict_cached(model, store, device, config)  # type: ignore[arg-type]  # indexable like a cache
+    tile_bytes = 4 * store.pixels[0].numel() if len(store) else 1
+    chunk = 64 * max(1, SCORING_CHUNK_BYTES // (64 * tile_bytes))  # whole batches of predict_cached's 64
+    parts = []
+    for start in range(0, len(store), chunk):
+        cancel.raise_if_cancelled()  # a pass over every tile of a large project takes minutes
+        parts.append(predict_cached(model, store[start : start + chunk], device, config))
+    instance = np.concatenate(parts) if parts else np.zeros(0, np.float32)
     return instance, store.bag_probabilities(instance)
 
 
-def _validate(model: DefectClassifier, bags: _Bags, config: ClassifierConfig, device: torch.device
+def _validate(model: DefectClassifier, bags: _Bags, config: ClassifierConfig, device: torch.device, cancel: CancelToken,
               ) -> tuple[dict[str, float], float]:
     from defect_studio.ml.classifier import choose_threshold
 
-    _, val_p = _bag_probabilities(model, bags.val, device, config)
+    _, val_p = _bag_probabilities(model, bags.val, device, config, cancel)
     val_loss = float(torch.nn.functional.binary_cross_entropy(
         torch.from_numpy(val_p).double().clamp(1e-7, 1 - 1e-7), torch.from_numpy(bags.val_y).double()))
     threshold = choose_threshold(bags.val_y, val_p)
@@ -310,7 +318,7 @@ def train_by_tiles(
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     yield Progress("novelty", 0, 1, "how unlike the good images' tiles each tile looks")
-    novelty = good_tile_novelty(model, bags.train, bags.train_y, device, config)
+    novelty = good_tile_novelty(model, bags.train, bags.train_y, device, config, cancel)
     generator = torch.Generator().manual_seed(config.seed)
     _, first_targets = select_instances(np.zeros(len(bags.train), np.float32), bags.train.starts, bags.train_y,
                                         config.mil_top_k, torch.Generator())
@@ -326,7 +334,7 @@ def train_by_tiles(
             break
         cancel.raise_if_cancelled()
         epoch_start = time.monotonic()
-        tile_p, _ = _bag_probabilities(model, bags.train, device, config)
+        tile_p, _ = _bag_probabilities(model, bags.train, device, config, cancel)
         chosen, targets = select_instances(tile_p, bags.train.starts, bags.train_y, config.mil_top_k, generator,
                                            novelty, novelty_weight(epoch, planned_epochs))
         cancel.raise_if_cancelled()
@@ -336,7 +344,7 @@ def train_by_tiles(
         order = whole._epoch_order(targets, config, optimisation.steps_per_epoch, generator)
         train_loss = whole._run_epoch(model, epoch_data, config, optimisation, order, generator, False, cancel, device, ranks)
         cancel.raise_if_cancelled()
-        val_metrics, threshold = _validate(model, bags, config, device)
+        val_metrics, threshold = _validate(model, bags, config, device, cancel)
         epoch_times.append(time.monotonic() - epoch_start)
         epochs_run = epoch
         metrics = {"loss": train_loss, **val_metrics, "lr": float(optimisation.scheduler.get_last_lr()[0])}
@@ -356,7 +364,7 @@ def train_by_tiles(
 
     assert best.state is not None  # every epoch runs at full resolution, and the first is always kept
     model.load_state_dict(best.state)
-    final_metrics, test_probabilities = _final_metrics(model, bags, evaluation, config, device, best)
+    final_metrics, test_probabilities = _final_metrics(model, bags, evaluation, config, device, best, cancel)
     cancel.raise_if_cancelled()
     yield from _write_checkpoint(model, bags, config, preprocessing, best, final_metrics, checkpoint_path, cancel, device)
     result = whole.TrainResult(
@@ -370,16 +378,16 @@ def train_by_tiles(
     return result
 
 
-def _final_metrics(model: DefectClassifier, bags: _Bags, evaluation: Sequence, config: ClassifierConfig,
-                   device: torch.device, best) -> tuple[dict[str, float], list[float] | None]:  # type: ignore[no-untyped-def]
-    _, train_p = _bag_probabilities(model, bags.train, device, config)
+def _final_metrics(model: DefectClassifier, bags: _Bags, evaluation: Sequence, config: ClassifierConfig,  # type: ignore[no-untyped-def]
+                   device: torch.device, best, cancel: CancelToken) -> tuple[dict[str, float], list[float] | None]:
+    _, train_p = _bag_probabilities(model, bags.train, device, config, cancel)
     final = {**best.metrics, "train_auroc": auroc(bags.train_y, train_p), "best_epoch": float(best.epoch),
              "val_threshold": best.threshold, "train_images": float(len(bags.train_samples)),
              "val_images": float(len(bags.val_samples)), "train_tiles": float(len(bags.train))}
     if bags.evaluation is None:
         return final, None
     eval_y = np.array([s[1] == "defect" for s in evaluation], dtype=np.int64)
-    _, eval_p = _bag_probabilities(model, bags.evaluation, device, config)
+    _, eval_p = _bag_probabilities(model, bags.evaluation, device, config, cancel)
     scores = binary_scores(eval_y, eval_p > best.threshold)
     final.update({"test_auroc": auroc(eval_y, eval_p), "test_f1": scores.f1, "test_accuracy": scores.accuracy,
                   "test_precision": scores.precision, "test_recall": scores.recall})
