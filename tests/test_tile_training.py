@@ -27,7 +27,7 @@ from defect_studio.ml.tiling import WHOLE_IMAGE_MAX_PIXELS, Tiling
 SIZE = 768  # letterboxed into 64 px, a 5 px pit is a third of a pixel deep in texture
 TILE = 64
 PITS = 5
-TRAIN, VALIDATION = 16, 12
+TRAIN, VALIDATION, TEST = 16, 12, 16
 SMALL = dict(arch="compact", width=8, input_size=TILE, epochs=20, min_epochs=20, batch_size=16, learning_rate=5e-3,
              seed=0, threads=1, augment=True)
 
@@ -47,39 +47,52 @@ def pitted_surface(seed: int, pits: int, size: int = SIZE) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def surfaces(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[tuple[Path, str, str]], set[str]]:
-    """Half defect, half good, alternating; the last VALIDATION images are the validation set."""
-    folder = tmp_path_factory.mktemp("surfaces")
+    """Half defect, half good, alternating: TRAIN training images, then VALIDATION validation images (the
+    returned keys); `test_surfaces` are TEST more, scored only at the end."""
+    return _surfaces(tmp_path_factory.mktemp("surfaces"), range(TRAIN + VALIDATION)), \
+        {f"sha-{index:03d}" for index in range(TRAIN, TRAIN + VALIDATION)}
+
+
+@pytest.fixture(scope="module")
+def test_surfaces(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[Path, str, str]]:
+    return _surfaces(tmp_path_factory.mktemp("test-surfaces"), range(TRAIN + VALIDATION, TRAIN + VALIDATION + TEST))
+
+
+def _surfaces(folder: Path, indices: range) -> list[tuple[Path, str, str]]:
     samples = []
-    for index in range(TRAIN + VALIDATION):
+    for index in indices:
         label = "defect" if index % 2 else "good"
         path = folder / f"{index:03d}-{label}.png"
         cv2.imwrite(str(path), pitted_surface(index, PITS if label == "defect" else 0))
         samples.append((path, label, f"sha-{index:03d}"))
-    return samples, {sha for _, _, sha in samples[TRAIN:]}
+    return samples
 
 
-def _train(samples, validation: set[str], path: Path, **settings):  # type: ignore[no-untyped-def]
+def _train(samples, validation: set[str], evaluation, path: Path, **settings):  # type: ignore[no-untyped-def]
     started = time.monotonic()
     result = run_job(train_classifier_job(samples, ClassifierConfig(**{**SMALL, **settings}), path, CancelToken(), "cpu",
-                                          validation_keys=validation))
+                                          validation_keys=validation, evaluation=evaluation))
     return result, time.monotonic() - started
 
 
 @pytest.fixture(scope="module")
-def trained(surfaces, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+def trained(surfaces, test_surfaces, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     samples, validation = surfaces
     folder = tmp_path_factory.mktemp("models")
-    whole = _train(samples, validation, folder / "whole.pt", tiling="whole")
-    tiles = _train(samples, validation, folder / "tiles.pt", tiling="tiles", tile_size=TILE, tile_overlap=0)
+    whole = _train(samples, validation, test_surfaces, folder / "whole.pt", tiling="whole")
+    tiles = _train(samples, validation, test_surfaces, folder / "tiles.pt", tiling="tiles", tile_size=TILE, tile_overlap=0)
     return whole, tiles
 
 
 def test_tiles_find_pits_that_letterboxed_images_lose(trained) -> None:  # type: ignore[no-untyped-def]
     (whole, whole_seconds), (tiles, tiles_seconds) = trained
-    print(f"whole: val AUROC {whole.metrics['val_auroc']:.3f} in {whole_seconds:.1f} s; "
-          f"tiles: val AUROC {tiles.metrics['val_auroc']:.3f} in {tiles_seconds:.1f} s")
-    assert whole.metrics["val_auroc"] <= 0.75
-    assert tiles.metrics["val_auroc"] >= 0.9
+    for name, result, seconds in (("whole", whole, whole_seconds), ("tiles", tiles, tiles_seconds)):
+        print(f"{name}: AUROC validation {result.metrics['val_auroc']:.3f}, test {result.metrics['test_auroc']:.3f}, "
+              f"training {result.metrics['train_auroc']:.3f}; {seconds:.1f} s")
+    # The test images never chose an epoch: the best validation epoch of 20 may be a lucky one, they are not
+    # (without the novelty ranking, tiles reached validation 0.92 at one epoch with training AUROC 0.59).
+    assert whole.metrics["val_auroc"] <= 0.75 and whole.metrics["test_auroc"] <= 0.75
+    assert min(tiles.metrics[name] for name in ("val_auroc", "test_auroc", "train_auroc")) >= 0.9
     assert tiles.metrics["train_tiles"] == TRAIN * (SIZE // TILE) ** 2
 
 
