@@ -20,7 +20,7 @@ def _chosen_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The classifier settings the command's options set (the rest come from the project)."""
     settings: dict[str, Any] = {}
     for name in ("arch", "epochs", "width", "output_stride", "pooling", "input_size", "seed", "learning_rate", "batch_size",
-                 "threads"):
+                 "threads", "tiling", "tile_size", "tile_overlap"):
         value = getattr(args, name, None)
         if value is not None:
             settings[name] = value
@@ -46,7 +46,8 @@ def _make_config(settings: dict[str, Any]) -> ClassifierConfig:
 def _project_config(project: Project, args: argparse.Namespace) -> ClassifierConfig:
     """The project's classifier settings (chosen in the app or by an earlier `train`) with the options over
     them; the options are kept in the project for the next training, from either face."""
-    from defect_studio.ml.classifier_options import ARCH_DEFAULTS
+    from defect_studio.dataset_layout import LABELS
+    from defect_studio.ml.classifier_options import ARCH_DEFAULTS, choose_classifier_tiling
     from defect_studio.workflow_settings import load_workflow_settings, save_workflow_settings
 
     chosen = _chosen_settings(args)
@@ -56,6 +57,8 @@ def _project_config(project: Project, args: argparse.Namespace) -> ClassifierCon
         # another backbone brings its own input size, learning rate and epochs (as the Train tab does)
         stored = {k: v for k, v in stored.items() if k not in ARCH_DEFAULTS[chosen["arch"]]}
     config = _make_config({**stored, **chosen})
+    # A tiling these images cannot take is refused before it is kept for the next training.
+    choose_classifier_tiling(config, [(r.height, r.width) for r in project.images() if r.tag in LABELS])
     record.classifier = {k: v for k, v in {**stored, **chosen}.items() if k != "threads"}
     save_workflow_settings(project, record)
     return config
@@ -64,10 +67,13 @@ def _project_config(project: Project, args: argparse.Namespace) -> ClassifierCon
 def run_train(args: argparse.Namespace) -> int:
     from defect_studio.ml.distributed import launched_by_torchrun
 
-    ClassifierConfig.from_settings(_chosen_settings(args))  # refuse bad options before anything starts
+    chosen = ClassifierConfig.from_settings(_chosen_settings(args))  # refuse bad options before anything starts
     if launched_by_torchrun():
         return _run_train_rank(args)
     if args.nproc is not None and args.nproc > 1:
+        from defect_studio.ml.tile_training import refuse_several_processes
+
+        refuse_several_processes(chosen, args.nproc)
         return launch_workers(args.nproc, without_nproc(args.argv))
     from defect_studio.ml.classifier import train_project_classifier_job
     from defect_studio.project import Project
@@ -108,6 +114,7 @@ def _run_train_rank(args: argparse.Namespace) -> int:
     from defect_studio.errors import DefectStudioError
     from defect_studio.ml.classifier import begin_project_training, plan_project_training, record_project_training, train_classifier_job
     from defect_studio.ml.distributed import check_shared_folder, process_group
+    from defect_studio.ml.tile_training import refuse_several_processes
     from defect_studio.project import Project
 
     cancel = CancelToken()
@@ -119,6 +126,7 @@ def _run_train_rank(args: argparse.Namespace) -> int:
                 try:
                     project = Project.open(args.project)
                     plan_or_error = plan_project_training(project, _project_config(project, args))
+                    refuse_several_processes(plan_or_error.config, ranks.world_size)
                 except DefectStudioError as error:
                     plan_or_error = error
             # Rank 0's refusal reaches every rank: none is left waiting for a plan that never comes.
@@ -145,6 +153,7 @@ def _run_train_rank(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     from defect_studio.ml.classifier_options import ARCHITECTURES, POOLINGS
+    from defect_studio.ml.tiling import TILING_MODES
 
     parser = subparsers.add_parser(
         "train", help="train the defect classifier on the project's tagged images",
@@ -168,6 +177,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--pretrained", type=Path, metavar="FILE",
                         help="local torchvision ImageNet weights for --arch resnet18/resnet34 (never downloaded)")
     parser.add_argument("--threads", type=int, help="CPU threads for training (default: torch's choice)")
+    parser.add_argument("--tiling", choices=TILING_MODES,
+                        help="tiles: learn from tiles of each image at native resolution (an image is defect when some tile is); "
+                        "whole: letterbox every image into the input; auto: tiles for images over 1024 x 1024 pixels "
+                        "(default: whole when every image is that small, else auto; kept in the project)")
+    parser.add_argument("--tile-size", dest="tile_size", type=int, metavar="N", help="tile side in px (default: the input size)")
+    parser.add_argument("--overlap", dest="tile_overlap", type=int, metavar="N",
+                        help="px that neighbouring tiles share (default: a quarter of the tile)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--nproc", type=int, metavar="N",
                         help="train with N processes on this machine (torch.distributed: one per GPU, or gloo on the CPU); "

@@ -5,6 +5,10 @@ images are decoded and prepared once and cached in memory, the network trains wi
 sampler, surface augmentation, AdamW and a warm-up + cosine schedule fitted to the time budget (re-planned
 after each epoch), and is evaluated on a fixed validation split after every epoch. The best epoch (by validation AUROC, then loss) is kept in memory and written
 atomically at the end, so a cancelled run leaves any previous checkpoint untouched.
+
+A config whose tiling cuts images (`ClassifierConfig.tiling`) trains by tiles instead
+(`ml/tile_training.py`: multiple-instance learning, with the same epochs, budget and checkpoint), and
+`LoadedClassifier.predict_scores` then scores a large image by its most defect-like tile.
 """
 
 from __future__ import annotations
@@ -29,12 +33,14 @@ from defect_studio.errors import DataError, ModelError
 from defect_studio.imageio import read_image
 from defect_studio.jobs import CancelToken, EtaClock, Progress, ProgressKind
 from defect_studio.ml.augment import augment_batch, surface_augmentation
+from defect_studio.ml.classifier_options import choose_classifier_tiling, classifier_tile_grid
 from defect_studio.ml.good_prior import GoodImagePrior, build_good_prior
 from defect_studio.ml.device import describe_device, peak_memory_mb, select_device, torch_threads
 from defect_studio.ml.distributed import Ranks, data_parallel
 from defect_studio.ml.metrics import auroc, binary_scores
 from defect_studio.ml.models import ClassifierConfig, DefectClassifier, build_classifier
 from defect_studio.ml.preprocess import Geometry, Preprocessing
+from defect_studio.ml.tiling import Tiling
 
 if TYPE_CHECKING:
     from defect_studio.project.store import Project
@@ -249,9 +255,31 @@ class LoadedClassifier:
         batch, geometries = self.preprocessing.prepare_batch(images)
         return _to_device(batch, self.device, self.config.channels_last), geometries
 
-    @torch.no_grad()
+    @property
+    def tiling(self) -> Tiling | None:
+        """How this classifier cuts an image (recorded in its checkpoint; None: whole, as before tiles)."""
+        return self.config.image_tiling()
+
     def predict_scores(self, images: list[np.ndarray]) -> np.ndarray:
-        """Defect probabilities, one per float [0, 1] H×W×C image."""
+        """Defect probabilities, one per float [0, 1] H×W×C image: of the image letterboxed whole, or,
+        where the classifier's tiling cuts it, of its most defect-like tile (`bag_probability`)."""
+        grids = [classifier_tile_grid(self.tiling, image.shape[0], image.shape[1]) for image in images]
+        if all(grid is None for grid in grids):
+            return self._whole_scores(images)
+        from defect_studio.ml.tile_training import bag_probability
+
+        scores = np.zeros(len(images), dtype=np.float32)
+        whole = [index for index, grid in enumerate(grids) if grid is None]
+        scores[whole] = self._whole_scores([images[index] for index in whole])
+        for index, grid in enumerate(grids):
+            if grid is not None:
+                tiles = [images[index][box.slices] for box in grid.boxes()]  # views: no pixels copied
+                scores[index] = bag_probability(self._whole_scores(tiles))
+        return scores
+
+    @torch.no_grad()
+    def _whole_scores(self, images: list[np.ndarray]) -> np.ndarray:
+        """Defect probabilities of images letterboxed whole (as every image was before tiles)."""
         scores = []
         for start in range(0, len(images), INFERENCE_BATCH):
             batch, _ = self.prepare(images[start : start + INFERENCE_BATCH])
@@ -627,6 +655,10 @@ def _train(
     evaluation: Sequence[Sample],
     ranks: Ranks,
 ) -> Generator[Progress, None, TrainResult]:
+    if config.image_tiling() is not None:
+        from defect_studio.ml.tile_training import train_by_tiles
+
+        return (yield from train_by_tiles(samples, config, checkpoint_path, cancel, device, validation_keys, evaluation, ranks))
     started = time.monotonic()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -788,6 +820,7 @@ def plan_project_training(project: Project, config: ClassifierConfig) -> Project
     records = [r for r in project.images() if r.tag in LABELS]
     check_two_classes([r.tag for r in records])
     config = fit_input_size(config, max(max(r.height, r.width) for r in records))
+    config = choose_classifier_tiling(config, [(r.height, r.width) for r in records])
     seed = project.get_setting(VALIDATION_SEED_SETTING, None)
     seed = int(config.seed if seed is None else seed)
     return ProjectTrainingPlan(

@@ -6,7 +6,8 @@ from __future__ import annotations
 from dataclasses import InitVar, asdict, dataclass, field, fields
 from typing import Any
 
-from defect_studio.errors import ConfigError, ModelError
+from defect_studio.errors import ConfigError, DataError, ModelError
+from defect_studio.ml.tiling import MIN_TILE_SIZE, TILING_MODES, WHOLE_IMAGE_MAX_PIXELS, TileGrid, Tiling, check_tile_settings
 
 ARCHITECTURES = ("efficientnet-lite0", "compact", "resnet18", "resnet34")
 PRETRAINED_ARCHITECTURES = ("efficientnet-lite0",)  # ImageNet weights ship with the package
@@ -26,7 +27,8 @@ ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
                  "output_stride": 16, "epochs": 60, "patience": 12, "min_epochs": 8},
 }
 POOLINGS = ("avg", "max", "topk", "lse")
-OLD_LEARNING_RATE = "lr"  # the name of `learning_rate` before it matched the segmenter's
+OLD_LEARNING_RATE = "lr"
+TILING_SETTINGS = ("tiling", "tile_size", "tile_overlap", "mil_top_k")  # the name of `learning_rate` before it matched the segmenter's
 
 
 @dataclass
@@ -75,6 +77,14 @@ class ClassifierConfig:
     # The good-image prior: a memory bank of the good images' stage features, kept in the checkpoint.
     prior_stage: int = 3  # stride 16: measured best for EfficientNet-Lite0 on MT
     prior_bank_size: int = 8192  # coreset size: bounded memory and a fixed cost per query
+    # Tiles (issue 15): "tiles" makes every image larger than a tile a bag of tiles at native resolution
+    # (multiple-instance learning, ml/tile_training.py); "auto" only the images above one segmenter tile
+    # of pixels (1024 x 1024); "whole" letterboxes every image, as before tiles. None: chosen from the
+    # project's image sizes when it trains (`choose_classifier_tiling`); a checkpoint without it is whole.
+    tiling: str | None = None
+    tile_size: int | None = None  # px; None: the input size (the network sees each tile unshrunk)
+    tile_overlap: int | None = None  # px; None: a quarter of the tile, as the tiled CAMs always cut
+    mil_top_k: int = 2  # tiles of each defect image trained as defect each epoch (its highest scoring)
     extra: dict[str, Any] = field(default_factory=dict)
     # `learning_rate` by its earlier name: checkpoints, stored settings and callers from before it matched
     # the segmenter's. Read only; a config always stores `learning_rate`.
@@ -97,6 +107,31 @@ class ClassifierConfig:
             raise ValueError(f"output_stride must be 8, 16 or 32, got {self.output_stride}")
         if len(self.blocks) != 4:
             raise ValueError(f"blocks must give 4 stages, got {self.blocks}")
+        if self.tiling is not None and self.tiling not in TILING_MODES:
+            raise ValueError(f"unknown tiling {self.tiling!r}; choose one of {', '.join(TILING_MODES)}")
+        if self.tile_size is not None and (int(self.tile_size) != self.tile_size or self.tile_size < MIN_TILE_SIZE):
+            raise ValueError(f"the tile size {self.tile_size!r} px is smaller than the network's minimum of "
+                             f"{MIN_TILE_SIZE} px (a tile must span at least one cell of its last stage)")
+        try:
+            check_tile_settings(self.tile_pixels, self.overlap_pixels)
+        except DataError as error:
+            raise ValueError(str(error)) from error
+        if int(self.mil_top_k) != self.mil_top_k or self.mil_top_k < 1:
+            raise ValueError(f"mil_top_k must be a whole number of tiles, at least 1, got {self.mil_top_k!r}")
+
+    @property
+    def tile_pixels(self) -> int:
+        return int(self.tile_size if self.tile_size is not None else max(MIN_TILE_SIZE, self.input_size))
+
+    @property
+    def overlap_pixels(self) -> int:
+        return int(self.tile_overlap if self.tile_overlap is not None else self.tile_pixels // 4)
+
+    def image_tiling(self) -> Tiling | None:
+        """How this classifier cuts images (None: every image whole, as before tiles)."""
+        if self.tiling in (None, "whole"):
+            return None
+        return Tiling(self.tiling, self.tile_pixels, self.overlap_pixels, WHOLE_IMAGE_MAX_PIXELS)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -124,6 +159,41 @@ class ClassifierConfig:
             return cls(**{k: v for k, v in data.items() if k in known})
         except (TypeError, ValueError) as error:
             raise ModelError(f"the checkpoint's classifier config is invalid ({error}).") from error
+
+
+def classifier_tile_grid(tiling: Tiling | None, height: int, width: int) -> TileGrid | None:
+    """The one rule for where a classifier cuts an image (training, scores and tiled CAMs all use it):
+    None, computed whole, for no tiling or "whole", for "auto" up to its whole-image limit, and for an
+    image no larger than one tile (it is already at least at native resolution); else the tile grid."""
+    if tiling is None or tiling.mode == "whole":
+        return None
+    if height <= tiling.tile_size and width <= tiling.tile_size:
+        return None
+    return tiling.grid_for(height, width)
+
+
+def choose_classifier_tiling(config: ClassifierConfig, image_sizes: list[tuple[int, int]]) -> ClassifierConfig:
+    """The config with its tiling settled for images of these (height, width)s.
+
+    Unset (None), the tiling is chosen from the sizes as the segmenter's is (`choose_tiling`): "whole" when
+    every image has at most one segmenter tile of pixels (1024 x 1024: as before tiles), else "auto": the
+    larger images become bags of tiles of the input size, the others stay whole. "auto" that would cut no
+    image is "whole". The tile size and overlap are written out, so the run's record says what it used. A tile larger than every image in "tiles" mode is
+    refused: nothing would be tiled."""
+    import dataclasses
+
+    from defect_studio.ml.tiling import choose_tiling
+
+    mode = config.tiling or choose_tiling(image_sizes, config.tile_pixels, config.overlap_pixels).mode
+    auto = Tiling("auto", config.tile_pixels, config.overlap_pixels, WHOLE_IMAGE_MAX_PIXELS)
+    if mode == "auto" and not any(classifier_tile_grid(auto, h, w) is not None for h, w in image_sizes):
+        mode = "whole"  # auto cuts none of these images: they train whole, as before tiles, and say so
+    if mode == "tiles" and image_sizes and all(max(h, w) <= config.tile_pixels for h, w in image_sizes):
+        largest = max(max(h, w) for h, w in image_sizes)
+        raise ConfigError(f"the tile size ({config.tile_pixels} px) is not smaller than any image (the largest side is "
+                          f"{largest} px), so no image would be cut into tiles: choose tiles under {largest} px or "
+                          "tiling 'whole'.")
+    return dataclasses.replace(config, tiling=mode, tile_size=config.tile_pixels, tile_overlap=config.overlap_pixels)
 
 
 # Read access by the earlier name (the InitVar above takes it on construction).

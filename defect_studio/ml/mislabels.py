@@ -104,7 +104,10 @@ def classifier_evidence(classifier: Any, images: Sequence[np.ndarray], batch_siz
         with capture_stage_outputs(model, [stage - 1]) as captured:
             logits = model(batch)
             activation = captured[stage - 1].float()
-        probabilities.append(torch.sigmoid(logits.float().reshape(len(batch), -1)[:, 0]).cpu().numpy())
+        if getattr(classifier, "tiling", None) is not None:  # trained on tiles: an image scores by its tiles, as everywhere
+            probabilities.append(classifier.predict_scores(list(images[start : start + batch_size])))
+        else:
+            probabilities.append(torch.sigmoid(logits.float().reshape(len(batch), -1)[:, 0]).cpu().numpy())
         local = local_features(activation, neighbourhood).cpu()
         for cells, geometry in zip(local, geometries):
             rows, cols = _content_cells(geometry, tuple(cells.shape[1:]))

@@ -10,8 +10,9 @@ strongest texture at full strength. Each tile's map is therefore weighted by the
 probability for that tile, the multiple-instance reading of an image-level tag (an image is defect
 when some tile is): a tile the classifier calls good contributes little, whatever its CAM says.
 
-The classifier itself is not trained on tiles yet (it learned whole letterboxed images), so its
-tile scores are those of a model used at a smaller shrink than it trained at.
+A classifier trained on tiles (`ml.tile_training`) cuts the image as it trained, by its checkpoint's
+tiling, and its tile probabilities are those it learned; one trained whole is cut by the fixed rule
+below, its tile scores those of a model used at a smaller shrink than it trained at.
 """
 
 from __future__ import annotations
@@ -22,13 +23,18 @@ import numpy as np
 import torch
 
 from defect_studio.ml.cams import CamSpec, compute_cams
+from defect_studio.ml.classifier_options import classifier_tile_grid
 from defect_studio.ml.tiling import MIN_TILE_SIZE, WHOLE_IMAGE_MAX_PIXELS, Tiling, stitch_map
 
 
 def cam_tiling(classifier: Any) -> Tiling:
-    """The default tiling for CAMs: tiles as large as the classifier's input, so it sees each at its own
-    resolution (a 1024 px tile would be shrunk 8 times into a 128 px input, and a 3 px pit with it);
-    an image that fits in one segmenter tile (1024 × 1024) is computed whole, as before."""
+    """The default tiling for CAMs: a classifier trained on tiles, its own; else tiles as large as the
+    classifier's input, so it sees each at its own resolution (a 1024 px tile would be shrunk 8 times
+    into a 128 px input, and a 3 px pit with it); an image that fits in one segmenter tile (1024 × 1024)
+    is computed whole, as before."""
+    trained = getattr(classifier, "tiling", None)
+    if isinstance(trained, Tiling) and trained.mode != "whole":
+        return trained
     size = max(MIN_TILE_SIZE, int(classifier.preprocessing.input_size))
     return Tiling("auto", size, size // 4, WHOLE_IMAGE_MAX_PIXELS)
 
@@ -56,7 +62,7 @@ def tiled_cam(classifier: Any, image: np.ndarray, method: str | CamSpec, setting
     map times its defect probability, blended. Values in [0, 1]; by tiles they are not re-normalised,
     so an image the classifier finds good everywhere keeps a low map."""
     spec = CamSpec.resolve(method, settings)
-    grid = (tiling or cam_tiling(classifier)).grid_for(image.shape[0], image.shape[1])
+    grid = classifier_tile_grid(tiling or cam_tiling(classifier), image.shape[0], image.shape[1])
     if grid is None:
         return compute_cams(classifier, [image], spec)[0]
 

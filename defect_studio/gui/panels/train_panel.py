@@ -10,7 +10,8 @@ from defect_studio.gui.panels.common import ConfigForm, JobRow, training_threads
 from defect_studio.gui.plotting import pg
 from defect_studio.gui.session import Session, Stage
 from defect_studio.jobs import Progress, ProgressKind
-from defect_studio.ml.classifier_options import ARCH_DEFAULTS, ARCHITECTURES, ClassifierConfig
+from defect_studio.ml.classifier_options import ARCH_DEFAULTS, ARCHITECTURES, TILING_SETTINGS, ClassifierConfig
+from defect_studio.ml.tiling import TILING_MODES
 from defect_studio.workflow_settings import load_workflow_settings, update_workflow_settings
 
 CLASSIFIER_FIELDS = [
@@ -27,6 +28,9 @@ CLASSIFIER_FIELDS = [
     ("max_train_seconds", "Time budget (s)", "Stop after the epoch that exceeds this many seconds (none: no limit)"),
     ("seed", "Seed", "Same seed and data give the same model"),
     ("augment", "Augment", "Random flips/rotations/brightness during training"),
+    ("tiling", "Tiling", "tiles: learn from tiles of each image at its own resolution (an image is defect when some "
+     "tile is), for small defects on large images; whole: letterbox every image into the input; auto: tiles for "
+     "images over 1024 x 1024 pixels"),
 ]
 
 CURVE_STYLE = {
@@ -71,7 +75,7 @@ class TrainPanel(QWidget):
 
         settings_box = QGroupBox("Classifier settings", self)
         settings_layout = QVBoxLayout(settings_box)
-        self.form = ConfigForm(ClassifierConfig, CLASSIFIER_FIELDS, self, choices={"arch": ARCHITECTURES})
+        self.form = ConfigForm(ClassifierConfig, CLASSIFIER_FIELDS, self, choices={"arch": ARCHITECTURES, "tiling": TILING_MODES})
         self.form.combos["arch"].currentTextChanged.connect(self._show_backbone_defaults)
         settings_layout.addWidget(self.form)
         layout.addWidget(settings_box)
@@ -152,9 +156,11 @@ class TrainPanel(QWidget):
             return False
         from defect_studio.ml.classifier import train_project_classifier_job  # on use: with a broken torch the app still opens, tags and reviews
 
-        update_workflow_settings(project, classifier=self.form.values())  # what `defect-studio train` uses too
+        stored = update_workflow_settings(project, classifier=self.form.values()).classifier  # what `defect-studio train` uses too
+        # The tile size and overlap have no field here: those `train --tile-size/--overlap` kept count.
+        tiling = {name: stored[name] for name in TILING_SETTINGS if name in stored}
         # One torch thread fewer than the cores, so the GUI thread always has a core to paint on.
-        config = self.form.config(threads=training_threads())
+        config = self.form.config(threads=training_threads(), **tiling)
         self._clear_curves()
         self.result_label.setText("Training…")
         started = self.runner.start(lambda cancel: train_project_classifier_job(project, config, cancel),
