@@ -52,6 +52,7 @@ def test_bench_scale_runs_only_the_steps_asked(tmp_path: Path, capsys: pytest.Ca
     assert set(result) & set(STEPS) == {"cams"} and "error" not in result["cams"], result
     assert result["cams"]["tiles"] > 1  # 1.1 MP is over one segmenter tile: by tiles, float16 map, banded labels
     assert "| cams s |" in printed and "predict" not in printed.split("## Notes")[0]
+    assert "predict s/MP" not in printed and "brush:" not in printed  # no notes on the steps not run
 
 
 def test_a_bench_that_needs_a_dataset_says_so(capsys: pytest.CaptureFixture[str]):

@@ -297,6 +297,8 @@ def per_mp_spread(rows: list[dict[str, Any]], column: str) -> float:
 def target_notes(rows: list[dict[str, Any]]) -> list[str]:
     notes = []
     for column in ("import s/MP", "predict s/MP", "cams s/MP"):
+        if not any(column in row for row in rows):  # a step not run (--scale-steps)
+            continue
         spread = per_mp_spread(rows, column)
         verdict = "–" if math.isnan(spread) else ("met" if spread <= PER_MP_SPREAD_TARGET else "NOT met")
         notes.append(f"{column} from 4 MP up: largest distance from the mean {spread * 100:.0f} % "
@@ -346,20 +348,22 @@ def main(args: argparse.Namespace) -> int:
             results.append(result)
             image_path.unlink()
     rows = table_rows(results)
+    step_notes = {
+        "predict": "predict: the default segmenter architecture (EfficientNet-Lite0 U-Net) with an untrained decoder, "
+        "onnxruntime on the CPU, auto tiling (an image that fits in one 1024² tile whole, larger ones by tiles of at "
+        "most 1024 px, 128 px overlap); time includes decoding and writing the mask.",
+        "cams": "cams: the default CAM method on the default classifier (untrained head), by tiles of its input size "
+        "above 1 MP, then the pseudo-label; time includes decoding; the image is held in its 8-bit pixels and made "
+        "float a tile at a time, the stitched map is float16, and the image is let go before the pseudo-label (the "
+        "app's proposal reads the cached map).",
+        "brush": "brush: an 800 × 600 offscreen view fitted to the image, 24 px brush, a spiral stroke near the "
+        f"top-left corner, {BRUSH_EVENTS} mouse-move events; 'brush s' is decoding and showing the image.",
+    }
     notes = target_notes(rows) + [
         "Each step runs in its own process; 'peak MB' is its peak RSS (interpreter, libraries and model "
         "included), '×decoded' is (peak RSS − RSS before the image was read) / the decoded image's bytes; for "
         "predict the baseline includes the model's working memory for one 1024² tile (a warm-up run).",
-        "predict: the default segmenter architecture (EfficientNet-Lite0 U-Net) with an untrained decoder, onnxruntime "
-        "on the CPU, auto tiling (an image that fits in one 1024² tile whole, larger ones by tiles of at most 1024 px, "
-        "128 px overlap); time includes decoding and writing the mask.",
-        "cams: the default CAM method on the default classifier (untrained head), by tiles of its input size above "
-        "1 MP, then the pseudo-label; time includes decoding; the image is held in its 8-bit pixels and made float "
-        "a tile at a time, the stitched map is float16, and the image is let go before the pseudo-label (the app's "
-        "proposal reads the cached map).",
-        "brush: an 800 × 600 offscreen view fitted to the image, 24 px brush, a spiral stroke near the top-left "
-        f"corner, {BRUSH_EVENTS} mouse-move events; 'brush s' is decoding and showing the image.",
-    ]
+    ] + [note for step, note in step_notes.items() if step in steps]
     markdown = write_report(out, "scale", "Scale: time and memory from 1 to 100 megapixels",
                             [("Per image size", rows, [c for c in COLUMNS if any(c in row for row in rows)])], notes,
                             extra={"results": results})
