@@ -148,6 +148,15 @@ def read_image(path: str | os.PathLike[str], max_pixels: int = MAX_PIXELS) -> np
     return to_float01(pixels)
 
 
+def read_image_pixels(path: str | os.PathLike[str], max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """The image in its decoded integer pixels (uint8 or uint16, H×W or H×W×3), a quarter or half of
+    `read_image`'s float32, for code that makes it float a tile at a time (`to_float01(pixels[tile])` is
+    `read_image(path)[tile]`); a float file as `read_image` gives it, since its stretch to [0, 1] needs
+    the whole image's range."""
+    pixels, _ = decode_image(path, max_pixels)
+    return to_float01(pixels) if pixels.dtype.kind == "f" else pixels
+
+
 def encode_mask_png(mask: np.ndarray) -> bytes:
     """Binary mask -> 8-bit PNG bytes, 0 background and 255 defect."""
     if mask.ndim != 2:

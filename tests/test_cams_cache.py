@@ -11,7 +11,15 @@ import torch
 
 from defect_studio.errors import ProjectError
 from defect_studio.jobs import CancelToken, JobCancelled, run_job
-from defect_studio.ml.cam_cache import CamCache, cam_job, decode_heatmap_png, encode_heatmap_png, read_heatmap_png
+from defect_studio.ml.cam_cache import (
+    HEATMAP_BAND_ROWS,
+    CamCache,
+    cam_job,
+    decode_heatmap_png,
+    encode_heatmap_png,
+    quantise_heatmap,
+    read_heatmap_png,
+)
 from defect_studio.ml.cams import CamSettingsError, default_settings
 from defect_studio.workflow_settings import load_workflow_settings
 
@@ -26,6 +34,19 @@ def test_heatmap_png_round_trip_is_16_bit_exact() -> None:
     assert decoded is not None and decoded.shape == cam_map.shape and decoded.dtype == np.float32
     assert np.abs(decoded - cam_map).max() <= 0.5 / 65535 + 1e-7
     assert decode_heatmap_png(b"not a png") is None
+
+
+def test_a_tall_map_is_quantised_by_bands_as_it_was_whole() -> None:
+    rng = np.random.default_rng(1)
+    cam_map = rng.random((3 * HEATMAP_BAND_ROWS + 17, 40), dtype=np.float32) * 1.2 - 0.1  # some outside [0, 1]
+    cam_map[5, 5] = np.nan
+    whole = np.clip(np.nan_to_num(cam_map) * 65535.0 + 0.5, 0, 65535.0).astype(np.uint16)  # before bands
+    np.testing.assert_array_equal(quantise_heatmap(cam_map), whole)
+    half = cam_map.astype(np.float16)  # a tiled CAM: the float32 values it holds, quantised alike
+    np.testing.assert_array_equal(quantise_heatmap(half), quantise_heatmap(half.astype(np.float32)))
+    decoded = decode_heatmap_png(encode_heatmap_png(cam_map))
+    assert decoded is not None
+    np.testing.assert_array_equal(decoded, whole.astype(np.float32) / 65535.0)
 
 
 def test_cache_miss_then_hit(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
@@ -192,3 +193,64 @@ def test_completing_an_interrupted_round_keeps_every_existing_mask_and_decision(
         # Proposing the whole round again (new settings, say) keeps every decision made in it.
         run_job(pseudo_job(project, 0, "gradcam", {"mode": "otsu"}, CancelToken()))
         assert project.mask_record(defects[0].id, 0).state == "rejected"
+
+
+def _whole_image_pseudo_label(score_map: np.ndarray, settings: PseudoLabelSettings) -> tuple[np.ndarray, np.ndarray]:
+    """pseudo_label as it was before it went band by band: one float32 map, its components labelled whole."""
+    score_map = np.nan_to_num(np.asarray(score_map, dtype=np.float32), nan=0.0)
+    if settings.mode == "fixed":
+        high, low = settings.high, settings.low
+    elif settings.mode == "percentile":
+        high = max(float(np.percentile(score_map, settings.high_percentile)), 1e-6)
+        low = min(float(np.percentile(score_map, settings.low_percentile)), high)
+    else:
+        otsu, _ = cv2.threshold(cv2.convertScaleAbs(score_map, alpha=255.0), 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+        high = max(float(otsu) / 255.0, 1e-6)
+        low = high * settings.otsu_low_ratio
+    raw = score_map >= high
+    mask = raw
+    if settings.min_area > 1 and raw.any():
+        count, labels, stats, _ = cv2.connectedComponentsWithStats(raw.astype(np.uint8), connectivity=8)
+        keep = np.zeros(count, dtype=bool)
+        keep[1:] = stats[1:, cv2.CC_STAT_AREA] >= settings.min_area
+        mask = keep[labels]
+    return mask, ((score_map > low) & ~mask) | (raw & ~mask)
+
+
+def large_score_map() -> np.ndarray:
+    """A map over one segmenter tile (so pseudo_label goes band by band) with blobs of every size, and thin
+    vertical and slanted strokes of 14 to 18 pixels (about min_area) that end just below a band border or
+    start just above one."""
+    rng = np.random.default_rng(7)
+    score = cv2.GaussianBlur(rng.random((1100, 1000), dtype=np.float32), (0, 0), 2.5)
+    score = np.clip((score - score.mean()) * 12 + 0.3, 0, 1)
+    strokes = [(slanted, length, rows) for slanted in (False, True) for length in range(14, 19) for rows in range(3)]
+    for border in (256, 512, 768, 1024):
+        for column, (slanted, length, rows) in zip(range(10, 1000, 33), strokes):
+            # ending `rows` rows below the border (the band below sees it through its top margin), or
+            # starting `rows` rows above it (the band above, through its bottom margin)
+            top = border - length + 1 + rows if border % 512 else border - 1 - rows
+            score[top - 2 : top + length + 2, column - 2 : column + length + 2] = 0.1  # alone, not in a blob
+            score[np.arange(top, top + length), column + (np.arange(length) if slanted else 0)] = 0.8
+    score[:3, :3] = np.nan  # NaNs count as 0
+    return score
+
+
+@pytest.mark.parametrize("settings", [
+    PseudoLabelSettings(),
+    PseudoLabelSettings(high=0.6, low=0.3, min_area=40),
+    PseudoLabelSettings(min_area=1),
+    PseudoLabelSettings(mode="percentile", high_percentile=97, low_percentile=90),
+    PseudoLabelSettings(mode="otsu"),
+], ids=["fixed", "large-min-area", "no-min-area", "percentile", "otsu"])
+def test_a_large_map_labelled_by_bands_gives_the_whole_image_masks(settings: PseudoLabelSettings) -> None:
+    score = large_score_map()
+    for score_map in (score, score.astype(np.float16)):  # a tiled CAM is float16
+        mask, ignore, _ = pseudo_label(score_map, settings)
+        whole_mask, whole_ignore = _whole_image_pseudo_label(score_map, settings)
+        assert whole_mask.any() and whole_ignore.any()
+        np.testing.assert_array_equal(mask, whole_mask)
+        np.testing.assert_array_equal(ignore, whole_ignore)
+    if settings.min_area == 16:  # the strokes under min_area are dropped, the others kept, across the borders
+        dropped = _whole_image_pseudo_label(score, PseudoLabelSettings(min_area=1))[0] & ~mask
+        assert dropped[240:1040].any() and mask[240:1040].sum() > 0

@@ -45,6 +45,16 @@ def test_bench_scale_quick_prints_a_table_for_1_and_4_mp(tmp_path: Path, capsys:
     assert (tmp_path / "scale.md").read_text().count("\n| 4") == 1
 
 
+def test_bench_scale_runs_only_the_steps_asked(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    assert main(["bench", "scale", "--sizes", "1.1", "--scale-steps", "cams", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    (result,) = json.loads((tmp_path / "scale.json").read_text())["results"]
+    assert set(result) & set(STEPS) == {"cams"} and "error" not in result["cams"], result
+    assert result["cams"]["tiles"] > 1  # 1.1 MP is over one segmenter tile: by tiles, float16 map, banded labels
+    assert "| cams s |" in printed and "predict" not in printed.split("## Notes")[0]
+    assert "predict s/MP" not in printed and "brush:" not in printed  # no notes on the steps not run
+
+
 def test_a_bench_that_needs_a_dataset_says_so(capsys: pytest.CaptureFixture[str]):
     assert main(["bench", "segmenter"]) == 2
     assert "bench segmenter needs --dataset DATASET" in capsys.readouterr().out

@@ -262,3 +262,33 @@ def test_cancel_while_training_by_tiles_keeps_the_previous_model(trained, surfac
         run_job(train_classifier_job(samples, config, checkpoint, cancel, "cpu", validation_keys=validation), cancel_at_stage)
     assert checkpoint.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["classifier.pt"]  # no temporary left behind
+
+
+def test_cam_job_cuts_an_image_as_the_classifier_trained_on_it(trained, surfaces, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A 768 px image is under the default rule's limit (one segmenter tile of pixels), so the CAMs of a
+    classifier trained whole take it whole; one trained on 64 px tiles gets its CAMs by those tiles."""
+    from defect_studio.ml.cam_cache import cam_job
+    from defect_studio.ml.tiled_cams import tiled_cam
+    from defect_studio.project import Project
+    from defect_studio.project.importer import import_job
+
+    samples, _ = surfaces
+    folder = tmp_path / "images"
+    folder.mkdir()
+    path = folder / samples[1][0].name
+    path.write_bytes(samples[1][0].read_bytes())
+    project = Project.create(tmp_path / "project", folder)
+    try:
+        run_job(import_job(project, folder, None, CancelToken()))
+        image = project.images()[0]
+        (whole, _), (tiles, _) = trained
+        by_whole = run_job(cam_job(project, "gradcam", {}, CancelToken(), whole.checkpoint_path))
+        by_tiles = run_job(cam_job(project, "gradcam", {}, CancelToken(), tiles.checkpoint_path, write_png_dir=tmp_path / "maps"))
+        assert (by_whole["by_tiles"], by_tiles["by_tiles"]) == (0, 1)
+        classifier = load_classifier(tiles.checkpoint_path)
+        from defect_studio.ml.cam_cache import CamCache
+
+        cached = CamCache(project.cache_dir).get(image.sha256, classifier.checkpoint_sha256, "gradcam", {}, (SIZE, SIZE))
+        np.testing.assert_allclose(cached, tiled_cam(classifier, read_image(path), "gradcam", {}).astype(np.float32), atol=1e-4)
+    finally:
+        project.close()

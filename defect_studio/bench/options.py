@@ -47,6 +47,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser, dataset_required: bool 
     parser.add_argument("--json", action="store_true", help="print progress events as JSON lines")
     parser.add_argument("--sizes", nargs="+", type=float, metavar="MP",
                         help="scale: image sizes in megapixels (default 1 4 16 64 100; --quick: 1 4)")
+    parser.add_argument("--scale-steps", nargs="+", choices=("import", "predict", "cams", "brush"), metavar="STEP",
+                        help="scale: only these steps (import, predict, cams, brush; default all)")
     parser.add_argument("--images", type=int, default=100_000, help="large-project: synthetic images (default 100000)")
     parser.add_argument("--opens", type=int, default=5, help="large-project: times the project is opened (median)")
     parser.add_argument("--scroll-steps", type=int, default=2000,

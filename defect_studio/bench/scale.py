@@ -13,7 +13,8 @@ a fresh Python process of its own, so its peak RSS (VmHWM) is that step's alone:
 - cams: the round-0 proposal of the image as the app makes it: decode, the default CAM method on the
   default classifier (EfficientNet-Lite0, ImageNet weights, untrained head: its cost, not its maps), by
   tiles of the classifier's input size above one megapixel (`ml/tiled_cams.py`), then the pseudo-label
-  (mask and ignore band). The baseline is taken after the classifier's CAM of one tile.
+  (mask and ignore band). The image is held in its 8-bit pixels and made float one tile at a time, and
+  let go before the pseudo-label, as in the app. The baseline is taken after the classifier's CAM of one tile.
 - brush: the viewer and mask editor (offscreen Qt) showing the image fitted in an 800 × 600 view;
   milliseconds from a brush mouse-move event to the end of the mask layer's repaint
   (`gui_responsiveness.brush_on_image`, 100 events).
@@ -176,7 +177,7 @@ def _measure_predict(image_path: Path, model_dir: Path, workdir: Path) -> dict[s
 
 
 def _measure_cams(image_path: Path, classifier_path: Path) -> dict[str, Any]:
-    from defect_studio.imageio import read_image
+    from defect_studio.imageio import read_image_pixels
     from defect_studio.ml.cam_cache import cam_by_tiles
     from defect_studio.ml.cams.registry import DEFAULT_CAM_METHOD
     from defect_studio.ml.classifier import load_classifier
@@ -189,11 +190,12 @@ def _measure_cams(image_path: Path, classifier_path: Path) -> dict[str, Any]:
     tiled_cam(classifier, warm_up, DEFAULT_CAM_METHOD)  # "plus the models": one tile's working memory
     baseline = peak_rss()
     started = time.perf_counter()
-    image = read_image(image_path)
+    image = read_image_pixels(image_path)  # 8-bit, made float tile by tile (as cam_job does)
+    height, width = image.shape[:2]
     cam_map = tiled_cam(classifier, image, DEFAULT_CAM_METHOD)
+    del image  # the app's proposal reads the cached map, not the image (pseudo_job)
     pseudo_label(cam_map, PseudoLabelSettings())
     seconds = time.perf_counter() - started
-    height, width = image.shape[:2]
     grid = tiling.grid_for(height, width) if cam_by_tiles(height, width) else None
     return {"seconds": seconds, "tiles": 1 if grid is None else len(grid), "baseline_rss": baseline,
             "peak_rss": peak_rss()}
@@ -251,7 +253,9 @@ def table_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         megapixels, decoded = result["megapixels"], result["decoded_bytes"]
         row: dict[str, Any] = {"MP": megapixels, "image": f"{result['side']}²", "decoded MB": _mb(decoded)}
         for step in STEPS:
-            measured = result.get(step, {})
+            measured = result.get(step)
+            if measured is None:  # not run (--scale-steps)
+                continue
             if "error" in measured:
                 row[f"{step} s"] = f"failed: {measured['error']}"
                 continue
@@ -268,9 +272,9 @@ def table_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             row["CAM tiles"] = cams["tiles"]
         if "seconds" in result.get("import", {}):
             row["import s/MP"] = result["import"]["seconds"] / megapixels
-        brush = result.get("brush", {})
-        row["brush median ms"] = brush.get("brush_median_ms", float("nan"))
-        row["brush max ms"] = brush.get("brush_max_ms", float("nan"))
+        if "brush" in result:
+            row["brush median ms"] = result["brush"].get("brush_median_ms", float("nan"))
+            row["brush max ms"] = result["brush"].get("brush_max_ms", float("nan"))
         rows.append(row)
     return rows
 
@@ -293,6 +297,8 @@ def per_mp_spread(rows: list[dict[str, Any]], column: str) -> float:
 def target_notes(rows: list[dict[str, Any]]) -> list[str]:
     notes = []
     for column in ("import s/MP", "predict s/MP", "cams s/MP"):
+        if not any(column in row for row in rows):  # a step not run (--scale-steps)
+            continue
         spread = per_mp_spread(rows, column)
         verdict = "–" if math.isnan(spread) else ("met" if spread <= PER_MP_SPREAD_TARGET else "NOT met")
         notes.append(f"{column} from 4 MP up: largest distance from the mean {spread * 100:.0f} % "
@@ -320,39 +326,47 @@ def main(args: argparse.Namespace) -> int:
 
     sizes = [float(s) for s in getattr(args, "sizes", None) or ()] or list(QUICK_SIZES_MP if args.quick else SIZES_MP)
     out = Path(args.out) if getattr(args, "out", None) else Path("bench-results")
+    steps = [step for step in STEPS if step in (getattr(args, "scale_steps", None) or STEPS)]
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as scratch:
         root = Path(scratch)
         print("exporting the timing segmenter ...", flush=True)
-        model_dir = export_timing_model(root / "model")
-        save_timing_classifier(model_dir / CLASSIFIER_FILE)
+        model_dir = root / "model"
+        if "predict" in steps:
+            export_timing_model(model_dir)
+        if "cams" in steps:
+            save_timing_classifier(model_dir / CLASSIFIER_FILE)
         for megapixels in sizes:
             label = f"{megapixels:g}mp"
             image_path = root / label / "images" / f"surface-{label}.png"
             decoded = write_surface(image_path, megapixels, seed=int(getattr(args, "seed", 0) or 0))
             result: dict[str, Any] = {"megapixels": megapixels, "side": image_side(megapixels), "decoded_bytes": decoded}
-            for step in STEPS:
+            for step in steps:
                 print(f"{label}: {step} ...", flush=True)
                 result[step] = run_step_in_child(step, image_path, model_dir, root / label / f"work-{step}")
                 print(f"{label}: {step}: {json.dumps(result[step])}", flush=True)
             results.append(result)
             image_path.unlink()
     rows = table_rows(results)
+    step_notes = {
+        "predict": "predict: the default segmenter architecture (EfficientNet-Lite0 U-Net) with an untrained decoder, "
+        "onnxruntime on the CPU, auto tiling (an image that fits in one 1024² tile whole, larger ones by tiles of at "
+        "most 1024 px, 128 px overlap); time includes decoding and writing the mask.",
+        "cams": "cams: the default CAM method on the default classifier (untrained head), by tiles of its input size "
+        "above 1 MP, then the pseudo-label; time includes decoding; the image is held in its 8-bit pixels and made "
+        "float a tile at a time, the stitched map is float16, and the image is let go before the pseudo-label (the "
+        "app's proposal reads the cached map).",
+        "brush": "brush: an 800 × 600 offscreen view fitted to the image, 24 px brush, a spiral stroke near the "
+        f"top-left corner, {BRUSH_EVENTS} mouse-move events; 'brush s' is decoding and showing the image.",
+    }
     notes = target_notes(rows) + [
         "Each step runs in its own process; 'peak MB' is its peak RSS (interpreter, libraries and model "
         "included), '×decoded' is (peak RSS − RSS before the image was read) / the decoded image's bytes; for "
         "predict the baseline includes the model's working memory for one 1024² tile (a warm-up run).",
-        "predict: the default segmenter architecture (EfficientNet-Lite0 U-Net) with an untrained decoder, onnxruntime "
-        "on the CPU, auto tiling (an image that fits in one 1024² tile whole, larger ones by tiles of at most 1024 px, "
-        "128 px overlap); time includes decoding and writing the mask.",
-        "cams: the default CAM method on the default classifier (untrained head), by tiles of its input size above "
-        "1 MP, then the pseudo-label; time includes decoding; the image is held as float32 (4 bytes a pixel), "
-        "which the ×decoded column counts against the 8-bit decoded size.",
-        "brush: an 800 × 600 offscreen view fitted to the image, 24 px brush, a spiral stroke near the top-left "
-        f"corner, {BRUSH_EVENTS} mouse-move events; 'brush s' is decoding and showing the image.",
-    ]
+    ] + [note for step, note in step_notes.items() if step in steps]
     markdown = write_report(out, "scale", "Scale: time and memory from 1 to 100 megapixels",
-                            [("Per image size", rows, COLUMNS)], notes, extra={"results": results})
+                            [("Per image size", rows, [c for c in COLUMNS if any(c in row for row in rows)])], notes,
+                            extra={"results": results})
     print(markdown)
     return 0
 

@@ -33,13 +33,24 @@ HEATMAP_SCALE = 65535.0
 CAM_BATCH_SIZE = 8
 
 
-def encode_heatmap_png(cam_map: np.ndarray) -> bytes:
-    """A float map in [0, 1] -> 16-bit gray PNG bytes."""
-    values = np.asarray(cam_map, dtype=np.float32)
+HEATMAP_BAND_ROWS = 256  # rows quantised at a time: float temporaries of a band, not of a 100 MP map
+
+
+def quantise_heatmap(cam_map: np.ndarray) -> np.ndarray:
+    """A float map in [0, 1] (float16 or float32) -> uint16 0..65535, band by band of rows."""
+    values = np.asarray(cam_map)
     if values.ndim != 2:
         raise ValueError(f"a CAM map is 2-D, got shape {values.shape}")
-    quantised = np.clip(np.nan_to_num(values) * HEATMAP_SCALE + 0.5, 0, HEATMAP_SCALE).astype(np.uint16)
-    ok, encoded = cv2.imencode(".png", quantised)
+    quantised = np.empty(values.shape, np.uint16)
+    for y0 in range(0, values.shape[0], HEATMAP_BAND_ROWS):
+        band = np.nan_to_num(values[y0 : y0 + HEATMAP_BAND_ROWS].astype(np.float32))
+        quantised[y0 : y0 + HEATMAP_BAND_ROWS] = np.clip(band * HEATMAP_SCALE + 0.5, 0, HEATMAP_SCALE)
+    return quantised
+
+
+def encode_heatmap_png(cam_map: np.ndarray) -> bytes:
+    """A float map in [0, 1] -> 16-bit gray PNG bytes."""
+    ok, encoded = cv2.imencode(".png", quantise_heatmap(cam_map))
     if not ok:
         raise OSError("PNG encoding failed")
     return encoded.tobytes()
@@ -50,7 +61,9 @@ def decode_heatmap_png(data: bytes) -> np.ndarray | None:
     pixels = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
     if pixels is None or pixels.dtype != np.uint16 or pixels.ndim != 2:
         return None
-    return pixels.astype(np.float32) / HEATMAP_SCALE
+    values = pixels.astype(np.float32)
+    values /= HEATMAP_SCALE  # in place: one float32 map, not two
+    return values
 
 
 def write_heatmap_png(path: str | Path, cam_map: np.ndarray) -> None:
@@ -64,9 +77,16 @@ def read_heatmap_png(path: str | Path) -> np.ndarray | None:
         return None
 
 
-def cam_by_tiles(height: int, width: int) -> bool:
-    """Whether an image's CAMs are computed by tiles at its own resolution (ml/tiled_cams.py): above one
-    segmenter tile of pixels, as the default tiling decides; below, whole, as before tiles."""
+def cam_by_tiles(height: int, width: int, classifier: Any = None) -> bool:
+    """Whether an image's CAMs are computed by tiles at its own resolution (ml/tiled_cams.py): as
+    `classifier` cuts it (a classifier trained on tiles by its own tiling); without one, the default
+    rule: above one segmenter tile of pixels by tiles, below whole, as before tiles. The cache key uses
+    the default rule: a classifier with a tiling of its own has a checkpoint, so keys, of its own."""
+    if classifier is not None:
+        from defect_studio.ml.classifier_options import classifier_tile_grid
+        from defect_studio.ml.tiled_cams import cam_tiling
+
+        return classifier_tile_grid(cam_tiling(classifier), height, width) is not None
     return height * width > WHOLE_IMAGE_MAX_PIXELS
 
 
@@ -194,7 +214,7 @@ def cam_job(
     With `write_png_dir`, each map is also written there as a 16-bit PNG heatmap `<stem>.png`.
     Each cached map is complete when written, so a cancelled job keeps the maps it finished.
     """
-    from defect_studio.imageio import read_image
+    from defect_studio.imageio import read_image, read_image_pixels
     from defect_studio.ml.cams import compute_cams
     from defect_studio.ml.classifier import load_classifier
     from defect_studio.ml.tiled_cams import tiled_cam
@@ -210,33 +230,36 @@ def cam_job(
     png_dir = Path(write_png_dir) if write_png_dir is not None else None
     clock = EtaClock(len(records))
     computed = cached = tiled = 0
+
+    def write_png_if_asked(record: Any, cam_map: np.ndarray) -> None:
+        # at once, not held until the chunk ends: a chunk's maps of large images add up
+        if png_dir is not None:
+            write_heatmap_png(png_dir / f"{record.stem}.png", cam_map)
+
     yield clock.progress(f"{method} maps", 0)
     for start in range(0, len(records), max(1, batch_size)):
         cancel.raise_if_cancelled()
         chunk = records[start : start + batch_size]
-        maps: dict[int, np.ndarray] = {}
         missing = []
         for record in chunk:
             hit = cache.get(record.sha256, classifier.checkpoint_sha256, method, resolved, (record.height, record.width))
             if hit is not None:
-                maps[record.id] = hit
+                write_png_if_asked(record, hit)
             else:
                 missing.append(record)
-        whole = [r for r in missing if not cam_by_tiles(r.height, r.width)]
+        whole = [r for r in missing if not cam_by_tiles(r.height, r.width, classifier)]
         fresh = compute_cams(classifier, [read_image(r.path) for r in whole], spec, batch_size=batch_size) if whole else []
         for record, cam_map in zip(whole, fresh):
             cache.put(record.sha256, classifier.checkpoint_sha256, method, resolved, cam_map)
-            maps[record.id] = cam_map
-        for record in (r for r in missing if cam_by_tiles(r.height, r.width)):  # one large image at a time
-            cam_map = tiled_cam(classifier, read_image(record.path), spec, cancel=cancel)
+            write_png_if_asked(record, cam_map)
+        for record in (r for r in missing if cam_by_tiles(r.height, r.width, classifier)):  # one large image at a time
+            cam_map = tiled_cam(classifier, read_image_pixels(record.path), spec, cancel=cancel)  # float by tiles
             cache.put(record.sha256, classifier.checkpoint_sha256, method, resolved, cam_map)
-            maps[record.id] = cam_map
+            write_png_if_asked(record, cam_map)
+            del cam_map  # before the next image's pixels are read
             tiled += 1
         computed += len(missing)
         cached += len(chunk) - len(missing)
-        if png_dir is not None:
-            for record in chunk:
-                write_heatmap_png(png_dir / f"{record.stem}.png", maps[record.id])
         done = start + len(chunk)
         yield clock.progress(f"{method} maps", done, chunk[-1].stem, {"computed": computed, "cached": cached})
     return {

@@ -31,6 +31,7 @@ from defect_studio.errors import ConfigError, DataError, ModelError
 from defect_studio.imageio import read_image, read_mask, write_mask
 from defect_studio.jobs import CancelToken, EtaClock, Progress
 from defect_studio.ml.cams.registry import CamSpec
+from defect_studio.ml.tiling import WHOLE_IMAGE_MAX_PIXELS
 from defect_studio.project import DECIDED_STATES
 from defect_studio.project.provenance import segmenter_to_build_on
 
@@ -79,15 +80,33 @@ class PseudoLabelSettings:
         return asdict(self)
 
 
+PSEUDO_LABEL_BAND_ROWS = 256  # rows labelled at a time: a large map's temporaries are a band's, not the image's
+
+
+def _float32_rows(score_map: np.ndarray, y0: int, y1: int) -> np.ndarray:
+    """Rows [y0, y1) of the map as float32 (a view of a float32 map, a copy of a float16 one), so that a
+    float16 map is compared with the thresholds as the float32 values it holds."""
+    return score_map[y0:y1].astype(np.float32, copy=False)
+
+
 def thresholds_for(score_map: np.ndarray, settings: PseudoLabelSettings) -> tuple[float, float]:
     """(high, low) for this map under the settings' mode."""
     if settings.mode == "fixed":
         return settings.high, settings.low
     if settings.mode == "percentile":
-        high = float(np.percentile(score_map, settings.high_percentile))
-        low = float(np.percentile(score_map, settings.low_percentile))
+        values = score_map
+        if values.dtype != np.float32:  # the float32 percentiles of the values a float16 map holds
+            values = values.astype(np.float32)
+        high = float(np.percentile(values, settings.high_percentile))
+        low = float(np.percentile(values, settings.low_percentile))
         return max(high, 1e-6), min(low, high)
-    scaled = cv2.convertScaleAbs(score_map, alpha=255.0)  # straight to one byte a pixel: no float copies
+    if score_map.dtype == np.float32:
+        scaled = cv2.convertScaleAbs(score_map, alpha=255.0)  # straight to one byte a pixel: no float copies
+    else:  # OpenCV takes no float16: the same bytes, band by band
+        scaled = np.empty(score_map.shape, np.uint8)
+        for y0 in range(0, score_map.shape[0], PSEUDO_LABEL_BAND_ROWS):
+            rows = _float32_rows(score_map, y0, y0 + PSEUDO_LABEL_BAND_ROWS)
+            scaled[y0 : y0 + len(rows)] = cv2.convertScaleAbs(rows, alpha=255.0)
     otsu, _ = cv2.threshold(scaled, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
     high = max(float(otsu) / 255.0, 1e-6)
     return high, high * settings.otsu_low_ratio
@@ -103,14 +122,34 @@ def remove_small_components(mask: np.ndarray, min_area: int) -> np.ndarray:
 
 
 def pseudo_label(score_map: np.ndarray, settings: PseudoLabelSettings) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
-    """score map in [0, 1] -> (defect mask, ignore mask, {'high', 'low'}); the two masks never overlap."""
-    score_map = np.asarray(score_map, dtype=np.float32)
-    if np.isnan(score_map).any():  # a copy only when there is something to replace (400 MB at 100 MP)
+    """score map in [0, 1] (float32, or float16 as a large image's tiled CAM) -> (defect mask, ignore mask,
+    {'high', 'low'}); the two masks never overlap.
+
+    A large map is labelled band by band of rows, each band with `min_area` rows of margin above and below:
+    a component under `min_area` pixels spans fewer rows, so it lies whole in the margined band, and one the
+    margin cuts has more than `min_area` pixels inside it, kept either way. No full-size float or label
+    array is made (a 100 MP map's int32 labels alone were 400 MB)."""
+    score_map = np.asarray(score_map)
+    if score_map.dtype not in (np.float16, np.float32):
+        score_map = score_map.astype(np.float32)
+    if score_map.size and np.isnan(score_map.max()):  # max is NaN if any is: no bool temporary; a copy only then
         score_map = np.nan_to_num(score_map, nan=0.0)
     high, low = thresholds_for(score_map, settings)
-    raw = score_map >= high
-    mask = remove_small_components(raw, settings.min_area)
-    ignore = ((score_map > low) & ~mask) | (raw & ~mask)
+    height = score_map.shape[0]
+    # a map of one segmenter tile or less (a small image's) is labelled whole, as it always was
+    band_rows = max(1, height) if score_map.size <= WHOLE_IMAGE_MAX_PIXELS else PSEUDO_LABEL_BAND_ROWS
+    mask = np.empty(score_map.shape, bool)
+    ignore = np.empty(score_map.shape, bool)
+    margin = settings.min_area if settings.min_area > 1 else 0  # rows: see above
+    for y0 in range(0, height, band_rows):
+        y1 = min(height, y0 + band_rows)
+        above, below = max(0, y0 - margin), min(height, y1 + margin)
+        raw = _float32_rows(score_map, above, below) >= high
+        band = slice(y0 - above, y1 - above)
+        mask[y0:y1] = remove_small_components(raw, settings.min_area)[band]
+        # uncertain (between the thresholds) or a dropped small component: ignored, not background
+        np.logical_and(_float32_rows(score_map, y0, y1) > low, ~mask[y0:y1], out=ignore[y0:y1])
+        ignore[y0:y1] |= raw[band] & ~mask[y0:y1]
     return mask, ignore, {"high": high, "low": low}
 
 

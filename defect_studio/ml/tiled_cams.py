@@ -13,6 +13,10 @@ when some tile is): a tile the classifier calls good contributes little, whateve
 A classifier trained on tiles (`ml.tile_training`) cuts the image as it trained, by its checkpoint's
 tiling, and its tile probabilities are those it learned; one trained whole is cut by the fixed rule
 below, its tile scores those of a model used at a smaller shrink than it trained at.
+
+Bounded memory (issue 15): the image may be given as its decoded 8- or 16-bit pixels, each tile is made
+float on its own, the tiles' maps are blended band by band of rows, and the stitched map is kept as
+float16 (2 bytes a pixel; a CAM in [0, 1] needs no more, and the cache stores 16 bits).
 """
 
 from __future__ import annotations
@@ -22,9 +26,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from defect_studio.imageio import to_float01
 from defect_studio.ml.cams import CamSpec, compute_cams
 from defect_studio.ml.classifier_options import classifier_tile_grid
-from defect_studio.ml.tiling import MIN_TILE_SIZE, WHOLE_IMAGE_MAX_PIXELS, Tiling, stitch_map
+from defect_studio.ml.tiling import MIN_TILE_SIZE, WHOLE_IMAGE_MAX_PIXELS, Tiling, map_tiles, stitched_rows
+
+TILED_CAM_DTYPE = np.float16  # the stitched map of a large image: 2 bytes a pixel
 
 
 def cam_tiling(classifier: Any) -> Tiling:
@@ -55,20 +62,32 @@ def tile_defect_probability(classifier: Any, tile: np.ndarray) -> float:
     return float(torch.sigmoid(logit.float().reshape(-1)[0]))
 
 
+def float_pixels(pixels: np.ndarray) -> np.ndarray:
+    """Float H×W×C in [0, 1] of `pixels`: integer pixels (as `imageio.decode_image` gives) made float as
+    `read_image` does, a float image taken as it is (already in [0, 1], as `read_image` gives)."""
+    return pixels if pixels.dtype.kind == "f" else to_float01(pixels)
+
+
 def tiled_cam(classifier: Any, image: np.ndarray, method: str | CamSpec, settings: dict[str, Any] | None = None,
               tiling: Tiling | None = None, cancel: Any = None) -> np.ndarray:
-    """The CAM of `image` (float H×W×C in [0, 1]) at its own resolution: computed whole, exactly as
-    `compute_cams`, when the tiling (default `cam_tiling`) keeps it whole; else per tile, each tile's
-    map times its defect probability, blended. Values in [0, 1]; by tiles they are not re-normalised,
-    so an image the classifier finds good everywhere keeps a low map."""
+    """The CAM of `image` at its own resolution. `image`: float H×W×C in [0, 1], or its integer pixels
+    (uint8/uint16, H×W or H×W×C, as `imageio.read_image_pixels` gives), made float one tile at a time.
+
+    Computed whole, exactly as `compute_cams` (float32), when the tiling (default `cam_tiling`) keeps it
+    whole; else per tile, each tile's map times its defect probability, blended, as float16. Values in
+    [0, 1]; by tiles they are not re-normalised, so an image the classifier finds good everywhere keeps a
+    low map."""
     spec = CamSpec.resolve(method, settings)
     grid = classifier_tile_grid(tiling or cam_tiling(classifier), image.shape[0], image.shape[1])
     if grid is None:
-        return compute_cams(classifier, [image], spec)[0]
+        return compute_cams(classifier, [float_pixels(image)], spec)[0]
 
     def weighted_tile_map(box: Any) -> np.ndarray:
-        tile = image[box.slices]
+        tile = float_pixels(image[box.slices])
         return compute_cams(classifier, [tile], spec)[0] * tile_defect_probability(classifier, tile)
 
-    stitched = stitch_map(grid, weighted_tile_map, cancel)
-    return np.clip(stitched, 0.0, 1.0, out=stitched)  # in place: the map is 4 bytes a pixel of a large image
+    stitched = np.empty((grid.height, grid.width), TILED_CAM_DTYPE)
+    for y0, rows in stitched_rows(grid, map_tiles(grid, weighted_tile_map, cancel)):
+        # rows handed back are finished: clipping them in place touches no later tile's sum
+        stitched[y0 : y0 + len(rows)] = np.clip(rows, 0.0, 1.0, out=rows)
+    return stitched
