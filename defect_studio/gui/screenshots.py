@@ -17,8 +17,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
+if TYPE_CHECKING:
+    from defect_studio.project import Project
 
 
 def wait_for(app: Any, predicate: Callable[[], bool], timeout_s: float = 600.0) -> bool:
@@ -67,7 +69,7 @@ def paint_stroke(app: Any, viewer: Any, points: list[tuple[float, float]]) -> No
     QTest.mouseRelease(viewport, Qt.MouseButton.LeftButton, Qt.KeyboardModifier.NoModifier, widget_points[-1].toPoint())
 
 
-def _shoot_tagging(app: Any, window: Any, project: Any, defect_id: int, out_dir: Path) -> list[Path]:
+def _shoot_tagging(app: Any, window: Any, project: Project, defect_id: int, out_dir: Path) -> list[Path]:
     # A few untagged images make the tagging screenshot honest: not every image comes tagged.
     untagged = [image.id for image in project.images()][5:9]
     project.set_tags(untagged, "untagged")
@@ -116,7 +118,7 @@ def _shoot_cams(app: Any, window: Any, defect_id: int, out_dir: Path) -> list[Pa
     return shots
 
 
-def _shoot_review(app: Any, window: Any, project: Any, out_dir: Path) -> list[Path]:
+def _shoot_review(app: Any, window: Any, project: Project, out_dir: Path) -> list[Path]:
     """Proposals with a brush edit in progress; then a few accepted and one rejected, for the round."""
     from PySide6.QtCore import Qt
 
