@@ -49,6 +49,23 @@ def test_a_tall_map_is_quantised_by_bands_as_it_was_whole() -> None:
     np.testing.assert_array_equal(decoded, whole.astype(np.float32) / 65535.0)
 
 
+def test_a_large_images_map_is_read_as_float16_band_by_band(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above one segmenter tile of pixels (lowered here) a cached map reads back as float16, 2 bytes a pixel
+    as `tiled_cam` made it; every value is the float32 reading rounded to float16. Smaller maps stay float32."""
+    from defect_studio.ml import cam_cache
+
+    rng = np.random.default_rng(2)
+    cam_map = rng.random((2 * HEATMAP_BAND_ROWS + 9, 30), dtype=np.float32)
+    encoded = encode_heatmap_png(cam_map)
+    exact = decode_heatmap_png(encoded)
+    monkeypatch.setattr(cam_cache, "WHOLE_IMAGE_MAX_PIXELS", cam_map.size - 1)
+    large = decode_heatmap_png(encoded)
+    assert exact is not None and exact.dtype == np.float32 and large is not None and large.dtype == np.float16
+    np.testing.assert_array_equal(large, exact.astype(np.float16))
+    monkeypatch.setattr(cam_cache, "WHOLE_IMAGE_MAX_PIXELS", cam_map.size)
+    assert decode_heatmap_png(encoded).dtype == np.float32
+
+
 def test_cache_miss_then_hit(tmp_path: Path) -> None:
     cache = CamCache(tmp_path)
     cam_map = np.linspace(0, 1, 60, dtype=np.float32).reshape(6, 10)

@@ -23,7 +23,7 @@ from defect_studio.atomic import atomic_write_bytes
 from defect_studio.errors import ModelError
 from defect_studio.jobs import CancelToken, EtaClock, Progress
 from defect_studio.ml.cams.registry import CamSpec, canonical_settings, check_method
-from defect_studio.ml.tiling import WHOLE_IMAGE_MAX_PIXELS
+from defect_studio.ml.tiling import LARGE_MAP_DTYPE, WHOLE_IMAGE_MAX_PIXELS
 
 if TYPE_CHECKING:
     from defect_studio.project.store import Project
@@ -57,12 +57,19 @@ def encode_heatmap_png(cam_map: np.ndarray) -> bytes:
 
 
 def decode_heatmap_png(data: bytes) -> np.ndarray | None:
-    """16-bit gray PNG bytes -> float32 map in [0, 1]; None if the bytes are not such a PNG."""
+    """16-bit gray PNG bytes -> map in [0, 1]; None if the bytes are not such a PNG. float32, except the
+    map of an image above one segmenter tile of pixels: float16 (as `tiled_cam` makes it), converted band
+    by band, so reading a 100 MP map costs 2 bytes a pixel besides its 16-bit pixels, not 4."""
     pixels = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
     if pixels is None or pixels.dtype != np.uint16 or pixels.ndim != 2:
         return None
-    values = pixels.astype(np.float32)
-    values /= HEATMAP_SCALE  # in place: one float32 map, not two
+    if pixels.size <= WHOLE_IMAGE_MAX_PIXELS:
+        values = pixels.astype(np.float32)
+        values /= HEATMAP_SCALE  # in place: one float32 map, not two
+        return values
+    values = np.empty(pixels.shape, LARGE_MAP_DTYPE)
+    for y0 in range(0, pixels.shape[0], HEATMAP_BAND_ROWS):
+        values[y0 : y0 + HEATMAP_BAND_ROWS] = pixels[y0 : y0 + HEATMAP_BAND_ROWS] / np.float32(HEATMAP_SCALE)
     return values
 
 

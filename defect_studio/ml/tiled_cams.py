@@ -29,9 +29,8 @@ import torch
 from defect_studio.imageio import to_float01
 from defect_studio.ml.cams import CamSpec, compute_cams
 from defect_studio.ml.classifier_options import classifier_tile_grid
-from defect_studio.ml.tiling import MIN_TILE_SIZE, WHOLE_IMAGE_MAX_PIXELS, Tiling, map_tiles, stitched_rows
+from defect_studio.ml.tiling import LARGE_MAP_DTYPE, MIN_TILE_SIZE, WHOLE_IMAGE_MAX_PIXELS, Tiling, map_tiles, stitched_rows
 
-TILED_CAM_DTYPE = np.float16  # the stitched map of a large image: 2 bytes a pixel
 
 
 def cam_tiling(classifier: Any) -> Tiling:
@@ -86,7 +85,7 @@ def tiled_cam(classifier: Any, image: np.ndarray, method: str | CamSpec, setting
         tile = float_pixels(image[box.slices])
         return compute_cams(classifier, [tile], spec)[0] * tile_defect_probability(classifier, tile)
 
-    stitched = np.empty((grid.height, grid.width), TILED_CAM_DTYPE)
+    stitched = np.empty((grid.height, grid.width), LARGE_MAP_DTYPE)
     for y0, rows in stitched_rows(grid, map_tiles(grid, weighted_tile_map, cancel)):
         # rows handed back are finished: clipping them in place touches no later tile's sum
         stitched[y0 : y0 + len(rows)] = np.clip(rows, 0.0, 1.0, out=rows)

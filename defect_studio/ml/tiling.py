@@ -32,6 +32,7 @@ import numpy as np
 from defect_studio.errors import DataError
 
 TILING_MODES = ("auto", "whole", "tiles")
+LARGE_MAP_DTYPE = np.float16  # a map of an image above one tile of pixels: 2 bytes a pixel, [0, 1] needs no more
 DEFAULT_TILE_SIZE = 1024
 DEFAULT_OVERLAP = 128
 # "auto" keeps an image that fits in one tile whole, as every image was before tiles (the same masks as
