@@ -11,6 +11,9 @@ mirror-symmetric. A flipped view of an image (`encode_samples(flip=...)`) is enc
 
 Memory: about 1.2 MB per 320×265 gray image (five levels, 16-320 channels, fp16). Projects whose
 features would exceed `FEATURE_BUDGET_BYTES` train without the cache (the encoder runs per crop).
+An image above one segmenter tile of pixels is encoded (and decoded, for validation) by tiles
+(`encode_by_tiles`, `decode_by_tiles`): the network's working memory is one tile's, as in prediction,
+not the whole image's (the encoder's first levels alone would take gigabytes at 100 MP).
 The features of the last encoder used stay in memory for the next training in this process: the
 refinement rounds of one project share an encoder (the classifier's), so only round 0 pays for it.
 """
@@ -25,6 +28,7 @@ import numpy as np
 import torch
 
 from defect_studio.jobs import CancelToken, EtaClock, Progress
+from defect_studio.ml.tiling import DEFAULT_OVERLAP, DEFAULT_TILE_SIZE, WHOLE_IMAGE_MAX_PIXELS
 from defect_studio.predict import to_network_input
 
 FEATURE_BUDGET_BYTES = 6 * 1024**3
@@ -74,6 +78,78 @@ def encoder_digest(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+def tile_cores(length: int, tile: int, multiple: int) -> list[tuple[int, int]]:
+    """(start, stop) of the cores that cut an axis of `length` (a multiple of `multiple`) into parts of at
+    most `tile` pixels, every bound a multiple of `multiple` so each level's cells split cleanly."""
+    step = max(multiple, tile // multiple * multiple)
+    return [(start, min(length, start + step)) for start in range(0, length, step)]
+
+
+def _tiled(frame: tuple[int, int], multiple: int, tile: int, margin: int) -> list[tuple[slice, slice, slice, slice]]:
+    """Per tile: (core rows, core columns, input rows, input columns) of a frame, each input the core and
+    `margin` pixels of context on every side (within the frame), all on multiples of `multiple`."""
+    margin = -(-margin // multiple) * multiple
+    height, width = frame
+    tiles = []
+    for y0, y1 in tile_cores(height, tile, multiple):
+        for x0, x1 in tile_cores(width, tile, multiple):
+            tiles.append((slice(y0, y1), slice(x0, x1), slice(max(0, y0 - margin), min(height, y1 + margin)),
+                          slice(max(0, x0 - margin), min(width, x1 + margin))))
+    return tiles
+
+
+def _scaled(part: slice, stride: int, origin: int = 0) -> slice:
+    return slice((part.start - origin) // stride, (part.stop - origin) // stride)
+
+
+def is_tiled(frame: tuple[int, int]) -> bool:
+    """Whether an image of this padded (height, width) is encoded and decoded by tiles: above one segmenter
+    tile of pixels, as prediction's "auto" tiling."""
+    return frame[0] * frame[1] > WHOLE_IMAGE_MAX_PIXELS
+
+
+@torch.no_grad()
+def encode_by_tiles(model: torch.nn.Module, pixels: torch.Tensor, tile: int | None = None,
+                    margin: int | None = None) -> list[torch.Tensor]:
+    """`model.encode` of a 1×C×H×W input (H, W multiples of `model.size_multiple`) as fp16 C×h×w levels,
+    tile by tile: each tile's levels are computed with `margin` pixels of context around it and only its
+    core is kept. Equal to encoding whole where the receptive field stays within the margin. Default tile and
+    margin: prediction's (1024, 128)."""
+    multiple = model.size_multiple
+    levels: list[torch.Tensor] = []
+    tiles = _tiled(tuple(pixels.shape[-2:]), multiple, tile or DEFAULT_TILE_SIZE,
+                   DEFAULT_OVERLAP if margin is None else margin)
+    for core_y, core_x, in_y, in_x in tiles:
+        outputs = model.encode(pixels[..., in_y, in_x].contiguous(memory_format=torch.channels_last))
+        for index, output in enumerate(outputs):
+            stride = (in_y.stop - in_y.start) // output.shape[-2]
+            if len(levels) == index:
+                levels.append(torch.empty((output.shape[1], pixels.shape[-2] // stride, pixels.shape[-1] // stride),
+                                          dtype=torch.float16))
+            levels[index][:, _scaled(core_y, stride), _scaled(core_x, stride)] = \
+                output[0, :, _scaled(core_y, stride, in_y.start), _scaled(core_x, stride, in_x.start)].to(torch.float16).cpu()
+    return levels
+
+
+@torch.no_grad()
+def decode_by_tiles(model: torch.nn.Module, levels: list[torch.Tensor], device: torch.device,
+                    tile: int | None = None, margin: int | None = None) -> torch.Tensor:
+    """`model.decode` of an image's C×h×w levels (the finest at stride 2) as 1×1×H×W logits, tile by tile
+    with `margin` pixels of context, as `encode_by_tiles`."""
+    first_stride = 2
+    frame = (levels[0].shape[1] * first_stride, levels[0].shape[2] * first_stride)
+    logits = torch.empty((1, 1) + frame, dtype=torch.float32)
+    tiles = _tiled(frame, model.size_multiple, tile or DEFAULT_TILE_SIZE, DEFAULT_OVERLAP if margin is None else margin)
+    for core_y, core_x, in_y, in_x in tiles:
+        crops = []
+        for level in levels:
+            stride = frame[0] // level.shape[1]
+            crops.append(level[None, :, _scaled(in_y, stride), _scaled(in_x, stride)].float().to(device))
+        out = model.decode(crops)
+        logits[..., core_y, core_x] = out[..., _scaled(core_y, 1, in_y.start), _scaled(core_x, 1, in_x.start)].cpu()
+    return logits
+
+
 def forget_features() -> None:
     """Drop the kept features (tests; memory)."""
     _LAST_ENCODER.for_encoder("")
@@ -102,8 +178,11 @@ def encode_samples(model: torch.nn.Module, keys: Sequence[str], images: Sequence
             levels = kept.get(identity)
             if levels is None:
                 pixels = torch.from_numpy(batch).to(device).contiguous(memory_format=torch.channels_last)
-                with torch.no_grad():
-                    levels = [level[0].to(torch.float16).cpu().contiguous() for level in model.encode(pixels)]
+                if is_tiled(tuple(batch.shape[2:])):
+                    levels = encode_by_tiles(model, pixels)
+                else:
+                    with torch.no_grad():
+                        levels = [level[0].to(torch.float16).cpu().contiguous() for level in model.encode(pixels)]
                 kept[identity] = levels
                 computed += 1
             padded = np.full(batch.shape[2:], IGNORE, np.uint8)

@@ -40,9 +40,11 @@ from defect_studio.ml.encoded_crops import (
     FEATURE_BUDGET_BYTES,
     EncodedCropSampler,
     EncodedSample,
+    decode_by_tiles,
     draw_crop_origin,
     encode_samples,
     feature_bytes,
+    is_tiled,
 )
 from defect_studio.ml.device import peak_memory_mb, select_device, torch_threads
 from defect_studio.ml.distributed import Ranks, data_parallel
@@ -858,7 +860,10 @@ def _probability_from_features(model: nn.Module, views: dict[tuple[int, ...], En
                                size: tuple[int, int], device: torch.device) -> np.ndarray:
     """predict_probability from cached features: `views` holds the image's encoded flipped views (by dims)."""
     def logits_of_view(dims: tuple[int, ...]) -> torch.Tensor:
-        return model.decode([level[None].float().to(device) for level in views[dims].levels])
+        levels = views[dims].levels
+        if is_tiled(tuple(views[dims].target.shape)):
+            return decode_by_tiles(model, levels, device)
+        return model.decode([level[None].float().to(device) for level in levels])
 
     return _probability_in_eval(model, lambda: average_over_flips(logits_of_view, flips), size)
 
