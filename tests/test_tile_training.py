@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-from defect_studio.errors import ConfigError, DataError
+from defect_studio.errors import ConfigError
 from defect_studio.imageio import read_image
 from defect_studio.jobs import CancelToken, run_job
 from defect_studio.ml.classifier import load_classifier, train_classifier_job
 from defect_studio.ml.classifier_options import ClassifierConfig, choose_classifier_tiling, classifier_tile_grid
 from defect_studio.ml.metrics import auroc
-from defect_studio.ml.tile_training import InstanceStore, cut_into_bags, quantise, refuse_several_processes
+from defect_studio.ml.tile_training import InstanceStore, cut_into_bags, quantise
 from defect_studio.ml.tiled_cams import cam_tiling
 from defect_studio.ml.tiling import WHOLE_IMAGE_MAX_PIXELS, Tiling
 
@@ -197,13 +197,6 @@ def test_tiles_are_kept_as_bytes(surfaces) -> None:  # type: ignore[no-untyped-d
     assert np.abs(store[np.array([7])][0].numpy() - exact).max() <= step / 2 + 1e-5
 
 
-def test_training_by_tiles_refuses_several_processes() -> None:
-    refuse_several_processes(ClassifierConfig(tiling="whole"), 4)  # whole images train distributed as before
-    refuse_several_processes(ClassifierConfig(tiling="tiles"), 1)
-    with pytest.raises(DataError, match="runs in one process"):
-        refuse_several_processes(ClassifierConfig(tiling="tiles"), 2)
-
-
 def test_train_command_takes_the_tiling_and_keeps_it(demo_project: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from defect_studio.cli import main
     from defect_studio.project import Project
@@ -225,22 +218,40 @@ def test_train_command_takes_the_tiling_and_keeps_it(demo_project: Path, capsys:
     assert "not smaller than any image" in capsys.readouterr().err
     assert main([*common, "--tiling", "tiles", "--tile-size", "16"]) == ConfigError.exit_code
     assert "smaller than the network's minimum of 32 px" in capsys.readouterr().err
-    assert main([*common, "--tiling", "tiles", "--nproc", "2"]) == DataError.exit_code
-    assert "runs in one process" in capsys.readouterr().err
     with Project.open(demo_project) as project:
         assert len(project.training_runs("classifier")) == 1
         assert load_workflow_settings(project).classifier["tile_size"] == 64  # the refused size was not kept
 
 
-def test_torchrun_ranks_refuse_training_by_tiles_with_one_message(demo_project: Path, tmp_path: Path) -> None:
-    from tests.test_distributed import TINY as DISTRIBUTED_TINY, _runs, _torchrun
+def test_two_processes_train_by_tiles_as_one_does(demo_project: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """torchrun with 2 gloo workers against one process, the same tiles and global batches: the ranks share
+    the scoring of the tiles and all select the same instances. Tolerance: the instances are chosen by
+    ranking tile scores that an untrained network makes nearly equal, so the order of floating-point sums
+    can swap a near-tie, and a swapped instance changes the next epoch. Measured here, validation loss per
+    epoch: one process at 1 and at 2 threads 3e-5, 3.3e-3, 8.6e-4 apart; one process and two 3.7e-4, 2.4e-3,
+    1.15e-2 (the whole-image training, whose instances are fixed, 2.4e-5). So: 2e-2 per epoch, and the same
+    validation AUROC within 0.05."""
+    from defect_studio.cli import main
+    from tests.test_distributed import TINY as DISTRIBUTED_TINY, _result_lines, _runs, _torchrun
 
-    completed = _torchrun(["-m", "defect_studio", "train", str(demo_project), *DISTRIBUTED_TINY, "--tiling", "tiles",
-                           "--tile-size", "64"], cwd=tmp_path)
-    output = completed.stdout + completed.stderr
-    assert completed.returncode != 0 and output.count("runs in one process, not 2") == 1, output  # rank 0 says why
-    assert not [line for line in output.splitlines() if line.strip().startswith("File ") and "defect_studio" in line]
-    assert not list((demo_project / "models").glob("*.pt")) and _runs(demo_project) == []
+    arguments = [*DISTRIBUTED_TINY, "--tiling", "tiles", "--tile-size", "64", "--json"]
+    assert main(["train", str(demo_project), *arguments]) == 0
+    single = _result_lines(capsys.readouterr().out)[0]
+    before = set((demo_project / "models").iterdir())
+    completed = _torchrun(["-m", "defect_studio", "train", str(demo_project), *arguments], cwd=tmp_path)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    results = _result_lines(completed.stdout)
+    assert len(results) == 1 and results[0]["device"].endswith("2 processes"), "rank 0 alone reports"
+    assert [p.name for p in set((demo_project / "models").iterdir()) - before] == [Path(results[0]["checkpoint"]).name]
+    one, two = load_classifier(single["checkpoint"]), load_classifier(results[0]["checkpoint"])
+    assert one.tiling == two.tiling and one.tiling.mode == "tiles"
+    single_run, distributed_run = _runs(demo_project)
+    assert single_run.metrics["train_tiles"] == distributed_run.metrics["train_tiles"] > single_run.metrics["train_images"]
+    for epoch_one, epoch_two in zip(single_run.metrics["history"], distributed_run.metrics["history"], strict=True):
+        assert abs(epoch_one["val_loss"] - epoch_two["val_loss"]) <= 2e-2, (epoch_one, epoch_two)
+        assert abs(epoch_one["loss"] - epoch_two["loss"]) <= 2e-2, (epoch_one, epoch_two)
+    assert abs(one.metrics["val_auroc"] - two.metrics["val_auroc"]) <= 0.05
 
 
 @pytest.mark.parametrize("stage", ["load", "novelty", "train"])

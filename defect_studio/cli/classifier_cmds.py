@@ -67,13 +67,10 @@ def _project_config(project: Project, args: argparse.Namespace) -> ClassifierCon
 def run_train(args: argparse.Namespace) -> int:
     from defect_studio.ml.distributed import launched_by_torchrun
 
-    chosen = ClassifierConfig.from_settings(_chosen_settings(args))  # refuse bad options before anything starts
+    ClassifierConfig.from_settings(_chosen_settings(args))  # refuse bad options before anything starts
     if launched_by_torchrun():
         return _run_train_rank(args)
     if args.nproc is not None and args.nproc > 1:
-        from defect_studio.ml.tile_training import refuse_several_processes
-
-        refuse_several_processes(chosen, args.nproc)
         return launch_workers(args.nproc, without_nproc(args.argv))
     from defect_studio.ml.classifier import train_project_classifier_job
     from defect_studio.project import Project
@@ -114,7 +111,6 @@ def _run_train_rank(args: argparse.Namespace) -> int:
     from defect_studio.errors import DefectStudioError
     from defect_studio.ml.classifier import begin_project_training, plan_project_training, record_project_training, train_classifier_job
     from defect_studio.ml.distributed import check_shared_folder, process_group
-    from defect_studio.ml.tile_training import refuse_several_processes
     from defect_studio.project import Project
 
     cancel = CancelToken()
@@ -126,7 +122,6 @@ def _run_train_rank(args: argparse.Namespace) -> int:
                 try:
                     project = Project.open(args.project)
                     plan_or_error = plan_project_training(project, _project_config(project, args))
-                    refuse_several_processes(plan_or_error.config, ranks.world_size)
                 except DefectStudioError as error:
                     plan_or_error = error
             # Rank 0's refusal reaches every rank: none is left waiting for a plan that never comes.

@@ -236,25 +236,32 @@ class _Bags:
 
 
 def _bag_probabilities(model: DefectClassifier, store: InstanceStore, device: torch.device, config: ClassifierConfig,
-                       cancel: CancelToken) -> tuple[np.ndarray, np.ndarray]:
-    """(every instance's probability, every bag's), a float chunk of at most SCORING_CHUNK_BYTES at a time."""
+                       cancel: CancelToken, ranks: Ranks) -> tuple[np.ndarray, np.ndarray]:
+    """(every instance's probability, every bag's), on every rank: each rank scores its share of the
+    instances (`ranks.shard`), a float chunk of at most SCORING_CHUNK_BYTES at a time, and the shares are
+    gathered."""
     from defect_studio.ml.classifier import predict_cached
 
     tile_bytes = 4 * store.pixels[0].numel() if len(store) else 1
     chunk = 64 * max(1, SCORING_CHUNK_BYTES // (64 * tile_bytes))  # whole batches of predict_cached's 64
+    mine = np.asarray(ranks.shard(len(store)), dtype=np.int64)
+    longest_share = -(-len(store) // ranks.world_size)  # every rank runs as many chunks (each one checks for a cancel)
     parts = []
-    for start in range(0, len(store), chunk):
-        cancel.raise_if_cancelled()  # a pass over every tile of a large project takes minutes
-        parts.append(predict_cached(model, store[start : start + chunk], device, config))
-    instance = np.concatenate(parts) if parts else np.zeros(0, np.float32)
+    for start in range(0, longest_share, chunk):
+        ranks.raise_if_cancelled(cancel)  # a pass over every tile of a large project takes minutes
+        indices = mine[start : start + chunk]
+        if len(indices):
+            parts.append(predict_cached(model, store[indices], device, config))
+    local = np.concatenate(parts) if parts else np.zeros(0, np.float32)
+    instance = ranks.gather_rows(torch.from_numpy(local), len(store)).numpy()
     return instance, store.bag_probabilities(instance)
 
 
 def _validate(model: DefectClassifier, bags: _Bags, config: ClassifierConfig, device: torch.device, cancel: CancelToken,
-              ) -> tuple[dict[str, float], float]:
+              ranks: Ranks) -> tuple[dict[str, float], float]:
     from defect_studio.ml.classifier import choose_threshold
 
-    _, val_p = _bag_probabilities(model, bags.val, device, config, cancel)
+    _, val_p = _bag_probabilities(model, bags.val, device, config, cancel, ranks)
     val_loss = float(torch.nn.functional.binary_cross_entropy(
         torch.from_numpy(val_p).double().clamp(1e-7, 1 - 1e-7), torch.from_numpy(bags.val_y).double()))
     threshold = choose_threshold(bags.val_y, val_p)
@@ -286,22 +293,19 @@ def _prepare_bags(
                  np.array([s[1] == "defect" for s in val_samples], dtype=np.int64), tiled_total)
 
 
-def refuse_several_processes(config: ClassifierConfig, processes: int) -> None:
-    """Training by tiles runs in one process (its per-epoch tile selection has no distributed form yet)."""
-    if processes > 1 and config.image_tiling() is not None:
-        raise DataError(f"training the classifier by tiles (tiling {config.tiling!r}) runs in one process, not "
-                        f"{processes}: drop --nproc (or torchrun), or train with --tiling whole.")
-
-
 def train_by_tiles(
     samples: Sequence, config: ClassifierConfig, checkpoint_path: Path, cancel: CancelToken, device: torch.device,
     validation_keys: Iterable[str] | None, evaluation: Sequence, ranks: Ranks,
 ) -> Generator[Progress, None, TrainResult]:
     """The classifier's training job (`train_classifier_job`) when its tiling cuts images: the same epochs,
-    budget, early stopping, best-epoch checkpoint and result, over bags of tiles (module docstring)."""
+    budget, early stopping, best-epoch checkpoint and result, over bags of tiles (module docstring).
+
+    On several processes every rank cuts every image into its bags and computes the novelty (the same on
+    each), the ranks share the scoring of the tiles (each scores every world_size-th tile, all get all the
+    scores, so all select the same instances), each trains on its part of every global batch under
+    DistributedDataParallel as the whole-image training does, and rank 0 alone writes the checkpoint."""
     from defect_studio.ml import classifier as whole
 
-    refuse_several_processes(config, ranks.world_size)
     started = time.monotonic()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -317,12 +321,15 @@ def train_by_tiles(
     model = build_classifier(config).to(device)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if ranks.distributed:
+        torch.manual_seed(config.seed + ranks.rank)  # image augmentation: each rank draws for its own part
     yield Progress("novelty", 0, 1, "how unlike the good images' tiles each tile looks")
     novelty = good_tile_novelty(model, bags.train, bags.train_y, device, config, cancel)
     generator = torch.Generator().manual_seed(config.seed)
     _, first_targets = select_instances(np.zeros(len(bags.train), np.float32), bags.train.starts, bags.train_y,
                                         config.mil_top_k, torch.Generator())
     optimisation = whole._make_optimisation(model, config, first_targets, device)
+    step_model = whole._step_model(model, False, device, ranks)
 
     clock = EtaClock(config.epochs)
     best = whole._Best()
@@ -332,30 +339,33 @@ def train_by_tiles(
     for epoch in range(1, config.epochs + 1):
         if epoch > planned_epochs:
             break
-        cancel.raise_if_cancelled()
+        ranks.raise_if_cancelled(cancel)
         epoch_start = time.monotonic()
-        tile_p, _ = _bag_probabilities(model, bags.train, device, config, cancel)
+        tile_p, _ = _bag_probabilities(model, bags.train, device, config, cancel, ranks)
         chosen, targets = select_instances(tile_p, bags.train.starts, bags.train_y, config.mil_top_k, generator,
                                            novelty, novelty_weight(epoch, planned_epochs))
-        cancel.raise_if_cancelled()
+        ranks.raise_if_cancelled(cancel)
         epoch_data = whole._TrainingData(bags.train_samples, bags.val_samples, SelectedInstances(bags.train, chosen),  # type: ignore[arg-type]
                                          torch.zeros(0), torch.zeros(0), targets, bags.val_y, from_frozen=False)
-        model.train()
+        step_model.train()
         order = whole._epoch_order(targets, config, optimisation.steps_per_epoch, generator)
-        train_loss = whole._run_epoch(model, epoch_data, config, optimisation, order, generator, False, cancel, device, ranks)
-        cancel.raise_if_cancelled()
-        val_metrics, threshold = _validate(model, bags, config, device, cancel)
+        train_loss = whole._run_epoch(step_model, epoch_data, config, optimisation, order, generator, False, cancel, device, ranks)
+        ranks.raise_if_cancelled(cancel)
+        ranks.share_buffers_of_rank0(model)
+        val_metrics, threshold = _validate(model, bags, config, device, cancel, ranks)
         epoch_times.append(time.monotonic() - epoch_start)
         epochs_run = epoch
         metrics = {"loss": train_loss, **val_metrics, "lr": float(optimisation.scheduler.get_last_lr()[0])}
         history.append({"epoch": epoch, **metrics})
         improved = best.consider(epoch, metrics, threshold, model, False)
+        # Rank 0's clock decides the time budget, so every rank stops after the same epoch.
+        elapsed, mean_epoch = ranks.from_rank0((time.monotonic() - started, float(np.mean(epoch_times))))
         yield clock.progress("train", epoch, f"epoch {epoch}/{planned_epochs} by tiles" + (" (best)" if improved else ""),
                              metrics, kind=ProgressKind.EPOCH)
         if epoch >= config.min_epochs and best.epochs_since >= config.patience:
             break
         if config.max_train_seconds is not None:
-            planned = whole._epochs_within_budget(config, epoch, time.monotonic() - started, float(np.mean(epoch_times)))
+            planned = whole._epochs_within_budget(config, epoch, elapsed, mean_epoch)
             if planned is None:
                 break
             planned_epochs = planned
@@ -364,13 +374,15 @@ def train_by_tiles(
 
     assert best.state is not None  # every epoch runs at full resolution, and the first is always kept
     model.load_state_dict(best.state)
-    final_metrics, test_probabilities = _final_metrics(model, bags, evaluation, config, device, best, cancel)
-    cancel.raise_if_cancelled()
-    yield from _write_checkpoint(model, bags, config, preprocessing, best, final_metrics, checkpoint_path, cancel, device)
+    final_metrics, test_probabilities = _final_metrics(model, bags, evaluation, config, device, best, cancel, ranks)
+    ranks.raise_if_cancelled(cancel)
+    if ranks.is_writer:
+        yield from _write_checkpoint(model, bags, config, preprocessing, best, final_metrics, checkpoint_path, cancel, device)
     result = whole.TrainResult(
         checkpoint_path=checkpoint_path, metrics=final_metrics, best_epoch=best.epoch, epochs_run=epochs_run,
         seconds=time.monotonic() - started, seconds_per_epoch=float(np.mean(epoch_times)) if epoch_times else 0.0,
-        peak_memory_mb=peak_memory_mb(device), device=describe_device(device), decision_threshold=best.threshold,
+        peak_memory_mb=peak_memory_mb(device), decision_threshold=best.threshold,
+        device=describe_device(device) + (f", {ranks.world_size} processes" if ranks.distributed else ""),
         history=history, train_hashes=[s[2] for s in bags.train_samples], validation_hashes=[s[2] for s in bags.val_samples],
         test_probabilities=test_probabilities,
     )
@@ -379,15 +391,15 @@ def train_by_tiles(
 
 
 def _final_metrics(model: DefectClassifier, bags: _Bags, evaluation: Sequence, config: ClassifierConfig,  # type: ignore[no-untyped-def]
-                   device: torch.device, best, cancel: CancelToken) -> tuple[dict[str, float], list[float] | None]:
-    _, train_p = _bag_probabilities(model, bags.train, device, config, cancel)
+                   device: torch.device, best, cancel: CancelToken, ranks: Ranks) -> tuple[dict[str, float], list[float] | None]:
+    _, train_p = _bag_probabilities(model, bags.train, device, config, cancel, ranks)
     final = {**best.metrics, "train_auroc": auroc(bags.train_y, train_p), "best_epoch": float(best.epoch),
              "val_threshold": best.threshold, "train_images": float(len(bags.train_samples)),
              "val_images": float(len(bags.val_samples)), "train_tiles": float(len(bags.train))}
     if bags.evaluation is None:
         return final, None
     eval_y = np.array([s[1] == "defect" for s in evaluation], dtype=np.int64)
-    _, eval_p = _bag_probabilities(model, bags.evaluation, device, config, cancel)
+    _, eval_p = _bag_probabilities(model, bags.evaluation, device, config, cancel, ranks)
     scores = binary_scores(eval_y, eval_p > best.threshold)
     final.update({"test_auroc": auroc(eval_y, eval_p), "test_f1": scores.f1, "test_accuracy": scores.accuracy,
                   "test_precision": scores.precision, "test_recall": scores.recall})
