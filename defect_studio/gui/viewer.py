@@ -31,6 +31,7 @@ from PySide6.QtWidgets import (
 
 from defect_studio.gui.plotting import pg
 from defect_studio.imageio import to_float01
+from defect_studio.ml.cam_cache import quantise_heatmap
 
 HEATMAP_COLORMAPS = ("turbo", "inferno", "viridis", "plasma")
 MASK_COLOUR = QColor(255, 64, 64)
@@ -251,7 +252,8 @@ class ImageViewer(pg.GraphicsView):
             self.heat_item.setVisible(False)
             self.heat_item.clear()
             return
-        self.heat_item.setImage(np.asarray(heatmap, np.float32), levels=(0.0, 1.0), autoLevels=False)
+        # Shown as bytes (the colormap has 256 entries anyway): a float32 copy of a 100 MP map would be 400 MB.
+        self.heat_item.setImage(quantise_heatmap(heatmap, np.uint8), levels=(0, 255), autoLevels=False)
         self.heat_item.setVisible(True)
 
     def set_heat_opacity(self, opacity: float) -> None:

@@ -36,15 +36,17 @@ CAM_BATCH_SIZE = 8
 HEATMAP_BAND_ROWS = 256  # rows quantised at a time: float temporaries of a band, not of a 100 MP map
 
 
-def quantise_heatmap(cam_map: np.ndarray) -> np.ndarray:
-    """A float map in [0, 1] (float16 or float32) -> uint16 0..65535, band by band of rows."""
+def quantise_heatmap(cam_map: np.ndarray, dtype: type = np.uint16) -> np.ndarray:
+    """A float map in [0, 1] (float16 or float32) -> 0..max of `dtype` (uint16 for the cache, uint8 for the
+    screen), band by band of rows; NaN counts as 0."""
     values = np.asarray(cam_map)
     if values.ndim != 2:
         raise ValueError(f"a CAM map is 2-D, got shape {values.shape}")
-    quantised = np.empty(values.shape, np.uint16)
+    scale = float(np.iinfo(dtype).max)
+    quantised = np.empty(values.shape, dtype)
     for y0 in range(0, values.shape[0], HEATMAP_BAND_ROWS):
         band = np.nan_to_num(values[y0 : y0 + HEATMAP_BAND_ROWS].astype(np.float32))
-        quantised[y0 : y0 + HEATMAP_BAND_ROWS] = np.clip(band * HEATMAP_SCALE + 0.5, 0, HEATMAP_SCALE)
+        quantised[y0 : y0 + HEATMAP_BAND_ROWS] = np.clip(band * scale + 0.5, 0, scale)
     return quantised
 
 

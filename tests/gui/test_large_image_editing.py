@@ -112,3 +112,19 @@ def test_zoomed_out_repaints_and_whole_mask_operations_stay_small(large_editor) 
     finally:
         tracemalloc.stop()
     assert peak < 2.5 * SIDE * SIDE
+
+
+def test_a_heatmap_is_shown_as_bytes_without_a_float32_copy(qtbot) -> None:  # type: ignore[no-untyped-def]
+    """The CAM overlay of a large image: the float16 map the tiled CAMs make goes to the screen as one byte a
+    pixel (its colormap has 256 entries), each the map's value rounded to 1/255; NaN shows as 0."""
+    viewer = ImageViewer()
+    qtbot.addWidget(viewer)
+    viewer.set_image(np.zeros((600, 800), np.float32))
+    heatmap = np.linspace(0, 1, 600 * 800, dtype=np.float32).reshape(600, 800).astype(np.float16)
+    heatmap[0, 0] = np.nan
+    viewer.set_heatmap(heatmap)
+    shown = viewer.heat_item.image
+    assert shown.dtype == np.uint8 and shown.shape == heatmap.shape and viewer.heat_item.isVisible()
+    expected = np.clip(np.nan_to_num(heatmap.astype(np.float32)) * 255 + 0.5, 0, 255).astype(np.uint8)
+    np.testing.assert_array_equal(shown, expected)
+    assert viewer.heatmap is heatmap  # the map itself is kept as given, for the outline and the compare view
