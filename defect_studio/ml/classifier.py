@@ -447,6 +447,57 @@ class _Best:
         return True
 
 
+class _EpochLoop:
+    """The epochs of one classifier training (whole images or tiles): their history, the best epoch, early
+    stopping and the time budget, which rank 0's clock decides so every rank stops after the same epoch."""
+
+    def __init__(self, config: ClassifierConfig, optimisation: _Optimisation, ranks: Ranks, started: float) -> None:
+        self.config, self.optimisation, self.ranks, self.started = config, optimisation, ranks, started
+        self.clock = EtaClock(config.epochs)
+        self.best = _Best()
+        self.history: list[dict[str, float]] = []
+        self.epoch_times: list[float] = []
+        self.epochs_run = 0
+        self.planned_epochs = config.epochs
+        self._stopped = False
+
+    def epochs(self) -> Iterator[int]:
+        """1, 2, ... until the plan (shrunk by the budget) is done or training stopped early."""
+        for epoch in range(1, self.config.epochs + 1):
+            if self._stopped or epoch > self.planned_epochs:
+                return
+            yield epoch
+
+    @property
+    def seconds_per_epoch(self) -> float:
+        return float(np.mean(self.epoch_times)) if self.epoch_times else 0.0
+
+    def end_epoch(self, epoch: int, epoch_start: float, train_loss: float, val_metrics: dict[str, float],
+                  threshold: float, model: DefectClassifier, low_resolution: bool, detail: str = "") -> Progress:
+        """Record a finished epoch, keep it if it is the best, and plan what follows (early stop, budget); the
+        epoch's progress event, `detail` said after "epoch k/n"."""
+        config = self.config
+        self.epoch_times.append(time.monotonic() - epoch_start)
+        self.epochs_run = epoch
+        metrics = {"loss": train_loss, **val_metrics, "lr": float(self.optimisation.scheduler.get_last_lr()[0])}
+        self.history.append({"epoch": epoch, **metrics})
+        improved = self.best.consider(epoch, metrics, threshold, model, low_resolution)
+        elapsed, mean_epoch = self.ranks.from_rank0((time.monotonic() - self.started, self.seconds_per_epoch))
+        message = f"epoch {epoch}/{self.planned_epochs}{detail}" + (" (best)" if improved else "")
+        progress = self.clock.progress("train", epoch, message, metrics, kind=ProgressKind.EPOCH)
+        if epoch >= config.min_epochs and self.best.epochs_since >= config.patience:
+            self._stopped = True
+        elif config.max_train_seconds is not None:
+            planned = _epochs_within_budget(config, epoch, elapsed, mean_epoch)
+            if planned is None:
+                self._stopped = True
+            else:
+                self.planned_epochs = planned
+                self.optimisation.replan(planned)
+                self.clock.total = planned
+        return progress
+
+
 class _TrainingForward(nn.Module):
     """The classifier's training forward pass (from cached frozen features or from images) as a module's
     `forward`, so DistributedDataParallel can wrap it; it holds the classifier, it copies nothing."""
@@ -670,19 +721,13 @@ def _train(
     optimisation = _make_optimisation(model, config, data.train_y, device)
     step_model = _step_model(model, data.from_frozen, device, ranks)
 
-    clock = EtaClock(config.epochs)
-    best = _Best()
-    history: list[dict[str, float]] = []
-    epoch_times: list[float] = []
-    epochs_run = 0
-    planned_epochs = config.epochs
-    for epoch in range(1, config.epochs + 1):
-        if epoch > planned_epochs:
-            break
+    loop = _EpochLoop(config, optimisation, ranks, started)
+    for epoch in loop.epochs():
         ranks.raise_if_cancelled(cancel)
         epoch_start = time.monotonic()
         step_model.train()
-        low_resolution = 0 < config.low_res_scale < 1 and epoch <= int(config.low_res_fraction * planned_epochs) and not data.from_frozen
+        low_resolution = (0 < config.low_res_scale < 1 and epoch <= int(config.low_res_fraction * loop.planned_epochs)
+                          and not data.from_frozen)
         order = _epoch_order(data.train_y, config, optimisation.steps_per_epoch, generator)
         train_loss = _run_epoch(step_model, data, config, optimisation, order, generator, low_resolution, cancel, device, ranks)
         ranks.raise_if_cancelled(cancel)
@@ -690,28 +735,14 @@ def _train(
         # Low-resolution epochs are validated at their own scale (shown, never kept as the best: the
         # saved model must be the one that works at the full input size).
         val_metrics, threshold = _validate(model, data, config, device, ranks, config.low_res_scale if low_resolution else 1.0)
-        epoch_times.append(time.monotonic() - epoch_start)
-        epochs_run = epoch
-        metrics = {"loss": train_loss, **val_metrics, "lr": float(optimisation.scheduler.get_last_lr()[0])}
-        history.append({"epoch": epoch, **metrics})
-        improved = best.consider(epoch, metrics, threshold, model, low_resolution)
-        # Rank 0's clock decides the time budget, so every rank stops after the same epoch.
-        elapsed, mean_epoch = ranks.from_rank0((time.monotonic() - started, float(np.mean(epoch_times))))
-        message = f"epoch {epoch}/{planned_epochs}" + (" at low resolution" if low_resolution else "") + (" (best)" if improved else "")
-        yield clock.progress("train", epoch, message, metrics, kind=ProgressKind.EPOCH)
-        if epoch >= config.min_epochs and best.epochs_since >= config.patience:
-            break
-        if config.max_train_seconds is not None:
-            planned_epochs = _epochs_within_budget(config, epoch, elapsed, mean_epoch)
-            if planned_epochs is None:
-                break
-            optimisation.replan(planned_epochs)
-            clock.total = planned_epochs
+        yield loop.end_epoch(epoch, epoch_start, train_loss, val_metrics, threshold, model, low_resolution,
+                             " at low resolution" if low_resolution else "")
 
+    best, epochs_run = loop.best, loop.epochs_run
     if best.state is not None:
         model.load_state_dict(best.state)
     else:  # every epoch ran at low resolution (a tiny budget): keep the last state
-        best = _Best(epoch=epochs_run, metrics={k: v for k, v in history[-1].items() if k != "epoch"}, threshold=0.5)
+        best = _Best(epoch=epochs_run, metrics={k: v for k, v in loop.history[-1].items() if k != "epoch"}, threshold=0.5)
     final_metrics, test_probabilities = _final_metrics(model, data, evaluation, config, device, ranks, best)
     ranks.raise_if_cancelled(cancel)
     if ranks.is_writer:
@@ -723,11 +754,11 @@ def _train(
         best_epoch=best.epoch,
         epochs_run=epochs_run,
         seconds=seconds,
-        seconds_per_epoch=float(np.mean(epoch_times)) if epoch_times else 0.0,
+        seconds_per_epoch=loop.seconds_per_epoch,
         peak_memory_mb=peak_memory_mb(device),
         device=describe_device(device) + (f", {ranks.world_size} processes" if ranks.distributed else ""),
         decision_threshold=best.threshold,
-        history=history,
+        history=loop.history,
         train_hashes=[s[2] for s in data.train_samples],
         validation_hashes=[s[2] for s in data.val_samples],
         test_probabilities=test_probabilities,

@@ -331,19 +331,13 @@ def train_by_tiles(
     optimisation = whole._make_optimisation(model, config, first_targets, device)
     step_model = whole._step_model(model, False, device, ranks)
 
-    clock = EtaClock(config.epochs)
-    best = whole._Best()
-    history: list[dict[str, float]] = []
-    epoch_times: list[float] = []
-    epochs_run, planned_epochs = 0, config.epochs
-    for epoch in range(1, config.epochs + 1):
-        if epoch > planned_epochs:
-            break
+    loop = whole._EpochLoop(config, optimisation, ranks, started)
+    for epoch in loop.epochs():
         ranks.raise_if_cancelled(cancel)
         epoch_start = time.monotonic()
         tile_p, _ = _bag_probabilities(model, bags.train, device, config, cancel, ranks)
         chosen, targets = select_instances(tile_p, bags.train.starts, bags.train_y, config.mil_top_k, generator,
-                                           novelty, novelty_weight(epoch, planned_epochs))
+                                           novelty, novelty_weight(epoch, loop.planned_epochs))
         ranks.raise_if_cancelled(cancel)
         epoch_data = whole._TrainingData(bags.train_samples, bags.val_samples, SelectedInstances(bags.train, chosen),  # type: ignore[arg-type]
                                          torch.zeros(0), torch.zeros(0), targets, bags.val_y, from_frozen=False)
@@ -353,25 +347,9 @@ def train_by_tiles(
         ranks.raise_if_cancelled(cancel)
         ranks.share_buffers_of_rank0(model)
         val_metrics, threshold = _validate(model, bags, config, device, cancel, ranks)
-        epoch_times.append(time.monotonic() - epoch_start)
-        epochs_run = epoch
-        metrics = {"loss": train_loss, **val_metrics, "lr": float(optimisation.scheduler.get_last_lr()[0])}
-        history.append({"epoch": epoch, **metrics})
-        improved = best.consider(epoch, metrics, threshold, model, False)
-        # Rank 0's clock decides the time budget, so every rank stops after the same epoch.
-        elapsed, mean_epoch = ranks.from_rank0((time.monotonic() - started, float(np.mean(epoch_times))))
-        yield clock.progress("train", epoch, f"epoch {epoch}/{planned_epochs} by tiles" + (" (best)" if improved else ""),
-                             metrics, kind=ProgressKind.EPOCH)
-        if epoch >= config.min_epochs and best.epochs_since >= config.patience:
-            break
-        if config.max_train_seconds is not None:
-            planned = whole._epochs_within_budget(config, epoch, elapsed, mean_epoch)
-            if planned is None:
-                break
-            planned_epochs = planned
-            optimisation.replan(planned_epochs)
-            clock.total = planned_epochs
+        yield loop.end_epoch(epoch, epoch_start, train_loss, val_metrics, threshold, model, False, " by tiles")
 
+    best, epochs_run = loop.best, loop.epochs_run
     assert best.state is not None  # every epoch runs at full resolution, and the first is always kept
     model.load_state_dict(best.state)
     final_metrics, test_probabilities = _final_metrics(model, bags, evaluation, config, device, best, cancel, ranks)
@@ -380,10 +358,10 @@ def train_by_tiles(
         yield from _write_checkpoint(model, bags, config, preprocessing, best, final_metrics, checkpoint_path, cancel, device)
     result = whole.TrainResult(
         checkpoint_path=checkpoint_path, metrics=final_metrics, best_epoch=best.epoch, epochs_run=epochs_run,
-        seconds=time.monotonic() - started, seconds_per_epoch=float(np.mean(epoch_times)) if epoch_times else 0.0,
+        seconds=time.monotonic() - started, seconds_per_epoch=loop.seconds_per_epoch,
         peak_memory_mb=peak_memory_mb(device), decision_threshold=best.threshold,
         device=describe_device(device) + (f", {ranks.world_size} processes" if ranks.distributed else ""),
-        history=history, train_hashes=[s[2] for s in bags.train_samples], validation_hashes=[s[2] for s in bags.val_samples],
+        history=loop.history, train_hashes=[s[2] for s in bags.train_samples], validation_hashes=[s[2] for s in bags.val_samples],
         test_probabilities=test_probabilities,
     )
     yield Progress("done", epochs_run, config.epochs, f"saved {checkpoint_path.name}", final_metrics, kind=ProgressKind.RESULT)
