@@ -256,12 +256,13 @@ def cam_job(
                 write_png_if_asked(record, hit)
             else:
                 missing.append(record)
-        whole = [r for r in missing if not cam_by_tiles(r.height, r.width, classifier)]
+        by_tiles = [cam_by_tiles(r.height, r.width, classifier) for r in missing]
+        whole = [r for r, tiles in zip(missing, by_tiles) if not tiles]
         fresh = compute_cams(classifier, [read_image(r.path) for r in whole], spec, batch_size=batch_size) if whole else []
         for record, cam_map in zip(whole, fresh):
             cache.put(record.sha256, classifier.checkpoint_sha256, method, resolved, cam_map)
             write_png_if_asked(record, cam_map)
-        for record in (r for r in missing if cam_by_tiles(r.height, r.width, classifier)):  # one large image at a time
+        for record in (r for r, tiles in zip(missing, by_tiles) if tiles):  # one large image at a time
             cam_map = tiled_cam(classifier, read_image_pixels(record.path), spec, cancel=cancel)  # float by tiles
             cache.put(record.sha256, classifier.checkpoint_sha256, method, resolved, cam_map)
             write_png_if_asked(record, cam_map)

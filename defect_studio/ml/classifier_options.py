@@ -27,8 +27,8 @@ ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
                  "output_stride": 16, "epochs": 60, "patience": 12, "min_epochs": 8},
 }
 POOLINGS = ("avg", "max", "topk", "lse")
-OLD_LEARNING_RATE = "lr"
-TILING_SETTINGS = ("tiling", "tile_size", "tile_overlap", "mil_top_k")  # the name of `learning_rate` before it matched the segmenter's
+OLD_LEARNING_RATE = "lr"  # the name of `learning_rate` before it matched the segmenter's
+TILING_SETTINGS = ("tiling", "tile_size", "tile_overlap", "mil_top_k")
 
 
 @dataclass
@@ -178,8 +178,8 @@ def choose_classifier_tiling(config: ClassifierConfig, image_sizes: list[tuple[i
     Unset (None), the tiling is chosen from the sizes as the segmenter's is (`choose_tiling`): "whole" when
     every image has at most one segmenter tile of pixels (1024 x 1024: as before tiles), else "auto": the
     larger images become bags of tiles of the input size, the others stay whole. "auto" that would cut no
-    image is "whole". The tile size and overlap are written out, so the run's record says what it used. A tile larger than every image in "tiles" mode is
-    refused: nothing would be tiled."""
+    image is "whole". The tile size and overlap are written out, so the run's record says what it used. A
+    tile larger than every image in "tiles" mode is refused: nothing would be tiled."""
     import dataclasses
 
     from defect_studio.ml.tiling import choose_tiling

@@ -32,7 +32,6 @@ from defect_studio.ml.classifier_options import classifier_tile_grid
 from defect_studio.ml.tiling import LARGE_MAP_DTYPE, MIN_TILE_SIZE, WHOLE_IMAGE_MAX_PIXELS, Tiling, map_tiles, stitched_rows
 
 
-
 def cam_tiling(classifier: Any) -> Tiling:
     """The default tiling for CAMs: a classifier trained on tiles, its own; else tiles as large as the
     classifier's input, so it sees each at its own resolution (a 1024 px tile would be shrunk 8 times
