@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from torchvision.models.resnet import BasicBlock
 from torch import nn
 
-from defect_studio.ml.cams import capture_stage_outputs, eval_mode
+from defect_studio.ml.cams import capture_stage_outputs, compute_cams, eval_mode
 from defect_studio.ml.good_prior import GoodImagePrior, build_good_prior
 from defect_studio.ml.preprocess import Preprocessing
 
@@ -83,6 +84,7 @@ class StandInClassifier:
     checkpoint_sha256: str = "0" * 64
     device: torch.device = torch.device("cpu")
     good_prior: GoodImagePrior | None = None
+    affinity: Any = None  # an AffinityModel (with_affinity)
 
     def with_good_prior(self, good_images: list[np.ndarray], stage: int = 3, bank_size: int = 512) -> "StandInClassifier":
         """A memory bank of the stage's features of `good_images`, as training builds it."""
@@ -91,6 +93,21 @@ class StandInClassifier:
             self.model(batch)
             activation = captured[stage - 1]
         self.good_prior = build_good_prior([activation], stage, bank_size)
+        return self
+
+    def with_affinity(self, defect_images: list[np.ndarray], good_images: list[np.ndarray], epochs: int = 2) -> "StandInClassifier":
+        """An affinity head trained as classifier training trains it: on this classifier's FGBP maps."""
+        from defect_studio.jobs import CancelToken, run_job
+        from defect_studio.ml import affinity
+
+        settings = affinity.AffinitySettings(epochs=epochs, width=8, embedding=16)
+        features, geometries = affinity.stage_features(self, [*defect_images, *good_images])
+        cams = compute_cams(self, defect_images, affinity.BASE_METHOD)
+        labels = [affinity.grid_labels(cam, geometry, affinity.grid_shape(f), settings.high, settings.low)
+                  for cam, geometry, f in zip(cams, geometries, features)]
+        labels += [affinity.background_labels(g, affinity.grid_shape(f))
+                   for g, f in zip(geometries[len(defect_images):], features[len(defect_images):])]
+        self.affinity = run_job(affinity.train_head(features, labels, settings, CancelToken()))
         return self
 
 

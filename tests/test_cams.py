@@ -28,7 +28,8 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa:
 def resnet_classifier() -> StandInClassifier:
     rng = np.random.default_rng(5)
     good = [rng.random((80, 80, 1), dtype=np.float32) for _ in range(4)]
-    return StandInClassifier(ResNetStandIn(), Preprocessing(input_size=96)).with_good_prior(good)
+    defects = [rng.random((70, 60, 1), dtype=np.float32) for _ in range(2)]
+    return StandInClassifier(ResNetStandIn(), Preprocessing(input_size=96)).with_good_prior(good).with_affinity(defects, good)
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +148,7 @@ def test_the_model_is_left_exactly_as_it_was(method, images) -> None:
     model.stages[1].eval()  # a mixed state must come back mixed
     for parameter in model.stages[0].parameters():
         parameter.requires_grad_(False)
-    classifier = StandInClassifier(model, Preprocessing(input_size=64)).with_good_prior(images)
+    classifier = StandInClassifier(model, Preprocessing(input_size=64)).with_good_prior(images).with_affinity(images, images)
     before = model_state(model)
     with torch.no_grad():  # callers inside no_grad still get maps
         maps = cams.compute_cams(classifier, images, method)
@@ -201,7 +202,7 @@ def rss_mb() -> float:
 def test_a_thousand_calls_leak_no_hooks_and_no_memory() -> None:
     model = TinyStandIn()
     image = np.random.default_rng(0).random((30, 40, 1), dtype=np.float32)
-    classifier = StandInClassifier(model, Preprocessing(input_size=32)).with_good_prior([image])
+    classifier = StandInClassifier(model, Preprocessing(input_size=32)).with_good_prior([image]).with_affinity([image], [image])
     relus = [(name, id(m)) for name, m in model.named_modules() if isinstance(m, nn.ReLU)]
     methods = cams.CAM_METHODS
     for call in range(100):  # warm up allocator caches before measuring
@@ -332,7 +333,7 @@ def test_magnitude_filter_keeps_the_top_fraction_per_image() -> None:
 
 
 def test_every_method_has_defaults_and_bad_settings_are_refused() -> None:
-    assert cams.CAM_METHODS == ("gradcam", "gradcampp", "layercam", "fgbp", "region-aware", "good-prior")
+    assert cams.CAM_METHODS == ("gradcam", "gradcampp", "layercam", "fgbp", "region-aware", "good-prior", "affinity-walk")
     ra = cams.default_settings("region-aware")
     assert ra["fgbp_quantile"] == 0.9 and ra["region_threshold"] == 0.2 and ra["gamma"] == 0.5
     assert ra["region_margin_cells"] == 1.0 and ra["salient_stages"] == [3] and ra["good_prior"] == "deep"
@@ -353,6 +354,10 @@ def test_every_method_has_defaults_and_bad_settings_are_refused() -> None:
         cams.resolve_settings("good-prior", {"neighbours": 0})
     with pytest.raises(cams.CamSettingsError, match="true or false"):
         cams.resolve_settings("fgbp", {"guided": "maybe"})
+    with pytest.raises(cams.CamSettingsError, match="0..256"):
+        cams.resolve_settings("affinity-walk", {"steps": 300})
+    with pytest.raises(cams.CamSettingsError, match="within"):
+        cams.resolve_settings("affinity-walk", {"beta": 0})
 
 
 def test_command_line_strings_are_coerced_and_canonical() -> None:

@@ -77,8 +77,9 @@ def test_a_thousand_cam_computations_in_a_project_session_leak_nothing(tmp_path:
     threads_before = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny convolutions: extra threads only contend on a busy machine
     try:
-        _thousand_cams(cams, CamCache, StandInClassifier(TinyStandIn(), Preprocessing(input_size=32)).with_good_prior(
-            [np.random.default_rng(0).random((30, 40, 1), dtype=np.float32)]), tmp_path)
+        image = np.random.default_rng(0).random((30, 40, 1), dtype=np.float32)
+        classifier = StandInClassifier(TinyStandIn(), Preprocessing(input_size=32)).with_good_prior([image])
+        _thousand_cams(cams, CamCache, classifier.with_affinity([image], [image]), tmp_path)
     finally:
         torch.set_num_threads(threads_before)
 

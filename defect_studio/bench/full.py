@@ -340,9 +340,27 @@ def _classifier_step(bench: FullBench, project: Project) -> dict[str, Any]:
             raise SystemExit(f"--classifier {bench.classifier_path}: no such file.")
         bench.clock.seconds["classifier"] = 0.0
         bench.classifier_note = f"reused {bench.classifier_path.name} (not timed)"
+        if bench.method in (None, "affinity-walk"):
+            _add_missing_affinity_head(bench, project)
     bench.reviewer.classifier_path = bench.classifier_path
     path = bench.classifier_path
     return bench.clock.run("classifier evaluation", lambda: _classifier_scores(path, bench.test))
+
+
+def _add_missing_affinity_head(bench: FullBench, project: Project) -> None:
+    """A reused classifier from before the affinity head gets one (a copy in the bench's project; timed)."""
+    from defect_studio.ml.affinity import add_affinity_head
+    from defect_studio.ml.classifier import load_classifier
+
+    if load_classifier(bench.classifier_path).affinity is not None:
+        return
+    source = bench.classifier_path
+    target = project.models_dir / f"{source.stem}-affinity.pt"
+    images = project.images()
+    bench.classifier_path = bench.clock.run("affinity head", lambda: run_job(add_affinity_head(
+        source, target, [Path(i.path) for i in images if i.tag == "defect"], [Path(i.path) for i in images if i.tag == "good"],
+        CancelToken()), bench.show))
+    bench.classifier_note += "; its affinity head trained here (timed)"
 
 
 def _cam_step(bench: FullBench, project: Project) -> list[dict[str, Any]]:
@@ -423,10 +441,12 @@ def _weak_loop_seconds(bench: FullBench, round_rows: list[dict[str, Any]]) -> di
         "pseudo-labels": sum(r["pseudo s"] for r in round_rows),
         "segmenter training": sum(r["train s"] for r in round_rows),
     }
+    if "affinity head" in seconds:  # trained here for a reused classifier (a classifier trains its own)
+        weak["affinity head"] = seconds["affinity head"]
     if bench.reviewer.ordering_seconds:
         weak["edit-first order"] = bench.reviewer.ordering_seconds
     weak["other (review, metrics, I/O)"] = (seconds["CAMs"] + seconds["rounds"] + seconds.get("classifier", 0.0)
-                                            - sum(weak.values()))
+                                            + seconds.get("affinity head", 0.0) - sum(weak.values()))
     return weak
 
 

@@ -32,6 +32,7 @@ from defect_studio.dataset_layout import LABELS, check_two_classes
 from defect_studio.errors import DataError, ModelError
 from defect_studio.imageio import read_image
 from defect_studio.jobs import CancelToken, EtaClock, Progress, ProgressKind
+from defect_studio.ml.affinity import AffinityModel, AffinitySettings, train_affinity
 from defect_studio.ml.augment import augment_batch, surface_augmentation
 from defect_studio.ml.classifier_options import choose_classifier_tiling, classifier_tile_grid
 from defect_studio.ml.good_prior import GoodImagePrior, build_good_prior
@@ -215,6 +216,7 @@ def _versions() -> dict[str, str]:
 def checkpoint_bytes(
     model: nn.Module, config: ClassifierConfig, preprocessing: Preprocessing, decision_threshold: float,
     metrics: dict[str, float], image_hashes: list[str], epoch: int, good_prior: GoodImagePrior | None = None,
+    affinity: AffinityModel | None = None,
 ) -> bytes:
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     payload = {
@@ -232,6 +234,8 @@ def checkpoint_bytes(
     }
     if good_prior is not None:
         payload["good_prior"] = good_prior.to_payload()
+    if affinity is not None:
+        payload["affinity"] = affinity.to_payload()
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     return buffer.getvalue()
@@ -249,6 +253,7 @@ class LoadedClassifier:
     metrics: dict[str, float] = field(default_factory=dict)
     image_hashes: list[str] = field(default_factory=list)
     good_prior: GoodImagePrior | None = None  # the good images' memory bank (checkpoints since the prior exists)
+    affinity: AffinityModel | None = None  # the affinity walk's head (whole-image checkpoints since it exists)
 
     def prepare(self, images: list[np.ndarray]) -> tuple[torch.Tensor, list[Geometry]]:
         """Network inputs on the model's device (with the model's memory format) and their geometries."""
@@ -329,6 +334,7 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> Loa
         metrics=dict(payload.get("metrics") or {}),
         image_hashes=list(payload.get("image_hashes") or []),
         good_prior=_load_prior(payload.get("good_prior"), torch_device, path),
+        affinity=_load_affinity(payload.get("affinity"), torch_device, path),
     )
 
 
@@ -341,6 +347,15 @@ def _load_prior(payload: Any, device: torch.device, path: Path) -> GoodImagePrio
         raise ModelError(f"{path.name}: the good-image prior in the checkpoint is damaged ({error}).") from error
     prior.bank = prior.bank.to(device)
     return prior
+
+
+def _load_affinity(payload: Any, device: torch.device, path: Path) -> AffinityModel | None:
+    if payload is None:
+        return None
+    try:
+        return AffinityModel.from_payload(payload, device)
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+        raise ModelError(f"{path.name}: the affinity head in the checkpoint is damaged ({error}).") from error
 
 
 # ----------------------------------------------------------------------------------------------
@@ -791,15 +806,22 @@ def _write_checkpoint(
     model: DefectClassifier, data: _TrainingData, config: ClassifierConfig, preprocessing: Preprocessing, best: _Best,
     final_metrics: dict[str, float], checkpoint_path: Path, cancel: CancelToken, device: torch.device,
 ) -> Generator[Progress, None, None]:
-    """The good-image prior from the good images' features, then the checkpoint, written atomically."""
+    """The good-image prior from the good images' features, the affinity head from the trained classifier's
+    CAMs, then the checkpoint, written atomically."""
     yield Progress("prior", 0, 1, "memory bank of the good images' features")
     good = torch.from_numpy(np.concatenate([data.train_y, data.val_y]) == 0)
     good_prior = build_prior_from_features(model, torch.cat([data.train_x, data.val_x])[good], device, config)
     cancel.raise_if_cancelled()
-    seen_hashes = sorted({s[2] for s in data.train_samples} | {s[2] for s in data.val_samples})
+    tagged = [*data.train_samples, *data.val_samples]
+    trained = LoadedClassifier(model, preprocessing, config, checkpoint_path, "", device, good_prior=good_prior)
+    affinity = yield from train_affinity(
+        trained, [s[0] for s in tagged if s[1] == "defect"], [s[0] for s in tagged if s[1] == "good"], cancel,
+        AffinitySettings(epochs=config.affinity_epochs, seed=config.seed))
+    seen_hashes = sorted({s[2] for s in tagged})
     atomic_write_bytes(
         checkpoint_path,
-        checkpoint_bytes(model, config, preprocessing, best.threshold, final_metrics, seen_hashes, best.epoch, good_prior),
+        checkpoint_bytes(model, config, preprocessing, best.threshold, final_metrics, seen_hashes, best.epoch, good_prior,
+                         affinity),
     )
 
 

@@ -77,6 +77,9 @@ class ClassifierConfig:
     # The good-image prior: a memory bank of the good images' stage features, kept in the checkpoint.
     prior_stage: int = 3  # stride 16: measured best for EfficientNet-Lite0 on MT
     prior_bank_size: int = 8192  # coreset size: bounded memory and a fixed cost per query
+    # The affinity head (ml/affinity.py) trains this many epochs after the classifier, from its CAMs, and is
+    # kept in the checkpoint for the "affinity-walk" CAM method. 0: no head. Whole-image training only.
+    affinity_epochs: int = 8
     # Tiles (issue 15): "tiles" makes every image larger than a tile a bag of tiles at native resolution
     # (multiple-instance learning, ml/tile_training.py); "auto" only the images above one segmenter tile
     # of pixels (1024 x 1024); "whole" letterboxes every image, as before tiles. None: chosen from the

@@ -472,6 +472,9 @@ class CamComputation:
     wants_prior: Callable[[dict[str, Any]], bool] = _never  # uses the good-image prior when the classifier has one
     needs_prior: bool = False  # is nothing without the prior
     aligned_by_default: bool = False  # stage alignment when the method has no align_stages setting
+    # A method that is no fusion of stage maps (the affinity walk): (classifier, images, spec, batch size) ->
+    # original-frame maps, computed instead of everything above.
+    maps: Callable[[Any, Sequence[np.ndarray], CamSpec, int], list[np.ndarray]] | None = None
 
 
 def _fgbp_stage_map(activation: torch.Tensor, gradient: torch.Tensor, settings: dict[str, Any]) -> torch.Tensor:
@@ -519,6 +522,9 @@ GOOD_PRIOR = CamComputation(lambda s: [], _no_stage_map, _prior_alone, needs_pri
 
 
 def _compute(classifier: Any, images: Sequence[np.ndarray], spec: CamSpec, batch_size: int, frame: str) -> list[Any]:
+    computation: CamComputation = spec.entry.load_computation()
+    if computation.maps is not None:
+        return computation.maps(classifier, images, spec, batch_size)
     resolved = spec.settings
     preprocessing = classifier.preprocessing
     device = torch.device(getattr(classifier, "device", "cpu"))

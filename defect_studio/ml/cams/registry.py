@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from defect_studio.ml.cams.settings import (
+    AFFINITY_WALK_SPECS,
     FGBP_SPECS,
     GOOD_PRIOR_SPECS,
     GRADCAM_SPECS,
@@ -61,6 +62,7 @@ CAM_REGISTRY: dict[str, CamMethod] = {method.name: method for method in (
     CamMethod("fgbp", "FGBP", FGBP_SPECS, f"{_COMPUTE}:FGBP", at_input=True),
     CamMethod("region-aware", "Region-aware", REGION_AWARE_SPECS, f"{_COMPUTE}:REGION_AWARE"),
     CamMethod("good-prior", "Good-image prior", GOOD_PRIOR_SPECS, f"{_COMPUTE}:GOOD_PRIOR"),
+    CamMethod("affinity-walk", "Affinity walk", AFFINITY_WALK_SPECS, "defect_studio.ml.affinity:AFFINITY_WALK"),
 )}
 
 CAM_METHODS = tuple(CAM_REGISTRY)

@@ -76,6 +76,11 @@ LAYERCAM_SPECS = (_stage_specs([1, 2, 3, 4], "fused by the element-wise maximum"
 FGBP_SPECS = (*_FGBP_SPECS, _INPUT_SCALE)
 REGION_AWARE_SPECS = (*_REGION_SPECS, _INPUT_SCALE)
 GOOD_PRIOR_SPECS = (*_PRIOR_SPECS, _INPUT_SCALE)
+# Measured on MT (docs/method-notes.md section 13): longer walks bleed a defect into its background.
+AFFINITY_WALK_SPECS = (
+    SettingSpec("beta", 8.0, "sharpness: the affinities to this power (higher: the walk stops at fainter edges)"),
+    SettingSpec("steps", 16, "steps of the random walk (more: the CAM spreads further over similar surface)"),
+)
 
 
 def coerce_setting(method: str, name: str, default: Any, value: Any) -> Any:
@@ -104,6 +109,8 @@ def coerce_setting(method: str, name: str, default: Any, value: Any) -> Any:
             raise CamSettingsError(f"{where} must be within 1..{STAGE_COUNT}, got {value}.")
         if name == "neighbours" and value < 1:
             raise CamSettingsError(f"{where} must be at least 1, got {value}.")
+        if name == "steps" and not 0 <= value <= 256:
+            raise CamSettingsError(f"{where} must be within 0..256, got {value}.")
         return value
     if isinstance(default, float):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
@@ -113,6 +120,8 @@ def coerce_setting(method: str, name: str, default: Any, value: Any) -> Any:
             raise CamSettingsError(f"{where} must be within [0, 1), got {value}.")
         if name in ("gamma", "region_margin_cells", "ring_cells", "prior_power") and value < 0.0:
             raise CamSettingsError(f"{where} must not be negative, got {value}.")
+        if name == "beta" and not 0.0 < value <= 64.0:
+            raise CamSettingsError(f"{where} must be within (0, 64], got {value}.")
         if name == "input_scale" and not 0.25 <= value <= 4.0:
             raise CamSettingsError(f"{where} must be within 0.25..4, got {value}.")
         return value
