@@ -31,6 +31,9 @@ T = TypeVar("T")
 MODEL_FILE = "model.onnx"
 CARD_FILE = "model-card.json"
 TORCHSCRIPT_FILE = "model.torchscript.pt"
+# The classifier that decides which images get a mask (the card's "classifier_gate"; absent: the segmenter's own gate).
+GATE_MODEL_FILE = "gate.onnx"
+GATE_TORCHSCRIPT_FILE = "gate.torchscript.pt"
 
 
 def pad_to_multiple(image: np.ndarray, multiple: int) -> tuple[np.ndarray, tuple[int, int]]:
@@ -77,10 +80,17 @@ def image_score(probability: np.ndarray, top_k: int = IMAGE_SCORE_TOP_K) -> floa
     return float(np.partition(flat, flat.size - k)[flat.size - k :].mean())
 
 
-def decide_mask(probability: np.ndarray, threshold: float, image_gate: dict[str, Any] | None) -> np.ndarray:
-    """The defect mask: pixels at or above `threshold`, and none at all where the image's score is below
-    the gate calibrated on held-out good images (`image_gate`: {"top_k", "min_score"}; None: no gate)."""
+def decide_mask(probability: np.ndarray, threshold: float, image_gate: dict[str, Any] | None,
+                classifier_says_defect: bool | None = None) -> np.ndarray:
+    """The defect mask: pixels at or above `threshold`, and none at all where the image's classifier says
+    "good" (`classifier_says_defect` False: the classifier gate, which replaces the segmenter's own) or, without
+    a classifier gate, where the image's score is below the gate calibrated on held-out good images
+    (`image_gate`: {"top_k", "min_score"}; None: no gate)."""
     mask = probability >= threshold
+    if classifier_says_defect is not None:
+        if not classifier_says_defect:
+            mask[:] = False
+        return mask
     if image_gate and image_score(probability, int(image_gate.get("top_k", IMAGE_SCORE_TOP_K))) < float(
             image_gate["min_score"]):
         mask[:] = False
@@ -94,6 +104,23 @@ class ExportedSegmenter:
     directory: Path
     card: dict[str, Any]
     session: Any
+    gate_session: Any = None  # the classifier gate's (gate.onnx), when the card has one
+
+    def gate_probability(self, image: np.ndarray) -> float | None:
+        """The classifier gate's defect probability of a float [0, 1] image, letterboxed as the classifier was
+        trained (None: no classifier gate)."""
+        if self.gate_session is None:
+            return None
+        from defect_studio.ml.preprocess import Preprocessing
+
+        array, _ = Preprocessing.from_dict(self.card["classifier_gate"]["preprocessing"]).prepare_array(image)
+        (logit,) = self.gate_session.run(None, {self.gate_session.get_inputs()[0].name: array[None]})
+        return float(sigmoid(np.asarray(logit, np.float32).reshape(-1))[0])
+
+    def classifier_says_defect(self, image: np.ndarray) -> bool | None:
+        """The classifier gate's decision (None: no classifier gate): its probability above its own threshold."""
+        probability = self.gate_probability(image)
+        return None if probability is None else probability > float(self.card["classifier_gate"]["threshold"])
 
     @property
     def channels(self) -> int:
@@ -132,7 +159,7 @@ class ExportedSegmenter:
         return sigmoid(logits[0, 0, :height, :width])
 
     def mask(self, image: np.ndarray) -> np.ndarray:
-        return decide_mask(self.probability(image), self.threshold, self.image_gate)
+        return decide_mask(self.probability(image), self.threshold, self.image_gate, self.classifier_says_defect(image))
 
     def mask_of_pixels(self, pixels: np.ndarray, cancel: Any = None) -> np.ndarray:
         """The mask of a decoded image (native pixels, as `imageio.decode_image` gives them), in bounded
@@ -149,7 +176,16 @@ class ExportedSegmenter:
             tile = floats[box.slices] if floats is not None else to_float01(pixels[box.slices])
             return self.whole_probability(tile)
 
-        gate = self.image_gate
+        says_defect = None
+        if self.gate_session is not None:
+            # The classifier sees the image letterboxed to its input: shrink the pixels first (area, as the
+            # letterbox does), so no float copy of the whole image is made.
+            size = letterbox_content_size(self.card["classifier_gate"]["preprocessing"], (height, width))
+            small = pixels if floats is not None else cv2.resize(pixels, (size[1], size[0]), interpolation=cv2.INTER_AREA)
+            says_defect = self.classifier_says_defect(floats if floats is not None else to_float01(small))
+            if not says_defect:
+                return np.zeros((height, width), bool)
+        gate = self.image_gate if says_defect is None else None
         top = TopValues(int(gate.get("top_k", IMAGE_SCORE_TOP_K)) if gate else 1)
         mask = np.zeros((height, width), bool)
         for y0, rows in stitched_rows(grid, map_tiles(grid, tile_probability, cancel)):
@@ -187,7 +223,25 @@ def load_exported(model_dir: str | Path) -> ExportedSegmenter:
         session = onnxruntime.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
     except Exception as error:
         raise ModelError(f"{model_path}: not a valid ONNX model (corrupted or truncated?): {str(error)[:200]}") from error
-    return ExportedSegmenter(directory, card, session)
+    gate_session = None
+    if card.get("classifier_gate"):
+        gate_path = directory / GATE_MODEL_FILE
+        expected_gate_sha = card.get("files", {}).get(GATE_MODEL_FILE)
+        if not gate_path.is_file() or (expected_gate_sha is not None and file_sha256(gate_path) != expected_gate_sha):
+            raise ModelError(f"{gate_path}: the classifier gate its card names is missing or not the one described; "
+                             "export again.")
+        try:
+            gate_session = onnxruntime.InferenceSession(str(gate_path), options, providers=["CPUExecutionProvider"])
+        except Exception as error:
+            raise ModelError(f"{gate_path}: not a valid ONNX model (corrupted or truncated?): {str(error)[:200]}") from error
+    return ExportedSegmenter(directory, card, session, gate_session)
+
+
+def letterbox_content_size(preprocessing: dict[str, Any], size: tuple[int, int]) -> tuple[int, int]:
+    """Where a (height, width) image lands inside the classifier's letterbox: its resized content's size."""
+    from defect_studio.ml.preprocess import Preprocessing
+
+    return Preprocessing.from_dict(preprocessing).geometry(size).resized_size
 
 
 def parse_shard(text: str) -> tuple[int, int]:

@@ -307,6 +307,11 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> Loa
         payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - corrupt, truncated or foreign: one message for the user
         raise ModelError(f"{path.name}: not a readable classifier checkpoint ({type(error).__name__}: {error}).") from error
+    return classifier_from_payload(payload, path, hashlib.sha256(data).hexdigest(), device)
+
+
+def classifier_from_payload(payload: Any, path: Path, sha256: str, device: str | torch.device = "cpu") -> LoadedClassifier:
+    """A classifier from a checkpoint's loaded payload (a file's, or one kept inside a segmenter's checkpoint)."""
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise ModelError(f"{path.name}: not a defect-studio classifier checkpoint.")
     if int(payload.get("format_version", 0)) > CHECKPOINT_VERSION:
@@ -328,7 +333,7 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> Loa
         preprocessing=preprocessing,
         config=config,
         checkpoint_path=path,
-        checkpoint_sha256=hashlib.sha256(data).hexdigest(),
+        checkpoint_sha256=sha256,
         device=torch_device,
         decision_threshold=float(payload.get("decision_threshold", 0.5)),
         metrics=dict(payload.get("metrics") or {}),

@@ -32,7 +32,16 @@ from defect_studio.imageio import file_sha256
 from defect_studio.jobs import Progress
 from defect_studio.ml.segmenter import FlipAveraged, LoadedSegmenter, SegmenterConfig, build_segmenter
 from defect_studio.ml.tiling import Tiling, tiled_map
-from defect_studio.predict import CARD_FILE, MODEL_FILE, TORCHSCRIPT_FILE, load_exported, sigmoid, to_network_input
+from defect_studio.predict import (
+    CARD_FILE,
+    GATE_MODEL_FILE,
+    GATE_TORCHSCRIPT_FILE,
+    MODEL_FILE,
+    TORCHSCRIPT_FILE,
+    load_exported,
+    sigmoid,
+    to_network_input,
+)
 
 if TYPE_CHECKING:
     from defect_studio.project.store import Project
@@ -93,6 +102,37 @@ def _export_onnx(model: torch.nn.Module, path: Path) -> None:
         )
 
 
+def _export_gate(classifier: Any, staging: Path) -> None:
+    """The gate classifier as ONNX and TorchScript: a letterboxed C×S×S input (dynamic batch) -> one logit."""
+    import copy
+    import warnings
+
+    network = copy.deepcopy(classifier.model).to("cpu", memory_format=torch.contiguous_format).eval()
+    size = classifier.preprocessing.input_size
+    dummy = torch.zeros(1, classifier.preprocessing.channels, size, size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(network, (dummy,), str(staging / GATE_MODEL_FILE), dynamo=False, input_names=["image"],
+                          output_names=["logit"], dynamic_axes={"image": {0: "batch"}, "logit": {0: "batch"}},
+                          opset_version=ONNX_OPSET)
+        torch.jit.trace(network, dummy, check_trace=False).save(str(staging / GATE_TORCHSCRIPT_FILE))
+
+
+def _gate_card(loaded: LoadedSegmenter) -> dict[str, Any] | None:
+    classifier = loaded.gate_classifier
+    if classifier is None:
+        return None
+    return {
+        "onnx": GATE_MODEL_FILE, "torchscript": GATE_TORCHSCRIPT_FILE,
+        "what": ("the defect classifier the segmenter was trained with: an image whose classifier probability "
+                 "(sigmoid of the logit) is not above threshold gets an empty mask; the segmenter's own image_gate "
+                 "is then not used"),
+        "preprocessing": classifier.preprocessing.to_dict(),  # letterboxed as defect_studio.ml.preprocess does
+        "threshold": float(classifier.decision_threshold),
+        "classifier_sha256": classifier.checkpoint_sha256,
+    }
+
+
 def _export_torchscript(model: torch.nn.Module, path: Path) -> None:
     import warnings
 
@@ -126,6 +166,9 @@ def check_parity(
         return sigmoid(logits[0, 0, :height, :width])
 
     worst = {"onnx_diff": 0.0, "ts_diff": 0.0, "onnx_iou": 1.0, "ts_iou": 1.0}
+    gate_diff = max((abs(exported.gate_probability(image) - loaded.gate_probability(image))
+                     for image in images if loaded.gate_classifier is not None), default=0.0)
+    gate_agrees = gate_diff <= max_abs_diff
     for image in images:
         reference = loaded.probability(image)
         onnx_probability = exported.probability(image)  # by tiles where the card's tiling says so
@@ -136,7 +179,8 @@ def check_parity(
         worst["onnx_iou"] = min(worst["onnx_iou"], _mask_iou(onnx_probability >= threshold, reference_mask))
         worst["ts_iou"] = min(worst["ts_iou"], _mask_iou(ts_probability >= threshold, reference_mask))
     passed = (
-        worst["onnx_diff"] <= max_abs_diff
+        gate_agrees
+        and worst["onnx_diff"] <= max_abs_diff
         and worst["ts_diff"] <= max_abs_diff
         and worst["onnx_iou"] >= min_mask_iou
         and worst["ts_iou"] >= min_mask_iou
@@ -205,8 +249,10 @@ def build_model_card(loaded: LoadedSegmenter, extra: dict[str, Any] | None = Non
         "tiling": segmenter_tiling(loaded).to_dict(),
         "test_time_flips": loaded.prediction_flips,  # none | h (left-right) | hv (left-right and top-bottom)
         "threshold": float(meta.get("threshold", 0.5)),
-        # An image whose score (mean of its top_k probabilities) is under min_score gets an empty mask.
+        # An image whose score (mean of its top_k probabilities) is under min_score gets an empty mask, unless
+        # a classifier gate decides instead.
         "image_gate": meta.get("image_gate"),
+        "classifier_gate": _gate_card(loaded),
         "checkpoint_sha256": loaded.checkpoint_sha256,
         "training": {
             "config": meta.get("config"),
@@ -248,9 +294,13 @@ def export_segmenter(
             with garbage_collection_paused():
                 _export_onnx(exported_network, staging / MODEL_FILE)
                 _export_torchscript(exported_network, staging / TORCHSCRIPT_FILE)
+                if loaded.gate_classifier is not None:
+                    _export_gate(loaded.gate_classifier, staging)
         except Exception as error:
             raise ModelError(f"exporting the segmenter failed: {str(error)[:300]}") from error
-        cpu_loaded = LoadedSegmenter(model, loaded.meta, torch.device("cpu"), loaded.checkpoint_sha256)
+        cpu_loaded = LoadedSegmenter(model, loaded.meta, torch.device("cpu"), loaded.checkpoint_sha256,
+                                     loaded.gate_classifier)
+        files = [MODEL_FILE, TORCHSCRIPT_FILE] + ([GATE_MODEL_FILE, GATE_TORCHSCRIPT_FILE] if loaded.gate_classifier else [])
         card = build_model_card(cpu_loaded, card_extra)
         atomic_write_json(staging / CARD_FILE, card)  # the parity check reads the card like predict does
         with garbage_collection_paused():  # torch.jit.load builds script modules too
@@ -263,7 +313,7 @@ def export_segmenter(
                 f"{parity.torchscript_min_mask_iou:.4f}; limits {max_abs_diff:g} and {min_mask_iou:g})."
             )
         card["parity"] = parity.as_dict()
-        card["files"] = {name: file_sha256(staging / name) for name in (MODEL_FILE, TORCHSCRIPT_FILE)}
+        card["files"] = {name: file_sha256(staging / name) for name in files}
         atomic_write_json(staging / CARD_FILE, card)
         out.mkdir(parents=True, exist_ok=True)
         # A folder with a card is a complete export, so an earlier export's card goes first (a crash
@@ -272,8 +322,12 @@ def export_segmenter(
         with contextlib.suppress(FileNotFoundError):
             os.unlink(out / CARD_FILE)
         fsync_directory(out)
-        for name in (MODEL_FILE, TORCHSCRIPT_FILE, CARD_FILE):
+        for name in (*files, CARD_FILE):
             os.replace(staging / name, out / name)
+        if loaded.gate_classifier is None:  # an earlier export's gate must not outlive its card
+            for name in (GATE_MODEL_FILE, GATE_TORCHSCRIPT_FILE):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(out / name)
         fsync_directory(out)
         return out, parity
     finally:

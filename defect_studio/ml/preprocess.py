@@ -11,11 +11,13 @@ Pixel-centre convention (the one OpenCV's resize uses): input coordinate = (orig
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 from defect_studio.errors import BadImageError, ModelError
 
@@ -174,11 +176,15 @@ class Preprocessing:
         canvas[:, rows, cols] = normalised.transpose(2, 0, 1)
         return canvas, geometry
 
-    def prepare(self, image: np.ndarray) -> tuple[torch.Tensor, Geometry]:
+    def prepare(self, image: np.ndarray) -> tuple["torch.Tensor", Geometry]:
+        import torch  # here, so that `predict` letterboxes for the exported classifier gate without torch
+
         array, geometry = self.prepare_array(image)
         return torch.from_numpy(array), geometry
 
-    def prepare_batch(self, images: list[np.ndarray]) -> tuple[torch.Tensor, list[Geometry]]:
+    def prepare_batch(self, images: list[np.ndarray]) -> tuple["torch.Tensor", list[Geometry]]:
+        import torch
+
         prepared = [self.prepare_array(image) for image in images]
         if not prepared:
             return torch.zeros((0, self.channels, self.input_size, self.input_size)), []

@@ -184,8 +184,8 @@ def train_project_segmenter_job(
     # The network this round builds on: the previous round's, or an earlier one the user made current.
     start_run = segmenter_to_build_on(project, round_index) if config.warm_start else None
     start_from = start_run.checkpoint_path if start_run is not None else None
-    if config.encoder_weights == "classifier" and classifier_path is None:
-        classifier_run = project.latest_run("classifier")  # none yet: the encoder starts from ImageNet
+    if classifier_path is None:  # the encoder starts from it (encoder_weights "classifier") and it gates the masks
+        classifier_run = project.latest_run("classifier")  # none yet: the encoder starts from ImageNet, no gate
         classifier_path = classifier_run.checkpoint_path if classifier_run is not None else None
     result = yield from train_segmenter_job(samples, config, path, cancel, extra_meta=meta, start_from=start_from,
                                             classifier_path=classifier_path, ranks=ranks)

@@ -20,6 +20,7 @@ ignore band, and the padding of crops taken from images smaller than the crop).
 from __future__ import annotations
 
 import hashlib
+import io
 import math
 import random
 import time
@@ -430,6 +431,7 @@ class LoadedSegmenter:
     meta: dict[str, Any]
     device: torch.device
     checkpoint_sha256: str = ""
+    gate_classifier: Any = None  # the LoadedClassifier that decides which images get a mask (config.classifier_gate)
 
     @property
     def threshold(self) -> float:
@@ -453,8 +455,17 @@ class LoadedSegmenter:
         return tiled_map(image, lambda pixels: predict_probability(self.model, pixels, self.device, self.prediction_flips),
                          tiling)
 
+    def gate_probability(self, image: np.ndarray) -> float | None:
+        """The gate classifier's defect probability of the image (None: this segmenter has no classifier gate)."""
+        return None if self.gate_classifier is None else float(self.gate_classifier.predict_scores([image])[0])
+
+    def classifier_says_defect(self, image: np.ndarray) -> bool | None:
+        """The gate classifier's decision: its probability above its own threshold (None: no classifier gate)."""
+        probability = self.gate_probability(image)
+        return None if probability is None else probability > self.gate_classifier.decision_threshold
+
     def mask(self, image: np.ndarray) -> np.ndarray:
-        return decide_mask(self.probability(image), self.threshold, self.image_gate)
+        return decide_mask(self.probability(image), self.threshold, self.image_gate, self.classifier_says_defect(image))
 
 
 @torch.no_grad()
@@ -477,11 +488,18 @@ def _probability_in_eval(model: nn.Module, logits_of: Callable[[], torch.Tensor]
     return torch.sigmoid(logits[0, 0, : size[0], : size[1]].float()).cpu().numpy()
 
 
-def save_segmenter(path: Path, model: SegmenterNet, meta: dict[str, Any]) -> str:
-    """Atomically write {format, state_dict, meta}; returns the file's sha256."""
+GATE_CLASSIFIER_KEY = "gate_classifier"  # the checkpoint's copy of the classifier that gates it
+
+
+def save_segmenter(path: Path, model: SegmenterNet, meta: dict[str, Any], gate_classifier: dict[str, Any] | None = None) -> str:
+    """Atomically write {format, state_dict, meta} (and the gate classifier's checkpoint payload); returns the
+    file's sha256."""
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    payload = {"format": CHECKPOINT_FORMAT, "state_dict": state, "meta": meta}
+    if gate_classifier is not None:
+        payload[GATE_CLASSIFIER_KEY] = gate_classifier
     with atomic_open(path, "wb") as handle:
-        torch.save({"format": CHECKPOINT_FORMAT, "state_dict": state, "meta": meta}, handle)
+        torch.save(payload, handle)
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
@@ -505,7 +523,31 @@ def load_segmenter(path: str | Path, device: str | torch.device = "auto") -> Loa
         raise ModelError(f"{path}: the weights do not fit the recorded architecture ({str(error)[:200]}).") from error
     torch_device = device if isinstance(device, torch.device) else select_device(device)
     model.to(torch_device).eval()
-    return LoadedSegmenter(model, meta, torch_device, hashlib.sha256(path.read_bytes()).hexdigest())
+    gate = None
+    if GATE_CLASSIFIER_KEY in checkpoint:
+        from defect_studio.ml.classifier import classifier_from_payload
+
+        recorded = meta.get("classifier_gate") or {}
+        gate = classifier_from_payload(checkpoint[GATE_CLASSIFIER_KEY], Path(str(recorded.get("file", path.name))),
+                                       str(recorded.get("sha256", "")), torch_device)
+    return LoadedSegmenter(model, meta, torch_device, hashlib.sha256(path.read_bytes()).hexdigest(), gate)
+
+
+def gate_classifier_payload(config: SegmenterConfig, classifier_path: str | Path | None) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """(the classifier's checkpoint payload to keep in the segmenter's, its summary for the meta), or (None, None)
+    when the config wants no classifier gate, there is no classifier, or it scores images by tiles."""
+    if not config.classifier_gate or classifier_path is None or not Path(classifier_path).is_file():
+        return None, None
+    from defect_studio.ml.classifier import load_classifier
+
+    data = Path(classifier_path).read_bytes()
+    classifier = load_classifier(classifier_path, "cpu")
+    if classifier.tiling is not None:
+        return None, None
+    payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    summary = {"file": Path(classifier_path).name, "sha256": classifier.checkpoint_sha256,
+               "threshold": float(classifier.decision_threshold)}
+    return payload, summary
 
 
 # ---------------------------------------------------------------------------------------------
@@ -727,6 +769,7 @@ def _train_segmenter(
     train_samples = [samples[i] for i in train_indices]
     validation_samples = [samples[i] for i in validation_indices]
     start = _starting_network(samples, train_samples, config, device, start_from, classifier_path, ranks)
+    gate_payload, gate_summary = gate_classifier_payload(config, classifier_path) if ranks.is_writer else (None, None)
     model, in_channels, encoder_from, started_from = start.model, start.in_channels, start.encoder_from, start.started_from
     epochs = min(config.warm_start_epochs, config.epochs) if started_from else config.epochs
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -780,10 +823,11 @@ def _train_segmenter(
                 "started_from": started_from,
                 "encoder_from": encoder_from,
                 "processes": ranks.world_size,
+                "classifier_gate": gate_summary,
                 **(extra_meta or {}),
             }
             if ranks.is_writer:
-                best_sha = save_segmenter(checkpoint_path, model, meta)
+                best_sha = save_segmenter(checkpoint_path, model, meta, gate_payload)
         yield clock.progress(
             "train segmenter",
             epoch + 1,

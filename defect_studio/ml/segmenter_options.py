@@ -52,6 +52,10 @@ class SegmenterConfig:
     # same classifier and pseudo-labels: weak segmenter 0.306 either way, ground-truth bound 0.643 off / 0.618 on.
     flip_encoded_features: bool = False
     prediction_flips: str = "hv"  # one of PREDICTION_FLIPS: test-time views, used by validation, the app and export
+    # The project's classifier decides which images get a mask at all (its checkpoint is kept inside the
+    # segmenter's): on MT it told good from defect images far better than the segmenter's own gate (seed 0,
+    # round 0: test defect IoU 0.300 -> 0.354; docs/method-notes.md section 14). Whole-image classifiers only.
+    classifier_gate: bool = True
     device: str = "auto"
     threads: int | None = None  # torch CPU threads while training; None leaves the default
     time_budget_s: float | None = None  # stop after the epoch that crosses it (same budget for weak and full)
