@@ -52,9 +52,10 @@ def test_the_segmenter_keeps_its_classifier_and_lets_it_decide(gated) -> None:
     classifier_path.unlink()  # the copy inside the segmenter's checkpoint is enough
     loaded = load_segmenter(segmenter_path, "cpu")
     images = [read_image(p) for p in tests]
-    loaded.gate_classifier.decision_threshold = 1.0  # the classifier calls every image good
+    assert loaded.gate_threshold == min(0.2, loaded.gate_classifier.decision_threshold)
+    loaded.meta["classifier_gate"]["threshold"] = 1.0  # the classifier calls every image good
     assert not any(loaded.mask(image).any() for image in images)
-    loaded.gate_classifier.decision_threshold = -1.0  # ... and every image defect: the pixels alone decide
+    loaded.meta["classifier_gate"]["threshold"] = -1.0  # ... and every image defect: the pixels alone decide
     for image in images:
         np.testing.assert_array_equal(loaded.mask(image), loaded.probability(image) >= loaded.threshold)
 
@@ -75,7 +76,7 @@ def test_export_and_predict_apply_the_same_gate(gated, tmp_path: Path) -> None:
     out, parity = export_segmenter(loaded, tmp_path / "model", images[:3])
     assert parity.passed
     card = json.loads((out / CARD_FILE).read_text())
-    assert card["classifier_gate"]["threshold"] == pytest.approx(loaded.gate_classifier.decision_threshold)
+    assert card["classifier_gate"]["threshold"] == pytest.approx(loaded.gate_threshold)
     assert {GATE_MODEL_FILE, GATE_TORCHSCRIPT_FILE} <= set(card["files"]) and (out / GATE_MODEL_FILE).is_file()
     exported = load_exported(out)
     for image in images:
@@ -84,7 +85,7 @@ def test_export_and_predict_apply_the_same_gate(gated, tmp_path: Path) -> None:
     threshold = float(np.median([loaded.gate_probability(image) for image in images]))
     card["classifier_gate"]["threshold"] = threshold
     (out / CARD_FILE).write_text(json.dumps(card))
-    loaded.gate_classifier.decision_threshold = threshold
+    loaded.meta["classifier_gate"]["threshold"] = threshold
     masks = tmp_path / "masks"
     assert cli_main(["predict", str(out), *map(str, tests), "--out", str(masks)]) == 0
     silenced = 0

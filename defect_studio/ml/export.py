@@ -128,7 +128,7 @@ def _gate_card(loaded: LoadedSegmenter) -> dict[str, Any] | None:
                  "(sigmoid of the logit) is not above threshold gets an empty mask; the segmenter's own image_gate "
                  "is then not used"),
         "preprocessing": classifier.preprocessing.to_dict(),  # letterboxed as defect_studio.ml.preprocess does
-        "threshold": float(classifier.decision_threshold),
+        "threshold": loaded.gate_threshold,
         "classifier_sha256": classifier.checkpoint_sha256,
     }
 
