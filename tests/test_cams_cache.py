@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +65,28 @@ def test_a_large_images_map_is_read_as_float16_band_by_band(monkeypatch: pytest.
     np.testing.assert_array_equal(large, exact.astype(np.float16))
     monkeypatch.setattr(cam_cache, "WHOLE_IMAGE_MAX_PIXELS", cam_map.size)
     assert decode_heatmap_png(encoded).dtype == np.float32
+
+
+def test_a_large_maps_float16_values_take_the_place_of_its_16_bit_pixels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reading a large map holds 2 bytes a pixel and a band, not its 16-bit pixels and the float16 map side by
+    side (4 bytes a pixel): each band is converted over the pixels' own bytes."""
+    from defect_studio.ml import cam_cache
+
+    height, width = 40 * HEATMAP_BAND_ROWS, 100
+    cam_map = np.random.default_rng(4).random((height, width), dtype=np.float32)
+    encoded = encode_heatmap_png(cam_map)
+    exact = decode_heatmap_png(encoded)
+    monkeypatch.setattr(cam_cache, "WHOLE_IMAGE_MAX_PIXELS", 1000)
+    tracemalloc.start()
+    try:
+        large = decode_heatmap_png(encoded)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert large is not None and large.dtype == np.float16
+    np.testing.assert_array_equal(large, exact.astype(np.float16))
+    band_budget = 4 * HEATMAP_BAND_ROWS * width * 2  # a band's float32 values, with room
+    assert peak <= 2 * cam_map.size + band_budget < 3 * cam_map.size
 
 
 def test_cache_miss_then_hit(tmp_path: Path) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import tracemalloc
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -12,12 +14,18 @@ from defect_studio.cli import main as cli_main
 from defect_studio.errors import DataError
 from defect_studio.imageio import write_mask
 from defect_studio.ml.pseudo import (
+    PSEUDO_LABEL_BAND_ROWS,
+    TARGET_BACKGROUND,
+    TARGET_DEFECT,
+    TARGET_IGNORED,
     PseudoLabelSettings,
     calibrate_probability,
     fuse_scores,
     fused_pseudo_label,
     pseudo_label,
+    pseudo_target,
     remove_small_components,
+    split_target,
 )
 from defect_studio.ml.segmenter import IGNORE, make_target
 from defect_studio.project import Project
@@ -41,6 +49,22 @@ def test_fixed_thresholds_make_an_ignore_band() -> None:
     assert ignore[4, 4] and ignore[26, 3]  # rim and lukewarm patch: neither defect nor background
     assert ignore[30, 30] and not mask[30, 30]  # a component under min_area is dropped to "ignored", not background
     assert not ignore[0, 0] and not mask[0, 0]
+
+
+def test_the_target_is_the_segmenters_training_target_of_the_two_masks() -> None:
+    """One byte a pixel: 0 background, 1 defect, 255 ignored, as segmenter.make_target encodes the mask and
+    the ignore band; split_target gives the two masks back, the ignore band over the target's own bytes."""
+    settings = PseudoLabelSettings(high=0.5, low=0.25, min_area=4)
+    target, thresholds = pseudo_target(blob_map(), settings)
+    assert target.dtype == np.uint8 and thresholds == {"high": 0.5, "low": 0.25}
+    assert (TARGET_BACKGROUND, TARGET_DEFECT, TARGET_IGNORED) == (0, 1, IGNORE)
+    assert set(np.unique(target)) == {TARGET_BACKGROUND, TARGET_DEFECT, TARGET_IGNORED}
+    mask, ignore, _ = pseudo_label(blob_map(), settings)
+    np.testing.assert_array_equal(target, make_target(mask, ignore))
+    split_mask, split_ignore = split_target(target)
+    assert split_mask.dtype == bool and split_ignore.dtype == bool and np.shares_memory(split_ignore, target)
+    np.testing.assert_array_equal(split_mask, mask)
+    np.testing.assert_array_equal(split_ignore, ignore)
 
 
 def test_percentile_and_otsu_modes_follow_the_map() -> None:
@@ -251,6 +275,40 @@ def test_a_large_map_labelled_by_bands_gives_the_whole_image_masks(settings: Pse
         assert whole_mask.any() and whole_ignore.any()
         np.testing.assert_array_equal(mask, whole_mask)
         np.testing.assert_array_equal(ignore, whole_ignore)
+        target, _ = pseudo_target(score_map, settings)  # what a large image's proposal labels with
+        np.testing.assert_array_equal(target, make_target(whole_mask, whole_ignore))
     if settings.min_area == 16:  # the strokes under min_area are dropped, the others kept, across the borders
         dropped = _whole_image_pseudo_label(score, PseudoLabelSettings(min_area=1))[0] & ~mask
         assert dropped[240:1040].any() and mask[240:1040].sum() > 0
+
+
+def _traced_peak(make: Any) -> tuple[Any, int]:
+    """What `make()` returns, and the peak bytes numpy (and OpenCV's arrays) allocated while it ran."""
+    tracemalloc.start()
+    try:
+        made = make()
+        return made, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_labelling_a_large_map_holds_one_byte_a_pixel_besides_the_map() -> None:
+    """A tall float16 map (a tiled CAM's dtype): its target is the only full-size array pseudo_target makes
+    (the rest are a band's), splitting it adds only the mask, and pseudo_label holds the two masks and no more.
+    Before the target, labelling held the mask and the ignore band: 2 bytes a pixel."""
+    rng = np.random.default_rng(3)
+    height, width = 20000, 200
+    score = cv2.GaussianBlur(rng.random((height, width), dtype=np.float32), (0, 0), 2.0)
+    score = np.clip((score - score.mean()) * 12 + 0.3, 0, 1).astype(np.float16)
+    settings = PseudoLabelSettings()
+    band_pixels = (PSEUDO_LABEL_BAND_ROWS + 2 * settings.min_area) * width
+    band_budget = 20 * band_pixels  # a band's float32 scores, its labels (int32) and a few bool temporaries
+    assert band_budget < 0.5 * score.size  # else this test could not tell 1 byte a pixel from 2
+
+    (target, _), peak = _traced_peak(lambda: pseudo_target(score, settings))
+    assert (target == TARGET_DEFECT).any() and (target == TARGET_IGNORED).any()
+    assert peak <= score.size + band_budget
+    (mask, ignore), peak = _traced_peak(lambda: split_target(target))
+    assert peak <= score.size * 1.01  # the mask; the ignore band is the target's bytes
+    _, peak = _traced_peak(lambda: pseudo_label(score, settings))
+    assert peak <= 2 * score.size + band_budget

@@ -13,8 +13,9 @@ a fresh Python process of its own, so its peak RSS (VmHWM) is that step's alone:
 - cams: the round-0 proposal of the image as the app makes it: decode, the default CAM method on the
   default classifier (EfficientNet-Lite0, ImageNet weights, untrained head: its cost, not its maps), by
   tiles of the classifier's input size above one megapixel (`ml/tiled_cams.py`), then the pseudo-label
-  (mask and ignore band). The image is held in its 8-bit pixels and made float one tile at a time, and
-  let go before the pseudo-label, as in the app. The baseline is taken after the classifier's CAM of one tile.
+  (one uint8 target, then the mask and ignore band split from it). The image is held in its 8-bit pixels
+  and made float one tile at a time, and let go before the pseudo-label, and the map before the split, as
+  in the app. The baseline is taken after the classifier's CAM of one tile.
 - brush: the viewer and mask editor (offscreen Qt) showing the image fitted in an 800 × 600 view;
   milliseconds from a brush mouse-move event to the end of the mask layer's repaint
   (`gui_responsiveness.brush_on_image`, 100 events).
@@ -181,7 +182,7 @@ def _measure_cams(image_path: Path, classifier_path: Path) -> dict[str, Any]:
     from defect_studio.ml.cam_cache import cam_by_tiles
     from defect_studio.ml.cams.registry import DEFAULT_CAM_METHOD
     from defect_studio.ml.classifier import load_classifier
-    from defect_studio.ml.pseudo import PseudoLabelSettings, pseudo_label
+    from defect_studio.ml.pseudo import PseudoLabelSettings, pseudo_target, split_target
     from defect_studio.ml.tiled_cams import cam_tiling, tiled_cam
 
     classifier = load_classifier(classifier_path, "cpu")
@@ -194,7 +195,9 @@ def _measure_cams(image_path: Path, classifier_path: Path) -> dict[str, Any]:
     height, width = image.shape[:2]
     cam_map = tiled_cam(classifier, image, DEFAULT_CAM_METHOD)
     del image  # the app's proposal reads the cached map, not the image (pseudo_job)
-    pseudo_label(cam_map, PseudoLabelSettings())
+    target, _ = pseudo_target(cam_map, PseudoLabelSettings())  # as pseudo_job labels round 0
+    del cam_map
+    split_target(target)  # the mask and the ignore band pseudo_job writes
     seconds = time.perf_counter() - started
     grid = tiling.grid_for(height, width) if cam_by_tiles(height, width) else None
     return {"seconds": seconds, "tiles": 1 if grid is None else len(grid), "baseline_rss": baseline,
@@ -354,8 +357,9 @@ def main(args: argparse.Namespace) -> int:
         "most 1024 px, 128 px overlap); time includes decoding and writing the mask.",
         "cams": "cams: the default CAM method on the default classifier (untrained head), by tiles of its input size "
         "above 1 MP, then the pseudo-label; time includes decoding; the image is held in its 8-bit pixels and made "
-        "float a tile at a time, the stitched map is float16, and the image is let go before the pseudo-label (the "
-        "app's proposal reads the cached map).",
+        "float a tile at a time, the stitched map is float16, the image is let go before the pseudo-label (the "
+        "app's proposal reads the cached map), and the map before the pseudo-label's target is split into the "
+        "mask and the ignore band.",
         "brush": "brush: an 800 × 600 offscreen view fitted to the image, 24 px brush, a spiral stroke near the "
         f"top-left corner, {BRUSH_EVENTS} mouse-move events; 'brush s' is decoding and showing the image.",
     }

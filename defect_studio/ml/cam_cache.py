@@ -61,7 +61,8 @@ def encode_heatmap_png(cam_map: np.ndarray) -> bytes:
 def decode_heatmap_png(data: bytes) -> np.ndarray | None:
     """16-bit gray PNG bytes -> map in [0, 1]; None if the bytes are not such a PNG. float32, except the
     map of an image above one segmenter tile of pixels: float16 (as `tiled_cam` makes it), converted band
-    by band, so reading a 100 MP map costs 2 bytes a pixel besides its 16-bit pixels, not 4."""
+    by band over the 16-bit pixels' own bytes (both are 2 bytes a pixel), so reading a 100 MP map costs its
+    200 MB and a band, not the pixels and the map side by side (400 MB)."""
     pixels = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
     if pixels is None or pixels.dtype != np.uint16 or pixels.ndim != 2:
         return None
@@ -69,8 +70,9 @@ def decode_heatmap_png(data: bytes) -> np.ndarray | None:
         values = pixels.astype(np.float32)
         values /= HEATMAP_SCALE  # in place: one float32 map, not two
         return values
-    values = np.empty(pixels.shape, LARGE_MAP_DTYPE)
+    values = pixels.view(LARGE_MAP_DTYPE)
     for y0 in range(0, pixels.shape[0], HEATMAP_BAND_ROWS):
+        # the band's float32 values are made before any of its bytes is overwritten; later bands are untouched
         values[y0 : y0 + HEATMAP_BAND_ROWS] = pixels[y0 : y0 + HEATMAP_BAND_ROWS] / np.float32(HEATMAP_SCALE)
     return values
 

@@ -7,6 +7,11 @@ background: they are uncertain, not known clean). The mask PNG stays a plain 0/2
 ignore band is written beside it as its own 0/255 PNG (`<project>/cache/pseudo/round-<k>/`) and
 its path recorded in the mask's provenance, so training can leave those pixels out.
 
+The labelling itself makes one uint8 target, a byte a pixel (`pseudo_target`: 0 background, 1 defect,
+255 ignored, the encoding the segmenter trains on); `pseudo_label` splits it into the two bool masks.
+A large image's proposal lets go of its map before splitting, so its float16 map (2 bytes a pixel) and
+the target are the most it holds at once: 3× the 8-bit image, where a mask and an ignore band made 4×.
+
 From round 1 on, the mask comes from the previous segmenter fused with the CAM, and the pixels where
 that mask and the CAM's own (round-0 style) pseudo-label disagree join the ignore band: training learns
 only what both sources say, so a segmenter does not teach the next one its own mistakes (measured in
@@ -81,6 +86,11 @@ class PseudoLabelSettings:
 
 
 PSEUDO_LABEL_BAND_ROWS = 256  # rows labelled at a time: a large map's temporaries are a band's, not the image's
+# A pseudo-label target's values: the segmenter's training target (segmenter.make_target, segmenter.IGNORE;
+# not imported from there: the segmenter pulls in torch, and proposing masks needs none).
+TARGET_BACKGROUND = 0
+TARGET_DEFECT = 1
+TARGET_IGNORED = 255
 
 
 def _float32_rows(score_map: np.ndarray, y0: int, y1: int) -> np.ndarray:
@@ -121,14 +131,14 @@ def remove_small_components(mask: np.ndarray, min_area: int) -> np.ndarray:
     return keep[labels]
 
 
-def pseudo_label(score_map: np.ndarray, settings: PseudoLabelSettings) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
-    """score map in [0, 1] (float32, or float16 as a large image's tiled CAM) -> (defect mask, ignore mask,
-    {'high', 'low'}); the two masks never overlap.
+def pseudo_target(score_map: np.ndarray, settings: PseudoLabelSettings) -> tuple[np.ndarray, dict[str, float]]:
+    """score map in [0, 1] (float32, or float16 as a large image's tiled CAM) -> (uint8 target, {'high',
+    'low'}): TARGET_DEFECT on the defect mask, TARGET_IGNORED on the ignore band, TARGET_BACKGROUND elsewhere.
 
     A large map is labelled band by band of rows, each band with `min_area` rows of margin above and below:
     a component under `min_area` pixels spans fewer rows, so it lies whole in the margined band, and one the
     margin cuts has more than `min_area` pixels inside it, kept either way. No full-size float or label
-    array is made (a 100 MP map's int32 labels alone were 400 MB)."""
+    array is made (a 100 MP map's int32 labels alone were 400 MB); the target is the only full-size array."""
     score_map = np.asarray(score_map)
     if score_map.dtype not in (np.float16, np.float32):
         score_map = score_map.astype(np.float32)
@@ -138,19 +148,40 @@ def pseudo_label(score_map: np.ndarray, settings: PseudoLabelSettings) -> tuple[
     height = score_map.shape[0]
     # a map of one segmenter tile or less (a small image's) is labelled whole, as it always was
     band_rows = max(1, height) if score_map.size <= WHOLE_IMAGE_MAX_PIXELS else PSEUDO_LABEL_BAND_ROWS
-    mask = np.empty(score_map.shape, bool)
-    ignore = np.empty(score_map.shape, bool)
+    target = np.empty(score_map.shape, np.uint8)
     margin = settings.min_area if settings.min_area > 1 else 0  # rows: see above
     for y0 in range(0, height, band_rows):
         y1 = min(height, y0 + band_rows)
         above, below = max(0, y0 - margin), min(height, y1 + margin)
-        raw = _float32_rows(score_map, above, below) >= high
+        scores = _float32_rows(score_map, above, below)
+        raw = scores >= high
         band = slice(y0 - above, y1 - above)
-        mask[y0:y1] = remove_small_components(raw, settings.min_area)[band]
+        defect = remove_small_components(raw, settings.min_area)[band]
         # uncertain (between the thresholds) or a dropped small component: ignored, not background
-        np.logical_and(_float32_rows(score_map, y0, y1) > low, ~mask[y0:y1], out=ignore[y0:y1])
-        ignore[y0:y1] |= raw[band] & ~mask[y0:y1]
-    return mask, ignore, {"high": high, "low": low}
+        ignored = scores[band] > low
+        ignored |= raw[band]
+        rows = target[y0:y1]
+        np.multiply(ignored.view(np.uint8), TARGET_IGNORED, out=rows)
+        np.copyto(rows, TARGET_DEFECT, where=defect)  # the mask wins over the band: the two never overlap
+    return target, {"high": high, "low": low}
+
+
+def split_target(target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(defect mask, ignore band) of a `pseudo_target` target, as bools. The ignore band is written over the
+    target's own bytes, so splitting adds one full-size array, not two: the target is used up."""
+    mask = target == TARGET_DEFECT
+    ignore = target.view(bool)
+    np.equal(target, TARGET_IGNORED, out=ignore)  # element by element in place: each byte read before it is written
+    return mask, ignore
+
+
+def pseudo_label(score_map: np.ndarray, settings: PseudoLabelSettings) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+    """score map in [0, 1] -> (defect mask, ignore mask, {'high', 'low'}): `pseudo_target` split in two; the
+    two masks never overlap. A caller done with the map after labelling a large image should call
+    `pseudo_target`, let go of the map, then `split_target`: one full-size array fewer at the peak."""
+    target, thresholds = pseudo_target(score_map, settings)
+    mask, ignore = split_target(target)
+    return mask, ignore, thresholds
 
 
 def fused_pseudo_label(cam_map: np.ndarray, segmenter_probability: np.ndarray,
@@ -260,15 +291,12 @@ class ProposalMaps:
     counts: dict[str, dict[str, int]]
 
 
-def _defect_proposal(cam_map: np.ndarray, probability: np.ndarray | None, segmenter: Any,
-                     settings: PseudoLabelSettings) -> tuple[np.ndarray, np.ndarray, dict[str, float], dict[str, Any]]:
-    """(mask, ignore, thresholds, extra params) of a defect image: the CAM's pseudo-label in round 0, later
-    the CAM fused with the segmenter's probability, calibrated so that its threshold meets the CAM's scale."""
-    if probability is None:
-        mask, ignore, thresholds = pseudo_label(cam_map, settings)
-        return mask, ignore, thresholds, {}
-    target = settings.high if settings.mode == "fixed" else 0.5
-    probability = calibrate_probability(probability, segmenter.threshold, target)
+def _fused_proposal(cam_map: np.ndarray, probability: np.ndarray, segmenter: Any,
+                    settings: PseudoLabelSettings) -> tuple[np.ndarray, np.ndarray, dict[str, float], dict[str, Any]]:
+    """(mask, ignore, thresholds, extra params) of a defect image from round 1 on: the CAM fused with the
+    segmenter's probability, calibrated so that its threshold meets the CAM's scale."""
+    calibrated_threshold = settings.high if settings.mode == "fixed" else 0.5
+    probability = calibrate_probability(probability, segmenter.threshold, calibrated_threshold)
     mask, ignore, thresholds, disagreeing = fused_pseudo_label(cam_map, probability, settings)
     return mask, ignore, thresholds, {"disagreeing_pixels": disagreeing}
 
@@ -367,15 +395,24 @@ def pseudo_job(
         cancel.raise_if_cancelled()
         shape = (record.height, record.width)
         params: dict[str, Any] = {"round": round_index, "settings": label_settings.to_dict()}
+        # Each image's arrays are let go as soon as they are done with, not when the next image's replace them:
+        # a large image's map and pseudo-label target are the most this loop holds at once (3× its 8-bit pixels).
         if record.tag == "good":
-            mask, is_flagged = np.zeros(shape, bool), False
+            mask, ignore, is_flagged = np.zeros(shape, bool), None, False
             params["source"] = record_source = "tag:good"
         else:
             cam_map = _cached(record, cache.get(record.sha256, classifier_sha, method, resolved_cam, shape), "CAM")
-            probability = None if segmenter is None else _cached(
-                record, probabilities.get(record.sha256, segmenter.checkpoint_sha256, shape), "segmenter's map")
-            mask, ignore, thresholds, extra = _defect_proposal(cam_map, probability, segmenter, label_settings)
-            params.update(extra)
+            if segmenter is None:  # round 0: the CAM's own pseudo-label
+                target, thresholds = pseudo_target(cam_map, label_settings)
+                del cam_map  # before the masks are made from the target
+                mask, ignore = split_target(target)
+                del target  # its bytes are the ignore band now
+            else:
+                probability = _cached(
+                    record, probabilities.get(record.sha256, segmenter.checkpoint_sha256, shape), "segmenter's map")
+                mask, ignore, thresholds, extra = _fused_proposal(cam_map, probability, segmenter, label_settings)
+                del cam_map, probability
+                params.update(extra)
             is_flagged = not mask.any()
             record_source = source
             params.update(
@@ -400,6 +437,7 @@ def pseudo_job(
             proposed += 1
             flagged += int(is_flagged)
             defect_pixels += int(mask.sum())
+        del mask, ignore
         yield clock.progress("pseudo-labels", done, record.stem, {"flagged": flagged, "carried": carried})
     summary = {
         "round": round_index,
