@@ -24,6 +24,7 @@ import numpy as np
 
 from defect_studio.errors import ModelError
 from defect_studio.imageio import decode_image, file_sha256, to_float01, write_mask
+from defect_studio.ml.classifier_options import classifier_tile_grid
 from defect_studio.ml.tiling import Tiling, TopValues, map_tiles, stitched_rows, tiled_map
 
 T = TypeVar("T")
@@ -108,19 +109,37 @@ class ExportedSegmenter:
 
     def gate_probability(self, image: np.ndarray) -> float | None:
         """The classifier gate's defect probability of a float [0, 1] image, letterboxed as the classifier was
-        trained (None: no classifier gate)."""
+        trained, or, where the gate's tiling cuts the image, of its most defect-like tile (None: no classifier
+        gate)."""
         if self.gate_session is None:
             return None
+        boxes = self.gate_tile_boxes(image.shape[0], image.shape[1])
+        if boxes is None:
+            return self.gate_whole_probability(image)
+        return max(self.gate_whole_probability(image[box.slices]) for box in boxes)
+
+    def gate_whole_probability(self, image: np.ndarray) -> float:
+        """The gate classifier on all of `image` (a float [0, 1] image, or one tile of it), letterboxed."""
         from defect_studio.ml.preprocess import Preprocessing
 
         array, _ = Preprocessing.from_dict(self.card["classifier_gate"]["preprocessing"]).prepare_array(image)
         (logit,) = self.gate_session.run(None, {self.gate_session.get_inputs()[0].name: array[None]})
         return float(sigmoid(np.asarray(logit, np.float32).reshape(-1))[0])
 
+    def gate_tile_boxes(self, height: int, width: int) -> list[Any] | None:
+        """The tiles the gate classifier cuts a height × width image into, as it did in training (None: whole)."""
+        recorded = (self.card.get("classifier_gate") or {}).get("tiling")
+        grid = None if not recorded else classifier_tile_grid(Tiling.from_dict(recorded), height, width)
+        return None if grid is None else list(grid.boxes())
+
+    @property
+    def gate_threshold(self) -> float:
+        return float(self.card["classifier_gate"]["threshold"])
+
     def classifier_says_defect(self, image: np.ndarray) -> bool | None:
         """The classifier gate's decision (None: no classifier gate): its probability above its own threshold."""
         probability = self.gate_probability(image)
-        return None if probability is None else probability > float(self.card["classifier_gate"]["threshold"])
+        return None if probability is None else probability > self.gate_threshold
 
     @property
     def channels(self) -> int:
@@ -178,11 +197,7 @@ class ExportedSegmenter:
 
         says_defect = None
         if self.gate_session is not None:
-            # The classifier sees the image letterboxed to its input: shrink the pixels first (area, as the
-            # letterbox does), so no float copy of the whole image is made.
-            size = letterbox_content_size(self.card["classifier_gate"]["preprocessing"], (height, width))
-            small = pixels if floats is not None else cv2.resize(pixels, (size[1], size[0]), interpolation=cv2.INTER_AREA)
-            says_defect = self.classifier_says_defect(floats if floats is not None else to_float01(small))
+            says_defect = self._gate_says_defect(pixels, floats)
             if not says_defect:
                 return np.zeros((height, width), bool)
         gate = self.image_gate if says_defect is None else None
@@ -194,6 +209,23 @@ class ExportedSegmenter:
         if gate and top.mean() < float(gate["min_score"]):
             mask[:] = False
         return mask
+
+
+    def _gate_says_defect(self, pixels: np.ndarray, floats: np.ndarray | None) -> bool:
+        """The classifier gate's decision on decoded pixels without a float copy of the whole image."""
+        height, width = pixels.shape[:2]
+        boxes = self.gate_tile_boxes(height, width)
+        if boxes is not None:  # one tile converted at a time; the first tile over the threshold decides
+            return any(self.gate_whole_probability(floats[box.slices] if floats is not None
+                                                   else to_float01(pixels[box.slices])) > self.gate_threshold
+                       for box in boxes)
+        if floats is not None:
+            return self.gate_whole_probability(floats) > self.gate_threshold
+        # The classifier sees the image letterboxed to its input: shrink the pixels first (area, as the
+        # letterbox does), so no float copy of the whole image is made.
+        size = letterbox_content_size(self.card["classifier_gate"]["preprocessing"], (height, width))
+        small = cv2.resize(pixels, (size[1], size[0]), interpolation=cv2.INTER_AREA)
+        return self.gate_whole_probability(to_float01(small)) > self.gate_threshold
 
 
 def load_exported(model_dir: str | Path) -> ExportedSegmenter:

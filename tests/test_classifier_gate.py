@@ -7,6 +7,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
@@ -99,3 +100,64 @@ def test_export_and_predict_apply_the_same_gate(gated, tmp_path: Path) -> None:
     (out / GATE_MODEL_FILE).unlink()
     with pytest.raises(ModelError, match="classifier gate"):
         load_exported(out)
+
+
+def test_a_classifier_trained_on_tiles_gates_by_its_most_defect_like_tile(tmp_path: Path) -> None:
+    """The app, the export and `predict` score a large image as the tile classifier trained: per tile."""
+    from tests.test_tile_training import pitted_surface
+
+    folder = tmp_path / "surfaces"
+    folder.mkdir()
+    items, samples = [], []
+    for index in range(8):
+        label = "defect" if index % 2 else "good"
+        pixels = pitted_surface(index, 4 if label == "defect" else 0, size=192)
+        path = folder / f"{index:02d}-{label}.png"
+        assert cv2.imwrite(str(path), pixels)
+        items.append((path, label, file_sha256(path)))
+        samples.append(SegmentationSample(path.stem, read_image(path), make_target(np.zeros(pixels.shape, bool))))
+    classifier = tmp_path / "tiles.pt"
+    run_job(train_classifier_job(items, ClassifierConfig(**{**CLASSIFIER, "epochs": 1, "min_epochs": 1},
+                                                         tiling="tiles", tile_size=64, tile_overlap=0),
+                                 classifier, CancelToken(), "cpu"))
+    segmenter = tmp_path / "segmenter.pt"
+    run_job(train_segmenter_job(samples, SegmenterConfig(**{**SEGMENTER, "epochs": 1, "steps_per_epoch": 2}), segmenter,
+                                CancelToken(), classifier_path=classifier))
+    loaded = load_segmenter(segmenter, "cpu")
+    assert loaded.gate_classifier is not None and loaded.gate_classifier.tiling is not None
+    assert loaded.meta["classifier_gate"]["tiling"]["tile_size"] == 64
+    images = [sample.image for sample in samples[:4]]
+    paths = [path for path, _, _ in items[:4]]
+    for index in (0, 1):  # larger than one segmenter tile: predict decodes and gates them tile by tile
+        path = folder / f"large-{index}.png"
+        assert cv2.imwrite(str(path), pitted_surface(100 + index, 6 * index, size=1100))
+        paths.append(path)
+        images.append(read_image(path))
+    for image in images[:4]:  # the image's probability is its most defect-like tile's (9 tiles of 64 px)
+        tiles = [image[y : y + 64, x : x + 64] for y in range(0, 192, 64) for x in range(0, 192, 64)]
+        assert loaded.gate_probability(image) == pytest.approx(
+            float(loaded.gate_classifier.predict_scores(tiles).max()), abs=1e-6)
+
+    out, parity = export_segmenter(loaded, tmp_path / "model", images[:2])
+    assert parity.passed
+    card = json.loads((out / CARD_FILE).read_text())
+    assert card["classifier_gate"]["tiling"] == loaded.meta["classifier_gate"]["tiling"]
+    exported = load_exported(out)
+    for image in images:
+        assert exported.gate_probability(image) == pytest.approx(loaded.gate_probability(image), abs=1e-4)
+    # a threshold between the images' probabilities: predict silences the same images the app does
+    probabilities = sorted(loaded.gate_probability(image) for image in images)
+    threshold = (probabilities[2] + probabilities[3]) / 2
+    card["classifier_gate"]["threshold"] = threshold
+    (out / CARD_FILE).write_text(json.dumps(card))
+    loaded.meta["classifier_gate"]["threshold"] = threshold
+    loaded.meta["threshold"] = 0.0  # every pixel the segmenter sees is defect: only the gate empties a mask
+    card["threshold"] = 0.0
+    (out / CARD_FILE).write_text(json.dumps(card))
+    masks = tmp_path / "masks"
+    assert cli_main(["predict", str(out), *map(str, paths), "--out", str(masks)]) == 0
+    for path, image in zip(paths, images):
+        in_app = loaded.mask(image)
+        assert in_app.any() == loaded.classifier_says_defect(image)
+        np.testing.assert_array_equal(read_mask(masks / f"{path.stem}.png", image.shape[:2]), in_app)
+    assert sum(loaded.classifier_says_defect(image) for image in images) == 3

@@ -126,8 +126,11 @@ def _gate_card(loaded: LoadedSegmenter) -> dict[str, Any] | None:
         "onnx": GATE_MODEL_FILE, "torchscript": GATE_TORCHSCRIPT_FILE,
         "what": ("the defect classifier the segmenter was trained with: an image whose classifier probability "
                  "(sigmoid of the logit) is not above threshold gets an empty mask; the segmenter's own image_gate "
-                 "is then not used"),
+                 "is then not used; where `tiling` cuts an image, its probability is the largest of its tiles'"),
         "preprocessing": classifier.preprocessing.to_dict(),  # letterboxed as defect_studio.ml.preprocess does
+        # null: the image is letterboxed whole; else an image this tiling cuts (classifier_options.classifier_tile_grid)
+        # scores as its most defect-like tile, each tile letterboxed on its own
+        "tiling": None if classifier.tiling is None else classifier.tiling.to_dict(),
         "threshold": loaded.gate_threshold,
         "classifier_sha256": classifier.checkpoint_sha256,
     }

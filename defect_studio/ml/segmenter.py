@@ -544,18 +544,18 @@ def load_segmenter(path: str | Path, device: str | torch.device = "auto") -> Loa
 
 def gate_classifier_payload(config: SegmenterConfig, classifier_path: str | Path | None) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
     """(the classifier's checkpoint payload to keep in the segmenter's, its summary for the meta), or (None, None)
-    when the config wants no classifier gate, there is no classifier, or it scores images by tiles."""
+    when the config wants no classifier gate or there is no classifier. A classifier trained on tiles gates as it
+    scores: an image its tiling cuts is as defect-like as its most defect-like tile."""
     if not config.classifier_gate or classifier_path is None or not Path(classifier_path).is_file():
         return None, None
     from defect_studio.ml.classifier import load_classifier
 
     data = Path(classifier_path).read_bytes()
     classifier = load_classifier(classifier_path, "cpu")
-    if classifier.tiling is not None:
-        return None, None
     payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     summary = {"file": Path(classifier_path).name, "sha256": classifier.checkpoint_sha256,
-               "threshold": min(CLASSIFIER_GATE_MAX_THRESHOLD, float(classifier.decision_threshold))}
+               "threshold": min(CLASSIFIER_GATE_MAX_THRESHOLD, float(classifier.decision_threshold)),
+               "tiling": None if classifier.tiling is None else classifier.tiling.to_dict()}
     return payload, summary
 
 
