@@ -4,7 +4,8 @@
 Why the two runs can agree closely: every rank draws the same global batches of crops and trains on its part
 of each (positions rank, rank + 2, ...); the loss is built from sums over the whole global batch (BCE over
 its valid pixels, Dice over its pixels), BatchNorm uses the global batch's statistics (GlobalBatchNorm2d),
-and DistributedDataParallel averages the gradients, so the update is one process's. What still differs is
+and DistributedDataParallel averages the gradients, so the update is one process's. Each rank encodes half the
+training images and receives the other half's features from the other rank (`Ranks.share_tensor_lists`). What still differs is
 the order of floating-point sums. Measured on this data (2 epochs of 4 steps): the per-epoch losses agree
 to 3e-8, the validation IoU and threshold exactly; the tolerances below leave room for other CPUs.
 """
@@ -67,6 +68,12 @@ def test_two_processes_train_the_segmenter_one_process_trains(round_of_true_mask
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert completed.stdout.count('"rounds"') == 1, "rank 0 alone reports the summary"
     summary = json.loads(completed.stdout[completed.stdout.index('{\n  "rounds"'):])  # after the progress lines
+    encoding = [json.loads(line) for line in completed.stdout.splitlines()
+                if line.startswith("{") and '"encode images"' in line]
+    # the training images' last event (the held-out images are fewer)
+    training = max(encoding, key=lambda event: (event["total"], event["step"]))
+    assert training["step"] == training["total"]
+    assert int(training["message"].split()[0]) == (training["total"] + 1) // 2, "rank 0 encodes its half alone"
     assert summary["rounds"][0]["segmenter"]["processes"] == 2
 
     (distributed,) = _segmenter_runs(twin)

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from defect_studio.jobs import CancelToken, EtaClock, Progress
+from defect_studio.ml.distributed import Ranks
 from defect_studio.ml.tiling import DEFAULT_OVERLAP, DEFAULT_TILE_SIZE, WHOLE_IMAGE_MAX_PIXELS
 from defect_studio.predict import to_network_input
 
@@ -156,16 +157,24 @@ def forget_features() -> None:
 
 
 def encode_samples(model: torch.nn.Module, keys: Sequence[str], images: Sequence[np.ndarray],
-                   targets: Sequence[np.ndarray], device: torch.device, cancel: CancelToken, flip: tuple[int, ...] = ()
-                   ) -> Generator[Progress, None, tuple[list[EncodedSample], int]]:
+                   targets: Sequence[np.ndarray], device: torch.device, cancel: CancelToken, flip: tuple[int, ...] = (),
+                   ranks: Ranks | None = None) -> Generator[Progress, None, tuple[list[EncodedSample], int]]:
     """Encode each whole image once (eval mode: frozen BatchNorm statistics), reusing the features this
     encoder computed for the same image earlier in this process; (samples, how many were encoded now).
     `flip`: encode the network input (padded as at inference) mirrored along these N×C×H×W dimensions, as
-    segmenter.FlipAveraged does; the target is mirrored with it."""
+    segmenter.FlipAveraged does; the target is mirrored with it.
+
+    `ranks` (several processes): each rank encodes only its shard of the images (`Ranks.shard`) and the
+    owners then send the features the others lack, so every rank ends with every image's features (its
+    crops come from the same global batches as one process's) for 1/N of the encoding."""
+    ranks = ranks or Ranks.single()
+    mine = set(ranks.shard(len(images)))
     was_training = model.training
     model.eval()
     kept = _LAST_ENCODER.for_encoder(encoder_digest(model))
-    encoded, computed = [], 0
+    encoded: list[EncodedSample] = []
+    identities: list[tuple[str, str]] = []
+    computed = 0
     clock = EtaClock(len(images))
     model.to(memory_format=torch.channels_last)  # depthwise convolutions run ~1.3x faster so on a CPU
     try:
@@ -175,8 +184,11 @@ def encode_samples(model: torch.nn.Module, keys: Sequence[str], images: Sequence
             if flip:
                 batch = np.ascontiguousarray(np.flip(batch, flip))
             identity = (key, hashlib.sha1(batch.tobytes()).hexdigest())
+            identities.append(identity)
             levels = kept.get(identity)
-            if levels is None:
+            if levels is None and done - 1 not in mine:
+                levels = []  # another rank encodes it; filled in by the exchange below
+            elif levels is None:
                 pixels = torch.from_numpy(batch).to(device).contiguous(memory_format=torch.channels_last)
                 if is_tiled(tuple(batch.shape[2:])):
                     levels = encode_by_tiles(model, pixels)
@@ -191,10 +203,18 @@ def encode_samples(model: torch.nn.Module, keys: Sequence[str], images: Sequence
                 padded = np.ascontiguousarray(np.flip(padded, tuple(d - 2 for d in flip)))
             encoded.append(EncodedSample(levels, padded, np.flatnonzero(padded.ravel() == 1)))
             if done % 25 == 0 or done == len(images):
-                yield clock.progress("encode images", done, f"{computed} encoded, {done - computed} reused")
+                yield clock.progress("encode images", done, f"{computed} encoded, {done - computed} reused"
+                                     + (" or from other ranks" if ranks.distributed else ""))
     finally:
         model.to(memory_format=torch.contiguous_format)
         model.train(was_training)
+    if ranks.distributed:
+        received = ranks.share_tensor_lists({index: encoded[index].levels for index in mine},
+                                            [index for index, sample in enumerate(encoded) if not sample.levels],
+                                            len(encoded))
+        for index, levels in received.items():
+            encoded[index].levels[:] = levels
+            kept[identities[index]] = encoded[index].levels
     return encoded, computed
 
 

@@ -730,9 +730,10 @@ def _training_data(
             [validation_samples[i].target for i in validated], device, cancel, flip=dims)
         for index, sample in zip(validated, view):
             validation_encoded[index][dims] = sample
-    # Every rank encodes every training image: the ranks draw their crops from the same global batches.
+    # The ranks draw their crops from the same global batches, so every rank needs every training image's
+    # features: each encodes its shard and receives the others' from their owners.
     encoded, _ = yield from encode_samples(model, [s.key for s in train_samples], [s.image for s in train_samples],
-                                           [s.target for s in train_samples], device, cancel)
+                                           [s.target for s in train_samples], device, cancel, ranks=ranks)
     sampler = EncodedCropSampler(encoded, config.crop_size, config.batch_size, config.defect_crop_fraction,
                                  config.seed, model.size_multiple, config.flip_encoded_features)
     return sampler, validation_encoded
