@@ -1,12 +1,29 @@
 """A torchrun worker for tests/test_distributed.py: every rank shards rows as training does and gathers
 them back; exits non-zero unless every rank gets every row, in order, in the original dtype, whatever
-the chunk size of the exchange and however unevenly the rows split."""
+the chunk size of the exchange and however unevenly the rows split. Then the same for items of any shapes
+and dtypes (`share_tensor_lists`), and for the bags of tiles each rank cuts from its share of the images."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import cv2
+import numpy as np
 import torch
 
-from defect_studio.ml.distributed import process_group
+from defect_studio.jobs import CancelToken, run_job
+from defect_studio.ml.distributed import Ranks, process_group
+from defect_studio.ml.preprocess import Preprocessing
+from defect_studio.ml.tile_training import cut_into_bags
+from defect_studio.ml.tiling import Tiling
+
+
+def item(index: int) -> list[torch.Tensor]:
+    """Tensors of several dtypes whose shapes and values depend on the item."""
+    return [torch.arange(index * 3, dtype=torch.float16).reshape(index, 3) / 7,
+            torch.full((2, index + 1, 1), index, dtype=torch.uint8),
+            torch.tensor([index * 1e6 + 0.5], dtype=torch.float32)]
+
 
 with process_group("cpu") as (ranks, _):
     for count in (0, 1, 5, 6, 7, 100):
@@ -15,4 +32,30 @@ with process_group("cpu") as (ranks, _):
         for chunk_bytes in (24, 64, 2**30):  # one row per exchange, a few rows, all at once
             gathered = ranks.gather_rows(local, count, chunk_bytes=chunk_bytes)
             assert gathered.dtype == torch.float16 and torch.equal(gathered, full), (count, chunk_bytes)
+    for count in (0, 1, 5):
+        owned = {index: item(index) for index in ranks.shard(count)}
+        # rank 0 already holds item 2 (as a rank reuses features from an earlier round): it does not ask for it
+        wanted = [index for index in range(count) if index not in owned and not (ranks.rank == 0 and index == 2)]
+        received = ranks.share_tensor_lists(owned, wanted, count)
+        assert sorted(received) == wanted, (count, sorted(received), wanted)
+        for index, tensors in received.items():
+            for got, expected in zip(tensors, item(index), strict=True):
+                assert got.dtype == expected.dtype and torch.equal(got, expected), (index, got, expected)
+
+    folder = Path("bag-images")
+    paths = [folder / f"{index}.png" for index in range(5)]
+    if ranks.is_writer:
+        folder.mkdir()
+        rng = np.random.default_rng(0)
+        for index, path in enumerate(paths):  # different sizes: 1 to 12 tiles each, one image not cut
+            cv2.imwrite(str(path), rng.integers(0, 255, (40 + 30 * index, 40 + 20 * index), dtype=np.uint8))
+    torch.distributed.barrier()
+    preprocessing, tiling = Preprocessing(32, 1), Tiling("tiles", 48, 8)
+    alone, alone_tiled = run_job(cut_into_bags(paths, preprocessing, tiling, CancelToken(), torch.device("cpu"),
+                                               Ranks.single()))
+    shared, shared_tiled = run_job(cut_into_bags(paths, preprocessing, tiling, CancelToken(), torch.device("cpu"), ranks))
+    assert shared_tiled == alone_tiled == 4
+    assert (shared.starts == alone.starts).all()
+    for name in ("pixels", "offsets", "steps"):
+        assert torch.equal(getattr(shared, name), getattr(alone, name)), name
     print(f"rank {ranks.rank}: gathered in order")

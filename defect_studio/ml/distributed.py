@@ -143,30 +143,32 @@ class Ranks:
 
     def share_tensor_lists(self, owned: dict[int, list[torch.Tensor]], wanted: Sequence[int],
                            count: int) -> dict[int, list[torch.Tensor]]:
-        """Item i of `count` (a list of CPU tensors of any shapes) is owned by rank `i % world_size` (the
-        items of `shard`): every rank passes the items it owns and those it `wanted`, and gets the wanted
-        ones, each from its owner in one broadcast, exact (float32 on the wire: gloo carries no float16)."""
+        """Item i of `count` (a list of CPU tensors of any shapes and dtypes) is owned by rank `i % world_size`
+        (the items of `shard`): every rank passes the items it owns and the ones it `wanted`, and gets the
+        wanted ones from their owners, one broadcast per tensor, exact (float16 travels as float32: gloo
+        carries no float16)."""
         if not self.distributed:
             return {}
         layouts = {}  # item -> [(shape, dtype)] of its tensors, from its owner
-        for rank_layouts in self.gather_objects({i: [(tuple(t.shape), str(t.dtype)) for t in tensors]
+        for rank_layouts in self.gather_objects({i: [(tuple(t.shape), t.dtype) for t in tensors]
                                                  for i, tensors in owned.items()}):
             layouts.update(rank_layouts)
         needed = sorted({i for rank_wanted in self.gather_objects(sorted(wanted)) for i in rank_wanted})
-        received = {}
         wanted_here = set(wanted)
+        received = {}
         for index in needed:
             owner = index % self.world_size
-            sizes = [math.prod(shape) for shape, _ in layouts[index]]
-            if owner == self.rank:
-                flat = torch.cat([t.reshape(-1).to(torch.float32) for t in owned[index]]).to(self.collective_device)
-            else:
-                flat = torch.empty(sum(sizes), dtype=torch.float32, device=self.collective_device)
-            torch.distributed.broadcast(flat, src=owner)
+            tensors = []
+            for position, (shape, dtype) in enumerate(layouts[index]):
+                wire = torch.float32 if dtype == torch.float16 else dtype
+                if owner == self.rank:
+                    buffer = owned[index][position].to(device=self.collective_device, dtype=wire).contiguous()
+                else:
+                    buffer = torch.empty(shape, dtype=wire, device=self.collective_device)
+                torch.distributed.broadcast(buffer, src=owner)
+                tensors.append(buffer.to(device="cpu", dtype=dtype))
             if index in wanted_here:
-                pieces = torch.split(flat.cpu(), sizes)
-                received[index] = [piece.reshape(shape).to(getattr(torch, dtype.removeprefix("torch."))).contiguous()
-                                   for piece, (shape, dtype) in zip(pieces, layouts[index])]
+                received[index] = tensors
         return received
 
     def gather_objects(self, value: Any) -> list[Any]:

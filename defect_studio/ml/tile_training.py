@@ -99,34 +99,41 @@ def quantise(array: np.ndarray) -> tuple[np.ndarray, float, float]:
 
 def cut_into_bags(
     paths: Sequence[Path], preprocessing: Preprocessing, tiling: Tiling, cancel: CancelToken, device: torch.device,
+    ranks: Ranks | None = None,
 ) -> Generator[Progress, None, tuple[InstanceStore, int]]:
     """Each image decoded once and cut as the tiling says, its instances prepared and quantised; returns
-    the store and how many images were cut into more than one tile."""
+    the store and how many images were cut into more than one tile. With `ranks`, each rank decodes and cuts
+    its shard of the images (`Ranks.shard`) and receives the other bags from their owners: every rank ends
+    with the whole store."""
+    ranks = ranks or Ranks.single()
+    mine = set(ranks.shard(len(paths)))
     loading = EtaClock(len(paths))
-    pixels: list[np.ndarray] = []
-    offsets: list[float] = []
-    steps: list[float] = []
-    starts = [0]
-    tiled = 0
+    bags: dict[int, list[torch.Tensor]] = {}  # image -> [uint8 instances, offsets, steps, cut into tiles (0/1)]
+    instances = 0
     for number, path in enumerate(paths, 1):
         cancel.raise_if_cancelled()
-        image = read_image(path)
-        grid = classifier_tile_grid(tiling, image.shape[0], image.shape[1])
-        pieces = [image] if grid is None else [image[box.slices] for box in grid.boxes()]
-        tiled += grid is not None
-        for piece in pieces:
-            quantised, low, step = quantise(preprocessing.prepare_array(piece)[0])
-            pixels.append(quantised)
-            offsets.append(low)
-            steps.append(step)
-        starts.append(len(pixels))
-        del image, pieces
+        if number - 1 in mine:
+            image = read_image(path)
+            grid = classifier_tile_grid(tiling, image.shape[0], image.shape[1])
+            pieces = [image] if grid is None else [image[box.slices] for box in grid.boxes()]
+            prepared = [quantise(preprocessing.prepare_array(piece)[0]) for piece in pieces]
+            bags[number - 1] = [torch.from_numpy(np.stack([quantised for quantised, _, _ in prepared])),
+                                torch.tensor([low for _, low, _ in prepared], dtype=torch.float32),
+                                torch.tensor([step for _, _, step in prepared], dtype=torch.float32),
+                                torch.tensor([int(grid is not None)])]
+            instances += len(prepared)
+            del image, pieces, prepared
         if number % 5 == 0 or number == len(paths):
-            yield loading.progress("load", number, f"cut into {len(pixels)} tiles; device: {describe_device(device)}")
-    stacked = torch.from_numpy(np.stack(pixels)) if pixels else torch.zeros((0, preprocessing.channels, 1, 1), dtype=torch.uint8)
-    store = InstanceStore(stacked, torch.tensor(offsets, dtype=torch.float32), torch.tensor(steps, dtype=torch.float32),
-                          np.asarray(starts, np.int64))
-    return store, tiled
+            yield loading.progress("load", number, f"cut into {instances} tiles; device: {describe_device(device)}")
+    bags.update(ranks.share_tensor_lists(bags, [i for i in range(len(paths)) if i not in mine], len(paths)))
+    ordered = [bags.pop(index) for index in range(len(paths))]
+    starts = np.cumsum([0] + [len(bag[0]) for bag in ordered]).astype(np.int64)
+    if not ordered:
+        empty = torch.zeros(0, dtype=torch.float32)
+        return InstanceStore(torch.zeros((0, preprocessing.channels, 1, 1), dtype=torch.uint8), empty, empty, starts), 0
+    store = InstanceStore(torch.cat([bag[0] for bag in ordered]), torch.cat([bag[1] for bag in ordered]),
+                          torch.cat([bag[2] for bag in ordered]), starts)
+    return store, int(sum(int(bag[3]) for bag in ordered))
 
 
 @torch.no_grad()
@@ -271,7 +278,7 @@ def _validate(model: DefectClassifier, bags: _Bags, config: ClassifierConfig, de
 
 def _prepare_bags(
     samples: Sequence, config: ClassifierConfig, preprocessing: Preprocessing, tiling: Tiling, cancel: CancelToken,
-    device: torch.device, validation_keys: Iterable[str] | None, evaluation: Sequence,
+    device: torch.device, validation_keys: Iterable[str] | None, evaluation: Sequence, ranks: Ranks,
 ) -> Generator[Progress, None, _Bags]:
     from defect_studio.ml.classifier import _split_samples
 
@@ -282,7 +289,7 @@ def _prepare_bags(
     stores = []
     tiled_total = 0  # images cut into tiles
     for group in (train_samples, val_samples, evaluation):
-        store, tiled = yield from cut_into_bags([s[0] for s in group], preprocessing, tiling, cancel, device)
+        store, tiled = yield from cut_into_bags([s[0] for s in group], preprocessing, tiling, cancel, device, ranks)
         stores.append(store)
         tiled_total += tiled
     if tiling.mode == "tiles" and not tiled_total:
@@ -300,8 +307,8 @@ def train_by_tiles(
     """The classifier's training job (`train_classifier_job`) when its tiling cuts images: the same epochs,
     budget, early stopping, best-epoch checkpoint and result, over bags of tiles (module docstring).
 
-    On several processes every rank cuts every image into its bags and computes the novelty (the same on
-    each), the ranks share the scoring of the tiles (each scores every world_size-th tile, all get all the
+    On several processes each rank cuts its share of the images into bags and receives the others' (every
+    rank holds every bag), every rank computes the novelty (the same on each), the ranks share the scoring of the tiles (each scores every world_size-th tile, all get all the
     scores, so all select the same instances), each trains on its part of every global batch under
     DistributedDataParallel as the whole-image training does, and rank 0 alone writes the checkpoint."""
     from defect_studio.ml import classifier as whole
@@ -312,7 +319,8 @@ def train_by_tiles(
     tiling = config.image_tiling()
     assert tiling is not None
     preprocessing = Preprocessing(config.input_size, config.channels, config.normalisation)
-    bags = yield from _prepare_bags(samples, config, preprocessing, tiling, cancel, device, validation_keys, evaluation)
+    bags = yield from _prepare_bags(samples, config, preprocessing, tiling, cancel, device, validation_keys, evaluation,
+                                    ranks)
     if not bags.tiled_images:  # "auto" cut no image: train whole, exactly as before tiles, and record it so
         del bags
         whole_config = dataclasses.replace(config, tiling="whole")
