@@ -14,7 +14,9 @@ import torch
 from defect_studio.jobs import CancelToken, run_job
 from defect_studio.ml.distributed import Ranks, process_group
 from defect_studio.ml.preprocess import Preprocessing
-from defect_studio.ml.tile_training import cut_into_bags
+from defect_studio.ml.classifier import build_classifier
+from defect_studio.ml.classifier_options import ClassifierConfig
+from defect_studio.ml.tile_training import cut_into_bags, good_tile_novelty
 from defect_studio.ml.tiling import Tiling
 
 
@@ -58,4 +60,14 @@ with process_group("cpu") as (ranks, _):
     assert (shared.starts == alone.starts).all()
     for name in ("pixels", "offsets", "steps"):
         assert torch.equal(getattr(shared, name), getattr(alone, name)), name
+    # the good tiles' novelty: each rank scores its share against the same bank, as one process scores all
+    config = ClassifierConfig(arch="compact", width=8, input_size=32, seed=0)
+    torch.manual_seed(0)
+    model = build_classifier(config)
+    labels = np.array([0, 1, 0, 1, 0])
+    alone_novelty = good_tile_novelty(model, alone, labels, torch.device("cpu"), config, CancelToken(), batch_size=4)
+    shared_novelty = good_tile_novelty(model, shared, labels, torch.device("cpu"), config, CancelToken(), batch_size=4,
+                                       ranks=ranks)
+    assert shared_novelty.shape == alone_novelty.shape == (len(alone),)
+    assert np.allclose(shared_novelty, alone_novelty, rtol=1e-5, atol=1e-6), np.abs(shared_novelty - alone_novelty).max()
     print(f"rank {ranks.rank}: gathered in order")

@@ -138,11 +138,14 @@ def cut_into_bags(
 
 @torch.no_grad()
 def good_tile_novelty(model: DefectClassifier, store: InstanceStore, labels: np.ndarray, device: torch.device,
-                      config: ClassifierConfig, cancel: CancelToken, batch_size: int = 64) -> np.ndarray:
+                      config: ClassifierConfig, cancel: CancelToken, batch_size: int = 64,
+                      ranks: Ranks | None = None) -> np.ndarray:
     """Each instance's novelty: its most unusual first-stage location's distance to the nearest location of
     the good images' tiles (PatchCore's measure, against a k-centre coreset), in the network as it is. The
     first stage: a small defect is most unlike good texture in the finest features, and even random
-    convolutions there tell a dark pit from grain."""
+    convolutions there tell a dark pit from grain. With `ranks`, every rank builds the same (bounded) bank and
+    scores its share of the instances; all get every instance's novelty."""
+    ranks = ranks or Ranks.single()
     from defect_studio.ml.classifier import _to_device
     from defect_studio.ml.good_prior import greedy_coreset, local_features, nearest_distances
 
@@ -165,13 +168,18 @@ def good_tile_novelty(model: DefectClassifier, store: InstanceStore, labels: np.
         count += len(candidates[-1])
     pool = torch.cat(candidates)[:NOVELTY_CANDIDATES]
     bank = pool[greedy_coreset(pool, NOVELTY_BANK, config.seed)]
-    novelty = np.zeros(len(store), np.float32)
-    for first in range(0, len(store), batch_size):
-        cancel.raise_if_cancelled()
-        part = locations(slice(first, first + batch_size))
+    mine = np.asarray(ranks.shard(len(store)), dtype=np.int64)
+    longest_share = -(-len(store) // ranks.world_size)  # every rank runs as many batches (each checks for a cancel)
+    novelty = np.zeros(len(mine), np.float32)
+    for first in range(0, longest_share, batch_size):
+        ranks.raise_if_cancelled(cancel)
+        indices = mine[first : first + batch_size]
+        if not len(indices):
+            continue
+        part = locations(indices)
         distances = nearest_distances(part.reshape(-1, part.shape[-1]), bank).view(len(part), -1)
         novelty[first : first + len(part)] = distances.max(dim=1).values.numpy()
-    return novelty
+    return ranks.gather_rows(torch.from_numpy(novelty), len(store)).numpy()
 
 
 def select_instances(
@@ -308,7 +316,7 @@ def train_by_tiles(
     budget, early stopping, best-epoch checkpoint and result, over bags of tiles (module docstring).
 
     On several processes each rank cuts its share of the images into bags and receives the others' (every
-    rank holds every bag), every rank computes the novelty (the same on each), the ranks share the scoring of the tiles (each scores every world_size-th tile, all get all the
+    rank holds every bag), each computes the novelty of its share of the tiles against the same bank, the ranks share the scoring of the tiles (each scores every world_size-th tile, all get all the
     scores, so all select the same instances), each trains on its part of every global batch under
     DistributedDataParallel as the whole-image training does, and rank 0 alone writes the checkpoint."""
     from defect_studio.ml import classifier as whole
@@ -332,7 +340,7 @@ def train_by_tiles(
     if ranks.distributed:
         torch.manual_seed(config.seed + ranks.rank)  # image augmentation: each rank draws for its own part
     yield Progress("novelty", 0, 1, "how unlike the good images' tiles each tile looks")
-    novelty = good_tile_novelty(model, bags.train, bags.train_y, device, config, cancel)
+    novelty = good_tile_novelty(model, bags.train, bags.train_y, device, config, cancel, ranks=ranks)
     generator = torch.Generator().manual_seed(config.seed)
     _, first_targets = select_instances(np.zeros(len(bags.train), np.float32), bags.train.starts, bags.train_y,
                                         config.mil_top_k, torch.Generator())
