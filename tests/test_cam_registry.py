@@ -62,14 +62,14 @@ def test_the_default_method_is_named_once():
             continue
         tree = ast.parse(path.read_text(encoding="utf-8"))
         for node in ast.walk(tree):
-            if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant) and node.value.value == "region-aware":
+            if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant) and node.value.value == cams.DEFAULT_CAM_METHOD:
                 names = [t.id for t in node.targets if isinstance(t, ast.Name)]
                 offenders += [f"{path.name}:{node.lineno}" for name in names if "DEFAULT" in name.upper()]
             if isinstance(node, ast.arguments):
                 offenders += [f"{path.name}:{d.lineno}" for d in node.defaults + node.kw_defaults
-                              if isinstance(d, ast.Constant) and d.value == "region-aware"]
+                              if isinstance(d, ast.Constant) and d.value == cams.DEFAULT_CAM_METHOD]
             if isinstance(node, ast.Call) and any(k.arg == "default" and isinstance(k.value, ast.Constant)
-                                                  and k.value.value == "region-aware" for k in node.keywords):
+                                                  and k.value.value == cams.DEFAULT_CAM_METHOD for k in node.keywords):
                 offenders.append(f"{path.name}:{node.lineno}")
     assert not offenders, offenders
 

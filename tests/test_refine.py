@@ -217,6 +217,11 @@ def test_full_bench_quick_on_the_demo(demo_dataset: Path, tmp_path: Path) -> Non
     assert len(rows) == 4 and rows[0].startswith("weak:") and rows[1].startswith("upper bound:")
     assert rows[2].startswith("weak, one view") and rows[3].startswith("upper bound, one view")
     assert 0.0 <= report["weak"]["one_view"]["defect_iou"] <= 1.0
+    # every method was measured (no --method), so the report says what the app's untuned defaults would give
+    markdown = (tmp_path / f"full-{demo_dataset.name}-quick.md").read_text()
+    from defect_studio.ml.cams import DEFAULT_CAM_METHOD
+
+    assert f"With the app's defaults instead ({DEFAULT_CAM_METHOD}, fixed 0.3/0.15" in markdown
 
 
 def test_simulated_reviewer_edits_new_images_each_round_and_rejects_the_rest(demo_project: Path, demo_dataset: Path) -> None:

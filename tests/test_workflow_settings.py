@@ -9,6 +9,7 @@ import pytest
 
 from defect_studio.cli import main
 from defect_studio.errors import ConfigError
+from defect_studio.ml.cams import DEFAULT_CAM_METHOD
 from defect_studio.project import Project
 from defect_studio.workflow_settings import (
     WORKFLOW_SETTING,
@@ -41,7 +42,7 @@ def test_an_older_projects_window_settings_are_read_once_into_the_record(demo_pr
 def test_a_new_project_starts_from_the_defaults(demo_project: Path) -> None:
     with Project.open(demo_project) as project:
         record = load_workflow_settings(project)
-    assert record == WorkflowSettings() and record.cam_spec().method == "region-aware"
+    assert record == WorkflowSettings() and record.cam_spec().method == DEFAULT_CAM_METHOD
 
 
 def test_updates_merge_and_leave_this_machines_settings_out(demo_project: Path) -> None:

@@ -50,8 +50,10 @@ PSEUDO_SUBDIR = "pseudo"
 @dataclass
 class PseudoLabelSettings:
     mode: str = "fixed"  # fixed | percentile | otsu
-    high: float = 0.5  # fixed: defect at or above
-    low: float = 0.25  # fixed: background at or below; ignored in between
+    # fixed 0.3 / 0.15: the best of the fixed pairs for FGBP and the affinity walk on MT, and within 0.03 of Otsu's
+    # per-image threshold, for every seed (method-notes section 15); 0.5 / 0.25 cut FGBP's proposals to 0.13-0.16
+    high: float = 0.3  # fixed: defect at or above
+    low: float = 0.15  # fixed: background at or below; ignored in between
     high_percentile: float = 99.0  # percentile mode: of the image's own map
     low_percentile: float = 95.0
     otsu_low_ratio: float = 0.5  # otsu mode: low = ratio × Otsu threshold

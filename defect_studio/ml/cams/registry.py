@@ -28,7 +28,11 @@ from defect_studio.ml.cams.settings import (
     coerce_setting,
 )
 
-DEFAULT_CAM_METHOD = "region-aware"
+# What a project uses until its user chooses: FGBP. With the default pseudo-label thresholds (fixed 0.3 / 0.15) its
+# round-0 proposals on MT score 0.233 / 0.270 / 0.218 (seeds 0-2); the region-aware CAM, whose maps peak so
+# that its best threshold is about 0.1, scored 0.079-0.082 with the old defaults, no better than marking every
+# pixel (method-notes section 15).
+DEFAULT_CAM_METHOD = "fgbp"
 
 # The keys a CAM choice is stored under (round configs, the project's workflow settings, mask provenance).
 METHOD_KEY = "cam_method"
