@@ -250,3 +250,22 @@ def test_simulated_reviewer_edits_new_images_each_round_and_rejects_the_rest(dem
             image = project.image(record.image_id)
             truth = samples[image.stem].truth((image.height, image.width))
             assert np.array_equal(project.load_mask(record) > 0, truth)
+
+
+def test_full_bench_can_propose_as_a_new_project_does(demo_dataset: Path, tmp_path: Path) -> None:
+    """--app-defaults: the default CAM method and the default thresholds, nothing chosen on ground truth."""
+    from defect_studio.bench import full
+    from defect_studio.ml.cams import DEFAULT_CAM_METHOD
+    from defect_studio.ml.pseudo import PseudoLabelSettings
+    from defect_studio.project import Project
+
+    kept = tmp_path / "kept"
+    full.run(demo_dataset, True, tmp_path, seed=0, classifier_path=None, as_json=False, rounds=1, keep_project=kept,
+             upper_bound=False, app_defaults=True)
+    markdown = (tmp_path / f"full-{demo_dataset.name}-quick.md").read_text()
+    assert "The app's defaults, nothing chosen on ground truth (--app-defaults)" in markdown
+    with Project.open(kept) as project:
+        made_with = project.rounds()[0].config
+    assert made_with["cam_method"] == DEFAULT_CAM_METHOD
+    assert {k: made_with["pseudo"][k] for k in ("mode", "high", "low")} == \
+        {k: PseudoLabelSettings().to_dict()[k] for k in ("mode", "high", "low")}

@@ -321,6 +321,7 @@ class FullBench:
     reviewer: SimulatedReviewer
     upper_bound: bool = True
     keep_project: Path | None = None
+    app_defaults: bool = False  # propose as a new project does: no threshold chosen on ground truth
     train: list[DatasetSample] = field(default_factory=list)
     test: list[DatasetSample] = field(default_factory=list)
     clock: StageClock = field(default_factory=StageClock)
@@ -384,10 +385,10 @@ def _cam_step(bench: FullBench, project: Project) -> list[dict[str, Any]]:
     benchmark on the training split). Only the chosen method's CAM time counts in the weak loop.
     Returns the threshold ablation."""
     from defect_studio.ml.cam_cache import cam_job
-    from defect_studio.ml.cams import CAM_METHODS, resolve_settings
+    from defect_studio.ml.cams import CAM_METHODS, DEFAULT_CAM_METHOD, resolve_settings
 
     defect_ids = [image.id for image in project.images("defect")]
-    methods = [bench.method] if bench.method else list(CAM_METHODS)
+    methods = [bench.method] if bench.method else [DEFAULT_CAM_METHOD] if bench.app_defaults else list(CAM_METHODS)
     cam_seconds: dict[str, float] = {}
     ablation: list[dict[str, Any]] = []
     for name in methods:
@@ -396,12 +397,16 @@ def _cam_step(bench: FullBench, project: Project) -> list[dict[str, Any]]:
                                classifier_path=bench.classifier_path, image_ids=defect_ids), bench.show)
         cam_seconds[name] = time.monotonic() - started
         ablation += _pseudo_ablation(project, cams["checkpoint_sha256"], name, resolve_settings(name, None), bench.train)
-    # By mIoU, not defect IoU: on MT a labelling that marks nearly every pixel of a defect image
-    # has the best defect IoU, and a segmenter trained on it flags every good image too.
-    best = max(ablation, key=lambda row: (np.nan_to_num(row["mIoU"], nan=-1.0), row["defect IoU"]))
-    bench.method = best["method"]
+    if bench.app_defaults:  # the method asked for (methods holds just it), the thresholds a new project has
+        bench.method = methods[0]
+        bench.pseudo = PseudoLabelSettings().to_dict()
+    else:
+        # By mIoU, not defect IoU: on MT a labelling that marks nearly every pixel of a defect image
+        # has the best defect IoU, and a segmenter trained on it flags every good image too.
+        best = max(ablation, key=lambda row: (np.nan_to_num(row["mIoU"], nan=-1.0), row["defect IoU"]))
+        bench.method = best["method"]
+        bench.pseudo = PseudoLabelSettings.from_dict(PSEUDO_ABLATION[best["thresholds"]]).to_dict()
     bench.cam_settings = resolve_settings(bench.method, None)
-    bench.pseudo = PseudoLabelSettings.from_dict(PSEUDO_ABLATION[best["thresholds"]]).to_dict()
     bench.clock.seconds["CAMs"] = cam_seconds[bench.method]
     bench.clock.seconds["CAM selection (all methods, not in the loop)"] = sum(cam_seconds.values())
     return ablation
@@ -549,7 +554,9 @@ def _report(bench: FullBench, summary: dict[str, Any], round_rows: list[dict[str
         f"Segmenter: {SegmenterConfig.from_dict(bench.segmenter).to_dict()}; round 0 from random init, later rounds warm-started "
         f"from the previous round" + (f"; the upper bound from random init for the {trained_epochs} epochs of all rounds together."
                                       if full_metrics else "."),
-        f"Chosen on the training split: CAM {bench.method} {bench.cam_settings}; pseudo-labels {bench.pseudo}.",
+        (f"The app's defaults, nothing chosen on ground truth (--app-defaults): CAM {bench.method} {bench.cam_settings}; "
+         f"pseudo-labels {bench.pseudo}." if bench.app_defaults else
+         f"Chosen on the training split: CAM {bench.method} {bench.cam_settings}; pseudo-labels {bench.pseudo}."),
         _app_defaults_note(ablation),
         f"Review: {reviewer.describe()}. {reviewer.note()}",
         f"Peak memory (max RSS of the process): {peak_memory_mb(device):.0f} MiB. Load average at start/end: "
@@ -580,7 +587,8 @@ def _report(bench: FullBench, summary: dict[str, Any], round_rows: list[dict[str
 def run(dataset: Path, quick: bool, out: Path, seed: int, classifier_path: Path | None, as_json: bool,
         rounds: int | None = None, segmenter_overrides: dict[str, Any] | None = None,
         method: str | None = None, edits_per_round: int = 0, reject_unedited: bool = False,
-        keep_project: Path | None = None, edit_order: str = "random", upper_bound: bool = True) -> dict[str, Any]:
+        keep_project: Path | None = None, edit_order: str = "random", upper_bound: bool = True,
+        app_defaults: bool = False) -> dict[str, Any]:
     from defect_studio.project import Project
     from defect_studio.project.importer import import_job
 
@@ -595,7 +603,8 @@ def run(dataset: Path, quick: bool, out: Path, seed: int, classifier_path: Path 
         rounds=rounds or (QUICK_ROUNDS if quick else ROUNDS),
         segmenter={**(QUICK_SEGMENTER if quick else FULL_SEGMENTER), "seed": seed, **(segmenter_overrides or {})},
         method=method, reviewer=SimulatedReviewer(train, edits_per_round, reject_unedited, seed, edit_order),
-        upper_bound=upper_bound, keep_project=keep_project, train=train, test=test, show=_printer(as_json))
+        upper_bound=upper_bound, keep_project=keep_project, app_defaults=app_defaults, train=train, test=test,
+        show=_printer(as_json))
     # A kept project is made where it stays: it finds its images by a path relative to its own folder.
     if keep_project is not None and keep_project.exists() and any(keep_project.iterdir()):
         raise SystemExit(f"--keep-project {keep_project}: the folder is not empty; name a new one.")
@@ -635,7 +644,8 @@ def main(args: argparse.Namespace) -> int:
         getattr(args, "classifier", None), bool(getattr(args, "json", False)), getattr(args, "rounds", None), overrides,
         getattr(args, "method", None), int(getattr(args, "edits_per_round", 0) or 0),
         bool(getattr(args, "reject_unedited", False)), getattr(args, "keep_project", None),
-        getattr(args, "edit_order", None) or "random", not bool(getattr(args, "no_upper_bound", False)))
+        getattr(args, "edit_order", None) or "random", not bool(getattr(args, "no_upper_bound", False)),
+        bool(getattr(args, "app_defaults", False)))
     return 0
 
 

@@ -35,6 +35,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser, dataset_required: bool 
     parser.add_argument("--edit-order", choices=("random", "ranked"), default="random",
                         help="full: which K images the simulated user edits: random (the default of earlier runs) or "
                              "ranked (the head of each round's edit-first order, ml.review_order)")
+    parser.add_argument("--app-defaults", action="store_true",
+                        help="full: propose with the app's default CAM method (or --method) and pseudo-label thresholds "
+                             "instead of choosing them on the training split's ground truth: what a new project gets")
     parser.add_argument("--no-upper-bound", action="store_true",
                         help="full: skip the upper bound (the segmenter on all ground truth): for comparing reviewers")
     parser.add_argument("--segmenter-set", action="append", default=[], metavar="KEY=VALUE",
