@@ -210,7 +210,6 @@ class ExportedSegmenter:
             mask[:] = False
         return mask
 
-
     def _gate_says_defect(self, pixels: np.ndarray, floats: np.ndarray | None) -> bool:
         """The classifier gate's decision on decoded pixels without a float copy of the whole image."""
         height, width = pixels.shape[:2]

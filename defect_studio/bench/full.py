@@ -295,9 +295,8 @@ def _app_defaults_note(ablation: list[dict[str, Any]]) -> str:
     from defect_studio.ml.cams import DEFAULT_CAM_METHOD
 
     defaults = PseudoLabelSettings()
-    name = f"fixed {defaults.high:g}/{defaults.low:g}"
-    row = next((r for r in ablation if r["method"] == DEFAULT_CAM_METHOD and r["thresholds"] == name
-                and defaults.mode == "fixed"), None)
+    name = f"fixed {defaults.high:g}/{defaults.low:g}" if defaults.mode == "fixed" else defaults.mode
+    row = next((r for r in ablation if r["method"] == DEFAULT_CAM_METHOD and r["thresholds"] == name), None)
     if row is None:
         return (f"The app's defaults ({DEFAULT_CAM_METHOD}, {defaults.mode} {defaults.high:g}/{defaults.low:g}) were "
                 "not among the CAMs measured here (--method).")

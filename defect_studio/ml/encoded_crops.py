@@ -213,8 +213,7 @@ def encode_samples(model: torch.nn.Module, keys: Sequence[str], images: Sequence
                                             [index for index, sample in enumerate(encoded) if not sample.levels],
                                             len(encoded))
         for index, levels in received.items():
-            encoded[index].levels[:] = levels
-            kept[identities[index]] = encoded[index].levels
+            encoded[index].levels = kept[identities[index]] = levels
     return encoded, computed
 
 

@@ -108,7 +108,7 @@ def cut_into_bags(
     ranks = ranks or Ranks.single()
     mine = set(ranks.shard(len(paths)))
     loading = EtaClock(len(paths))
-    bags: dict[int, list[torch.Tensor]] = {}  # image -> [uint8 instances, offsets, steps, cut into tiles (0/1)]
+    bags: dict[int, list[torch.Tensor]] = {}  # image -> [its uint8 instances, their offsets, their steps]
     instances = 0
     for number, path in enumerate(paths, 1):
         cancel.raise_if_cancelled()
@@ -119,8 +119,7 @@ def cut_into_bags(
             prepared = [quantise(preprocessing.prepare_array(piece)[0]) for piece in pieces]
             bags[number - 1] = [torch.from_numpy(np.stack([quantised for quantised, _, _ in prepared])),
                                 torch.tensor([low for _, low, _ in prepared], dtype=torch.float32),
-                                torch.tensor([step for _, _, step in prepared], dtype=torch.float32),
-                                torch.tensor([int(grid is not None)])]
+                                torch.tensor([step for _, _, step in prepared], dtype=torch.float32)]
             instances += len(prepared)
             del image, pieces, prepared
         if number % 5 == 0 or number == len(paths):
@@ -133,7 +132,8 @@ def cut_into_bags(
         return InstanceStore(torch.zeros((0, preprocessing.channels, 1, 1), dtype=torch.uint8), empty, empty, starts), 0
     store = InstanceStore(torch.cat([bag[0] for bag in ordered]), torch.cat([bag[1] for bag in ordered]),
                           torch.cat([bag[2] for bag in ordered]), starts)
-    return store, int(sum(int(bag[3]) for bag in ordered))
+    # an image the tiling cuts is larger than one tile, so it has two tiles or more; one left whole has one instance
+    return store, sum(len(bag[0]) > 1 for bag in ordered)
 
 
 @torch.no_grad()
@@ -145,10 +145,10 @@ def good_tile_novelty(model: DefectClassifier, store: InstanceStore, labels: np.
     first stage: a small defect is most unlike good texture in the finest features, and even random
     convolutions there tell a dark pit from grain. With `ranks`, every rank builds the same (bounded) bank and
     scores its share of the instances; all get every instance's novelty."""
-    ranks = ranks or Ranks.single()
     from defect_studio.ml.classifier import _to_device
     from defect_studio.ml.good_prior import greedy_coreset, local_features, nearest_distances
 
+    ranks = ranks or Ranks.single()
     model.eval()
 
     def locations(index: slice | np.ndarray) -> torch.Tensor:  # batch × cells × channels
@@ -316,9 +316,10 @@ def train_by_tiles(
     budget, early stopping, best-epoch checkpoint and result, over bags of tiles (module docstring).
 
     On several processes each rank cuts its share of the images into bags and receives the others' (every
-    rank holds every bag), each computes the novelty of its share of the tiles against the same bank, the ranks share the scoring of the tiles (each scores every world_size-th tile, all get all the
-    scores, so all select the same instances), each trains on its part of every global batch under
-    DistributedDataParallel as the whole-image training does, and rank 0 alone writes the checkpoint."""
+    rank holds every bag), each computes the novelty of its share of the tiles against the same bank, the
+    ranks share the scoring of the tiles (each scores every world_size-th tile, all get all the scores, so all
+    select the same instances), each trains on its part of every global batch under DistributedDataParallel
+    as the whole-image training does, and rank 0 alone writes the checkpoint."""
     from defect_studio.ml import classifier as whole
 
     started = time.monotonic()
